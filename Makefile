@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make run` (the daily refresh end to end on the embedded
+# stack with sample data) and `make test`. Both create the virtualenv themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_HOME ?= $(CURDIR)/.local/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DBT_SEND_ANONYMOUS_USAGE_STATS ?= false
+
+.PHONY: install run test test-fast lint format docs bench clean stack-up stack-down
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip uv
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[local,dev,bigquery-dbt,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)  ## the daily refresh, end to end, on embedded Postgres + the BigQuery emulator
+	$(BIN)/refresh demo
+
+test: $(STAMP)  ## the whole suite against real Postgres, the emulator, dbt and Prefect
+	$(BIN)/pytest
+
+test-fast: $(STAMP)  ## unit tests only
+	$(BIN)/pytest -m "not integration"
+
+lint: $(STAMP)
+	$(BIN)/ruff check flows tests bench
+	$(BIN)/ruff format --check flows tests bench
+	$(BIN)/mypy flows
+	$(BIN)/sqlfluff lint models macros tests/dbt
+
+format: $(STAMP)
+	$(BIN)/ruff format flows tests bench
+	$(BIN)/ruff check --fix flows tests bench
+
+docs: $(STAMP)
+	$(BIN)/refresh docs
+
+stack-up: $(STAMP)
+	$(BIN)/refresh stack up
+
+stack-down: $(STAMP)
+	$(BIN)/refresh stack down
+
+clean:
+	-$(BIN)/refresh stack down
+	rm -rf .local target logs

@@ -1,0 +1,3 @@
+"""sqp-refresh: daily BigQuery -> Postgres refresh, dbt marts, Prefect orchestration."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Postgres connections and the control-schema migrations (Alembic, run automatically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from flows.settings import Settings
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Advisory-lock keys (arbitrary constants, documented in docs/design.md).
+MIGRATION_LOCK_KEY = 7_312_001
+REFRESH_LOCK_KEY = 7_312_002
+
+
+def connect(settings: Settings, autocommit: bool = False) -> psycopg.Connection:
+    return psycopg.connect(settings.dsn(), autocommit=autocommit, application_name="sqp-refresh")
+
+
+def migrate(settings: Settings) -> None:
+    """Bring the control schema to the newest revision; safe to call from many processes."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(
+        "postgresql+psycopg://", creator=lambda: connect(settings), poolclass=NullPool
+    )
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["schema"] = settings.control_schema
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            conn.execute(text(f'create schema if not exists "{settings.control_schema}"'))
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+
+
+def ident(*parts: str) -> sql.Composable:
+    return sql.Identifier(*parts)
+
+
+def relation_columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str, str]:
+    """Column name -> formatted type of an existing table ({} when it does not exist)."""
+    rows = conn.execute(
+        """
+        select a.attname, format_type(a.atttypid, a.atttypmod)
+        from pg_attribute a
+        join pg_class c on c.oid = a.attrelid
+        join pg_namespace n on n.oid = c.relnamespace
+        where n.nspname = %s and c.relname = %s and a.attnum > 0 and not a.attisdropped
+        order by a.attnum
+        """,
+        (schema, table),
+    ).fetchall()
+    return {name: typ for name, typ in rows}

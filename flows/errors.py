@@ -1,0 +1,31 @@
+"""The error hierarchy: transient errors are retried, terminal ones stop and say what to fix."""
+
+from __future__ import annotations
+
+
+class RefreshError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class TransientError(RefreshError):
+    """A failure that may succeed when retried (rate limits, 5xx, timeouts, resets)."""
+
+
+class TerminalError(RefreshError):
+    """A failure that will not go away by retrying: the message says what to fix."""
+
+
+class ConfigError(TerminalError):
+    """Bad configuration: settings, the table registry file, credentials, names."""
+
+
+class SchemaDriftError(TerminalError):
+    """The source schema changed in a way the raw table cannot follow automatically."""
+
+
+class SourceError(TerminalError):
+    """BigQuery refused the request for a reason retrying cannot fix."""
+
+
+class StackError(TerminalError):
+    """The embedded local stack (Postgres or the BigQuery emulator) could not start."""

@@ -1,0 +1,205 @@
+"""Loading Arrow record batches into Postgres raw tables.
+
+Each slice is applied in ONE transaction: delete the slice's cursor range, COPY the new rows
+straight into the raw table, upsert the slice's checkpoint and write its audit row, commit.
+A crash at any instant leaves the slice either fully applied and checkpointed or untouched,
+and readers keep seeing the previous rows until the commit (MVCC), so no staging table is
+needed and every row is written once.
+
+Lineage columns are filled by column defaults from transaction-local settings, so COPY carries
+only source columns: `_loaded_at` = transaction time, `_run_id` and `_slice_start` from
+`set_config(..., is_local => true)`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from psycopg import sql
+
+from flows.db import relation_columns
+from flows.errors import SchemaDriftError
+from flows.planning import Slice
+from flows.type_mapping import ColumnMapping, diff_schema, pg_column_name
+
+RUN_SETTING = "sqp_refresh.run_id"
+SLICE_SETTING = "sqp_refresh.slice_start"
+
+_LINEAGE_DDL = sql.SQL(
+    "_loaded_at timestamp with time zone not null default now(), "
+    "_run_id uuid default nullif(current_setting('" + RUN_SETTING + "', true), '')::uuid, "
+    "_slice_start timestamp with time zone default "
+    "nullif(current_setting('" + SLICE_SETTING + "', true), '')::timestamptz"
+)
+
+_CSV_OPTIONS = pacsv.WriteOptions(include_header=False, quoting_style="needed", delimiter=",")
+
+
+def ensure_raw_table(conn: psycopg.Connection, schema: str, table: str,
+                     columns: list[ColumnMapping], cursor: str | None) -> list[str]:
+    """Create the raw table, or add new source columns to it; drift raises SchemaDriftError.
+
+    Returns the names of columns added.
+    """
+    conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
+    existing = relation_columns(conn, schema, table)
+    if not existing:
+        conn.execute(
+            sql.SQL("create table {t} ({cols}, {lineage})").format(
+                t=sql.Identifier(schema, table),
+                cols=sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type))
+                    for c in columns
+                ),
+                lineage=_LINEAGE_DDL,
+            )
+        )
+        if cursor:
+            conn.execute(
+                sql.SQL("create index {i} on {t} ({c})").format(
+                    i=sql.Identifier(f"{table}__cursor_idx"[:63]),
+                    t=sql.Identifier(schema, table),
+                    c=sql.Identifier(cursor),
+                )
+            )
+        return []
+    diff = diff_schema(table, columns, existing)
+    for col in diff.added:
+        conn.execute(
+            sql.SQL("alter table {t} add column {c} {ty}").format(
+                t=sql.Identifier(schema, table), c=sql.Identifier(col.name), ty=sql.SQL(col.pg_type)
+            )
+        )
+    return [c.name for c in diff.added]
+
+
+def _json_column(arr: pa.Array) -> pa.Array:
+    # Nested values (ARRAY/STRUCT) become JSON text for jsonb; off the hot path (SQP has none).
+    return pa.array(
+        [None if v is None else json.dumps(v, default=str, ensure_ascii=False) for v in arr.to_pylist()],
+        pa.string(),
+    )
+
+
+def _bytea_column(arr: pa.Array) -> pa.Array:
+    return pa.array([None if v is None else "\\x" + v.hex() for v in arr.to_pylist()], pa.string())
+
+
+def prepare_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Make a batch CSV-encodable for COPY: nested -> JSON text, binary -> bytea hex."""
+    cols = []
+    changed = False
+    for field, col in zip(batch.schema, batch.columns, strict=True):
+        t = field.type
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
+            cols.append(_json_column(col))
+            changed = True
+        elif pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            cols.append(_bytea_column(col))
+            changed = True
+        else:
+            cols.append(col)
+    if not changed:
+        return batch
+    return pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
+
+
+def encode_csv(batch: pa.RecordBatch) -> bytes:
+    """CSV for COPY ... (FORMAT csv): NULL is an empty field, '' is a quoted empty string."""
+    buf = io.BytesIO()
+    pacsv.write_csv(prepare_batch(batch), buf, _CSV_OPTIONS)
+    return buf.getvalue()
+
+
+def copy_columns(batch_schema: pa.Schema, table: str, expected: list[ColumnMapping]) -> list[str]:
+    """Postgres column names for a batch's fields; the batch must match the mapped schema."""
+    names = [pg_column_name(n) for n in batch_schema.names]
+    known = {c.name for c in expected}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SchemaDriftError(
+            f"{table}: the read returned columns {unknown} that the table schema does not list; "
+            "the source changed during the run: re-run to pick up the new schema"
+        )
+    return names
+
+
+@dataclass
+class SliceResult:
+    rows_inserted: int
+    rows_deleted: int
+
+
+def _cursor_bound(value: date, cursor_pg_type: str) -> date | datetime:
+    if cursor_pg_type == "date":
+        return value
+    from flows.planning import to_ts
+
+    ts = to_ts(value)
+    return ts.replace(tzinfo=None) if cursor_pg_type == "timestamp without time zone" else ts
+
+
+def apply_slice(
+    conn: psycopg.Connection,
+    *,
+    schema: str,
+    table: str,
+    control_schema: str,
+    columns: list[ColumnMapping],
+    cursor: ColumnMapping | None,
+    piece: Slice,
+    batches: Iterable[pa.RecordBatch],
+    run_id: UUID,
+    in_transaction: Any = None,
+    checkpoint_key: str | None = None,
+) -> SliceResult:
+    """Replace one slice of `schema.table` with `batches` and checkpoint it, atomically."""
+    target = sql.Identifier(schema, table)
+    with conn.transaction():
+        conn.execute("select set_config(%s, %s, true), set_config(%s, %s, true)",
+                     (RUN_SETTING, str(run_id), SLICE_SETTING,
+                      "" if piece.start is None else piece.start_ts.isoformat()))
+        if piece.start is None or cursor is None:
+            deleted = conn.execute(sql.SQL("delete from {}").format(target)).rowcount
+        else:
+            assert piece.end is not None
+            deleted = conn.execute(
+                sql.SQL("delete from {t} where {c} >= %s and {c} < %s").format(
+                    t=target, c=sql.Identifier(cursor.name)),
+                (_cursor_bound(piece.start, cursor.pg_type), _cursor_bound(piece.end, cursor.pg_type)),
+            ).rowcount
+        inserted = 0
+        it: Iterator[pa.RecordBatch] = iter(batches)
+        first = next(it, None)
+        if first is not None:
+            names = copy_columns(first.schema, table, columns)
+            stmt = sql.SQL("copy {t} ({cols}) from stdin (format csv)").format(
+                t=target, cols=sql.SQL(", ").join(map(sql.Identifier, names)))
+            with conn.cursor() as cur, cur.copy(stmt) as copy:
+                batch: pa.RecordBatch | None = first
+                while batch is not None:
+                    if batch.num_rows:
+                        copy.write(encode_csv(batch))
+                        inserted += batch.num_rows
+                    batch = next(it, None)
+        conn.execute(
+            sql.SQL(
+                "insert into {cp} (table_name, slice_start, slice_end, run_id, rows_loaded) "
+                "values (%s, %s, %s, %s, %s) on conflict (table_name, slice_start) do update set "
+                "slice_end = excluded.slice_end, run_id = excluded.run_id, "
+                "rows_loaded = excluded.rows_loaded, committed_at = now()"
+            ).format(cp=sql.Identifier(control_schema, "checkpoints")),
+            (checkpoint_key or table, piece.start_ts, piece.end_ts, run_id, inserted),
+        )
+        if in_transaction is not None:
+            in_transaction(conn, inserted, deleted)
+    return SliceResult(rows_inserted=inserted, rows_deleted=deleted)

@@ -1,0 +1,374 @@
+"""The embedded local stack: Postgres 16 from the pgserver wheel and the BigQuery emulator.
+
+Both keep their data under the state directory (reused between runs) unless told to be
+throwaway. Each part is replaced by the real thing when configured: a Postgres DSN
+(REFRESH_PG_DSN) or a BigQuery project (REFRESH_BQ_PROJECT).
+
+A part that this process started is stopped when the stack context exits; a part that was
+already running (for example from `refresh stack up`) is reused and left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flows.errors import StackError
+from flows.settings import EMULATOR_PROJECT, Settings
+
+log = logging.getLogger(__name__)
+
+_PG_SYSTEM_USER = "pgserver"  # postgres refuses to run as root; pgserver's convention
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------------------
+# Postgres
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddedPostgres:
+    data_dir: Path
+    port: int
+    startup_timeout_s: float = 60.0
+    started_here: bool = field(default=False, init=False)
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir.parent / "logs" / "postgres.log"
+
+    def _bin(self, name: str) -> str:
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        return str(POSTGRES_BIN_PATH / name)
+
+    def _run_as(self) -> str | None:
+        return _PG_SYSTEM_USER if os.geteuid() == 0 else None
+
+    def _prepare_root(self) -> None:
+        """As root, postgres runs as the `pgserver` user: give it the folders it needs."""
+        if os.geteuid() != 0:
+            return
+        import pwd
+        import stat
+
+        from pgserver._commands import POSTGRES_BIN_PATH
+        from pgserver.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+        ensure_user_exists(_PG_SYSTEM_USER)
+        ensure_prefix_permissions(self.data_dir)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        perm = stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+        ensure_folder_permissions(POSTGRES_BIN_PATH, perm)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", stat.S_IRGRP | stat.S_IROTH)
+        entry = pwd.getpwnam(_PG_SYSTEM_USER)
+        for path in (self.data_dir, self.log_file.parent):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        if self.log_file.exists():
+            os.chown(self.log_file, entry.pw_uid, entry.pw_gid)
+
+    def running_pid(self) -> int | None:
+        pidfile = self.data_dir / "postmaster.pid"
+        if not pidfile.exists():
+            return None
+        try:
+            pid = int(pidfile.read_text().splitlines()[0])
+        except (ValueError, IndexError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def is_ready(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=2) as conn:
+                conn.execute("select 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        if self.running_pid() is not None:
+            if self.is_ready():
+                log.info("embedded Postgres already running on port %s", self.port)
+                return
+            raise StackError(
+                f"a Postgres server runs on {self.data_dir} but does not answer on port "
+                f"{self.port}: stop it with `refresh stack down` or set REFRESH_LOCAL_PG_PORT "
+                "to the port it uses"
+            )
+        if not port_is_free(self.port):
+            raise StackError(
+                f"port {self.port} is taken by another program: set REFRESH_LOCAL_PG_PORT to a "
+                "free port, or point REFRESH_PG_DSN at an existing Postgres"
+            )
+        self._prepare_root()
+        user = self._run_as()
+        if not (self.data_dir / "PG_VERSION").exists():
+            log.info("initialising embedded Postgres in %s", self.data_dir)
+            self._pg(
+                [self._bin("initdb"), "-D", str(self.data_dir), "--auth=trust", "--encoding=UTF8",
+                 "--locale=C", "-U", "postgres"], user, "initdb",
+            )
+        opts = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir}"
+        self._pg(
+            [self._bin("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file), "-o", opts,
+             "-w", "-t", str(int(self.startup_timeout_s)), "start"], user, "pg_ctl start",
+        )
+        self.started_here = True
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.is_ready():
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"embedded Postgres did not accept connections within "
+                    f"{self.startup_timeout_s:.0f}s; log:\n{_tail(self.log_file)}"
+                )
+            time.sleep(0.2)
+
+    def _pg(self, cmd: list[str], user: str | None, what: str) -> None:
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True, user=user,
+                           timeout=self.startup_timeout_s + 30, cwd=self.data_dir)
+        except subprocess.CalledProcessError as exc:
+            raise StackError(
+                f"embedded Postgres: {what} failed ({exc.returncode}): "
+                f"{(exc.stderr or exc.stdout).strip()}\nlog:\n{_tail(self.log_file)}"
+            ) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise StackError(f"embedded Postgres: {what} timed out") from exc
+
+    def stop(self) -> None:
+        if self.running_pid() is None:
+            return
+        with contextlib.suppress(StackError):
+            self._pg([self._bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
+                     self._run_as(), "pg_ctl stop")
+
+
+# --------------------------------------------------------------------------------------
+# BigQuery emulator
+# --------------------------------------------------------------------------------------
+
+
+def ensure_spatial_extension() -> None:
+    """The emulator loads DuckDB's spatial extension; install it from the PyPI wheel (offline)."""
+    from duckdb_extensions import import_extension
+
+    import_extension("spatial")
+
+
+@dataclass
+class BigQueryEmulator:
+    rest_port: int
+    grpc_port: int
+    data_dir: Path | None  # None = throwaway (in-memory)
+    log_file: Path
+    project: str = EMULATOR_PROJECT
+    startup_timeout_s: float = 60.0
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.log_file.parent / f"bqemulator-{self.rest_port}.pid"
+
+    def is_ready(self) -> bool:
+        url = f"http://127.0.0.1:{self.rest_port}/bigquery/v2/projects/{self.project}/datasets"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                ok = resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+        return ok and port_accepts(self.grpc_port)
+
+    def start(self) -> None:
+        if self.is_ready():
+            log.info("BigQuery emulator already running on port %s", self.rest_port)
+            return
+        for port, var in ((self.rest_port, "REST"), (self.grpc_port, "GRPC")):
+            if not port_is_free(port):
+                raise StackError(
+                    f"port {port} for the BigQuery emulator is taken: set "
+                    f"REFRESH_LOCAL_BQ_{var}_PORT to a free port"
+                )
+        ensure_spatial_extension()
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "bqemulator", "start", "--project", self.project,
+               "--rest-port", str(self.rest_port), "--grpc-port", str(self.grpc_port),
+               "--log-level", "warning", "--no-admin"]
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            cmd += ["--persistent", "--data-dir", str(self.data_dir)]
+        else:
+            cmd += ["--ephemeral"]
+        with self.log_file.open("ab") as logf:
+            self.process = subprocess.Popen(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.log_file.parent,
+            )
+        self.pid_file.write_text(str(self.process.pid))
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.is_ready():
+            if self.process.poll() is not None:
+                raise StackError(
+                    f"the BigQuery emulator exited with code {self.process.returncode} during "
+                    f"start-up; log {self.log_file}:\n{_tail(self.log_file)}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StackError(
+                    f"the BigQuery emulator did not answer within {self.startup_timeout_s:.0f}s; "
+                    f"log {self.log_file}:\n{_tail(self.log_file)}"
+                )
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        pid = self.process.pid if self.process is not None else None
+        if pid is None and self.pid_file.exists():
+            with contextlib.suppress(ValueError):
+                pid = int(self.pid_file.read_text().strip())
+        if pid is None or not _pid_alive(pid):
+            self.pid_file.unlink(missing_ok=True)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)
+        self.pid_file.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------
+# The stack
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalStack:
+    settings: Settings
+    throwaway: bool = False
+    postgres: EmbeddedPostgres | None = None
+    emulator: BigQueryEmulator | None = None
+    _started: list[EmbeddedPostgres | BigQueryEmulator] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        if s.uses_embedded_postgres:
+            self.postgres = EmbeddedPostgres(s.pg_data_dir, s.local_pg_port, s.local_startup_timeout_s)
+        if s.starts_local_emulator:
+            self.emulator = BigQueryEmulator(
+                rest_port=s.local_bq_rest_port,
+                grpc_port=s.local_bq_grpc_port,
+                data_dir=None if self.throwaway else s.bq_data_dir,
+                log_file=s.state_dir / "logs" / "bqemulator.log",
+                startup_timeout_s=s.local_startup_timeout_s,
+            )
+
+    def start(self) -> None:
+        try:
+            for part in (self.postgres, self.emulator):
+                if part is None:
+                    continue
+                was_ready = part.is_ready()
+                part.start()
+                if not was_ready:
+                    self._started.append(part)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        while self._started:
+            self._started.pop().stop()
+
+    def status(self) -> dict[str, str]:
+        out = {}
+        if self.postgres is not None:
+            out["postgres"] = "up" if self.postgres.is_ready() else "down"
+        if self.emulator is not None:
+            out["bigquery-emulator"] = "up" if self.emulator.is_ready() else "down"
+        return out
+
+    def stop_all(self) -> None:
+        """Stop both parts even if another process started them (`refresh stack down`)."""
+        for part in (self.emulator, self.postgres):
+            if part is not None:
+                part.stop()
+
+    def wipe(self) -> None:
+        self.stop_all()
+        for path in (self.settings.pg_data_dir, self.settings.bq_data_dir):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_stack(settings: Settings, throwaway: bool = False) -> Iterator[LocalStack]:
+    stack = LocalStack(settings, throwaway=throwaway)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()

@@ -1,0 +1,252 @@
+"""Refreshing one table: plan its slices, read each from BigQuery, apply it atomically.
+
+Plain functions, called by the Prefect flow and directly by tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from flows import audit
+from flows.bigquery import BigQueryClients
+from flows.db import connect
+from flows.errors import RefreshError, TerminalError, TransientError
+from flows.extract import ReadStats, cursor_range, describe, estimate_bytes, read_slice, row_restriction
+from flows.load import apply_slice, ensure_raw_table
+from flows.planning import Slice, Window, plan_slices, plan_window, resumable, to_ts
+from flows.registry import Mode, TableConfig, WriteStrategy
+from flows.settings import Settings
+from flows.type_mapping import map_schema
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Checkpoints older than this are not used to resume an interrupted attempt.
+RESUME_MAX_AGE_HOURS = 24
+
+
+@dataclass(frozen=True)
+class RefreshOptions:
+    start_date: date | None = None
+    end_date: date | None = None
+    full_refresh: bool = False
+    dry_run: bool = False
+
+    @property
+    def explicit_range(self) -> bool:
+        return self.start_date is not None or self.end_date is not None
+
+
+@dataclass
+class TableOutcome:
+    table_name: str
+    status: str  # success | failed | planned
+    mode: str
+    rows_read: int = 0
+    rows_inserted: int = 0
+    rows_deleted: int = 0
+    slices_done: int = 0
+    slices_skipped: int = 0
+    duration_s: float = 0.0
+    window: Window | None = None
+    error: str | None = None
+    retryable: bool = False
+    plan: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def changed_live_data(self) -> bool:
+        return self.status == "success" and self.mode == Mode.LIVE.value
+
+
+def target_schema(settings: Settings, cfg: TableConfig) -> str:
+    return f"{settings.raw_schema}_shadow" if cfg.mode is Mode.SHADOW else settings.raw_schema
+
+
+def checkpoint_key(settings: Settings, cfg: TableConfig) -> str:
+    return cfg.table_name if cfg.mode is not Mode.SHADOW else f"shadow:{cfg.table_name}"
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s: float = 2.0,
+                 on_retry: Callable[[BaseException], None] | None = None) -> T:
+    """Run fn, retrying transient failures with exponential backoff (2, 4, 8 s ...)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (TransientError, psycopg.OperationalError, psycopg.errors.SerializationFailure,
+                psycopg.errors.DeadlockDetected) as exc:
+            if attempt == attempts:
+                raise TransientError(f"{what}: still failing after {attempts} attempts: {exc}") from exc
+            delay = base_delay_s * 2 ** (attempt - 1)
+            log.warning("%s: transient failure (%s), retry %d/%d in %.0fs", what, exc, attempt,
+                        attempts - 1, delay)
+            if on_retry is not None:
+                on_retry(exc)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _high_water(conn: psycopg.Connection, settings: Settings, key: str) -> date | None:
+    row = conn.execute(
+        sql.SQL("select max(slice_end) from {} where table_name = %s and slice_start > '0001-01-02'")
+        .format(sql.Identifier(settings.control_schema, "checkpoints")), (key,)
+    ).fetchone()
+    return row[0].astimezone(UTC).date() if row and row[0] else None
+
+
+def _committed_since_last_success(conn: psycopg.Connection, settings: Settings, key: str,
+                                  table: str) -> set[date]:
+    """Slices an interrupted attempt already committed after the table's last success."""
+    rows = conn.execute(
+        sql.SQL(
+            "select c.slice_start from {cp} c where c.table_name = %s "
+            "and c.committed_at > now() - make_interval(hours => %s) "
+            "and c.committed_at > coalesce((select max(finished_at) from {tr} "
+            "  where table_name = %s and status = 'success'), '-infinity')"
+        ).format(cp=sql.Identifier(settings.control_schema, "checkpoints"),
+                 tr=sql.Identifier(settings.control_schema, "table_refreshes")),
+        (key, RESUME_MAX_AGE_HOURS, table),
+    ).fetchall()
+    return {r[0].astimezone(UTC).date() for r in rows}
+
+
+def refresh_table(settings: Settings, clients: BigQueryClients, cfg: TableConfig, run_id: UUID,
+                  options: RefreshOptions) -> TableOutcome:
+    """Refresh one table; never raises for the table's own failures (they are in the outcome)."""
+    dry_run = options.dry_run or cfg.mode is Mode.DRY_RUN
+    outcome = TableOutcome(cfg.table_name, "running", cfg.mode.value)
+    rec = audit.TableAudit(run_id, cfg.table_name, cfg.mode.value, cfg.write_strategy.value)
+    started = time.monotonic()
+    conn = connect(settings, autocommit=True)
+    try:
+        if not dry_run:
+            audit.write_table_audit(conn, settings.control_schema, rec)
+        _refresh(settings, clients, cfg, run_id, options, dry_run, conn, rec, outcome)
+        rec.status = outcome.status = "planned" if dry_run else "success"
+        if not dry_run:
+            conn.execute(
+                sql.SQL("update {} set next_refresh_at = now() + make_interval(hours => "
+                        "refresh_frequency_hours) where table_name = %s")
+                .format(sql.Identifier(settings.control_schema, "refresh_config")),
+                (cfg.table_name,),
+            )
+    except (RefreshError, psycopg.Error) as exc:
+        rec.status = outcome.status = "failed"
+        rec.error = outcome.error = str(exc)
+        outcome.retryable = isinstance(exc, TransientError | psycopg.OperationalError)
+        log.error("%s: refresh failed: %s", cfg.table_name, exc)
+    finally:
+        rec.finished_at = datetime.now(UTC)
+        outcome.duration_s = time.monotonic() - started
+        outcome.rows_read, outcome.rows_inserted = rec.rows_read, rec.rows_inserted
+        outcome.rows_deleted, outcome.slices_done = rec.rows_deleted, rec.slices_done
+        outcome.slices_skipped = rec.slices_skipped
+        if not dry_run:
+            try:
+                if conn.closed:
+                    conn = connect(settings, autocommit=True)
+                audit.write_table_audit(conn, settings.control_schema, rec)
+            except psycopg.Error as exc:
+                log.error("%s: could not write the table audit row: %s", cfg.table_name, exc)
+        conn.close()
+    return outcome
+
+
+def _refresh(settings: Settings, clients: BigQueryClients, cfg: TableConfig, run_id: UUID,
+             options: RefreshOptions, dry_run: bool, conn: psycopg.Connection,
+             rec: audit.TableAudit, outcome: TableOutcome) -> None:
+    source = describe(clients, cfg.source_table)
+    columns = map_schema(
+        [(c.name, c.field_type, c.mode, c.precision, c.scale) for c in source.columns],
+        cfg.table_name,
+    )
+    schema = target_schema(settings, cfg)
+    key = checkpoint_key(settings, cfg)
+    cursor_src = cursor_map = None
+    window = None
+    if cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
+        assert cfg.cursor_column is not None
+        cursor_src = source.column(cfg.cursor_column)
+        cursor_map = next(c for c in columns if c.source_name == cursor_src.name)
+        lo, hi = cursor_range(clients, cfg, cursor_src)
+        high_water = None if options.full_refresh else _high_water(conn, settings, key)
+        try:
+            window = plan_window(cfg, lo, hi, high_water, options.start_date, options.end_date,
+                                 options.full_refresh)
+        except ValueError as exc:
+            raise TerminalError(f"{cfg.table_name}: {exc}") from exc
+    slices = plan_slices(cfg, window)
+    if not (options.full_refresh or options.explicit_range or dry_run):
+        slices, skipped = resumable(
+            slices, _committed_since_last_success(conn, settings, key, cfg.table_name))
+        rec.slices_skipped = skipped
+    outcome.window = window
+    rec.slices_planned = len(slices)
+    if window is not None:
+        rec.window_start, rec.window_end = to_ts(window.first), to_ts(window.last)
+
+    if dry_run:
+        for s in slices:
+            where = row_restriction(cursor_src, s) if cursor_src else ""
+            outcome.plan.append({"slice": s.label, "estimated_bytes": estimate_bytes(clients, cfg, where)})
+        return
+
+    with conn.transaction():
+        ensure_raw_table(conn, schema, cfg.table_name, columns, cursor_map.name if cursor_map else None)
+
+    for piece in slices:
+        where = row_restriction(cursor_src, piece) if cursor_src else ""
+        slice_started = datetime.now(UTC)
+
+        def attempt(piece: Slice = piece, where: str = where, slice_started: datetime = slice_started) -> tuple[int, int, ReadStats]:
+            nonlocal conn
+            if conn.closed or conn.broken:
+                conn = connect(settings, autocommit=True)
+            stats = ReadStats()
+
+            def record(c: psycopg.Connection, inserted: int, deleted: int) -> None:
+                audit.write_slice_audit(
+                    c, settings.control_schema, run_id=run_id, table=cfg.table_name,
+                    slice_start=piece.start_ts, slice_end=piece.end_ts, status="success",
+                    rows_read=stats.rows, rows_inserted=inserted, rows_deleted=deleted,
+                    bytes_read=stats.bytes, started_at=slice_started)
+
+            res = apply_slice(
+                conn, schema=schema, table=cfg.table_name, control_schema=settings.control_schema,
+                columns=columns, cursor=cursor_map, piece=piece,
+                batches=read_slice(clients, cfg, where, stats), run_id=run_id,
+                in_transaction=record, checkpoint_key=key,
+            )
+            return res.rows_inserted, res.rows_deleted, stats
+
+        try:
+            inserted, deleted, stats = with_retries(attempt, f"{cfg.table_name} slice {piece.label}")
+        except (RefreshError, psycopg.Error) as exc:
+            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
+            raise
+        rec.slices_done += 1
+        rec.rows_read += stats.rows
+        rec.bytes_read += stats.bytes
+        rec.rows_inserted += inserted
+        rec.rows_deleted += deleted
+        audit.heartbeat(conn, settings.control_schema, run_id)
+
+
+def _record_failed_slice(settings: Settings, run_id: UUID, table: str, piece: Slice,
+                         started: datetime, exc: BaseException) -> None:
+    try:
+        with connect(settings, autocommit=True) as c:
+            audit.write_slice_audit(
+                c, settings.control_schema, run_id=run_id, table=table, slice_start=piece.start_ts,
+                slice_end=piece.end_ts, status="failed", rows_read=0, rows_inserted=0,
+                rows_deleted=0, bytes_read=0, started_at=started, error=str(exc))
+    except psycopg.Error as err:
+        log.error("%s: could not record the failed slice: %s", table, err)

@@ -1,0 +1,130 @@
+"""All configuration in one place: environment variables prefixed ``REFRESH_`` (or a .env file).
+
+Unset Postgres DSN -> the embedded Postgres (pgserver) under the state directory.
+Unset BigQuery project -> the local BigQuery emulator, filled with sample data by the demo.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from flows.identifiers import validate_dataset, validate_pg_identifier, validate_project
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EMULATOR_PROJECT = "sqp-demo"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="REFRESH_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # --- Postgres -------------------------------------------------------------------------
+    pg_dsn: SecretStr | None = Field(
+        default=None, description="libpq DSN/URI of the target Postgres; unset = embedded"
+    )
+    raw_schema: str = "raw"
+    control_schema: str = "refresh_control"
+
+    # --- BigQuery -------------------------------------------------------------------------
+    bq_project: str | None = Field(default=None, description="unset = local emulator")
+    bq_dataset: str = "sqp"
+    bq_location: str = "US"
+    bq_endpoint: str | None = Field(
+        default=None, description="REST endpoint override, e.g. http://127.0.0.1:9050"
+    )
+    bq_storage_endpoint: str | None = Field(
+        default=None, description="Storage Read gRPC host:port override (emulator)"
+    )
+    bq_credentials_file: Path | None = None
+    bq_credentials_json: SecretStr | None = None
+    bq_maximum_bytes_billed: int = Field(default=200 * 1024**3, gt=0)
+    bq_read_streams: int = Field(default=1, ge=1, le=64)
+
+    # --- Local stack ----------------------------------------------------------------------
+    state_dir: Path = PROJECT_ROOT / ".local"
+    local_pg_port: int = Field(default=54329, ge=1, le=65535)
+    local_bq_rest_port: int = Field(default=9050, ge=1, le=65535)
+    local_bq_grpc_port: int = Field(default=9060, ge=1, le=65535)
+    local_startup_timeout_s: float = Field(default=60.0, gt=0)
+
+    # --- Registry, dbt, orchestration -----------------------------------------------------
+    tables_file: Path = PROJECT_ROOT / "config" / "tables.yml"
+    dbt_project_dir: Path = PROJECT_ROOT
+    dbt_profiles_dir: Path | None = Field(
+        default=None, description="directory with profiles.yml; unset = rendered from the example"
+    )
+    dbt_target: Literal["postgres", "bigquery"] = "postgres"
+    dbt_threads: int = Field(default=4, ge=1, le=64)
+    schedule_cron: str = "0 2 * * *"
+    schedule_timezone: str = "UTC"
+
+    @field_validator("raw_schema", "control_schema")
+    @classmethod
+    def _pg_name(cls, v: str) -> str:
+        return validate_pg_identifier(v, "schema name")
+
+    @field_validator("bq_dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return validate_dataset(v)
+
+    @field_validator("bq_project")
+    @classmethod
+    def _project(cls, v: str | None) -> str | None:
+        return None if v is None else validate_project(v)
+
+    @property
+    def uses_embedded_postgres(self) -> bool:
+        return self.pg_dsn is None
+
+    @property
+    def uses_emulator(self) -> bool:
+        return self.bq_project is None or self.bq_endpoint is not None
+
+    @property
+    def starts_local_emulator(self) -> bool:
+        return self.bq_project is None
+
+    @cached_property
+    def project(self) -> str:
+        return self.bq_project or EMULATOR_PROJECT
+
+    @property
+    def pg_data_dir(self) -> Path:
+        return self.state_dir / "pg"
+
+    @property
+    def bq_data_dir(self) -> Path:
+        return self.state_dir / "bq"
+
+    @property
+    def rest_endpoint(self) -> str | None:
+        if self.bq_endpoint:
+            return self.bq_endpoint
+        if self.starts_local_emulator:
+            return f"http://127.0.0.1:{self.local_bq_rest_port}"
+        return None
+
+    @property
+    def storage_endpoint(self) -> str | None:
+        if self.bq_storage_endpoint:
+            return self.bq_storage_endpoint
+        if self.starts_local_emulator:
+            return f"127.0.0.1:{self.local_bq_grpc_port}"
+        return None
+
+    def dsn(self) -> str:
+        """The Postgres DSN: configured, or the embedded server's."""
+        if self.pg_dsn is not None:
+            return self.pg_dsn.get_secret_value()
+        return f"postgresql://postgres@127.0.0.1:{self.local_pg_port}/postgres"
+
+
+def get_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]
