@@ -50,6 +50,14 @@ EDITABLE_FIELDS = (
 )
 
 
+def _as_value_error(check: Any, *args: Any) -> Any:
+    # pydantic reports ValueErrors per field; our validators raise ConfigError.
+    try:
+        return check(*args)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class TableConfig(BaseModel):
     """One registry row. `table_name` is the Postgres raw table name."""
 
@@ -72,12 +80,12 @@ class TableConfig(BaseModel):
     @field_validator("table_name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return validate_pg_identifier(v, "table name")
+        return _as_value_error(validate_pg_identifier, v, "table name")
 
     @field_validator("source_table")
     @classmethod
     def _source(cls, v: str) -> str:
-        return validate_table(v)
+        return _as_value_error(validate_table, v)
 
     @field_validator("priority", mode="before")
     @classmethod

@@ -102,8 +102,6 @@ def map_schema(fields: list[tuple[str, str, str, int | None, int | None]],
     out: list[ColumnMapping] = []
     for name, ftype, mode, precision, scale in fields:
         mapped = pg_column_name(name)
-        if mapped.startswith("_"):
-            raise ConfigError(f"{table}: column {name!r} maps to reserved name {mapped!r}")
         if mapped in seen:
             raise ConfigError(
                 f"{table}: columns {seen[mapped]!r} and {name!r} both map to {mapped!r}; "

@@ -1,0 +1,75 @@
+{#
+    For singular tests: rows of a monthly/quarterly/yearly summary whose counts differ from
+    the sum of the weekly_summary rows of the same period, query and ASIN (or that exist on
+    one side only). Catches periods an incremental run failed to rebuild after a restatement.
+#}
+{% macro summary_rollup_mismatches(period, summary_relation) %}
+
+{%- set compared_columns = [
+    'impressions', 'clicks', 'cart_adds', 'purchases',
+    'total_query_impressions', 'total_query_clicks', 'total_query_cart_adds',
+    'total_query_purchases', 'active_weeks',
+] -%}
+
+with
+
+weekly as (
+
+    select
+        cast({{ dbt.date_trunc(period, 'period_start') }} as date) as period_start,
+        search_query,
+        asin,
+        {%- for column in compared_columns %}
+        {{ column }}{{ "," if not loop.last }}
+        {%- endfor %}
+    from {{ ref('weekly_summary') }}
+
+),
+
+weeks_rolled_up as (
+
+    select
+        period_start,
+        search_query,
+        asin,
+        {%- for column in compared_columns %}
+        sum({{ column }}) as {{ column }}{{ "," if not loop.last }}
+        {%- endfor %}
+    from weekly
+    group by
+        period_start,
+        search_query,
+        asin
+
+),
+
+summary as (
+
+    select * from {{ summary_relation }}
+
+),
+
+mismatches as (
+
+    select
+        coalesce(summary.period_start, weeks_rolled_up.period_start) as period_start,
+        coalesce(summary.search_query, weeks_rolled_up.search_query) as search_query,
+        coalesce(summary.asin, weeks_rolled_up.asin) as asin
+    from summary
+    full outer join weeks_rolled_up
+        on
+            summary.period_start = weeks_rolled_up.period_start
+            and summary.search_query = weeks_rolled_up.search_query
+            and summary.asin = weeks_rolled_up.asin
+    where
+        summary.asin is null
+        or weeks_rolled_up.asin is null
+        {%- for column in compared_columns %}
+        or summary.{{ column }} is distinct from weeks_rolled_up.{{ column }}
+        {%- endfor %}
+
+)
+
+select * from mismatches
+
+{% endmacro %}

@@ -1,0 +1,50 @@
+{#
+    Per SQP week, ASIN and search query: the ASIN's funnel counts and the rates derived from
+    them. Incremental like search_query_performance, which it reads.
+#}
+{{ config(**period_incremental_config('week_start', ['week_start', 'asin', 'search_query'])) }}
+
+with
+
+sqp_weeks as (
+
+    select * from {{ ref('search_query_performance') }}
+    {%- if is_incremental() %}
+    where week_start >= {{ incremental_window_start('week_start', grain='week') }}
+    {%- endif %}
+
+),
+
+final as (
+
+    select
+
+        ---------- keys
+        week_start,
+        week_end,
+        asin,
+        search_query,
+
+        ---------- ids
+        parent_asin,
+
+        ---------- funnel counts
+        search_query_volume,
+        asin_impression_count as impressions,
+        asin_click_count as clicks,
+        asin_cart_add_count as cart_adds,
+        asin_purchase_count as purchases,
+
+        ---------- derived rates
+        {{ safe_ratio('asin_click_count', 'asin_impression_count') }} as asin_click_rate,
+        {{ safe_ratio('asin_cart_add_count', 'asin_click_count') }} as cart_add_rate,
+        {{ safe_ratio('asin_purchase_count', 'asin_click_count') }} as purchase_conversion,
+
+        ---------- lineage
+        cast('{{ invocation_id }}' as {{ dbt.type_string() }}) as _dbt_invocation_id
+
+    from sqp_weeks
+
+)
+
+select * from final

@@ -1,0 +1,61 @@
+"""Test session set-up: a throwaway embedded Postgres and BigQuery emulator, started once.
+
+Everything goes to a temporary state directory on free ports, so tests never touch the demo's
+data (`make run`) or a user's configured databases. Set SQP_TEST_PG_DSN to run against an
+external Postgres instead (use a database that may be written to freely).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+STATE_DIR = Path(tempfile.mkdtemp(prefix="sqp-refresh-test-"))
+for var in list(os.environ):
+    if var.startswith("REFRESH_"):
+        del os.environ[var]
+os.environ.update({
+    "REFRESH_STATE_DIR": str(STATE_DIR),
+    "REFRESH_LOCAL_PG_PORT": str(_free_port()),
+    "REFRESH_LOCAL_BQ_REST_PORT": str(_free_port()),
+    "REFRESH_LOCAL_BQ_GRPC_PORT": str(_free_port()),
+    "PREFECT_HOME": str(STATE_DIR / "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+})
+if os.environ.get("SQP_TEST_PG_DSN"):
+    os.environ["REFRESH_PG_DSN"] = os.environ["SQP_TEST_PG_DSN"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[object]:
+    from flows.local_stack import LocalStack
+    from flows.settings import get_settings
+
+    s = LocalStack(get_settings(), throwaway=True)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+        shutil.rmtree(STATE_DIR, ignore_errors=True)

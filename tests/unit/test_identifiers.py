@@ -1,0 +1,35 @@
+import pytest
+
+from flows.errors import ConfigError
+from flows.identifiers import bq_quote, bq_table_path, validate_dataset, validate_pg_identifier, validate_project
+
+
+@pytest.mark.parametrize("bad", ["sqp.", "sqp..x", "a'b", 'a"b', "a`b", "a b", "", "sqp;drop"])
+def test_bad_dataset_names(bad: str) -> None:
+    with pytest.raises(ConfigError, match="invalid BigQuery dataset"):
+        validate_dataset(bad)
+
+
+@pytest.mark.parametrize("bad", ["My-Project", "proj.", "ab", "proj'x", "1project"])
+def test_bad_projects(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        validate_project(bad)
+
+
+def test_good_names() -> None:
+    assert validate_project("sqp-demo") == "sqp-demo"
+    assert validate_project("example.com:my-proj") == "example.com:my-proj"
+    assert bq_table_path("sqp-demo", "sqp", "products") == "`sqp-demo.sqp.products`"
+    assert bq_quote("Search Query") == "`Search Query`"
+
+
+def test_quote_rejects_backtick() -> None:
+    with pytest.raises(ConfigError):
+        bq_quote("a`b")
+
+
+def test_pg_identifier() -> None:
+    assert validate_pg_identifier("raw_shadow") == "raw_shadow"
+    for bad in ["Raw", "a-b", 'x"; drop', "a" * 64]:
+        with pytest.raises(ConfigError):
+            validate_pg_identifier(bad)

@@ -1,0 +1,59 @@
+from datetime import date, timedelta
+
+from flows.planning import Slice, plan_slices, plan_window, resumable, slices_between
+from flows.registry import SliceSize, TableConfig, WriteStrategy
+
+
+def cfg(**kw: object) -> TableConfig:
+    base: dict[str, object] = {"table_name": "t", "source_table": "t", "cursor_column": "Date",
+                               "slice_size": "week", "lookback_days": 14}
+    base.update(kw)
+    return TableConfig(**base)  # type: ignore[arg-type]
+
+
+def test_week_slices_are_aligned_and_cover_every_day() -> None:
+    sl = slices_between(date(2024, 1, 3), date(2024, 1, 22), SliceSize.WEEK)
+    assert sl[0] == Slice(date(2024, 1, 1), date(2024, 1, 8))
+    assert sl[-1] == Slice(date(2024, 1, 22), date(2024, 1, 29))
+    assert all(a.end == b.start for a, b in zip(sl, sl[1:], strict=False))
+
+
+def test_month_slices_cross_year() -> None:
+    sl = slices_between(date(2023, 11, 15), date(2024, 1, 1), SliceSize.MONTH)
+    assert [s.start for s in sl] == [date(2023, 11, 1), date(2023, 12, 1), date(2024, 1, 1)]
+    assert sl[-1].end == date(2024, 2, 1)
+
+
+def test_day_slices() -> None:
+    assert len(slices_between(date(2024, 2, 27), date(2024, 3, 1), SliceSize.DAY)) == 4
+
+
+def test_window_first_load_then_lookback() -> None:
+    c = cfg()
+    lo, hi = date(2023, 1, 1), date(2024, 6, 30)
+    assert plan_window(c, lo, hi, None).first == lo  # type: ignore[union-attr]
+    w = plan_window(c, lo, hi, high_water=date(2024, 7, 1))
+    assert w is not None and w.first == hi - timedelta(days=14) and w.last == hi
+    w = plan_window(c, lo, hi, high_water=date(2024, 3, 1))
+    assert w is not None and w.first == date(2024, 3, 1) - timedelta(days=14)
+
+
+def test_window_explicit_range_and_full_refresh() -> None:
+    c = cfg()
+    lo, hi = date(2023, 1, 1), date(2024, 6, 30)
+    w = plan_window(c, lo, hi, date(2024, 7, 1), start_date=date(2023, 3, 1), end_date=date(2023, 3, 31))
+    assert w is not None and (w.first, w.last) == (date(2023, 3, 1), date(2023, 3, 31))
+    w = plan_window(c, lo, hi, date(2024, 7, 1), full_refresh=True)
+    assert w is not None and w.first == lo
+    assert plan_window(c, None, None, None) is None
+
+
+def test_full_replace_is_one_slice() -> None:
+    c = cfg(write_strategy=WriteStrategy.FULL_REPLACE, cursor_column=None)
+    assert plan_slices(c, None) == [Slice(None, None)]
+
+
+def test_resume_skips_committed_slices() -> None:
+    sl = slices_between(date(2024, 1, 1), date(2024, 1, 28), SliceSize.WEEK)
+    todo, skipped = resumable(sl, {date(2024, 1, 1), date(2024, 1, 8)})
+    assert skipped == 2 and todo[0].start == date(2024, 1, 15)
