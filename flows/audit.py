@@ -42,15 +42,12 @@ def refresh_lock(settings: Settings, wait_s: float = 0.0) -> Iterator[psycopg.Co
             try:
                 conn.execute("select pg_advisory_lock(%s)", (REFRESH_LOCK_KEY,))
             except psycopg.errors.LockNotAvailable as exc:
-                raise RefreshBusyError(
-                    f"another refresh still held the lock after {wait_s:.0f}s"
-                ) from exc
+                raise RefreshBusyError(f"another refresh still held the lock after {wait_s:.0f}s") from exc
         else:
             got = conn.execute("select pg_try_advisory_lock(%s)", (REFRESH_LOCK_KEY,)).fetchone()
             if not got or not got[0]:
                 raise RefreshBusyError(
-                    "another refresh is running (advisory lock held): wait for it, or see "
-                    "`refresh status`"
+                    "another refresh is running (advisory lock held): wait for it, or see `refresh status`"
                 )
         yield conn
     finally:
@@ -87,16 +84,16 @@ class RunRecord:
     started_at: datetime
 
 
-def start_run(conn: psycopg.Connection, schema: str, *, flow_run_id: UUID | None,
-              trigger: str, params: dict[str, Any]) -> RunRecord:
+def start_run(
+    conn: psycopg.Connection, schema: str, *, flow_run_id: UUID | None, trigger: str, params: dict[str, Any]
+) -> RunRecord:
     run_id = uuid4()
     row = conn.execute(
         sql.SQL(
             "insert into {r} (run_id, flow_run_id, status, trigger, params, pid, hostname) "
             "values (%s, %s, 'running', %s, %s, %s, %s) returning started_at"
         ).format(r=_t(schema, "refresh_runs")),
-        (run_id, flow_run_id, trigger, json.dumps(params, default=str), os.getpid(),
-         socket.gethostname()),
+        (run_id, flow_run_id, trigger, json.dumps(params, default=str), os.getpid(), socket.gethostname()),
     ).fetchone()
     assert row is not None
     return RunRecord(run_id, row[0])
@@ -104,21 +101,42 @@ def start_run(conn: psycopg.Connection, schema: str, *, flow_run_id: UUID | None
 
 def heartbeat(conn: psycopg.Connection, schema: str, run_id: UUID) -> None:
     conn.execute(
-        sql.SQL("update {r} set heartbeat_at = now() where run_id = %s").format(
-            r=_t(schema, "refresh_runs")), (run_id,))
+        sql.SQL("update {r} set heartbeat_at = now() where run_id = %s").format(r=_t(schema, "refresh_runs")),
+        (run_id,),
+    )
 
 
-def finish_run(conn: psycopg.Connection, schema: str, run_id: UUID, *, status: str,
-               message: str, tables_planned: int, tables_succeeded: int, tables_failed: int,
-               rows_read: int, rows_inserted: int, dbt_invocation_id: str | None) -> None:
+def finish_run(
+    conn: psycopg.Connection,
+    schema: str,
+    run_id: UUID,
+    *,
+    status: str,
+    message: str,
+    tables_planned: int,
+    tables_succeeded: int,
+    tables_failed: int,
+    rows_read: int,
+    rows_inserted: int,
+    dbt_invocation_id: str | None,
+) -> None:
     conn.execute(
         sql.SQL(
             "update {r} set status = %s, finished_at = now(), heartbeat_at = now(), message = %s, "
             "tables_planned = %s, tables_succeeded = %s, tables_failed = %s, rows_read = %s, "
             "rows_inserted = %s, dbt_invocation_id = %s where run_id = %s"
         ).format(r=_t(schema, "refresh_runs")),
-        (status, message, tables_planned, tables_succeeded, tables_failed, rows_read,
-         rows_inserted, dbt_invocation_id, run_id),
+        (
+            status,
+            message,
+            tables_planned,
+            tables_succeeded,
+            tables_failed,
+            rows_read,
+            rows_inserted,
+            dbt_invocation_id,
+            run_id,
+        ),
     )
 
 
@@ -170,22 +188,62 @@ def write_table_audit(conn: psycopg.Connection, schema: str, a: TableAudit) -> N
             "bytes_read = excluded.bytes_read, rows_per_second = excluded.rows_per_second, "
             "finished_at = excluded.finished_at, error = excluded.error"
         ).format(t=_t(schema, "table_refreshes")),
-        (a.run_id, a.table_name, a.mode, a.status, a.write_strategy, a.window_start, a.window_end,
-         a.slices_planned, a.slices_done, a.slices_skipped, a.rows_read, a.rows_inserted,
-         a.rows_deleted, a.bytes_read, a.rows_per_second, a.started_at, a.finished_at, a.error),
+        (
+            a.run_id,
+            a.table_name,
+            a.mode,
+            a.status,
+            a.write_strategy,
+            a.window_start,
+            a.window_end,
+            a.slices_planned,
+            a.slices_done,
+            a.slices_skipped,
+            a.rows_read,
+            a.rows_inserted,
+            a.rows_deleted,
+            a.bytes_read,
+            a.rows_per_second,
+            a.started_at,
+            a.finished_at,
+            a.error,
+        ),
     )
 
 
-def write_slice_audit(conn: psycopg.Connection, schema: str, *, run_id: UUID, table: str,
-                      slice_start: datetime, slice_end: datetime, status: str, rows_read: int,
-                      rows_inserted: int, rows_deleted: int, bytes_read: int,
-                      started_at: datetime, error: str | None = None) -> None:
+def write_slice_audit(
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    run_id: UUID,
+    table: str,
+    slice_start: datetime,
+    slice_end: datetime,
+    status: str,
+    rows_read: int,
+    rows_inserted: int,
+    rows_deleted: int,
+    bytes_read: int,
+    started_at: datetime,
+    error: str | None = None,
+) -> None:
     conn.execute(
         sql.SQL(
             "insert into {s} (run_id, table_name, slice_start, slice_end, status, rows_read, "
             "rows_inserted, rows_deleted, bytes_read, started_at, error) values "
             "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
         ).format(s=_t(schema, "slice_refreshes")),
-        (run_id, table, slice_start, slice_end, status, rows_read, rows_inserted, rows_deleted,
-         bytes_read, started_at, error),
+        (
+            run_id,
+            table,
+            slice_start,
+            slice_end,
+            status,
+            rows_read,
+            rows_inserted,
+            rows_deleted,
+            bytes_read,
+            started_at,
+            error,
+        ),
     )

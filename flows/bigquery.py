@@ -146,16 +146,12 @@ class BigQueryClients:
                     transport=BigQueryReadGrpcTransport(channel=channel)
                 )
             else:
-                self._storage = bigquery_storage_v1.BigQueryReadClient(
-                    credentials=self.rest._credentials
-                )
+                self._storage = bigquery_storage_v1.BigQueryReadClient(credentials=self.rest._credentials)
         return self._storage
 
     def query_config(self, **kwargs: Any) -> bigquery.QueryJobConfig:
         """Every query carries the maximum_bytes_billed guard."""
-        return bigquery.QueryJobConfig(
-            maximum_bytes_billed=self.settings.bq_maximum_bytes_billed, **kwargs
-        )
+        return bigquery.QueryJobConfig(maximum_bytes_billed=self.settings.bq_maximum_bytes_billed, **kwargs)
 
     def close(self) -> None:
         self.rest.close()

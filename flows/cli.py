@@ -15,8 +15,11 @@ import typer
 from flows.errors import RefreshError
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
-app = typer.Typer(help="Daily BigQuery -> Postgres refresh (dbt + Prefect).", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Daily BigQuery -> Postgres refresh (dbt + Prefect).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emulator).")
 config_app = typer.Typer(help="The table registry.")
 app.add_typer(stack_app, name="stack")
@@ -48,20 +51,27 @@ def _fail(message: str, hint: str | None = None) -> Any:
 
 def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) -> None:
     color = {"success": typer.colors.GREEN, "warning": typer.colors.YELLOW}.get(
-        str(summary["status"]), typer.colors.RED)
+        str(summary["status"]), typer.colors.RED
+    )
     typer.secho(f"refresh {summary['status']}: {summary['message']} ({elapsed:.1f}s)", fg=color)
     for t in summary["tables"]:
-        line = (f"  {t['table']:<28} {t['status']:<8} slices={t['slices']:<4} "
-                f"rows read={t['rows_read']:<9} inserted={t['rows_inserted']:<9} "
-                f"deleted={t['rows_deleted']:<9} {t['duration_s']}s")
+        line = (
+            f"  {t['table']:<28} {t['status']:<8} slices={t['slices']:<4} "
+            f"rows read={t['rows_read']:<9} inserted={t['rows_inserted']:<9} "
+            f"deleted={t['rows_deleted']:<9} {t['duration_s']}s"
+        )
         typer.echo(line + (f"  error: {t['error']}" if t["error"] else ""))
         for p in t.get("plan") or []:
             typer.echo(f"      plan {p['slice']}: ~{p['estimated_bytes']} bytes")
-    typer.echo(f"  dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
-               f"{len(summary['dbt_failed'])} failed")
+    typer.echo(
+        f"  dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
+        f"{len(summary['dbt_failed'])} failed"
+    )
     typer.echo("where to look next:")
-    typer.echo(f"  Postgres:   {settings.dsn() if settings.uses_embedded_postgres else '(REFRESH_PG_DSN)'}"
-               f"  schemas {settings.raw_schema}, staging, marts, summaries, {settings.control_schema}")
+    typer.echo(
+        f"  Postgres:   {settings.dsn() if settings.uses_embedded_postgres else '(REFRESH_PG_DSN)'}"
+        f"  schemas {settings.raw_schema}, staging, marts, summaries, {settings.control_schema}"
+    )
     if settings.uses_embedded_postgres:
         typer.echo("              (`refresh stack up` keeps the embedded Postgres running to connect)")
     typer.echo("  dbt docs:   refresh docs   (serves lineage from BigQuery sources to summaries)")
@@ -71,18 +81,24 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
 def _run_flow(settings: Settings, **params: Any) -> dict[str, Any]:
     from flows.daily_refresh import daily_refresh
 
-    return daily_refresh(**params)  # type: ignore[no-any-return]
+    return daily_refresh(**params)
 
 
 @app.command()
 def run(
-    tables: Annotated[list[str] | None, typer.Option("--tables", "-t", help="Tables to refresh (default: all due)")] = None,
+    tables: Annotated[
+        list[str] | None, typer.Option("--tables", "-t", help="Tables to refresh (default: all due)")
+    ] = None,
     start_date: Annotated[str | None, typer.Option(help="Backfill from this date (YYYY-MM-DD)")] = None,
     end_date: Annotated[str | None, typer.Option(help="Backfill up to this date (YYYY-MM-DD)")] = None,
-    full_refresh: Annotated[bool, typer.Option("--full-refresh", help="Reload whole tables, rebuild dbt models")] = False,
+    full_refresh: Annotated[
+        bool, typer.Option("--full-refresh", help="Reload whole tables, rebuild dbt models")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: write nothing")] = False,
     force: Annotated[bool, typer.Option("--force", help="Refresh tables even if not due")] = False,
-    with_stack: Annotated[bool, typer.Option("--with-stack/--no-stack", help="Start the embedded parts that are not configured")] = True,
+    with_stack: Annotated[
+        bool, typer.Option("--with-stack/--no-stack", help="Start the embedded parts that are not configured")
+    ] = True,
 ) -> None:
     """Run the daily refresh once, now."""
     settings = _settings()
@@ -97,11 +113,27 @@ def run(
             from flows.local_stack import local_stack
 
             with local_stack(settings):
-                summary = _run_flow(settings, tables=tables, start_date=sd, end_date=ed,
-                                    full_refresh=full_refresh, dry_run=dry_run, force=force, trigger="cli")
+                summary = _run_flow(
+                    settings,
+                    tables=tables,
+                    start_date=sd,
+                    end_date=ed,
+                    full_refresh=full_refresh,
+                    dry_run=dry_run,
+                    force=force,
+                    trigger="cli",
+                )
         else:
-            summary = _run_flow(settings, tables=tables, start_date=sd, end_date=ed,
-                                full_refresh=full_refresh, dry_run=dry_run, force=force, trigger="cli")
+            summary = _run_flow(
+                settings,
+                tables=tables,
+                start_date=sd,
+                end_date=ed,
+                full_refresh=full_refresh,
+                dry_run=dry_run,
+                force=force,
+                trigger="cli",
+            )
     except RefreshError as exc:
         _fail(str(exc), "see `refresh status` and the Prefect logs")
     _print_summary(summary, settings, time.monotonic() - t0)
@@ -125,13 +157,17 @@ def demo(
     t0 = time.monotonic()
     try:
         with local_stack(settings):
-            typer.echo(f"local stack up ({time.monotonic() - t0:.1f}s): Postgres {settings.dsn()}, "
-                       f"BigQuery emulator {settings.rest_endpoint}")
+            typer.echo(
+                f"local stack up ({time.monotonic() - t0:.1f}s): Postgres {settings.dsn()}, "
+                f"BigQuery emulator {settings.rest_endpoint}"
+            )
             clients = make_clients(settings)
             try:
                 for g in generate(clients, SampleSpec(sqp_rows=sqp_rows, weeks=weeks)):
-                    typer.echo(f"sample data {g.table}: {g.rows} rows"
-                               f"{' (already there)' if g.skipped else ' generated'}")
+                    typer.echo(
+                        f"sample data {g.table}: {g.rows} rows"
+                        f"{' (already there)' if g.skipped else ' generated'}"
+                    )
             finally:
                 clients.close()
             summary = _run_flow(settings, force=True, trigger="demo")
@@ -153,7 +189,8 @@ def generate(
     """Fill the BigQuery dataset with deterministic sample data."""
     settings = _settings()
     from flows.bigquery import make_clients
-    from flows.sample_data import SampleSpec, generate as gen
+    from flows.sample_data import SampleSpec
+    from flows.sample_data import generate as gen
 
     clients = make_clients(settings)
     try:
@@ -200,23 +237,30 @@ def stack_status() -> None:
 def status(hours: Annotated[int, typer.Option(min=1, max=24 * 30)] = 24) -> None:
     """Latest runs and per-table results."""
     settings = _settings()
+    from psycopg import sql
+
     from flows.db import connect
 
     try:
         with connect(settings) as conn:
             rows = conn.execute(
-                f"""select run_id, status, trigger, started_at, finished_at, tables_planned,
-                           tables_failed, rows_inserted, message
-                    from "{settings.control_schema}".refresh_runs
-                    where started_at > now() - make_interval(hours => %s)
-                    order by started_at desc limit 20""", (hours,)).fetchall()
+                sql.SQL(
+                    "select run_id, status, trigger, started_at, finished_at, tables_planned, "
+                    "tables_failed, rows_inserted, message from {} "
+                    "where started_at > now() - make_interval(hours => %s) "
+                    "order by started_at desc limit 20"
+                ).format(sql.Identifier(settings.control_schema, "refresh_runs")),
+                (hours,),
+            ).fetchall()
     except Exception as exc:
         _fail(f"cannot read the audit tables: {exc}", "is Postgres up? (`refresh stack up`)")
     if not rows:
         typer.echo(f"no runs in the last {hours}h")
     for r in rows:
-        typer.echo(f"{r[3]:%Y-%m-%d %H:%M:%S} {r[1]:<9} {r[2]:<8} tables={r[5]} failed={r[6]} "
-                   f"rows={r[7]} {r[0]}  {r[8] or ''}")
+        typer.echo(
+            f"{r[3]:%Y-%m-%d %H:%M:%S} {r[1]:<9} {r[2]:<8} tables={r[5]} failed={r[6]} "
+            f"rows={r[7]} {r[0]}  {r[8] or ''}"
+        )
 
 
 @app.command()
@@ -229,7 +273,10 @@ def migrate() -> None:
 
 
 @app.command()
-def docs(port: Annotated[int, typer.Option()] = 8080, serve: Annotated[bool, typer.Option("--serve/--no-serve")] = True) -> None:
+def docs(
+    port: Annotated[int, typer.Option()] = 8080,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve")] = True,
+) -> None:
     """Generate dbt docs (lineage) and serve them locally."""
     settings = _settings()
     from flows.transform import dbt_env, profiles_dir

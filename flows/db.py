@@ -26,9 +26,7 @@ def migrate(settings: Settings) -> None:
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
-    engine = create_engine(
-        "postgresql+psycopg://", creator=lambda: connect(settings), poolclass=NullPool
-    )
+    engine = create_engine("postgresql+psycopg://", creator=lambda: connect(settings), poolclass=NullPool)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.attributes["schema"] = settings.control_schema

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 
@@ -54,10 +54,7 @@ def describe(clients: BigQueryClients, table: str) -> SourceTable:
         t = clients.rest.get_table(f"{clients.project}.{clients.dataset}.{table}")
     except Exception as exc:
         raise classify(exc, f"{table}: reading the table schema") from exc
-    cols = [
-        SourceColumn(f.name, f.field_type, f.mode or "NULLABLE", f.precision, f.scale)
-        for f in t.schema
-    ]
+    cols = [SourceColumn(f.name, f.field_type, f.mode or "NULLABLE", f.precision, f.scale) for f in t.schema]
     return SourceTable(table, cols, t.num_rows, t.num_bytes)
 
 
@@ -89,7 +86,9 @@ def row_restriction(col: SourceColumn, s: Slice) -> str:
     return f"{q} >= {_literal(col, s.start)} AND {q} < {_literal(col, s.end)}"
 
 
-def cursor_range(clients: BigQueryClients, cfg: TableConfig, col: SourceColumn) -> tuple[date | None, date | None]:
+def cursor_range(
+    clients: BigQueryClients, cfg: TableConfig, col: SourceColumn
+) -> tuple[date | None, date | None]:
     """Oldest and newest cursor value (as UTC dates); scans only the cursor column."""
     q = bq_quote(col.name)
     path = bq_table_path(clients.project, clients.dataset, cfg.source_table)
@@ -119,8 +118,9 @@ class ReadStats:
     bytes: int = 0
 
 
-def read_storage(clients: BigQueryClients, table: str, where: str, stats: ReadStats,
-                 streams: int = 1) -> Iterator[pa.RecordBatch]:
+def read_storage(
+    clients: BigQueryClients, table: str, where: str, stats: ReadStats, streams: int = 1
+) -> Iterator[pa.RecordBatch]:
     """Stream a slice through the Storage Read API.
 
     With several streams, one reader thread per stream feeds a queue of at most two batches per
@@ -136,7 +136,8 @@ def read_storage(clients: BigQueryClients, table: str, where: str, stats: ReadSt
     )
     try:
         session = storage.create_read_session(
-            parent=f"projects/{clients.project}", read_session=session_spec,
+            parent=f"projects/{clients.project}",
+            read_session=session_spec,
             max_stream_count=streams,
         )
     except Exception as exc:
@@ -170,13 +171,15 @@ def read_storage(clients: BigQueryClients, table: str, where: str, stats: ReadSt
 _DONE = object()
 
 
-def _parallel(names: list[str], reader: object) -> Iterator[pa.RecordBatch]:
+def _parallel(
+    names: list[str], reader: Callable[[str], Iterator[pa.RecordBatch]]
+) -> Iterator[pa.RecordBatch]:
     q: queue.Queue[object] = queue.Queue(maxsize=2 * len(names))
     stop = threading.Event()
 
     def work(name: str) -> None:
         try:
-            for b in reader(name):  # type: ignore[operator]
+            for b in reader(name):
                 while not stop.is_set():
                     try:
                         q.put(b, timeout=0.5)
@@ -201,21 +204,22 @@ def _parallel(names: list[str], reader: object) -> Iterator[pa.RecordBatch]:
             elif isinstance(item, BaseException):
                 raise item
             else:
-                yield item  # type: ignore[misc]
+                yield item
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=5)
 
 
-def read_rest(clients: BigQueryClients, table: str, where: str, stats: ReadStats,
-              page_size: int = 50_000) -> Iterator[pa.RecordBatch]:
+def read_rest(
+    clients: BigQueryClients, table: str, where: str, stats: ReadStats, page_size: int = 50_000
+) -> Iterator[pa.RecordBatch]:
     """Fallback: a query job whose result is paged with page tokens (tabledata.list)."""
     path = bq_table_path(clients.project, clients.dataset, table)
     sql = f"select * from {path}" + (f" where {where}" if where else "")
     try:
         result = clients.rest.query(sql, job_config=clients.query_config()).result(page_size=page_size)
-        for batch in result.to_arrow_iterable(bqstorage_client=None):  # type: ignore[call-arg]
+        for batch in result.to_arrow_iterable(bqstorage_client=None):
             rb = batch if isinstance(batch, pa.RecordBatch) else pa.record_batch(batch)
             stats.rows += rb.num_rows
             stats.bytes += rb.nbytes
@@ -224,10 +228,10 @@ def read_rest(clients: BigQueryClients, table: str, where: str, stats: ReadStats
         raise classify(exc, f"{table}: reading rows over REST") from exc
 
 
-def read_slice(clients: BigQueryClients, cfg: TableConfig, where: str, stats: ReadStats) -> Iterator[pa.RecordBatch]:
+def read_slice(
+    clients: BigQueryClients, cfg: TableConfig, where: str, stats: ReadStats
+) -> Iterator[pa.RecordBatch]:
     api = str(cfg.custom_params.get("read_api", "storage"))
     if api == "rest":
         return read_rest(clients, cfg.source_table, where, stats)
     return read_storage(clients, cfg.source_table, where, stats, clients.settings.bq_read_streams)
-
-

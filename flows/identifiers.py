@@ -41,9 +41,7 @@ def validate_dataset(dataset: str) -> str:
 
 def validate_table(table: str) -> str:
     if not isinstance(table, str) or not _TABLE_RE.match(table):
-        raise ConfigError(
-            f"invalid BigQuery table name {table!r}: use letters, digits and underscores only"
-        )
+        raise ConfigError(f"invalid BigQuery table name {table!r}: use letters, digits and underscores only")
     return table
 
 

@@ -44,8 +44,9 @@ _LINEAGE_DDL = sql.SQL(
 _CSV_OPTIONS = pacsv.WriteOptions(include_header=False, quoting_style="needed", delimiter=",")
 
 
-def ensure_raw_table(conn: psycopg.Connection, schema: str, table: str,
-                     columns: list[ColumnMapping], cursor: str | None) -> list[str]:
+def ensure_raw_table(
+    conn: psycopg.Connection, schema: str, table: str, columns: list[ColumnMapping], cursor: str | None
+) -> list[str]:
     """Create the raw table, or add new source columns to it; drift raises SchemaDriftError.
 
     Returns the names of columns added.
@@ -57,8 +58,7 @@ def ensure_raw_table(conn: psycopg.Connection, schema: str, table: str,
             sql.SQL("create table {t} ({cols}, {lineage})").format(
                 t=sql.Identifier(schema, table),
                 cols=sql.SQL(", ").join(
-                    sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type))
-                    for c in columns
+                    sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.pg_type)) for c in columns
                 ),
                 lineage=_LINEAGE_DDL,
             )
@@ -165,16 +165,23 @@ def apply_slice(
     """Replace one slice of `schema.table` with `batches` and checkpoint it, atomically."""
     target = sql.Identifier(schema, table)
     with conn.transaction():
-        conn.execute("select set_config(%s, %s, true), set_config(%s, %s, true)",
-                     (RUN_SETTING, str(run_id), SLICE_SETTING,
-                      "" if piece.start is None else piece.start_ts.isoformat()))
+        conn.execute(
+            "select set_config(%s, %s, true), set_config(%s, %s, true)",
+            (
+                RUN_SETTING,
+                str(run_id),
+                SLICE_SETTING,
+                "" if piece.start is None else piece.start_ts.isoformat(),
+            ),
+        )
         if piece.start is None or cursor is None:
             deleted = conn.execute(sql.SQL("delete from {}").format(target)).rowcount
         else:
             assert piece.end is not None
             deleted = conn.execute(
                 sql.SQL("delete from {t} where {c} >= %s and {c} < %s").format(
-                    t=target, c=sql.Identifier(cursor.name)),
+                    t=target, c=sql.Identifier(cursor.name)
+                ),
                 (_cursor_bound(piece.start, cursor.pg_type), _cursor_bound(piece.end, cursor.pg_type)),
             ).rowcount
         inserted = 0
@@ -183,7 +190,8 @@ def apply_slice(
         if first is not None:
             names = copy_columns(first.schema, table, columns)
             stmt = sql.SQL("copy {t} ({cols}) from stdin (format csv)").format(
-                t=target, cols=sql.SQL(", ").join(map(sql.Identifier, names)))
+                t=target, cols=sql.SQL(", ").join(map(sql.Identifier, names))
+            )
             with conn.cursor() as cur, cur.copy(stmt) as copy:
                 batch: pa.RecordBatch | None = first
                 while batch is not None:

@@ -163,13 +163,36 @@ class EmbeddedPostgres:
         if not (self.data_dir / "PG_VERSION").exists():
             log.info("initialising embedded Postgres in %s", self.data_dir)
             self._pg(
-                [self._bin("initdb"), "-D", str(self.data_dir), "--auth=trust", "--encoding=UTF8",
-                 "--locale=C", "-U", "postgres"], user, "initdb",
+                [
+                    self._bin("initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "-U",
+                    "postgres",
+                ],
+                user,
+                "initdb",
             )
         opts = f"-h 127.0.0.1 -p {self.port} -k {self.data_dir}"
         self._pg(
-            [self._bin("pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file), "-o", opts,
-             "-w", "-t", str(int(self.startup_timeout_s)), "start"], user, "pg_ctl start",
+            [
+                self._bin("pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_file),
+                "-o",
+                opts,
+                "-w",
+                "-t",
+                str(int(self.startup_timeout_s)),
+                "start",
+            ],
+            user,
+            "pg_ctl start",
         )
         self.started_here = True
         deadline = time.monotonic() + self.startup_timeout_s
@@ -183,8 +206,15 @@ class EmbeddedPostgres:
 
     def _pg(self, cmd: list[str], user: str | None, what: str) -> None:
         try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True, user=user,
-                           timeout=self.startup_timeout_s + 30, cwd=self.data_dir)
+            subprocess.run(
+                cmd,
+                check=True,
+                capture_output=True,
+                text=True,
+                user=user,
+                timeout=self.startup_timeout_s + 30,
+                cwd=self.data_dir,
+            )
         except subprocess.CalledProcessError as exc:
             raise StackError(
                 f"embedded Postgres: {what} failed ({exc.returncode}): "
@@ -197,8 +227,11 @@ class EmbeddedPostgres:
         if self.running_pid() is None:
             return
         with contextlib.suppress(StackError):
-            self._pg([self._bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
-                     self._run_as(), "pg_ctl stop")
+            self._pg(
+                [self._bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"],
+                self._run_as(),
+                "pg_ctl stop",
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -248,9 +281,21 @@ class BigQueryEmulator:
                 )
         ensure_spatial_extension()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "bqemulator", "start", "--project", self.project,
-               "--rest-port", str(self.rest_port), "--grpc-port", str(self.grpc_port),
-               "--log-level", "warning", "--no-admin"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bqemulator",
+            "start",
+            "--project",
+            self.project,
+            "--rest-port",
+            str(self.rest_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--log-level",
+            "warning",
+            "--no-admin",
+        ]
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             cmd += ["--persistent", "--data-dir", str(self.data_dir)]
@@ -258,8 +303,12 @@ class BigQueryEmulator:
             cmd += ["--ephemeral"]
         with self.log_file.open("ab") as logf:
             self.process = subprocess.Popen(
-                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=self.log_file.parent,
+                cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.log_file.parent,
             )
         self.pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + self.startup_timeout_s

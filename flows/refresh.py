@@ -20,12 +20,20 @@ from flows import audit
 from flows.bigquery import BigQueryClients
 from flows.db import connect
 from flows.errors import RefreshError, TerminalError, TransientError
-from flows.extract import ReadStats, cursor_range, describe, estimate_bytes, read_slice, row_restriction
+from flows.extract import (
+    ReadStats,
+    SourceColumn,
+    cursor_range,
+    describe,
+    estimate_bytes,
+    read_slice,
+    row_restriction,
+)
 from flows.load import apply_slice, ensure_raw_table
 from flows.planning import Slice, Window, plan_slices, plan_window, resumable, to_ts
 from flows.registry import Mode, TableConfig, WriteStrategy
 from flows.settings import Settings
-from flows.type_mapping import map_schema
+from flows.type_mapping import ColumnMapping, map_schema
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,19 +83,29 @@ def checkpoint_key(settings: Settings, cfg: TableConfig) -> str:
     return cfg.table_name if cfg.mode is not Mode.SHADOW else f"shadow:{cfg.table_name}"
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s: float = 2.0,
-                 on_retry: Callable[[BaseException], None] | None = None) -> T:
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    attempts: int = 4,
+    base_delay_s: float = 2.0,
+    on_retry: Callable[[BaseException], None] | None = None,
+) -> T:
     """Run fn, retrying transient failures with exponential backoff (2, 4, 8 s ...)."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except (TransientError, psycopg.OperationalError, psycopg.errors.SerializationFailure,
-                psycopg.errors.DeadlockDetected) as exc:
+        except (
+            TransientError,
+            psycopg.OperationalError,
+            psycopg.errors.SerializationFailure,
+            psycopg.errors.DeadlockDetected,
+        ) as exc:
             if attempt == attempts:
                 raise TransientError(f"{what}: still failing after {attempts} attempts: {exc}") from exc
             delay = base_delay_s * 2 ** (attempt - 1)
-            log.warning("%s: transient failure (%s), retry %d/%d in %.0fs", what, exc, attempt,
-                        attempts - 1, delay)
+            log.warning(
+                "%s: transient failure (%s), retry %d/%d in %.0fs", what, exc, attempt, attempts - 1, delay
+            )
             if on_retry is not None:
                 on_retry(exc)
             time.sleep(delay)
@@ -96,14 +114,17 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s
 
 def _high_water(conn: psycopg.Connection, settings: Settings, key: str) -> date | None:
     row = conn.execute(
-        sql.SQL("select max(slice_end) from {} where table_name = %s and slice_start > '0001-01-02'")
-        .format(sql.Identifier(settings.control_schema, "checkpoints")), (key,)
+        sql.SQL("select max(slice_end) from {} where table_name = %s and slice_start > '0001-01-02'").format(
+            sql.Identifier(settings.control_schema, "checkpoints")
+        ),
+        (key,),
     ).fetchone()
     return row[0].astimezone(UTC).date() if row and row[0] else None
 
 
-def _committed_since_last_success(conn: psycopg.Connection, settings: Settings, key: str,
-                                  table: str) -> set[date]:
+def _committed_since_last_success(
+    conn: psycopg.Connection, settings: Settings, key: str, table: str
+) -> set[date]:
     """Slices an interrupted attempt already committed after the table's last success."""
     rows = conn.execute(
         sql.SQL(
@@ -111,15 +132,18 @@ def _committed_since_last_success(conn: psycopg.Connection, settings: Settings, 
             "and c.committed_at > now() - make_interval(hours => %s) "
             "and c.committed_at > coalesce((select max(finished_at) from {tr} "
             "  where table_name = %s and status = 'success'), '-infinity')"
-        ).format(cp=sql.Identifier(settings.control_schema, "checkpoints"),
-                 tr=sql.Identifier(settings.control_schema, "table_refreshes")),
+        ).format(
+            cp=sql.Identifier(settings.control_schema, "checkpoints"),
+            tr=sql.Identifier(settings.control_schema, "table_refreshes"),
+        ),
         (key, RESUME_MAX_AGE_HOURS, table),
     ).fetchall()
     return {r[0].astimezone(UTC).date() for r in rows}
 
 
-def refresh_table(settings: Settings, clients: BigQueryClients, cfg: TableConfig, run_id: UUID,
-                  options: RefreshOptions) -> TableOutcome:
+def refresh_table(
+    settings: Settings, clients: BigQueryClients, cfg: TableConfig, run_id: UUID, options: RefreshOptions
+) -> TableOutcome:
     """Refresh one table; never raises for the table's own failures (they are in the outcome)."""
     dry_run = options.dry_run or cfg.mode is Mode.DRY_RUN
     outcome = TableOutcome(cfg.table_name, "running", cfg.mode.value)
@@ -133,9 +157,10 @@ def refresh_table(settings: Settings, clients: BigQueryClients, cfg: TableConfig
         rec.status = outcome.status = "planned" if dry_run else "success"
         if not dry_run:
             conn.execute(
-                sql.SQL("update {} set next_refresh_at = now() + make_interval(hours => "
-                        "refresh_frequency_hours) where table_name = %s")
-                .format(sql.Identifier(settings.control_schema, "refresh_config")),
+                sql.SQL(
+                    "update {} set next_refresh_at = now() + make_interval(hours => "
+                    "refresh_frequency_hours) where table_name = %s"
+                ).format(sql.Identifier(settings.control_schema, "refresh_config")),
                 (cfg.table_name,),
             )
     except (RefreshError, psycopg.Error) as exc:
@@ -160,9 +185,17 @@ def refresh_table(settings: Settings, clients: BigQueryClients, cfg: TableConfig
     return outcome
 
 
-def _refresh(settings: Settings, clients: BigQueryClients, cfg: TableConfig, run_id: UUID,
-             options: RefreshOptions, dry_run: bool, conn: psycopg.Connection,
-             rec: audit.TableAudit, outcome: TableOutcome) -> None:
+def _refresh(
+    settings: Settings,
+    clients: BigQueryClients,
+    cfg: TableConfig,
+    run_id: UUID,
+    options: RefreshOptions,
+    dry_run: bool,
+    conn: psycopg.Connection,
+    rec: audit.TableAudit,
+    outcome: TableOutcome,
+) -> None:
     source = describe(clients, cfg.source_table)
     columns = map_schema(
         [(c.name, c.field_type, c.mode, c.precision, c.scale) for c in source.columns],
@@ -179,14 +212,16 @@ def _refresh(settings: Settings, clients: BigQueryClients, cfg: TableConfig, run
         lo, hi = cursor_range(clients, cfg, cursor_src)
         high_water = None if options.full_refresh else _high_water(conn, settings, key)
         try:
-            window = plan_window(cfg, lo, hi, high_water, options.start_date, options.end_date,
-                                 options.full_refresh)
+            window = plan_window(
+                cfg, lo, hi, high_water, options.start_date, options.end_date, options.full_refresh
+            )
         except ValueError as exc:
             raise TerminalError(f"{cfg.table_name}: {exc}") from exc
     slices = plan_slices(cfg, window)
     if not (options.full_refresh or options.explicit_range or dry_run):
         slices, skipped = resumable(
-            slices, _committed_since_last_success(conn, settings, key, cfg.table_name))
+            slices, _committed_since_last_success(conn, settings, key, cfg.table_name)
+        )
         rec.slices_skipped = skipped
     outcome.window = window
     rec.slices_planned = len(slices)
@@ -203,32 +238,12 @@ def _refresh(settings: Settings, clients: BigQueryClients, cfg: TableConfig, run
         ensure_raw_table(conn, schema, cfg.table_name, columns, cursor_map.name if cursor_map else None)
 
     for piece in slices:
-        where = row_restriction(cursor_src, piece) if cursor_src else ""
         slice_started = datetime.now(UTC)
-
-        def attempt(piece: Slice = piece, where: str = where, slice_started: datetime = slice_started) -> tuple[int, int, ReadStats]:
-            nonlocal conn
-            if conn.closed or conn.broken:
-                conn = connect(settings, autocommit=True)
-            stats = ReadStats()
-
-            def record(c: psycopg.Connection, inserted: int, deleted: int) -> None:
-                audit.write_slice_audit(
-                    c, settings.control_schema, run_id=run_id, table=cfg.table_name,
-                    slice_start=piece.start_ts, slice_end=piece.end_ts, status="success",
-                    rows_read=stats.rows, rows_inserted=inserted, rows_deleted=deleted,
-                    bytes_read=stats.bytes, started_at=slice_started)
-
-            res = apply_slice(
-                conn, schema=schema, table=cfg.table_name, control_schema=settings.control_schema,
-                columns=columns, cursor=cursor_map, piece=piece,
-                batches=read_slice(clients, cfg, where, stats), run_id=run_id,
-                in_transaction=record, checkpoint_key=key,
-            )
-            return res.rows_inserted, res.rows_deleted, stats
-
+        loader = _SliceLoader(
+            settings, clients, cfg, run_id, schema, key, columns, cursor_map, cursor_src, piece, slice_started
+        )
         try:
-            inserted, deleted, stats = with_retries(attempt, f"{cfg.table_name} slice {piece.label}")
+            inserted, deleted, stats = with_retries(loader.attempt, f"{cfg.table_name} slice {piece.label}")
         except (RefreshError, psycopg.Error) as exc:
             _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
             raise
@@ -240,13 +255,79 @@ def _refresh(settings: Settings, clients: BigQueryClients, cfg: TableConfig, run
         audit.heartbeat(conn, settings.control_schema, run_id)
 
 
-def _record_failed_slice(settings: Settings, run_id: UUID, table: str, piece: Slice,
-                         started: datetime, exc: BaseException) -> None:
+@dataclass
+class _SliceLoader:
+    """One slice: read from BigQuery and apply atomically; `attempt` is safe to retry."""
+
+    settings: Settings
+    clients: BigQueryClients
+    cfg: TableConfig
+    run_id: UUID
+    schema: str
+    key: str
+    columns: list[ColumnMapping]
+    cursor: ColumnMapping | None
+    cursor_src: SourceColumn | None
+    piece: Slice
+    started_at: datetime
+
+    def attempt(self) -> tuple[int, int, ReadStats]:
+        stats = ReadStats()
+        where = row_restriction(self.cursor_src, self.piece) if self.cursor_src else ""
+
+        def record(c: psycopg.Connection, inserted: int, deleted: int) -> None:
+            audit.write_slice_audit(
+                c,
+                self.settings.control_schema,
+                run_id=self.run_id,
+                table=self.cfg.table_name,
+                slice_start=self.piece.start_ts,
+                slice_end=self.piece.end_ts,
+                status="success",
+                rows_read=stats.rows,
+                rows_inserted=inserted,
+                rows_deleted=deleted,
+                bytes_read=stats.bytes,
+                started_at=self.started_at,
+            )
+
+        # A fresh connection per attempt: a retry after a dropped connection starts clean.
+        with connect(self.settings) as conn:
+            res = apply_slice(
+                conn,
+                schema=self.schema,
+                table=self.cfg.table_name,
+                control_schema=self.settings.control_schema,
+                columns=self.columns,
+                cursor=self.cursor,
+                piece=self.piece,
+                batches=read_slice(self.clients, self.cfg, where, stats),
+                run_id=self.run_id,
+                in_transaction=record,
+                checkpoint_key=self.key,
+            )
+        return res.rows_inserted, res.rows_deleted, stats
+
+
+def _record_failed_slice(
+    settings: Settings, run_id: UUID, table: str, piece: Slice, started: datetime, exc: BaseException
+) -> None:
     try:
         with connect(settings, autocommit=True) as c:
             audit.write_slice_audit(
-                c, settings.control_schema, run_id=run_id, table=table, slice_start=piece.start_ts,
-                slice_end=piece.end_ts, status="failed", rows_read=0, rows_inserted=0,
-                rows_deleted=0, bytes_read=0, started_at=started, error=str(exc))
+                c,
+                settings.control_schema,
+                run_id=run_id,
+                table=table,
+                slice_start=piece.start_ts,
+                slice_end=piece.end_ts,
+                status="failed",
+                rows_read=0,
+                rows_inserted=0,
+                rows_deleted=0,
+                bytes_read=0,
+                started_at=started,
+                error=str(exc),
+            )
     except psycopg.Error as err:
         log.error("%s: could not record the failed slice: %s", table, err)

@@ -45,8 +45,16 @@ class WriteStrategy(StrEnum):
 PRIORITY_NAMES = {"critical": 100, "high": 90, "medium": 80, "low": 70, "background": 60}
 
 EDITABLE_FIELDS = (
-    "enabled", "mode", "priority", "refresh_frequency_hours", "next_refresh_at", "cursor_column",
-    "slice_size", "lookback_days", "write_strategy", "custom_params",
+    "enabled",
+    "mode",
+    "priority",
+    "refresh_frequency_hours",
+    "next_refresh_at",
+    "cursor_column",
+    "slice_size",
+    "lookback_days",
+    "write_strategy",
+    "custom_params",
 )
 
 
@@ -102,9 +110,7 @@ class TableConfig(BaseModel):
 
 
 def _errors(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in exc.errors())
 
 
 def load_file(path: Path) -> list[TableConfig]:
@@ -147,13 +153,14 @@ def sync_from_file(conn: psycopg.Connection, schema: str, configs: list[TableCon
         cols=sql.SQL(", ").join(map(sql.Identifier, insert_cols)),
         vals=sql.SQL(", ").join(sql.Placeholder() * len(insert_cols)),
         updates=sql.SQL(", ").join(
-            sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c))
-            for c in ["source_table", *cols]
+            sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in ["source_table", *cols]
         ),
-        old=sql.SQL(", ").join(sql.SQL("{t}.{c}").format(t=_table(schema), c=sql.Identifier(c))
-                               for c in ["source_table", *cols]),
-        new=sql.SQL(", ").join(sql.SQL("excluded.{c}").format(c=sql.Identifier(c))
-                               for c in ["source_table", *cols]),
+        old=sql.SQL(", ").join(
+            sql.SQL("{t}.{c}").format(t=_table(schema), c=sql.Identifier(c)) for c in ["source_table", *cols]
+        ),
+        new=sql.SQL(", ").join(
+            sql.SQL("excluded.{c}").format(c=sql.Identifier(c)) for c in ["source_table", *cols]
+        ),
     )
     with conn.cursor() as cur:
         cur.executemany(stmt, [_row(c, insert_cols) for c in configs])
@@ -183,8 +190,9 @@ def get(conn: psycopg.Connection, schema: str, table_name: str) -> TableConfig:
     raise ConfigError(f"table {table_name!r} is not in the registry (see `refresh config get`)")
 
 
-def update(conn: psycopg.Connection, schema: str, table_name: str, changes: dict[str, Any],
-           who: str = "cli") -> TableConfig:
+def update(
+    conn: psycopg.Connection, schema: str, table_name: str, changes: dict[str, Any], who: str = "cli"
+) -> TableConfig:
     """Validate and apply a change to one row; the row becomes user-owned."""
     unknown = sorted(set(changes) - set(EDITABLE_FIELDS))
     if unknown:
@@ -199,19 +207,21 @@ def update(conn: psycopg.Connection, schema: str, table_name: str, changes: dict
     cols = list(changes)
     data = new.model_dump(mode="json")
     conn.execute(
-        sql.SQL("update {t} set {sets}, origin = 'user', updated_at = now(), updated_by = %s "
-                "where table_name = %s").format(
+        sql.SQL(
+            "update {t} set {sets}, origin = 'user', updated_at = now(), updated_by = %s "
+            "where table_name = %s"
+        ).format(
             t=_table(schema),
             sets=sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in cols),
         ),
-        [*(json.dumps(data[c]) if c == "custom_params" else data[c] for c in cols), who,
-         table_name],
+        [*(json.dumps(data[c]) if c == "custom_params" else data[c] for c in cols), who, table_name],
     )
     return new
 
 
-def register_new_tables(conn: psycopg.Connection, schema: str, source_tables: list[str],
-                        known: list[TableConfig]) -> list[TableConfig]:
+def register_new_tables(
+    conn: psycopg.Connection, schema: str, source_tables: list[str], known: list[TableConfig]
+) -> list[TableConfig]:
     """Register source tables the registry has never seen, in dry_run mode; emit events."""
     from flows.type_mapping import pg_column_name
 
@@ -222,18 +232,30 @@ def register_new_tables(conn: psycopg.Connection, schema: str, source_tables: li
             continue
         try:
             cfg = TableConfig(
-                table_name=pg_column_name(source), source_table=source, mode=Mode.DRY_RUN,
-                priority=PRIORITY_NAMES["background"], write_strategy=WriteStrategy.FULL_REPLACE,
+                table_name=pg_column_name(source),
+                source_table=source,
+                mode=Mode.DRY_RUN,
+                priority=PRIORITY_NAMES["background"],
+                write_strategy=WriteStrategy.FULL_REPLACE,
                 origin="auto",
             )
         except (ValidationError, ConfigError):
             continue  # a name we cannot map is reported by `refresh validate`, not registered
         sync_from_file(conn, schema, [cfg])
         conn.execute(
-            sql.SQL("insert into {t} (event, table_name, payload) values "
-                    "('table.registered', %s, %s)").format(t=sql.Identifier(schema, "events")),
-            (cfg.table_name, json.dumps({"source_table": source, "mode": cfg.mode.value,
-                                         "write_strategy": cfg.write_strategy.value})),
+            sql.SQL(
+                "insert into {t} (event, table_name, payload) values ('table.registered', %s, %s)"
+            ).format(t=sql.Identifier(schema, "events")),
+            (
+                cfg.table_name,
+                json.dumps(
+                    {
+                        "source_table": source,
+                        "mode": cfg.mode.value,
+                        "write_strategy": cfg.write_strategy.value,
+                    }
+                ),
+            ),
         )
         added.append(cfg)
     return added

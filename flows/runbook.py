@@ -38,29 +38,34 @@ def prepare(settings: Settings, clients: BigQueryClients | None, *, register_new
         if register_new and clients is not None:
             with conn.transaction():
                 added = registry.register_new_tables(
-                    conn, settings.control_schema, list_source_tables(clients), configs)
+                    conn, settings.control_schema, list_source_tables(clients), configs
+                )
             if added:
                 configs = registry.load_all(conn, settings.control_schema)
     return configs
 
 
-def select_tables(configs: list[TableConfig], requested: list[str] | None, *, force: bool,
-                  now: datetime) -> list[TableConfig]:
+def select_tables(
+    configs: list[TableConfig], requested: list[str] | None, *, force: bool, now: datetime
+) -> list[TableConfig]:
     """Tables to refresh, highest priority first: the requested ones, or the enabled due ones."""
     by_name = {c.table_name: c for c in configs}
     if requested:
         unknown = [t for t in requested if t not in by_name]
         if unknown:
             raise ConfigError(
-                f"unknown table(s) {', '.join(unknown)}; registered: {', '.join(sorted(by_name))}")
+                f"unknown table(s) {', '.join(unknown)}; registered: {', '.join(sorted(by_name))}"
+            )
         chosen = [by_name[t] for t in dict.fromkeys(requested)]
         disabled = [c.table_name for c in chosen if not c.enabled or c.mode is Mode.DISABLED]
         if disabled and not force:
             raise ConfigError(f"table(s) {', '.join(disabled)} are disabled: enable them or pass --force")
     else:
         chosen = [
-            c for c in configs
-            if c.enabled and c.mode is not Mode.DISABLED
+            c
+            for c in configs
+            if c.enabled
+            and c.mode is not Mode.DISABLED
             and (force or c.next_refresh_at is None or c.next_refresh_at <= now)
         ]
     return sorted(chosen, key=lambda c: (-c.priority, c.table_name))
@@ -71,11 +76,18 @@ def validate_params(start_date: date | None, end_date: date | None) -> None:
         raise ConfigError(f"start_date {start_date} is after end_date {end_date}")
 
 
-def begin_run(lock_conn: psycopg.Connection, settings: Settings, *, flow_run_id: UUID | None,
-              trigger: str, params: dict[str, Any]) -> audit.RunRecord:
+def begin_run(
+    lock_conn: psycopg.Connection,
+    settings: Settings,
+    *,
+    flow_run_id: UUID | None,
+    trigger: str,
+    params: dict[str, Any],
+) -> audit.RunRecord:
     audit.mark_abandoned(lock_conn, settings.control_schema)
-    return audit.start_run(lock_conn, settings.control_schema, flow_run_id=flow_run_id,
-                           trigger=trigger, params=params)
+    return audit.start_run(
+        lock_conn, settings.control_schema, flow_run_id=flow_run_id, trigger=trigger, params=params
+    )
 
 
 def dbt_build_args(outcomes: list[TableOutcome], full_refresh: bool) -> list[str] | None:
@@ -126,19 +138,32 @@ def overall_status(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> tupl
     return "success", f"{len(outcomes)} table(s) refreshed"
 
 
-def summarise(run_id: UUID, outcomes: list[TableOutcome], dbt: DbtOutcome | None,
-              dry_run: bool) -> RunSummary:
+def summarise(
+    run_id: UUID, outcomes: list[TableOutcome], dbt: DbtOutcome | None, dry_run: bool
+) -> RunSummary:
     status, message = overall_status(outcomes, dbt)
     return RunSummary(
-        run_id=str(run_id), status=status, message=message, dry_run=dry_run,
-        tables=[{
-            "table": o.table_name, "status": o.status, "mode": o.mode, "rows_read": o.rows_read,
-            "rows_inserted": o.rows_inserted, "rows_deleted": o.rows_deleted,
-            "slices": o.slices_done, "slices_skipped": o.slices_skipped,
-            "duration_s": round(o.duration_s, 2),
-            "window": None if o.window is None else f"{o.window.first}..{o.window.last}",
-            "error": o.error, "plan": o.plan,
-        } for o in outcomes],
+        run_id=str(run_id),
+        status=status,
+        message=message,
+        dry_run=dry_run,
+        tables=[
+            {
+                "table": o.table_name,
+                "status": o.status,
+                "mode": o.mode,
+                "rows_read": o.rows_read,
+                "rows_inserted": o.rows_inserted,
+                "rows_deleted": o.rows_deleted,
+                "slices": o.slices_done,
+                "slices_skipped": o.slices_skipped,
+                "duration_s": round(o.duration_s, 2),
+                "window": None if o.window is None else f"{o.window.first}..{o.window.last}",
+                "error": o.error,
+                "plan": o.plan,
+            }
+            for o in outcomes
+        ],
         dbt_models_built=dbt.models_built if dbt else 0,
         dbt_nodes=len(dbt.nodes) if dbt else 0,
         dbt_failed=[n["unique_id"] for n in dbt.failed_nodes] if dbt else [],
@@ -146,12 +171,18 @@ def summarise(run_id: UUID, outcomes: list[TableOutcome], dbt: DbtOutcome | None
     )
 
 
-def finish_run(conn: psycopg.Connection, settings: Settings, run: audit.RunRecord,
-               summary: RunSummary) -> None:
+def finish_run(
+    conn: psycopg.Connection, settings: Settings, run: audit.RunRecord, summary: RunSummary
+) -> None:
     ok = sum(1 for t in summary.tables if t["status"] in ("success", "planned"))
     audit.finish_run(
-        conn, settings.control_schema, run.run_id, status=summary.status, message=summary.message,
-        tables_planned=len(summary.tables), tables_succeeded=ok,
+        conn,
+        settings.control_schema,
+        run.run_id,
+        status=summary.status,
+        message=summary.message,
+        tables_planned=len(summary.tables),
+        tables_succeeded=ok,
         tables_failed=len(summary.tables) - ok,
         rows_read=sum(t["rows_read"] for t in summary.tables),
         rows_inserted=sum(t["rows_inserted"] for t in summary.tables),
@@ -160,7 +191,8 @@ def finish_run(conn: psycopg.Connection, settings: Settings, run: audit.RunRecor
     if summary.dry_run:
         conn.execute(
             sql.SQL("update {} set plan = %s where run_id = %s").format(
-                sql.Identifier(settings.control_schema, "refresh_runs")),
+                sql.Identifier(settings.control_schema, "refresh_runs")
+            ),
             (json.dumps(summary.tables, default=str), run.run_id),
         )
 
@@ -168,18 +200,23 @@ def finish_run(conn: psycopg.Connection, settings: Settings, run: audit.RunRecor
 def markdown_report(summary: RunSummary, settings: Settings) -> str:
     lines = [
         f"# Refresh {summary.status.upper()}{' (dry run)' if summary.dry_run else ''}",
-        "", summary.message, "",
+        "",
+        summary.message,
+        "",
         "| table | status | mode | slices | rows read | rows inserted | rows deleted | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for t in summary.tables:
         lines.append(
             f"| {t['table']} | {t['status']} | {t['mode']} | {t['slices']} | {t['rows_read']} | "
-            f"{t['rows_inserted']} | {t['rows_deleted']} | {t['duration_s']} |")
+            f"{t['rows_inserted']} | {t['rows_deleted']} | {t['duration_s']} |"
+        )
     lines += [
-        "", f"dbt: {summary.dbt_models_built} models built, {summary.dbt_nodes} nodes, "
+        "",
+        f"dbt: {summary.dbt_models_built} models built, {summary.dbt_nodes} nodes, "
         f"{len(summary.dbt_failed)} failed (invocation {summary.dbt_invocation_id})",
-        "", f"Run id `{summary.run_id}`; dbt docs: `refresh docs` "
+        "",
+        f"Run id `{summary.run_id}`; dbt docs: `refresh docs` "
         f"(target/index.html under {settings.dbt_project_dir}).",
         f"Generated {datetime.now(UTC).isoformat(timespec='seconds')}.",
     ]

@@ -61,14 +61,26 @@ def sqp_schema() -> list[bigquery.SchemaField]:
 
 
 def products_schema() -> list[bigquery.SchemaField]:
-    return [S("ASIN", "STRING"), S("Parent ASIN", "STRING"), S("Title", "STRING"),
-            S("Brand", "STRING"), S("Updated At", "TIMESTAMP")]
+    return [
+        S("ASIN", "STRING"),
+        S("Parent ASIN", "STRING"),
+        S("Title", "STRING"),
+        S("Brand", "STRING"),
+        S("Updated At", "TIMESTAMP"),
+    ]
 
 
 def daily_schema() -> list[bigquery.SchemaField]:
-    return [S("date", "DATE"), S("asin", "STRING"), S("search_query", "STRING"),
-            S("impressions", "INT64"), S("clicks", "INT64"), S("purchases", "INT64"),
-            S("spend", "NUMERIC"), S("sales", "NUMERIC")]
+    return [
+        S("date", "DATE"),
+        S("asin", "STRING"),
+        S("search_query", "STRING"),
+        S("impressions", "INT64"),
+        S("clicks", "INT64"),
+        S("purchases", "INT64"),
+        S("spend", "NUMERIC"),
+        S("sales", "NUMERIC"),
+    ]
 
 
 @dataclass(frozen=True)
@@ -120,16 +132,23 @@ class _Hashes:
 
 
 _QUERY_WORDS = [
-    "running shoes", "zapatillas de running", "chaussures d'été", "laufschuhe größe 42",
-    "跑步鞋", "ランニングシューズ", "кроссовки для бега", "wireless earbuds",
-    "yoga mat", "café en grano", "protein powder", "🏃 trail shoes",
+    "running shoes",
+    "zapatillas de running",
+    "chaussures d'été",
+    "laufschuhe größe 42",
+    "跑步鞋",
+    "ランニングシューズ",
+    "кроссовки для бега",
+    "wireless earbuds",
+    "yoga mat",
+    "café en grano",
+    "protein powder",
+    "🏃 trail shoes",
 ]
 
 
 def _case(expr: str, values: list[str]) -> str:
-    whens = " ".join(
-        f"when {i} then '{v.replace(chr(39), chr(92) + chr(39))}'" for i, v in enumerate(values)
-    )
+    whens = " ".join(f"when {i} then '{v.replace(chr(39), chr(92) + chr(39))}'" for i, v in enumerate(values))
     return f"case {expr} {whens} end"
 
 
@@ -197,8 +216,7 @@ def sqp_insert_sql(path: str, spec: SampleSpec) -> str:
 
     def price(salt: int) -> str:
         # NULL now and then, as the real export has for thin queries.
-        return (f"if({_h(salt, 23)} = 0, null, "
-                f"cast(299 + {_h(salt + 1, 9000)} as numeric) / 100)")
+        return f"if({_h(salt, 23)} = 0, null, cast(299 + {_h(salt + 1, 9000)} as numeric) / 100)"
 
     stage_cols: list[str] = []
     for key, total, asin_c, salt in (
@@ -218,8 +236,7 @@ def sqp_insert_sql(path: str, spec: SampleSpec) -> str:
             f"div({total} * {_h(salt + 6, 40)}, 100)",
         ]
     select_cols = [
-        f"timestamp_add(timestamp '{spec.first_week.isoformat()} 00:00:00+00', "
-        "interval w * 7 day)",
+        f"timestamp_add(timestamp '{spec.first_week.isoformat()} 00:00:00+00', interval w * 7 day)",
         f"if({_h(11, 50)} = 0, null, {_parent('ai')})",
         _asin("ai"),
         _asin("ai"),
@@ -290,8 +307,15 @@ class GeneratedTable:
     skipped: bool
 
 
-def _fill(clients: BigQueryClients, table: str, schema: list[bigquery.SchemaField],
-          sql_for: object, spec: SampleSpec, rows: int, force: bool) -> GeneratedTable:
+def _fill(
+    clients: BigQueryClients,
+    table: str,
+    schema: list[bigquery.SchemaField],
+    sql_for: object,
+    spec: SampleSpec,
+    rows: int,
+    force: bool,
+) -> GeneratedTable:
     client = clients.rest
     table_id = f"{clients.project}.{clients.dataset}.{table}"
     fingerprint = spec.fingerprint()

@@ -20,9 +20,7 @@ EMULATOR_PROJECT = "sqp-demo"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="REFRESH_", env_file=".env", extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="REFRESH_", env_file=".env", extra="ignore", frozen=True)
 
     # --- Postgres -------------------------------------------------------------------------
     pg_dsn: SecretStr | None = Field(

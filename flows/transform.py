@@ -40,8 +40,11 @@ class DbtOutcome:
 
     @property
     def models_built(self) -> int:
-        return sum(1 for n in self.nodes if n["resource_type"] in ("model", "snapshot", "seed")
-                   and n["status"] == "success")
+        return sum(
+            1
+            for n in self.nodes
+            if n["resource_type"] in ("model", "snapshot", "seed") and n["status"] == "success"
+        )
 
 
 def profiles_dir(settings: Settings) -> Path:
@@ -99,19 +102,21 @@ def read_run_results(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
         compile_ = timing.get("compile") or {}
         unique_id = r["unique_id"]
         rows = (r.get("adapter_response") or {}).get("rows_affected")
-        nodes.append({
-            "unique_id": unique_id,
-            "resource_type": unique_id.split(".", 1)[0],
-            "name": unique_id.rsplit(".", 1)[-1],
-            "relation": r.get("relation_name"),
-            "status": str(r.get("status")),
-            "started_at": _parse_ts(compile_.get("started_at") or execute.get("started_at")),
-            "finished_at": _parse_ts(execute.get("completed_at")),
-            "execution_time_s": r.get("execution_time"),
-            "rows_affected": rows if isinstance(rows, int) and rows >= 0 else None,
-            "message": r.get("message"),
-            "failures": r.get("failures"),
-        })
+        nodes.append(
+            {
+                "unique_id": unique_id,
+                "resource_type": unique_id.split(".", 1)[0],
+                "name": unique_id.rsplit(".", 1)[-1],
+                "relation": r.get("relation_name"),
+                "status": str(r.get("status")),
+                "started_at": _parse_ts(compile_.get("started_at") or execute.get("started_at")),
+                "finished_at": _parse_ts(execute.get("completed_at")),
+                "execution_time_s": r.get("execution_time"),
+                "rows_affected": rows if isinstance(rows, int) and rows >= 0 else None,
+                "message": r.get("message"),
+                "failures": r.get("failures"),
+            }
+        )
     return invocation_id, nodes
 
 
@@ -127,7 +132,9 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
     with _environ(dbt_env(settings)):
         runner = PrefectDbtRunner(
             settings=PrefectDbtSettings(
-                project_dir=project, profiles_dir=profiles_dir(settings), target_path=target_path,
+                project_dir=project,
+                profiles_dir=profiles_dir(settings),
+                target_path=target_path,
                 log_level=EventLevel.INFO,
             ),
             raise_on_failure=False,
@@ -141,14 +148,25 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
     invocation_id, nodes = read_run_results(results)
     outcome = DbtOutcome(invocation_id, bool(res.success), args[0], args, nodes, message)
     if not outcome.success and outcome.message is None:
-        outcome.message = "; ".join(
-            f"{n['name']}: {n['status']} ({(n['message'] or '').strip()[:200]})"
-            for n in outcome.failed_nodes[:5]) or "dbt reported failure"
+        outcome.message = (
+            "; ".join(
+                f"{n['name']}: {n['status']} ({(n['message'] or '').strip()[:200]})"
+                for n in outcome.failed_nodes[:5]
+            )
+            or "dbt reported failure"
+        )
     return outcome
 
 
-def record_dbt(conn: psycopg.Connection, schema: str, outcome: DbtOutcome, run_id: UUID | None,
-               flow_run_id: UUID | None, started_at: datetime, finished_at: datetime) -> None:
+def record_dbt(
+    conn: psycopg.Connection,
+    schema: str,
+    outcome: DbtOutcome,
+    run_id: UUID | None,
+    flow_run_id: UUID | None,
+    started_at: datetime,
+    finished_at: datetime,
+) -> None:
     """One invocation row and all node rows, in one transaction and one batch."""
     if outcome.invocation_id is None:
         return
@@ -159,9 +177,19 @@ def record_dbt(conn: psycopg.Connection, schema: str, outcome: DbtOutcome, run_i
                 "started_at, finished_at, nodes_total, nodes_failed, message) values "
                 "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) on conflict (invocation_id) do nothing"
             ).format(t=sql.Identifier(schema, "dbt_invocations")),
-            (outcome.invocation_id, run_id, flow_run_id, outcome.command, json.dumps(outcome.args),
-             outcome.success, started_at, finished_at, len(outcome.nodes),
-             len(outcome.failed_nodes), outcome.message),
+            (
+                outcome.invocation_id,
+                run_id,
+                flow_run_id,
+                outcome.command,
+                json.dumps(outcome.args),
+                outcome.success,
+                started_at,
+                finished_at,
+                len(outcome.nodes),
+                len(outcome.failed_nodes),
+                outcome.message,
+            ),
         )
         with conn.cursor() as cur:
             cur.executemany(
@@ -171,8 +199,21 @@ def record_dbt(conn: psycopg.Connection, schema: str, outcome: DbtOutcome, run_i
                     "failures) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                     "on conflict do nothing"
                 ).format(t=sql.Identifier(schema, "dbt_node_runs")),
-                [(outcome.invocation_id, n["unique_id"], n["resource_type"], n["name"],
-                  n["relation"], n["status"], n["started_at"], n["finished_at"],
-                  n["execution_time_s"], n["rows_affected"], n["message"], n["failures"])
-                 for n in outcome.nodes],
+                [
+                    (
+                        outcome.invocation_id,
+                        n["unique_id"],
+                        n["resource_type"],
+                        n["name"],
+                        n["relation"],
+                        n["status"],
+                        n["started_at"],
+                        n["finished_at"],
+                        n["execution_time_s"],
+                        n["rows_affected"],
+                        n["message"],
+                        n["failures"],
+                    )
+                    for n in outcome.nodes
+                ],
             )

@@ -68,8 +68,9 @@ def pg_column_name(bq_name: str) -> str:
     return name
 
 
-def pg_type(field_type: str, mode: str = "NULLABLE", precision: int | None = None,
-            scale: int | None = None) -> str:
+def pg_type(
+    field_type: str, mode: str = "NULLABLE", precision: int | None = None, scale: int | None = None
+) -> str:
     """The Postgres type for a BigQuery field type and mode."""
     if (mode or "NULLABLE").upper() == "REPEATED":
         return "jsonb"
@@ -95,8 +96,7 @@ class ColumnMapping:
         return self.pg_type == "jsonb"
 
 
-def map_schema(fields: list[tuple[str, str, str, int | None, int | None]],
-               table: str) -> list[ColumnMapping]:
+def map_schema(fields: list[tuple[str, str, str, int | None, int | None]], table: str) -> list[ColumnMapping]:
     """Map (name, type, mode, precision, scale) tuples; reject collisions and reserved names."""
     seen: dict[str, str] = {}
     out: list[ColumnMapping] = []

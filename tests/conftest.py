@@ -27,16 +27,18 @@ STATE_DIR = Path(tempfile.mkdtemp(prefix="sqp-refresh-test-"))
 for var in list(os.environ):
     if var.startswith("REFRESH_"):
         del os.environ[var]
-os.environ.update({
-    "REFRESH_STATE_DIR": str(STATE_DIR),
-    "REFRESH_LOCAL_PG_PORT": str(_free_port()),
-    "REFRESH_LOCAL_BQ_REST_PORT": str(_free_port()),
-    "REFRESH_LOCAL_BQ_GRPC_PORT": str(_free_port()),
-    "PREFECT_HOME": str(STATE_DIR / "prefect"),
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
-})
+os.environ.update(
+    {
+        "REFRESH_STATE_DIR": str(STATE_DIR),
+        "REFRESH_LOCAL_PG_PORT": str(_free_port()),
+        "REFRESH_LOCAL_BQ_REST_PORT": str(_free_port()),
+        "REFRESH_LOCAL_BQ_GRPC_PORT": str(_free_port()),
+        "PREFECT_HOME": str(STATE_DIR / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+    }
+)
 if os.environ.get("SQP_TEST_PG_DSN"):
     os.environ["REFRESH_PG_DSN"] = os.environ["SQP_TEST_PG_DSN"]
 

@@ -17,7 +17,10 @@ from tests.integration.conftest import SPEC, bq_scalar, pg_scalar
 def first_run(settings: Settings, clients: BigQueryClients) -> dict[str, Any]:
     generated = generate(clients, SPEC)
     assert {g.table: g.rows for g in generated} == {
-        SQP_TABLE: SPEC.sqp_rows, PRODUCTS_TABLE: SPEC.asins, DAILY_TABLE: SPEC.daily_rows}
+        SQP_TABLE: SPEC.sqp_rows,
+        PRODUCTS_TABLE: SPEC.asins,
+        DAILY_TABLE: SPEC.daily_rows,
+    }
     from flows.daily_refresh import daily_refresh
 
     return daily_refresh(force=True, trigger="test")  # type: ignore[no-any-return]
@@ -29,7 +32,9 @@ def source(clients: BigQueryClients, table: str) -> str:
 
 def test_generated_funnels_are_consistent(first_run: dict[str, Any], clients: BigQueryClients) -> None:
     t = source(clients, SQP_TABLE)
-    bad = bq_scalar(clients, f"""
+    bad = bq_scalar(
+        clients,
+        f"""
         select countif(`ASIN Impression Count` < `ASIN Click Count`
                     or `ASIN Click Count` < `ASIN Cart Add Count`
                     or `ASIN Cart Add Count` < `ASIN Purchase Count`
@@ -37,14 +42,16 @@ def test_generated_funnels_are_consistent(first_run: dict[str, Any], clients: Bi
                     or `Total Click Count` < `Total Cart Add Count`
                     or `Total Cart Add Count` < `Total Purchase Count`
                     or `ASIN Impression Share` < 0 or `ASIN Impression Share` > 1
-                    or `ASIN Purchase Share` < 0 or `ASIN Purchase Share` > 1) from {t}""")
+                    or `ASIN Purchase Share` < 0 or `ASIN Purchase Share` > 1) from {t}""",
+    )
     assert bad == 0
     assert bq_scalar(clients, f"select countif(`Parent ASIN` is null) from {t}") > 0
     assert bq_scalar(clients, f"select count(distinct `Date`) from {t}") == SPEC.weeks
 
 
-def test_run_succeeds_and_raw_counts_equal_source(first_run: dict[str, Any], pg: psycopg.Connection,
-                                                  clients: BigQueryClients) -> None:
+def test_run_succeeds_and_raw_counts_equal_source(
+    first_run: dict[str, Any], pg: psycopg.Connection, clients: BigQueryClients
+) -> None:
     assert first_run["status"] == "success", first_run["message"]
     for table in (SQP_TABLE, PRODUCTS_TABLE, DAILY_TABLE):
         expected = bq_scalar(clients, f"select count(*) from {source(clients, table)}")
@@ -52,13 +59,17 @@ def test_run_succeeds_and_raw_counts_equal_source(first_run: dict[str, Any], pg:
     assert first_run["dbt_models_built"] >= 5 and not first_run["dbt_failed"]
 
 
-def test_mart_sums_equal_source_sums(first_run: dict[str, Any], pg: psycopg.Connection,
-                                     clients: BigQueryClients) -> None:
-    src = bq_scalar(clients, f"""
+def test_mart_sums_equal_source_sums(
+    first_run: dict[str, Any], pg: psycopg.Connection, clients: BigQueryClients
+) -> None:
+    src = bq_scalar(
+        clients,
+        f"""
         select to_json_string(struct(sum(`ASIN Impression Count`) as i, sum(`ASIN Click Count`) as c,
                sum(`ASIN Cart Add Count`) as a, sum(`ASIN Purchase Count`) as p,
                sum(`Total Query Impression Count`) as ti, count(*) as n))
-        from {source(clients, SQP_TABLE)}""")
+        from {source(clients, SQP_TABLE)}""",
+    )
     import json
 
     expected = json.loads(src)
@@ -73,14 +84,18 @@ def test_mart_sums_equal_source_sums(first_run: dict[str, Any], pg: psycopg.Conn
     assert int(weekly) == int(expected["i"])
 
 
-def test_numeric_unicode_nulls_and_timezones_round_trip(first_run: dict[str, Any], pg: psycopg.Connection,
-                                                       clients: BigQueryClients) -> None:
+def test_numeric_unicode_nulls_and_timezones_round_trip(
+    first_run: dict[str, Any], pg: psycopg.Connection, clients: BigQueryClients
+) -> None:
     t = source(clients, SQP_TABLE)
-    src = bq_scalar(clients, f"""
+    src = bq_scalar(
+        clients,
+        f"""
         select to_json_string(struct(
           sum(`Total Median Click Price Amount`) as price, countif(`Total Median Click Price Amount` is null) as nulls,
           countif(`Parent ASIN` is null) as null_parents, min(`Date`) as first_week,
-          string_agg(distinct `Search Query`, '|' order by `Search Query`) as queries)) from {t}""")
+          string_agg(distinct `Search Query`, '|' order by `Search Query`) as queries)) from {t}""",
+    )
     import json
     from decimal import Decimal
 
@@ -102,24 +117,35 @@ def test_audit_rows_link_run_tables_slices_and_dbt(first_run: dict[str, Any], pg
     run_id = first_run["run_id"]
     status, tables_ok, dbt_inv = pg.execute(
         "select status, tables_succeeded, dbt_invocation_id from refresh_control.refresh_runs where run_id = %s",
-        (run_id,)).fetchone()  # type: ignore[misc]
+        (run_id,),
+    ).fetchone()  # type: ignore[misc]
     assert status == "success" and tables_ok == 3 and dbt_inv
-    per_table = dict(pg.execute(
-        "select table_name, rows_inserted from refresh_control.table_refreshes where run_id = %s",
-        (run_id,)).fetchall())
+    per_table = dict(
+        pg.execute(
+            "select table_name, rows_inserted from refresh_control.table_refreshes where run_id = %s",
+            (run_id,),
+        ).fetchall()
+    )
     assert per_table[SQP_TABLE] == SPEC.sqp_rows
-    slices = pg_scalar(pg, "select sum(rows_inserted) from refresh_control.slice_refreshes "
-                           "where run_id = %s and table_name = %s", (run_id, SQP_TABLE))
+    slices = pg_scalar(
+        pg,
+        "select sum(rows_inserted) from refresh_control.slice_refreshes "
+        "where run_id = %s and table_name = %s",
+        (run_id, SQP_TABLE),
+    )
     assert slices == SPEC.sqp_rows
-    nodes = pg_scalar(pg, "select count(*) from refresh_control.dbt_node_runs where invocation_id = %s", (dbt_inv,))
+    nodes = pg_scalar(
+        pg, "select count(*) from refresh_control.dbt_node_runs where invocation_id = %s", (dbt_inv,)
+    )
     assert nodes > 10
     # lineage columns carry the run id
     assert pg_scalar(pg, "select count(distinct _run_id) from raw.products") == 1
     assert str(pg_scalar(pg, "select max(_run_id::text) from raw.products")) == run_id
 
 
-def test_second_run_duplicates_nothing(first_run: dict[str, Any], pg: psycopg.Connection,
-                                       clients: BigQueryClients) -> None:
+def test_second_run_duplicates_nothing(
+    first_run: dict[str, Any], pg: psycopg.Connection, clients: BigQueryClients
+) -> None:
     from flows.daily_refresh import daily_refresh
 
     before = pg_scalar(pg, "select count(*) from raw.search_query_performance")
@@ -128,7 +154,10 @@ def test_second_run_duplicates_nothing(first_run: dict[str, Any], pg: psycopg.Co
     sqp = next(t for t in second["tables"] if t["table"] == SQP_TABLE)
     assert 0 < sqp["slices"] < SPEC.weeks  # only the lookback window is re-read
     assert pg_scalar(pg, "select count(*) from raw.search_query_performance") == before
-    dupes = pg_scalar(pg, """select count(*) from (select 1 from marts.search_query_performance
-                             group by week_start, asin, search_query having count(*) > 1) d""")
+    dupes = pg_scalar(
+        pg,
+        """select count(*) from (select 1 from marts.search_query_performance
+                             group by week_start, asin, search_query having count(*) > 1) d""",
+    )
     assert dupes == 0
     assert pg_scalar(pg, "select count(*) from marts.search_query_performance") == SPEC.sqp_rows

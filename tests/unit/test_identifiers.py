@@ -1,7 +1,13 @@
 import pytest
 
 from flows.errors import ConfigError
-from flows.identifiers import bq_quote, bq_table_path, validate_dataset, validate_pg_identifier, validate_project
+from flows.identifiers import (
+    bq_quote,
+    bq_table_path,
+    validate_dataset,
+    validate_pg_identifier,
+    validate_project,
+)
 
 
 @pytest.mark.parametrize("bad", ["sqp.", "sqp..x", "a'b", 'a"b', "a`b", "a b", "", "sqp;drop"])

@@ -1,3 +1,4 @@
+import itertools
 from datetime import date, timedelta
 
 from flows.planning import Slice, plan_slices, plan_window, resumable, slices_between
@@ -5,8 +6,13 @@ from flows.registry import SliceSize, TableConfig, WriteStrategy
 
 
 def cfg(**kw: object) -> TableConfig:
-    base: dict[str, object] = {"table_name": "t", "source_table": "t", "cursor_column": "Date",
-                               "slice_size": "week", "lookback_days": 14}
+    base: dict[str, object] = {
+        "table_name": "t",
+        "source_table": "t",
+        "cursor_column": "Date",
+        "slice_size": "week",
+        "lookback_days": 14,
+    }
     base.update(kw)
     return TableConfig(**base)  # type: ignore[arg-type]
 
@@ -15,7 +21,7 @@ def test_week_slices_are_aligned_and_cover_every_day() -> None:
     sl = slices_between(date(2024, 1, 3), date(2024, 1, 22), SliceSize.WEEK)
     assert sl[0] == Slice(date(2024, 1, 1), date(2024, 1, 8))
     assert sl[-1] == Slice(date(2024, 1, 22), date(2024, 1, 29))
-    assert all(a.end == b.start for a, b in zip(sl, sl[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(sl))
 
 
 def test_month_slices_cross_year() -> None:

@@ -17,12 +17,20 @@ def test_checked_in_registry_is_valid() -> None:
 
 def test_registry_errors_name_table_and_field(tmp_path: Path) -> None:
     f = tmp_path / "t.yml"
-    f.write_text("tables:\n  bad:\n    source_table: x\n    priority: 5000\n    mode: maybe\n"
-                 "  nocursor:\n    source_table: y\n")
+    f.write_text(
+        "tables:\n  bad:\n    source_table: x\n    priority: 5000\n    mode: maybe\n"
+        "  nocursor:\n    source_table: y\n"
+    )
     with pytest.raises(ConfigError) as e:
         load_file(f)
     msg = str(e.value)
-    assert "bad: " in msg and "priority" in msg and "mode" in msg and "nocursor" in msg and "cursor_column" in msg
+    assert (
+        "bad: " in msg
+        and "priority" in msg
+        and "mode" in msg
+        and "nocursor" in msg
+        and "cursor_column" in msg
+    )
 
 
 def test_registry_rejects_bad_names(tmp_path: Path) -> None:
@@ -39,16 +47,20 @@ def test_priority_names() -> None:
 
 def test_inline_credentials_with_literal_newlines() -> None:
     key = "-----BEGIN PRIVATE KEY-----\\nABC\\n-----END PRIVATE KEY-----\\n"
-    raw = json.dumps({"type": "service_account", "client_email": "a@b.iam", "token_uri": "https://x",
-                      "private_key": key})
+    raw = json.dumps(
+        {"type": "service_account", "client_email": "a@b.iam", "token_uri": "https://x", "private_key": key}
+    )
     info = load_service_account_info(raw)
     assert info["private_key"].startswith("-----BEGIN PRIVATE KEY-----\nABC\n")
 
 
 @pytest.mark.parametrize(
     ("raw", "match"),
-    [("{not json", "not valid JSON"), ('{"type": "user"}', "service-account"),
-     ('{"type": "service_account"}', "lacks")],
+    [
+        ("{not json", "not valid JSON"),
+        ('{"type": "user"}', "service-account"),
+        ('{"type": "service_account"}', "lacks"),
+    ],
 )
 def test_bad_inline_credentials(raw: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

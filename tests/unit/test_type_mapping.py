@@ -60,15 +60,15 @@ def test_unknown_type_is_config_error() -> None:
 
 def test_collisions_and_reserved_names() -> None:
     with pytest.raises(ConfigError, match="both map to"):
-        map_schema([("A B", "STRING", "NULLABLE", None, None), ("a_b", "STRING", "NULLABLE", None, None)], "t")
+        map_schema(
+            [("A B", "STRING", "NULLABLE", None, None), ("a_b", "STRING", "NULLABLE", None, None)], "t"
+        )
     # a source column named like a lineage column loses the underscore: no clash
     assert map_schema([("_loaded_at", "STRING", "NULLABLE", None, None)], "t")[0].name == "loaded_at"
 
 
 def test_drift_new_column_added_retyped_and_dropped_fail() -> None:
-    cols = map_schema(
-        [("A", "STRING", "NULLABLE", None, None), ("B", "INT64", "NULLABLE", None, None)], "t"
-    )
+    cols = map_schema([("A", "STRING", "NULLABLE", None, None), ("B", "INT64", "NULLABLE", None, None)], "t")
     diff = diff_schema("t", cols, {"a": "text", "_loaded_at": "timestamp with time zone"})
     assert [c.name for c in diff.added] == ["b"]
     with pytest.raises(SchemaDriftError, match="changed type"):

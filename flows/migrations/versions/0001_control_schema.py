@@ -174,6 +174,15 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     schema = context.config.attributes["schema"]
-    for table in ("events", "dq_results", "dbt_node_runs", "dbt_invocations", "checkpoints",
-                  "slice_refreshes", "table_refreshes", "refresh_runs", "refresh_config"):
+    for table in (
+        "events",
+        "dq_results",
+        "dbt_node_runs",
+        "dbt_invocations",
+        "checkpoints",
+        "slice_refreshes",
+        "table_refreshes",
+        "refresh_runs",
+        "refresh_config",
+    ):
         op.execute(f'drop table if exists "{schema}".{table}')
