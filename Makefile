@@ -29,14 +29,14 @@ test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/pytest -m "not integration"
 
 lint: $(STAMP)
-	$(BIN)/ruff check flows tests bench
-	$(BIN)/ruff format --check flows tests bench
+	$(BIN)/ruff check flows tests bench scripts
+	$(BIN)/ruff format --check flows tests bench scripts
 	$(BIN)/mypy flows
-	$(BIN)/sqlfluff lint models macros tests/dbt
+	$(BIN)/python scripts/lint_sql.py models macros tests/dbt
 
 format: $(STAMP)
-	$(BIN)/ruff format flows tests bench
-	$(BIN)/ruff check --fix flows tests bench
+	$(BIN)/ruff format flows tests bench scripts
+	$(BIN)/ruff check --fix flows tests bench scripts
 
 docs: $(STAMP)
 	$(BIN)/refresh docs
