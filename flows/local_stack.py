@@ -413,11 +413,24 @@ class LocalStack:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def local_stack(settings: Settings, throwaway: bool = False) -> Iterator[LocalStack]:
+    """Start what is needed, yield, and stop what was started, also on SIGTERM."""
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM's default action skips `finally`: turn it into SystemExit so children stop.
+        previous = signal.signal(signal.SIGTERM, _raise_system_exit)
     stack = LocalStack(settings, throwaway=throwaway)
-    stack.start()
     try:
+        stack.start()
         yield stack
     finally:
         stack.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,67 @@
+"""The embedded stack: clear errors for taken ports, reuse of running parts, clean stop."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from flows.errors import StackError
+from flows.local_stack import BigQueryEmulator, EmbeddedPostgres
+from flows.settings import Settings
+
+
+def _listening_socket() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    return s
+
+
+def test_taken_postgres_port_is_a_clear_error(tmp_path: Path) -> None:
+    with _listening_socket() as s:
+        port = s.getsockname()[1]
+        pg = EmbeddedPostgres(tmp_path / "pg", port)
+        with pytest.raises(StackError, match=f"port {port} is taken.*REFRESH_LOCAL_PG_PORT"):
+            pg.start()
+    assert not (tmp_path / "pg" / "PG_VERSION").exists()  # nothing initialised
+
+
+def test_taken_emulator_port_is_a_clear_error(tmp_path: Path) -> None:
+    with _listening_socket() as s:
+        port = s.getsockname()[1]
+        emu = BigQueryEmulator(
+            rest_port=port, grpc_port=port + 1, data_dir=None, log_file=tmp_path / "emu.log"
+        )
+        with pytest.raises(StackError, match="REFRESH_LOCAL_BQ_REST_PORT"):
+            emu.start()
+
+
+def test_running_parts_are_reused_not_restarted(stack: object, settings: Settings) -> None:
+    pg = EmbeddedPostgres(settings.pg_data_dir, settings.local_pg_port)
+    assert pg.is_ready()
+    pid = pg.running_pid()
+    pg.start()  # already running: reused
+    assert pg.running_pid() == pid and not pg.started_here
+
+
+def test_postgres_start_stop_and_restart_keeps_data(tmp_path: Path) -> None:
+    import psycopg
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pg = EmbeddedPostgres(tmp_path / "pg", port)
+    pg.start()
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            c.execute("create table kept (x int)")
+            c.execute("insert into kept values (42)")
+        pg.stop()
+        assert pg.running_pid() is None and not pg.is_ready()
+        pg.start()
+        with psycopg.connect(pg.dsn) as c:
+            assert c.execute("select x from kept").fetchone() == (42,)
+    finally:
+        pg.stop()
