@@ -8,7 +8,8 @@ An endpoint override points both clients at a local emulator, with anonymous cre
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -118,6 +119,7 @@ class BigQueryClients:
     settings: Settings
     rest: bigquery.Client
     _storage: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def project(self) -> str:
@@ -129,6 +131,10 @@ class BigQueryClients:
 
     def storage(self) -> Any:
         """The Storage Read client, built lazily (over an insecure channel for the emulator)."""
+        with self._lock:
+            return self._storage_locked()
+
+    def _storage_locked(self) -> Any:
         if self._storage is None:
             from google.cloud import bigquery_storage_v1
 
