@@ -8,15 +8,16 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from flows.db import REFRESH_LOCK_KEY, connect
-from flows.errors import TerminalError
+from flows.errors import ConfigError, TerminalError
 from flows.settings import Settings
 
 
@@ -47,26 +48,62 @@ def refresh_lock(settings: Settings, wait_s: float = 0.0) -> Iterator[psycopg.Co
             got = conn.execute("select pg_try_advisory_lock(%s)", (REFRESH_LOCK_KEY,)).fetchone()
             if not got or not got[0]:
                 raise RefreshBusyError(
-                    "another refresh is running (advisory lock held): wait for it, or see `refresh status`"
+                    f"another refresh is running{_describe_running(conn, settings.control_schema)}: "
+                    "this run did nothing; start it again when that one ends (see `refresh status`)"
                 )
         yield conn
     finally:
         conn.close()
 
 
-def mark_abandoned(conn: psycopg.Connection, schema: str) -> int:
-    """Runs left `running` whose process is gone become `abandoned`.
+def _describe_running(conn: psycopg.Connection, schema: str) -> str:
+    try:
+        row = conn.execute(
+            sql.SQL(
+                "select run_id, trigger, started_at, flow_run_id from {r} where status = 'running' "
+                "order by started_at desc limit 1"
+            ).format(r=_t(schema, "refresh_runs"))
+        ).fetchone()
+    except psycopg.Error:
+        return ""
+    if row is None:
+        return " (advisory lock held)"
+    return f" (run {row[0]}, {row[1]}, started {row[2]:%Y-%m-%d %H:%M:%S %Z}, flow run {row[3]})"
 
-    Only called while holding the refresh lock, so no live run can be `running` at that point:
-    every `running` row belongs to a process that died without finishing.
+
+def _lock_held_elsewhere() -> sql.Composable:
+    # Advisory locks on a bigint key show up in pg_locks as classid = high 32 bits,
+    # objid = low 32 bits, objsubid = 1, scoped to the current database.
+    return sql.SQL(
+        "exists (select 1 from pg_locks where locktype = 'advisory' and granted "
+        "and database = (select oid from pg_database where datname = current_database()) "
+        "and classid = {hi} and objid = {lo} and objsubid = 1 and pid <> pg_backend_pid())"
+    ).format(hi=sql.Literal(REFRESH_LOCK_KEY >> 32), lo=sql.Literal(REFRESH_LOCK_KEY & 0xFFFFFFFF))
+
+
+def refresh_running(conn: psycopg.Connection) -> bool:
+    """True while another session holds the refresh lock (a refresh is in progress)."""
+    row = conn.execute(sql.SQL("select {}").format(_lock_held_elsewhere())).fetchone()
+    return bool(row and row[0])
+
+
+def mark_abandoned(conn: psycopg.Connection, schema: str) -> int:
+    """Runs left `running` by a process that died become `abandoned`; returns how many.
+
+    A run is `running` only while its process holds the refresh lock, and the lock dies with
+    the process's session. So when no other session holds the lock, every `running` row is
+    left over from a dead process. The check and the update are one statement: a run that
+    takes the lock meanwhile inserts its row after this statement's snapshot and is not
+    touched. Safe to call from the lock holder (begin_run) and from housekeeping, which
+    never takes the lock and so never makes a starting refresh fail as busy.
     """
     cur = conn.execute(
         sql.SQL(
             "update {r} set status = 'abandoned', finished_at = now(), "
-            "message = coalesce(message, '') || 'process ended without finishing (pid ' || "
+            "message = coalesce(message || '; ', '') || 'process ended without finishing (pid ' || "
             "coalesce(pid::text, '?') || ' on ' || coalesce(hostname, '?') || ')' "
-            "where status = 'running'"
-        ).format(r=_t(schema, "refresh_runs"))
+            "where status = 'running' and not {held}"
+        ).format(r=_t(schema, "refresh_runs"), held=_lock_held_elsewhere())
     )
     conn.execute(
         sql.SQL(
@@ -247,3 +284,99 @@ def write_slice_audit(
             error,
         ),
     )
+
+
+RUN_STATUSES = ("running", "success", "warning", "failed", "abandoned")
+TABLE_STATUSES = ("running", "success", "failed", "skipped", "planned")
+MAX_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """Filters for run history: whole runs, or one table's refreshes when `table` is set."""
+
+    table: str | None = None
+    status: str | None = None
+    since: date | None = None
+    until: date | None = None  # inclusive
+    page: int = 1
+    page_size: int = 20
+
+    def __post_init__(self) -> None:
+        allowed = TABLE_STATUSES if self.table else RUN_STATUSES
+        if self.status is not None and self.status not in allowed:
+            raise ConfigError(f"unknown status {self.status!r}: use one of {', '.join(allowed)}")
+        if self.since and self.until and self.since > self.until:
+            raise ConfigError(f"since {self.since} is after until {self.until}")
+        if self.page < 1:
+            raise ConfigError("page starts at 1")
+        if not 1 <= self.page_size <= MAX_PAGE_SIZE:
+            raise ConfigError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+
+
+@dataclass
+class HistoryPage:
+    total: int
+    rows: list[dict[str, Any]]
+
+
+def history(conn: psycopg.Connection, schema: str, q: HistoryQuery) -> HistoryPage:
+    """One page of runs (or of one table's refreshes), newest first, with the total count."""
+    if q.table:
+        source = sql.SQL(
+            "select t.run_id, r.flow_run_id, t.table_name, t.status, t.mode, t.started_at, "
+            "t.finished_at, extract(epoch from t.finished_at - t.started_at) as duration_s, "
+            "t.slices_done, t.rows_read, t.rows_inserted, t.rows_deleted, t.error as message "
+            "from {t} t join {r} r using (run_id)"
+        ).format(t=_t(schema, "table_refreshes"), r=_t(schema, "refresh_runs"))
+        prefix = sql.SQL("t.")
+    else:
+        source = sql.SQL(
+            "select r.run_id, r.flow_run_id, r.status, r.trigger, r.started_at, r.finished_at, "
+            "extract(epoch from r.finished_at - r.started_at) as duration_s, r.tables_planned, "
+            "r.tables_failed, r.rows_read, r.rows_inserted, r.message from {r} r"
+        ).format(r=_t(schema, "refresh_runs"))
+        prefix = sql.SQL("r.")
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    if q.table:
+        where.append(sql.SQL("t.table_name = %s"))
+        params.append(q.table)
+    if q.status:
+        where.append(prefix + sql.SQL("status = %s"))
+        params.append(q.status)
+    if q.since:
+        where.append(prefix + sql.SQL("started_at >= %s"))
+        params.append(datetime(q.since.year, q.since.month, q.since.day, tzinfo=UTC))
+    if q.until:
+        where.append(prefix + sql.SQL("started_at < %s"))
+        params.append(datetime(q.until.year, q.until.month, q.until.day, tzinfo=UTC) + timedelta(days=1))
+    filtered = source + (sql.SQL(" where ") + sql.SQL(" and ").join(where) if where else sql.SQL(""))
+    total_row = conn.execute(sql.SQL("select count(*) from ({}) f").format(filtered), params).fetchone()
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            filtered + sql.SQL(" order by started_at desc limit %s offset %s"),
+            [*params, q.page_size, (q.page - 1) * q.page_size],
+        )
+        rows = cur.fetchall()
+    return HistoryPage(total=int(total_row[0]) if total_row else 0, rows=rows)
+
+
+def table_status(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:
+    """Per registered table: mode, next due time, latest refresh and latest success."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            sql.SQL(
+                "select c.table_name, c.enabled, c.mode, c.priority, c.next_refresh_at, "
+                "l.status as last_status, l.started_at as last_started_at, l.error as last_error, "
+                "s.finished_at as last_success_at, s.rows_inserted as last_success_rows "
+                "from {c} c "
+                "left join lateral (select status, started_at, error from {t} t "
+                "  where t.table_name = c.table_name order by started_at desc limit 1) l on true "
+                "left join lateral (select finished_at, rows_inserted from {t} t "
+                "  where t.table_name = c.table_name and t.status = 'success' "
+                "  order by finished_at desc limit 1) s on true "
+                "order by c.priority desc, c.table_name"
+            ).format(c=_t(schema, "refresh_config"), t=_t(schema, "table_refreshes"))
+        )
+        return cur.fetchall()

@@ -1,18 +1,31 @@
-"""The `refresh` command line."""
+"""The `refresh` command line.
+
+Every command fails with one line saying what went wrong, a hint line, and exit code 1.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import subprocess
 import sys
+import threading
 import time
-from datetime import date
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
+import yaml
+from rich import box
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from flows.errors import RefreshError
+from flows.errors import ConfigError, RefreshError
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
 app = typer.Typer(
@@ -20,125 +33,317 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emulator).")
-config_app = typer.Typer(help="The table registry.")
+stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emulator).", no_args_is_help=True)
+config_app = typer.Typer(help="The table registry: show and change per-table settings.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(config_app, name="config")
 
+out = Console(highlight=False)
+PG_HINT = "is Postgres up? (`refresh stack up` for the embedded one, else check REFRESH_PG_DSN)"
 
-def _prefect_env(settings: Settings) -> None:
+TablesOption = Annotated[
+    list[str] | None,
+    typer.Option("--tables", "-t", help="Tables to refresh (repeat, or comma-separated); default: all due"),
+]
+WithStackOption = Annotated[
+    bool, typer.Option("--with-stack/--no-stack", help="Start the embedded parts that are not configured")
+]
+
+
+def _prefect_env(settings: Settings, log_level: str) -> None:
     """Project-local Prefect home unless the user configured Prefect themselves."""
     os.environ.setdefault("PREFECT_HOME", str(settings.state_dir / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", log_level)
 
 
-def _settings() -> Settings:
+def _settings(prefect_log_level: str = "WARNING") -> Settings:
     try:
         s = get_settings()
     except Exception as exc:  # pydantic ValidationError -> one clear line
-        _fail(f"configuration error: {exc}", "check the REFRESH_* environment variables")
-    _prefect_env(s)
+        first = str(exc).splitlines()
+        _fail(f"configuration error: {' '.join(first[:3])}", "check the REFRESH_* environment variables")
+    _prefect_env(s, prefect_log_level)
     return s
 
 
-def _fail(message: str, hint: str | None = None) -> Any:
+def _fail(message: str, hint: str | None = None) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     if hint:
         typer.echo(f"hint: {hint}", err=True)
     raise typer.Exit(1)
 
 
-def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) -> None:
-    color = {"success": typer.colors.GREEN, "warning": typer.colors.YELLOW}.get(
-        str(summary["status"]), typer.colors.RED
-    )
-    typer.secho(f"refresh {summary['status']}: {summary['message']} ({elapsed:.1f}s)", fg=color)
-    for t in summary["tables"]:
-        line = (
-            f"  {t['table']:<28} {t['status']:<8} slices={t['slices']:<4} "
-            f"rows read={t['rows_read']:<9} inserted={t['rows_inserted']:<9} "
-            f"deleted={t['rows_deleted']:<9} {t['duration_s']}s"
+@contextlib.contextmanager
+def _errors(hint: str | None = None) -> Iterator[None]:
+    """Our errors and an unreachable Postgres become one line + hint, exit code 1."""
+    import psycopg
+
+    try:
+        yield
+    except RefreshError as exc:
+        _fail(str(exc), hint)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach Postgres: {str(exc).strip().splitlines()[0]}", PG_HINT)
+
+
+def _parse_date(value: str | None, option: str) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        _fail(f"{option} {value!r} is not a date", "use YYYY-MM-DD, e.g. 2026-01-31")
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    names = [n.strip() for v in values or [] for n in v.split(",") if n.strip()]
+    return names or None
+
+
+def _stack(settings: Settings, with_stack: bool) -> contextlib.AbstractContextManager[Any]:
+    if not with_stack:
+        return contextlib.nullcontext()
+    from flows.local_stack import local_stack
+
+    return local_stack(settings)
+
+
+class _RunProgress:
+    """Live progress of the refresh running now, read from the audit tables every half second:
+    one line per table with its slices and rows so far, and the dbt build once tables are done.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        console = Console(stderr=True)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
         )
-        typer.echo(line + (f"  error: {t['error']}" if t["error"] else ""))
+        self.tasks: dict[str, TaskID] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        # This run's row: started after us (less a margin for a database clock that runs behind).
+        self.since = datetime.now(UTC) - timedelta(seconds=30)
+
+    def __enter__(self) -> _RunProgress:
+        if not self.progress.disable:
+            self.progress.start()
+            self.tasks["run"] = self.progress.add_task("refresh", detail="planning", total=None)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=2)
+        self.progress.stop()
+
+    def _poll(self) -> None:
+        import psycopg
+
+        from flows.db import connect
+
+        conn: psycopg.Connection | None = None
+        while not self.stop.wait(0.5):
+            try:
+                if conn is None or conn.closed:
+                    conn = connect(self.settings, autocommit=True)
+                self._update(conn)
+            except psycopg.Error:
+                conn = None  # not up yet, or the schema is being created: try again
+        if conn is not None:
+            conn.close()
+
+    def _update(self, conn: Any) -> None:
+        from psycopg import sql
+
+        schema = self.settings.control_schema
+        run = conn.execute(
+            sql.SQL(
+                "select run_id from {} where status = 'running' and started_at >= %s "
+                "order by started_at desc limit 1"
+            ).format(sql.Identifier(schema, "refresh_runs")),
+            (self.since,),
+        ).fetchone()
+        if run is None:
+            return
+        rows = conn.execute(
+            sql.SQL(
+                "select t.table_name, t.status, count(s.id), coalesce(sum(s.rows_inserted), 0) "
+                "from {t} t left join {s} s on s.run_id = t.run_id and s.table_name = t.table_name "
+                "where t.run_id = %s group by t.table_name, t.status order by t.table_name"
+            ).format(
+                t=sql.Identifier(schema, "table_refreshes"), s=sql.Identifier(schema, "slice_refreshes")
+            ),
+            (run[0],),
+        ).fetchall()
+        for table, status, slices, inserted in rows:
+            if table not in self.tasks:
+                self.tasks[table] = self.progress.add_task(f"  {table}", detail="", total=None)
+            done = status != "running"
+            self.progress.update(
+                self.tasks[table],
+                detail=f"{status}: {slices} slice(s), {inserted} rows",
+                total=1 if done else None,
+                completed=1 if done else 0,
+            )
+        running = sum(1 for r in rows if r[1] == "running")
+        detail = f"extracting {running} table(s)" if running else "dbt build and audit"
+        self.progress.update(self.tasks["run"], detail=detail if rows else "extracting")
+
+
+def _grid(*columns: str) -> Table:
+    """A compact table; in a narrow terminal cells wrap, the first column (a name) does not."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, name in enumerate(columns):
+        table.add_column(name, no_wrap=i == 0, overflow="fold")
+    return table
+
+
+def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) -> None:
+    color = {"success": "green", "warning": "yellow"}.get(str(summary["status"]), "red")
+    out.print(f"[{color}]refresh {summary['status']}[/]: {summary['message']} ({elapsed:.1f}s)")
+    table = _grid("table", "status", "mode", "slices", "read", "inserted", "deleted", "seconds")
+    for t in summary["tables"]:
+        table.add_row(
+            t["table"],
+            t["status"],
+            t["mode"],
+            str(t["slices"]),
+            str(t["rows_read"]),
+            str(t["rows_inserted"]),
+            str(t["rows_deleted"]),
+            str(t["duration_s"]),
+        )
+    if summary["tables"]:
+        out.print(table)
+    for t in summary["tables"]:
+        if t["error"]:
+            out.print(f"  [red]{t['table']}[/]: {t['error']}")
+    for t in summary["tables"]:
         for p in t.get("plan") or []:
-            typer.echo(f"      plan {p['slice']}: ~{p['estimated_bytes']} bytes")
-    typer.echo(
-        f"  dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
+            out.print(f"  plan {t['table']} {p['slice']}: ~{p['estimated_bytes']} bytes")
+    out.print(
+        f"dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
         f"{len(summary['dbt_failed'])} failed"
     )
-    typer.echo("where to look next:")
-    typer.echo(
-        f"  Postgres:   {settings.dsn() if settings.uses_embedded_postgres else '(REFRESH_PG_DSN)'}"
-        f"  schemas {settings.raw_schema}, staging, marts, summaries, {settings.control_schema}"
-    )
+    out.print("where to look next:")
+    pg = settings.dsn() if settings.uses_embedded_postgres else "(REFRESH_PG_DSN)"
+    schemas = f"{settings.raw_schema}, staging, marts, summaries, {settings.control_schema}"
+    out.print(f"  Postgres:   {pg}  schemas {schemas}")
     if settings.uses_embedded_postgres:
-        typer.echo("              (`refresh stack up` keeps the embedded Postgres running to connect)")
-    typer.echo("  dbt docs:   refresh docs   (serves lineage from BigQuery sources to summaries)")
-    typer.echo("  Prefect UI: prefect server start, then `refresh serve` for scheduled/manual runs")
+        out.print("              (`refresh stack up` keeps the embedded Postgres running to connect)")
+    out.print("  history:    refresh history, refresh status")
+    out.print("  dbt docs:   refresh docs   (serves lineage from BigQuery sources to summaries)")
+    out.print("  Prefect UI: prefect server start, then `refresh serve` for scheduled and manual runs")
 
 
-def _run_flow(settings: Settings, **params: Any) -> dict[str, Any]:
-    from flows.daily_refresh import daily_refresh
+class _ReportedByUs(logging.Filter):
+    """Our own errors are reported in one line by `_errors`: the console need not show their
+    traceback too. Anything else (a bug) keeps it."""
 
-    return daily_refresh(**params)
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], RefreshError))
+
+
+def _quiet_console() -> None:
+    """Prefect's console output down to PREFECT_LOGGING_LEVEL (WARNING unless set): dbt raises
+    the run loggers to INFO so the UI gets every node, which would drown the progress display.
+    Logs sent to the Prefect API are unchanged."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler):
+            handler.setLevel(os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"))
+            handler.addFilter(_ReportedByUs())
+
+
+def _run_refresh(
+    settings: Settings,
+    with_stack: bool,
+    *,
+    trigger: str,
+    tables: list[str] | None = None,
+    start_date: str | None = None,
+    end_date: str | None = None,
+    **flags: bool,
+) -> dict[str, Any]:
+    """The daily_refresh flow in this process, with a progress display and a summary at the end;
+    exits 1 with one line when it fails."""
+    params: dict[str, Any] = {
+        "tables": _split(tables),
+        "start_date": _parse_date(start_date, "--start-date"),
+        "end_date": _parse_date(end_date, "--end-date"),
+        **flags,
+    }
+    t0 = time.monotonic()
+    with (
+        _errors("see `refresh status`, `refresh history` and the Prefect logs"),
+        _stack(settings, with_stack),
+    ):
+        from flows.daily_refresh import daily_refresh
+
+        _quiet_console()
+        with _RunProgress(settings):
+            summary: dict[str, Any] = daily_refresh(**params, trigger=trigger)  # type: ignore[assignment]
+    _print_summary(summary, settings, time.monotonic() - t0)
+    return summary
 
 
 @app.command()
 def run(
-    tables: Annotated[
-        list[str] | None, typer.Option("--tables", "-t", help="Tables to refresh (default: all due)")
-    ] = None,
-    start_date: Annotated[str | None, typer.Option(help="Backfill from this date (YYYY-MM-DD)")] = None,
-    end_date: Annotated[str | None, typer.Option(help="Backfill up to this date (YYYY-MM-DD)")] = None,
+    tables: TablesOption = None,
+    start_date: Annotated[str | None, typer.Option(help="Reload from this date (YYYY-MM-DD)")] = None,
+    end_date: Annotated[str | None, typer.Option(help="Reload up to this date (YYYY-MM-DD)")] = None,
     full_refresh: Annotated[
         bool, typer.Option("--full-refresh", help="Reload whole tables, rebuild dbt models")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: write nothing")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Refresh tables even if not due")] = False,
-    with_stack: Annotated[
-        bool, typer.Option("--with-stack/--no-stack", help="Start the embedded parts that are not configured")
-    ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Refresh tables even if not due or disabled")
+    ] = False,
+    with_stack: WithStackOption = True,
 ) -> None:
-    """Run the daily refresh once, now."""
-    settings = _settings()
-    try:
-        sd = date.fromisoformat(start_date) if start_date else None
-        ed = date.fromisoformat(end_date) if end_date else None
-    except ValueError as exc:
-        _fail(f"bad date: {exc}", "use YYYY-MM-DD")
-    t0 = time.monotonic()
-    try:
-        if with_stack:
-            from flows.local_stack import local_stack
+    """Run the daily refresh once, now, in this process."""
+    _run_refresh(
+        _settings(),
+        with_stack,
+        trigger="cli",
+        tables=tables,
+        start_date=start_date,
+        end_date=end_date,
+        full_refresh=full_refresh,
+        dry_run=dry_run,
+        force=force,
+    )
 
-            with local_stack(settings):
-                summary = _run_flow(
-                    settings,
-                    tables=tables,
-                    start_date=sd,
-                    end_date=ed,
-                    full_refresh=full_refresh,
-                    dry_run=dry_run,
-                    force=force,
-                    trigger="cli",
-                )
-        else:
-            summary = _run_flow(
-                settings,
-                tables=tables,
-                start_date=sd,
-                end_date=ed,
-                full_refresh=full_refresh,
-                dry_run=dry_run,
-                force=force,
-                trigger="cli",
-            )
-    except RefreshError as exc:
-        _fail(str(exc), "see `refresh status` and the Prefect logs")
-    _print_summary(summary, settings, time.monotonic() - t0)
-    if summary["status"] == "failed":
-        raise typer.Exit(1)
+
+@app.command()
+def backfill(
+    start_date: Annotated[str, typer.Option(help="First date to reload (YYYY-MM-DD)")],
+    end_date: Annotated[str, typer.Option(help="Last date to reload, inclusive (YYYY-MM-DD)")],
+    tables: TablesOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: write nothing")] = False,
+    with_stack: WithStackOption = True,
+) -> None:
+    """Reload a date range of the given tables (default: every enabled table), due or not."""
+    _run_refresh(
+        _settings(),
+        with_stack,
+        trigger="backfill",
+        tables=tables,
+        start_date=start_date,
+        end_date=end_date,
+        dry_run=dry_run,
+        force=True,
+    )
 
 
 @app.command()
@@ -149,31 +354,31 @@ def demo(
     """The whole daily refresh on the embedded stack with generated sample data."""
     settings = _settings()
     if not settings.starts_local_emulator:
-        _fail("the demo fills the local BigQuery emulator with sample data; unset REFRESH_BQ_PROJECT")
+        _fail(
+            "the demo fills the local BigQuery emulator with sample data",
+            "unset REFRESH_BQ_PROJECT, or use `refresh run` against your BigQuery",
+        )
     from flows.bigquery import make_clients
     from flows.local_stack import local_stack
     from flows.sample_data import SampleSpec, generate
 
     t0 = time.monotonic()
-    try:
-        with local_stack(settings):
-            typer.echo(
-                f"local stack up ({time.monotonic() - t0:.1f}s): Postgres {settings.dsn()}, "
-                f"BigQuery emulator {settings.rest_endpoint}"
-            )
-            clients = make_clients(settings)
-            try:
-                for g in generate(clients, SampleSpec(sqp_rows=sqp_rows, weeks=weeks)):
-                    typer.echo(
-                        f"sample data {g.table}: {g.rows} rows"
-                        f"{' (already there)' if g.skipped else ' generated'}"
-                    )
-            finally:
-                clients.close()
-            summary = _run_flow(settings, force=True, trigger="demo")
-    except RefreshError as exc:
-        _fail(str(exc))
-    _print_summary(summary, settings, time.monotonic() - t0)
+    with _errors(), local_stack(settings):
+        out.print(
+            f"local stack up ({time.monotonic() - t0:.1f}s): Postgres {settings.dsn()}, "
+            f"BigQuery emulator {settings.rest_endpoint}"
+        )
+        clients = make_clients(settings)
+        try:
+            with out.status("generating sample data in the BigQuery emulator"):
+                generated = generate(clients, SampleSpec(sqp_rows=sqp_rows, weeks=weeks))
+            for g in generated:
+                out.print(
+                    f"sample data {g.table}: {g.rows} rows{' (already there)' if g.skipped else ' generated'}"
+                )
+        finally:
+            clients.close()
+        summary = _run_refresh(settings, False, force=True, trigger="demo")
     if summary["status"] != "success":
         raise typer.Exit(1)
 
@@ -192,14 +397,13 @@ def generate(
     from flows.sample_data import SampleSpec
     from flows.sample_data import generate as gen
 
-    clients = make_clients(settings)
-    try:
-        for g in gen(clients, SampleSpec(sqp_rows, weeks, asins, daily_rows), force=force):
-            typer.echo(f"{g.table}: {g.rows} rows{' (unchanged)' if g.skipped else ''}")
-    except RefreshError as exc:
-        _fail(str(exc))
-    finally:
-        clients.close()
+    with _errors("is the BigQuery emulator up? (`refresh stack up`)"):
+        clients = make_clients(settings)
+        try:
+            for g in gen(clients, SampleSpec(sqp_rows, weeks, asins, daily_rows), force=force):
+                out.print(f"{g.table}: {g.rows} rows{' (unchanged)' if g.skipped else ''}")
+        finally:
+            clients.close()
 
 
 @stack_app.command("up")
@@ -209,12 +413,10 @@ def stack_up() -> None:
 
     settings = _settings()
     stack = LocalStack(settings)
-    try:
+    with _errors():
         stack.start()
-    except RefreshError as exc:
-        _fail(str(exc))
-    typer.echo(json.dumps(stack.status()))
-    typer.echo(f"Postgres: {settings.dsn()}  BigQuery REST: {settings.rest_endpoint}")
+    out.print(json.dumps(stack.status()))
+    out.print(f"Postgres: {settings.dsn()}  BigQuery REST: {settings.rest_endpoint}")
 
 
 @stack_app.command("down")
@@ -223,44 +425,302 @@ def stack_down() -> None:
     from flows.local_stack import LocalStack
 
     LocalStack(_settings()).stop_all()
-    typer.echo("stopped")
+    out.print("stopped")
 
 
 @stack_app.command("status")
 def stack_status() -> None:
+    """Whether the embedded parts are up."""
     from flows.local_stack import LocalStack
 
-    typer.echo(json.dumps(LocalStack(_settings()).status()))
+    out.print(json.dumps(LocalStack(_settings()).status()))
+
+
+def _ts(value: datetime | None) -> str:
+    return "-" if value is None else f"{value.astimezone(UTC):%Y-%m-%d %H:%M:%S}"
+
+
+def _seconds(value: Any) -> str:
+    return "running" if value is None else f"{float(value):.1f}s"
+
+
+def _print_run(r: dict[str, Any]) -> None:
+    color = {"success": "green", "warning": "yellow", "running": "cyan"}.get(r["status"], "red")
+    took = _seconds(r["duration_s"])
+    out.print(
+        f"{_ts(r['started_at'])}  [{color}]{r['status']:<9}[/] {r['trigger']:<9} {took:>8}  "
+        f"{r['tables_planned']} table(s), {r['tables_failed']} failed, {r['rows_inserted']} rows inserted"
+    )
+    out.print(f"    run {r['run_id']}  flow run {r['flow_run_id'] or '-'}")
+    if r["message"]:
+        out.print(f"    {r['message']}")
+
+
+def _print_table_refresh(r: dict[str, Any]) -> None:
+    color = {"success": "green", "planned": "cyan", "running": "cyan"}.get(r["status"], "red")
+    took = _seconds(r["duration_s"])
+    out.print(
+        f"{_ts(r['started_at'])}  [{color}]{r['status']:<8}[/] {r['mode']:<8} {took:>8}  "
+        f"{r['slices_done']} slice(s), read {r['rows_read']}, inserted {r['rows_inserted']}, "
+        f"deleted {r['rows_deleted']}  run {r['run_id']}"
+    )
+    if r["message"]:
+        out.print(f"    error: {r['message']}")
 
 
 @app.command()
-def status(hours: Annotated[int, typer.Option(min=1, max=24 * 30)] = 24) -> None:
-    """Latest runs and per-table results."""
+def status(
+    hours: Annotated[int, typer.Option(min=1, max=24 * 30, help="Runs of the last N hours")] = 24,
+) -> None:
+    """Is a refresh running, the latest runs, and per table: last refresh, last success, next due."""
     settings = _settings()
-    from psycopg import sql
-
+    from flows import audit
     from flows.db import connect
 
-    try:
-        with connect(settings) as conn:
-            rows = conn.execute(
-                sql.SQL(
-                    "select run_id, status, trigger, started_at, finished_at, tables_planned, "
-                    "tables_failed, rows_inserted, message from {} "
-                    "where started_at > now() - make_interval(hours => %s) "
-                    "order by started_at desc limit 20"
-                ).format(sql.Identifier(settings.control_schema, "refresh_runs")),
-                (hours,),
-            ).fetchall()
-    except Exception as exc:
-        _fail(f"cannot read the audit tables: {exc}", "is Postgres up? (`refresh stack up`)")
-    if not rows:
-        typer.echo(f"no runs in the last {hours}h")
-    for r in rows:
-        typer.echo(
-            f"{r[3]:%Y-%m-%d %H:%M:%S} {r[1]:<9} {r[2]:<8} tables={r[5]} failed={r[6]} "
-            f"rows={r[7]} {r[0]}  {r[8] or ''}"
+    with _errors(PG_HINT), connect(settings, autocommit=True) as conn:
+        exists = conn.execute(
+            "select to_regclass(%s)", (f'"{settings.control_schema}".refresh_runs',)
+        ).fetchone()
+        if not exists or exists[0] is None:
+            _fail("no refresh has run against this database yet", "run `refresh run` (or `refresh migrate`)")
+        running = audit.refresh_running(conn)
+        since = datetime.now(UTC) - timedelta(hours=hours)
+        latest = audit.history(conn, settings.control_schema, audit.HistoryQuery(page_size=20))
+        runs = [r for r in latest.rows if r["started_at"] >= since]
+        tables = audit.table_status(conn, settings.control_schema)
+    out.print(f"refresh running now: {'yes' if running else 'no'}")
+    for r in runs:
+        _print_run(r)
+    if not runs:
+        out.print(f"no runs in the last {hours}h")
+    per_table = _grid("table", "mode", "last status", "last success (UTC)", "next due (UTC)")
+    for row in tables:
+        per_table.add_row(
+            row["table_name"],
+            row["mode"] if row["enabled"] else "disabled",
+            row["last_status"] or "-",
+            _ts(row["last_success_at"]),
+            _ts(row["next_refresh_at"]),
         )
+    out.print(per_table)
+
+
+@app.command()
+def history(
+    table: Annotated[
+        str | None, typer.Option("--table", help="One table's refreshes instead of runs")
+    ] = None,
+    status_: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
+    since: Annotated[str | None, typer.Option(help="Started on or after (YYYY-MM-DD)")] = None,
+    until: Annotated[str | None, typer.Option(help="Started on or before (YYYY-MM-DD)")] = None,
+    page: Annotated[int, typer.Option(help="Page number, from 1")] = 1,
+    page_size: Annotated[int, typer.Option(help="Rows per page (at most 100)")] = 20,
+) -> None:
+    """Past runs (or one table's refreshes), newest first, filtered and paged."""
+    settings = _settings()
+    from flows import audit
+    from flows.db import connect
+
+    with _errors("see `refresh history --help`"):
+        q = audit.HistoryQuery(
+            table=table,
+            status=status_,
+            since=_parse_date(since, "--since"),
+            until=_parse_date(until, "--until"),
+            page=page,
+            page_size=page_size,
+        )
+        with connect(settings, autocommit=True) as conn:
+            result = audit.history(conn, settings.control_schema, q)
+    for r in result.rows:
+        if table:
+            _print_table_refresh(r)
+        else:
+            _print_run(r)
+    pages = max(1, -(-result.total // q.page_size))
+    out.print(f"page {q.page} of {pages} ({result.total} matching)")
+
+
+def _registry(settings: Settings) -> Any:
+    """The registry as it stands (the file synced in first, so file-only tables are there)."""
+    from flows import runbook
+
+    return runbook.prepare(settings)
+
+
+@config_app.command("get")
+def config_get(table: Annotated[str | None, typer.Argument(help="One table (default: all)")] = None) -> None:
+    """Show the registry, or every setting of one table."""
+    settings = _settings()
+    with _errors(PG_HINT):
+        configs = _registry(settings)
+    if table is not None:
+        match = [c for c in configs if c.table_name == table]
+        if not match:
+            _fail(
+                f"table {table!r} is not in the registry",
+                f"registered: {', '.join(c.table_name for c in configs)}",
+            )
+        out.print(
+            yaml.safe_dump({table: match[0].model_dump(mode="json", exclude={"table_name"})}, sort_keys=False)
+        )
+        return
+    for c in configs:
+        how = c.write_strategy.value
+        if c.cursor_column:
+            how += f" by {c.cursor_column} per {c.slice_size.value}, lookback {c.lookback_days}d"
+        out.print(
+            f"[bold]{c.table_name}[/]  {c.mode.value if c.enabled else 'disabled'}  priority {c.priority}  "
+            f"every {c.refresh_frequency_hours}h  {how}  (source {c.source_table}, {c.origin})"
+        )
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, Any]:
+    """`field=value` pairs into registry changes: JSON for custom_params, `null` for none,
+    `now` for next_refresh_at; every other value is checked by the registry's model."""
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        field = field.strip()
+        if not sep or not field:
+            raise ConfigError(f"{pair!r} is not field=value (e.g. mode=live, priority=high)")
+        value = value.strip()
+        if value.lower() in ("null", "none"):
+            changes[field] = None
+        elif field == "custom_params":
+            try:
+                changes[field] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"custom_params must be a JSON object: {exc.msg}") from exc
+        elif field == "next_refresh_at" and value.lower() == "now":
+            changes[field] = datetime.now(UTC)
+        else:
+            changes[field] = value
+    return changes
+
+
+@config_app.command("set")
+def config_set(
+    table: Annotated[str, typer.Argument(help="Registry table name")],
+    assignments: Annotated[list[str], typer.Argument(help="field=value ... (e.g. mode=live priority=high)")],
+) -> None:
+    """Change settings of one table; the row then keeps its edits when the registry file changes."""
+    settings = _settings()
+    from flows import registry
+    from flows.db import connect
+
+    with _errors(
+        "`refresh config get TABLE` shows the current values; fields: " + ", ".join(registry.EDITABLE_FIELDS)
+    ):
+        changes = parse_assignments(assignments)
+        _registry(settings)
+        with connect(settings) as conn:
+            new = registry.update(conn, settings.control_schema, table, changes, who="cli")
+    out.print(yaml.safe_dump({table: new.model_dump(mode="json", exclude={"table_name"})}, sort_keys=False))
+
+
+@app.command()
+def validate(with_stack: WithStackOption = True) -> None:
+    """Check the configuration: registry file, Postgres, BigQuery credentials, source tables
+    and cursor columns. Exit code 1 when anything fails."""
+    settings = _settings()
+    from flows import registry
+    from flows.bigquery import make_clients
+    from flows.db import connect
+    from flows.extract import describe, list_source_tables
+
+    failed = 0
+
+    def check(what: str, ok: bool, detail: str) -> None:
+        nonlocal failed
+        failed += not ok
+        out.print(f"[{'green' if ok else 'red'}]{'ok  ' if ok else 'FAIL'}[/] {what}: {detail}")
+
+    with _errors(), _stack(settings, with_stack):
+        configs: list[registry.TableConfig] = []
+        try:
+            configs = registry.load_file(settings.tables_file)
+            check("registry file", True, f"{settings.tables_file} ({len(configs)} tables)")
+        except ConfigError as exc:
+            check("registry file", False, str(exc))
+        try:
+            with connect(settings, autocommit=True) as conn:
+                found = conn.execute(
+                    "select to_regclass(%s)", (f'"{settings.control_schema}".refresh_config',)
+                ).fetchone()
+                if found and found[0] is not None:
+                    # The registry in use: the file plus edits made with `refresh config set`.
+                    configs = registry.load_all(conn, settings.control_schema) or configs
+            check("Postgres", True, "connected")
+        except Exception as exc:
+            check("Postgres", False, f"{str(exc).strip().splitlines()[0]} ({PG_HINT})")
+        source_tables: set[str] | None = None
+        try:
+            clients = make_clients(settings)
+            try:
+                source_tables = set(list_source_tables(clients))
+                check(
+                    "BigQuery",
+                    True,
+                    f"credentials accepted, dataset {settings.project}.{settings.bq_dataset} "
+                    f"holds {len(source_tables)} tables",
+                )
+                for cfg in configs:
+                    if not cfg.enabled or cfg.mode is registry.Mode.DISABLED:
+                        continue
+                    what = f"table {cfg.table_name}"
+                    if cfg.source_table not in source_tables:
+                        check(what, False, f"source table {cfg.source_table} is not in {settings.bq_dataset}")
+                    elif cfg.cursor_column is None:
+                        check(what, True, f"source {cfg.source_table}, {cfg.write_strategy.value}")
+                    else:
+                        try:
+                            col = describe(clients, cfg.source_table).column(cfg.cursor_column)
+                        except RefreshError as exc:
+                            check(what, False, str(exc))
+                            continue
+                        ok = col.field_type.upper() in ("DATE", "DATETIME", "TIMESTAMP")
+                        check(
+                            what,
+                            ok,
+                            f"cursor {col.name} is {col.field_type}"
+                            + ("" if ok else ": use a date/time column"),
+                        )
+            finally:
+                clients.close()
+        except RefreshError as exc:
+            check("BigQuery", False, str(exc))
+    if failed:
+        _fail(f"{failed} check(s) failed", "fix the lines marked FAIL, then run `refresh validate` again")
+    out.print("[green]configuration is valid[/]")
+
+
+@app.command()
+def serve(
+    limit: Annotated[
+        int | None, typer.Option(help="At most this many flow runs at once on this machine")
+    ] = None,
+    with_stack: WithStackOption = True,
+) -> None:
+    """Serve the deployments (daily refresh on its cron, hourly housekeeping) from this machine.
+
+    Needs a Prefect server (PREFECT_API_URL). Manual runs: the Prefect UI, Deployments ->
+    daily-refresh/daily -> Run -> Custom run.
+    """
+    settings = _settings(prefect_log_level="INFO")
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        _fail(
+            "no Prefect server configured, so nothing would see the schedule or the UI",
+            "start one (`prefect server start`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`",
+        )
+    from flows.deployments import build_deployments, serve_deployments
+
+    with _errors("see docs/deployment.md"):
+        build_deployments(settings)  # the schedule is checked before anything starts
+        with _stack(settings, with_stack):
+            serve_deployments(settings, limit=limit)
 
 
 @app.command()
@@ -268,8 +728,9 @@ def migrate() -> None:
     """Create or upgrade the control schema."""
     from flows.db import migrate as do_migrate
 
-    do_migrate(_settings())
-    typer.echo("control schema up to date")
+    with _errors(PG_HINT):
+        do_migrate(_settings())
+    out.print("control schema up to date")
 
 
 @app.command()
@@ -279,17 +740,16 @@ def docs(
 ) -> None:
     """Generate dbt docs (lineage) and serve them locally."""
     settings = _settings()
-    from flows.transform import dbt_env, profiles_dir
+    from flows.transform import dbt_env, profiles_dir, with_project_vars
 
     env = {**os.environ, **dbt_env(settings)}
     base = [sys.executable, "-m", "dbt.cli.main"]
     common = ["--project-dir", str(PROJECT_ROOT), "--profiles-dir", str(profiles_dir(settings))]
-    import subprocess
-
-    rc = subprocess.call([*base, "docs", "generate", *common], env=env)
+    # The catalog reads the raw tables from the schema this installation loads into.
+    rc = subprocess.call([*base, *with_project_vars(settings, ["docs", "generate", *common])], env=env)
     if rc != 0:
-        _fail("dbt docs generate failed", "is Postgres up? (`refresh stack up`)")
-    typer.echo(f"docs written to {Path(settings.dbt_project_dir) / 'target' / 'index.html'}")
+        _fail("dbt docs generate failed", PG_HINT)
+    out.print(f"docs written to {Path(settings.dbt_project_dir) / 'target' / 'index.html'}")
     if serve:
         subprocess.call([*base, "docs", "serve", "--port", str(port), "--no-browser", *common], env=env)
 

@@ -1,4 +1,4 @@
-"""The steps of a refresh run as plain functions: prepare, plan, begin, finish, summarise.
+"""The steps of a refresh run as plain functions: validate, plan, begin, build, summarise, finish.
 
 The Prefect flow in flows/daily_refresh.py strings them together; tests call them directly.
 """
@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import psycopg
+import yaml
 from psycopg import sql
 
 from flows import audit, registry
@@ -19,36 +21,117 @@ from flows.bigquery import BigQueryClients
 from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.extract import list_source_tables
-from flows.refresh import TableOutcome
+from flows.identifiers import validate_pg_identifier
+from flows.refresh import RefreshOptions, TableOutcome
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings
 from flows.transform import DbtOutcome
 
 DBT_SOURCE = "sqp"
+MAX_TRIGGER_LENGTH = 40
 
 
-def prepare(settings: Settings, clients: BigQueryClients | None, *, register_new: bool) -> list[TableConfig]:
-    """Migrate the control schema, sync the registry file, register new source tables."""
+@dataclass(frozen=True)
+class RunParams:
+    """The flow's parameters after validation (what the audit row records)."""
+
+    tables: list[str] | None = None
+    start_date: date | None = None
+    end_date: date | None = None
+    full_refresh: bool = False
+    dry_run: bool = False
+    force: bool = False
+    trigger: str = "manual"
+
+    @property
+    def options(self) -> RefreshOptions:
+        return RefreshOptions(self.start_date, self.end_date, self.full_refresh, self.dry_run)
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+def validate_params(
+    tables: list[str] | None = None,
+    start_date: date | None = None,
+    end_date: date | None = None,
+    full_refresh: bool = False,
+    dry_run: bool = False,
+    force: bool = False,
+    trigger: str = "manual",
+    *,
+    today: date | None = None,
+) -> RunParams:
+    """Check the parameters before anything is touched; every problem says what to change.
+
+    Types (dates, booleans, a list of names) are already checked by Prefect from the flow's
+    signature, for runs started from the UI or the API too; these are the rules between them.
+    """
+    today = today or datetime.now(UTC).date()
+    # A day of slack: a caller east of UTC may already be on tomorrow's date.
+    latest = today + timedelta(days=1)
+    problems = []
+    if start_date and end_date and start_date > end_date:
+        problems.append(f"start_date {start_date} is after end_date {end_date}")
+    for name, value in (("start_date", start_date), ("end_date", end_date)):
+        if value and value > latest:
+            problems.append(f"{name} {value} is in the future (today is {today} UTC)")
+    if full_refresh and (start_date or end_date):
+        problems.append("full_refresh reloads whole tables: leave start_date/end_date empty, or drop it")
+    names: list[str] = []
+    for raw in tables or []:
+        name = raw.strip()
+        if not name:
+            continue
+        try:
+            names.append(validate_pg_identifier(name, "table name"))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    trigger = trigger.strip()
+    if not trigger or len(trigger) > MAX_TRIGGER_LENGTH:
+        problems.append(f"trigger must be 1-{MAX_TRIGGER_LENGTH} characters")
+    if problems:
+        raise ConfigError("invalid run parameters: " + "; ".join(problems))
+    return RunParams(
+        tables=list(dict.fromkeys(names)) or None,
+        start_date=start_date,
+        end_date=end_date,
+        full_refresh=full_refresh,
+        dry_run=dry_run,
+        force=force,
+        trigger=trigger,
+    )
+
+
+def prepare(settings: Settings) -> list[TableConfig]:
+    """Migrate the control schema and sync the registry file; the registry as it now stands."""
     migrate(settings)
     file_configs = registry.load_file(settings.tables_file)
     with connect(settings) as conn:
         with conn.transaction():
             registry.sync_from_file(conn, settings.control_schema, file_configs)
-        configs = registry.load_all(conn, settings.control_schema)
-        if register_new and clients is not None:
-            with conn.transaction():
-                added = registry.register_new_tables(
-                    conn, settings.control_schema, list_source_tables(clients), configs
-                )
-            if added:
-                configs = registry.load_all(conn, settings.control_schema)
-    return configs
+        return registry.load_all(conn, settings.control_schema)
+
+
+def register_new_tables(
+    settings: Settings, clients: BigQueryClients, configs: list[TableConfig]
+) -> list[TableConfig]:
+    """Register source tables the registry has never seen; the registry with them."""
+    with connect(settings) as conn:
+        with conn.transaction():
+            added = registry.register_new_tables(
+                conn, settings.control_schema, list_source_tables(clients), configs
+            )
+        return registry.load_all(conn, settings.control_schema) if added else configs
 
 
 def select_tables(
     configs: list[TableConfig], requested: list[str] | None, *, force: bool, now: datetime
 ) -> list[TableConfig]:
-    """Tables to refresh, highest priority first: the requested ones, or the enabled due ones."""
+    """Tables to refresh, highest priority first: the requested ones, or the enabled due ones.
+
+    Requested tables are refreshed whether due or not; disabled ones only with `force`.
+    """
     by_name = {c.table_name: c for c in configs}
     if requested:
         unknown = [t for t in requested if t not in by_name]
@@ -71,9 +154,22 @@ def select_tables(
     return sorted(chosen, key=lambda c: (-c.priority, c.table_name))
 
 
-def validate_params(start_date: date | None, end_date: date | None) -> None:
-    if start_date and end_date and start_date > end_date:
-        raise ConfigError(f"start_date {start_date} is after end_date {end_date}")
+def plan_tables(
+    settings: Settings, clients: BigQueryClients, params: RunParams, now: datetime
+) -> list[TableConfig]:
+    """Plan: the tables this run refreshes. Unknown or disabled tables fail here, before any write.
+
+    A scheduled run (no tables named, not a dry run) also registers new source tables; they
+    start in dry_run mode, so they are planned but write nothing.
+    """
+    configs = prepare(settings)
+    chosen = select_tables(configs, params.tables, force=params.force, now=now)
+    if params.tables or params.dry_run:
+        return chosen
+    with_new = register_new_tables(settings, clients, configs)
+    if len(with_new) == len(configs):
+        return chosen
+    return select_tables(with_new, None, force=params.force, now=now)
 
 
 def begin_run(
@@ -81,18 +177,36 @@ def begin_run(
     settings: Settings,
     *,
     flow_run_id: UUID | None,
-    trigger: str,
-    params: dict[str, Any],
+    params: RunParams,
 ) -> audit.RunRecord:
     audit.mark_abandoned(lock_conn, settings.control_schema)
     return audit.start_run(
-        lock_conn, settings.control_schema, flow_run_id=flow_run_id, trigger=trigger, params=params
+        lock_conn,
+        settings.control_schema,
+        flow_run_id=flow_run_id,
+        trigger=params.trigger,
+        params=params.to_json(),
     )
 
 
-def dbt_build_args(outcomes: list[TableOutcome], full_refresh: bool) -> list[str] | None:
-    """`dbt build` of what is downstream of the live tables this run changed (None: nothing)."""
-    changed = [o for o in outcomes if o.changed_live_data]
+def dbt_sources(project_dir: Path) -> set[str]:
+    """Tables of the dbt source `sqp` (the raw tables dbt models read), from the model YAML."""
+    names: set[str] = set()
+    for path in sorted((project_dir / "models").rglob("*.yml")):
+        doc = yaml.safe_load(path.read_text()) or {}
+        for source in doc.get("sources") or []:
+            if source.get("name") == DBT_SOURCE:
+                names.update(t["name"] for t in source.get("tables") or [])
+    return names
+
+
+def dbt_build_args(outcomes: list[TableOutcome], full_refresh: bool, sources: set[str]) -> list[str] | None:
+    """`dbt build` of what is downstream of the live dbt sources this run changed (None: nothing).
+
+    Tables without a dbt source (registered later, not modelled yet) change no model. The raw
+    schema the run loaded into is added to the vars by flows.transform.run_dbt.
+    """
+    changed = [o for o in outcomes if o.changed_live_data and o.table_name in sources]
     if not changed:
         return None
     select = " ".join(f"source:{DBT_SOURCE}.{o.table_name}+" for o in changed)
@@ -117,12 +231,15 @@ class RunSummary:
     dbt_failed: list[str] = field(default_factory=list)
     dbt_invocation_id: str | None = None
     dry_run: bool = False
+    flow_run_id: str | None = None
+    duration_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def overall_status(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> tuple[str, str]:
+    """success, warning (something failed, the rest went on) or failed, and why."""
     failed = [o for o in outcomes if o.status == "failed"]
     problems = [f"{o.table_name}: {o.error}" for o in failed]
     if dbt is not None and not dbt.success:
@@ -132,14 +249,23 @@ def overall_status(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> tupl
     if dbt is not None and dbt.invocation_id is None and not dbt.success:
         return "failed", " | ".join(problems)
     if problems:
-        return "warning", " | ".join(problems)
+        ok = len(outcomes) - len(failed)
+        return "warning", f"{ok} of {len(outcomes)} table(s) refreshed; " + " | ".join(problems)
     if not outcomes:
         return "success", "no table was due"
+    if all(o.status == "planned" for o in outcomes):
+        return "success", f"dry run: {len(outcomes)} table(s) planned, nothing written"
     return "success", f"{len(outcomes)} table(s) refreshed"
 
 
 def summarise(
-    run_id: UUID, outcomes: list[TableOutcome], dbt: DbtOutcome | None, dry_run: bool
+    run_id: UUID,
+    outcomes: list[TableOutcome],
+    dbt: DbtOutcome | None,
+    dry_run: bool,
+    *,
+    flow_run_id: UUID | None = None,
+    duration_s: float = 0.0,
 ) -> RunSummary:
     status, message = overall_status(outcomes, dbt)
     return RunSummary(
@@ -147,6 +273,8 @@ def summarise(
         status=status,
         message=message,
         dry_run=dry_run,
+        flow_run_id=str(flow_run_id) if flow_run_id else None,
+        duration_s=round(duration_s, 2),
         tables=[
             {
                 "table": o.table_name,
@@ -197,27 +325,62 @@ def finish_run(
         )
 
 
+MAX_PLAN_LINES = 12
+
+
 def markdown_report(summary: RunSummary, settings: Settings) -> str:
+    """The run's Prefect artifact: status and why, per table, dbt, and where to look next."""
+    docs = Path(settings.dbt_project_dir) / "target" / "index.html"
     lines = [
         f"# Refresh {summary.status.upper()}{' (dry run)' if summary.dry_run else ''}",
         "",
         summary.message,
         "",
-        "| table | status | mode | slices | rows read | rows inserted | rows deleted | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{len(summary.tables)} table(s), {sum(t['slices'] for t in summary.tables)} slice(s), "
+        f"{sum(t['rows_inserted'] for t in summary.tables)} rows inserted in {summary.duration_s}s.",
+        "",
+        "| table | status | mode | window | slices | skipped | rows read | rows inserted "
+        "| rows deleted | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in summary.tables:
         lines.append(
-            f"| {t['table']} | {t['status']} | {t['mode']} | {t['slices']} | {t['rows_read']} | "
-            f"{t['rows_inserted']} | {t['rows_deleted']} | {t['duration_s']} |"
+            f"| {t['table']} | {t['status']} | {t['mode']} | {t['window'] or '-'} | {t['slices']} | "
+            f"{t['slices_skipped']} | {t['rows_read']} | {t['rows_inserted']} | {t['rows_deleted']} | "
+            f"{t['duration_s']} |"
         )
+    errors = [t for t in summary.tables if t["error"]]
+    if errors:
+        lines += ["", "## Errors", ""]
+        lines += [f"- **{t['table']}**: {t['error']}" for t in errors]
+    planned = [t for t in summary.tables if t["plan"]]
+    if planned:
+        lines += ["", "## Plan (estimated bytes per slice)", ""]
+        for t in planned:
+            shown = t["plan"][:MAX_PLAN_LINES]
+            more = len(t["plan"]) - len(shown)
+            lines.append(
+                f"- **{t['table']}**: "
+                + ", ".join(f"{p['slice']} ~{p['estimated_bytes']} B" for p in shown)
+                + (f", and {more} more" if more > 0 else "")
+            )
     lines += [
         "",
-        f"dbt: {summary.dbt_models_built} models built, {summary.dbt_nodes} nodes, "
-        f"{len(summary.dbt_failed)} failed (invocation {summary.dbt_invocation_id})",
+        "## dbt",
         "",
-        f"Run id `{summary.run_id}`; dbt docs: `refresh docs` "
-        f"(target/index.html under {settings.dbt_project_dir}).",
+        f"{summary.dbt_models_built} models built, {summary.dbt_nodes} nodes, "
+        f"{len(summary.dbt_failed)} failed"
+        + (f": {', '.join(summary.dbt_failed)}" if summary.dbt_failed else "")
+        + f" (invocation `{summary.dbt_invocation_id or 'none'}`).",
+        "",
+        f"dbt docs (lineage from the BigQuery sources to the summaries): `refresh docs` writes and "
+        f"serves `{docs}`.",
+        "",
+        "## Audit",
+        "",
+        f"Run `{summary.run_id}`, flow run `{summary.flow_run_id or '-'}`: `refresh history` lists it; "
+        f"its rows in `{settings.control_schema}` (table_refreshes, slice_refreshes, dbt_invocations) "
+        "carry the run id.",
         f"Generated {datetime.now(UTC).isoformat(timespec='seconds')}.",
     ]
     return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""Housekeeping: runs left behind by dead processes, expired checkpoints, old audit rows.
+
+Plain functions (tests and the CLI call them directly) and the hourly `housekeeping` flow.
+None of them takes the refresh lock, so housekeeping never makes a starting refresh fail as
+busy, and each is safe to run while a refresh is in progress.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger
+from psycopg import sql
+
+from flows import audit
+from flows.db import connect, migrate
+from flows.errors import ConfigError
+from flows.settings import Settings, get_settings
+
+DEFAULT_CHECKPOINT_RETENTION_DAYS = 90
+DEFAULT_AUDIT_RETENTION_DAYS = 365
+
+
+def _check_retention(days: int, what: str) -> None:
+    # Checkpoints of the last 24 h resume an interrupted refresh: never expire those.
+    if not 1 <= days <= 36_500:
+        raise ConfigError(f"{what} retention must be between 1 and 36500 days, got {days}")
+
+
+def mark_abandoned_runs(settings: Settings) -> int:
+    """Runs still `running` while nobody holds the refresh lock become `abandoned`."""
+    with connect(settings, autocommit=True) as conn:
+        return audit.mark_abandoned(conn, settings.control_schema)
+
+
+def cleanup_checkpoints(settings: Settings, retention_days: int = DEFAULT_CHECKPOINT_RETENTION_DAYS) -> int:
+    """Delete checkpoints committed more than `retention_days` ago; returns how many.
+
+    The checkpoint with the newest slice end of each table is always kept: it is the table's
+    high-water mark, and without it the next run would reload the whole table. Sliced and
+    full-replace checkpoints are kept apart, as the high-water mark only reads sliced ones.
+    """
+    _check_retention(retention_days, "checkpoint")
+    cp = sql.Identifier(settings.control_schema, "checkpoints")
+    with connect(settings, autocommit=True) as conn:
+        cur = conn.execute(
+            sql.SQL(
+                "delete from {cp} c where c.committed_at < now() - make_interval(days => %s) "
+                "and (c.table_name, c.slice_start) not in ("
+                "  select distinct on (table_name, slice_start > '0001-01-02') table_name, slice_start "
+                "  from {cp} order by table_name, slice_start > '0001-01-02', slice_end desc, "
+                "  committed_at desc)"
+            ).format(cp=cp),
+            (retention_days,),
+        )
+        return cur.rowcount
+
+
+def prune_audit(settings: Settings, retention_days: int = DEFAULT_AUDIT_RETENTION_DAYS) -> dict[str, int]:
+    """Delete runs (with their table, slice, dbt and data-quality rows) and events older than
+    `retention_days`; returns rows deleted per table.
+
+    Running runs are never deleted, nor the latest run of any table, so `refresh status` and
+    the freshness views still know when every table was last refreshed.
+    """
+    _check_retention(retention_days, "audit")
+    s = settings.control_schema
+
+    def t(name: str) -> sql.Composable:
+        return sql.Identifier(s, name)
+
+    deleted: dict[str, int] = {}
+    with connect(settings) as conn, conn.transaction():
+        conn.execute(
+            sql.SQL(
+                "create temp table old_runs on commit drop as select run_id from {r} "
+                "where status <> 'running' and coalesce(finished_at, started_at) "
+                "  < now() - make_interval(days => %s) "
+                "and run_id not in (select distinct on (table_name) run_id from {tr} "
+                "  order by table_name, started_at desc)"
+            ).format(r=t("refresh_runs"), tr=t("table_refreshes")),
+            (retention_days,),
+        )
+        steps: list[tuple[str, sql.Composed]] = [
+            (
+                "dbt_node_runs",
+                sql.SQL(
+                    "delete from {n} where invocation_id in (select invocation_id from {i} "
+                    "where run_id in (select run_id from old_runs))"
+                ).format(n=t("dbt_node_runs"), i=t("dbt_invocations")),
+            ),
+            *(
+                (
+                    name,
+                    sql.SQL("delete from {} where run_id in (select run_id from old_runs)").format(t(name)),
+                )
+                for name in (
+                    "dbt_invocations",
+                    "dq_results",
+                    "slice_refreshes",
+                    "table_refreshes",
+                    "refresh_runs",
+                )
+            ),
+        ]
+        for name, stmt in steps:
+            deleted[name] = conn.execute(stmt).rowcount
+        deleted["events"] = conn.execute(
+            sql.SQL("delete from {} where created_at < now() - make_interval(days => %s)").format(
+                t("events")
+            ),
+            (retention_days,),
+        ).rowcount
+    return deleted
+
+
+@dataclass
+class HousekeepingResult:
+    runs_abandoned: int
+    checkpoints_deleted: int
+    audit_rows_deleted: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@flow(name="housekeeping", log_prints=True)
+def housekeeping(
+    checkpoint_retention_days: int = DEFAULT_CHECKPOINT_RETENTION_DAYS,
+    audit_retention_days: int | None = DEFAULT_AUDIT_RETENTION_DAYS,
+) -> dict[str, Any]:
+    """Mark abandoned runs, expire old checkpoints and (unless audit_retention_days is empty)
+    prune old audit rows."""
+    logger = get_run_logger()
+    _check_retention(checkpoint_retention_days, "checkpoint")
+    if audit_retention_days is not None:
+        _check_retention(audit_retention_days, "audit")
+    settings = get_settings()
+    migrate(settings)
+    result = HousekeepingResult(
+        runs_abandoned=mark_abandoned_runs(settings),
+        checkpoints_deleted=cleanup_checkpoints(settings, checkpoint_retention_days),
+        audit_rows_deleted=(
+            prune_audit(settings, audit_retention_days) if audit_retention_days is not None else {}
+        ),
+    )
+    logger.info(
+        "housekeeping: %d run(s) marked abandoned, %d checkpoint(s) expired, audit rows deleted: %s",
+        result.runs_abandoned,
+        result.checkpoints_deleted,
+        result.audit_rows_deleted or "none (audit retention off)",
+    )
+    return result.to_dict()

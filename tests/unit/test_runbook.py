@@ -1,0 +1,251 @@
+"""The runbook's plain steps, the deployments' schedule checks, CLI parsing, history filters."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+import yaml
+
+from flows import runbook
+from flows.audit import HistoryQuery
+from flows.errors import ConfigError
+from flows.planning import Window
+from flows.refresh import TableOutcome
+from flows.registry import TableConfig
+from flows.settings import PROJECT_ROOT, get_settings
+from flows.transform import DbtOutcome
+
+TODAY = date(2026, 11, 28)
+NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
+
+
+def cfg(name: str, **kw: Any) -> TableConfig:
+    base: dict[str, Any] = {"table_name": name, "source_table": name, "write_strategy": "full_replace"}
+    return TableConfig(**{**base, **kw})
+
+
+def outcome(name: str, status: str = "success", mode: str = "live", **kw: Any) -> TableOutcome:
+    return TableOutcome(name, status, mode, **kw)
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+
+def test_params_are_normalised() -> None:
+    p = runbook.validate_params([" products ", "sqp", "products", ""], today=TODAY)
+    assert p.tables == ["products", "sqp"]
+    assert runbook.validate_params([], today=TODAY).tables is None
+    assert p.to_json()["tables"] == ["products", "sqp"]
+    assert (
+        runbook.validate_params(start_date=date(2026, 1, 1), today=TODAY).to_json()["start_date"]
+        == "2026-01-01"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"start_date": date(2026, 3, 1), "end_date": date(2026, 2, 1)}, "is after end_date"),
+        ({"end_date": date(2026, 12, 25)}, "in the future"),
+        ({"full_refresh": True, "start_date": date(2026, 1, 1)}, "full_refresh"),
+        ({"tables": ["Robert'); drop table x;--"]}, "invalid table name"),
+        ({"trigger": " "}, "trigger"),
+    ],
+)
+def test_bad_params_say_what_to_change(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match="invalid run parameters") as err:
+        runbook.validate_params(**kwargs, today=TODAY)
+    assert message in str(err.value)
+
+
+def test_tomorrow_is_allowed_for_callers_east_of_utc() -> None:
+    assert runbook.validate_params(end_date=TODAY + timedelta(days=1), today=TODAY).end_date
+
+
+# --- choosing tables ----------------------------------------------------------------------------
+
+
+def test_unknown_tables_are_named_with_the_registered_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown table\(s\) nope; registered: a, b"):
+        runbook.select_tables([cfg("a"), cfg("b")], ["a", "nope"], force=False, now=NOW)
+
+
+def test_due_tables_by_priority_and_disabled_ones_only_with_force() -> None:
+    configs = [
+        cfg("low", priority=60),
+        cfg("high", priority=100),
+        cfg("later", next_refresh_at=NOW + timedelta(hours=3)),
+        cfg("off", enabled=False),
+    ]
+    assert [c.table_name for c in runbook.select_tables(configs, None, force=False, now=NOW)] == [
+        "high",
+        "low",
+    ]
+    assert [c.table_name for c in runbook.select_tables(configs, None, force=True, now=NOW)] == [
+        "high",
+        "later",
+        "low",
+    ]
+    # named tables run whether due or not; a disabled one needs force
+    assert [c.table_name for c in runbook.select_tables(configs, ["later"], force=False, now=NOW)] == [
+        "later"
+    ]
+    with pytest.raises(ConfigError, match="disabled"):
+        runbook.select_tables(configs, ["off"], force=False, now=NOW)
+    assert runbook.select_tables(configs, ["off"], force=True, now=NOW)[0].table_name == "off"
+
+
+# --- dbt ------------------------------------------------------------------------------------------
+
+
+def test_dbt_sources_are_read_from_the_project() -> None:
+    assert {"search_query_performance", "products", "daily_search_terms"} <= runbook.dbt_sources(PROJECT_ROOT)
+
+
+def test_dbt_builds_downstream_of_changed_live_sources_only() -> None:
+    sources = {"sqp", "products"}
+    outcomes = [
+        outcome("sqp", window=Window(date(2026, 9, 7), date(2026, 11, 22), "lookback")),
+        outcome("products"),
+        outcome("shadowed", mode="shadow"),
+        outcome("not_modelled"),
+        outcome("broken", status="failed", error="boom"),
+    ]
+    args = runbook.dbt_build_args(outcomes, False, sources)
+    assert args is not None
+    assert args[:3] == ["build", "--select", "source:sqp.sqp+ source:sqp.products+"]
+    assert args[3:] == ["--vars", '{"refresh_start_date": "2026-09-07"}']
+    full = runbook.dbt_build_args(outcomes, True, sources)
+    assert full is not None and full[-1] == "--full-refresh" and "refresh_start_date" not in full[4]
+    assert (
+        runbook.dbt_build_args([outcome("not_modelled"), outcome("sqp", status="planned")], False, sources)
+        is None
+    )
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def dbt(success: bool, invocation_id: str | None = "inv") -> DbtOutcome:
+    return DbtOutcome(invocation_id, success, "build", [], message=None if success else "dbt failed: x")
+
+
+def test_run_status_says_why() -> None:
+    ok, bad = outcome("a"), outcome("b", status="failed", error="not found")
+    assert runbook.overall_status([ok], dbt(True)) == ("success", "1 table(s) refreshed")
+    assert runbook.overall_status([], None) == ("success", "no table was due")
+    status, message = runbook.overall_status([ok, bad], dbt(True))
+    assert status == "warning" and message == "1 of 2 table(s) refreshed; b: not found"
+    assert runbook.overall_status([bad], None)[0] == "failed"
+    assert runbook.overall_status([ok], dbt(False))[0] == "warning"
+    assert runbook.overall_status([ok], dbt(False, invocation_id=None))[0] == "failed"
+    assert runbook.overall_status([outcome("a", status="planned")], None)[1].startswith("dry run")
+
+
+def test_markdown_report_shows_tables_slices_rows_durations_status_and_docs() -> None:
+    settings = get_settings()
+    outcomes = [
+        outcome(
+            "sqp",
+            rows_read=4000,
+            rows_inserted=4000,
+            slices_done=12,
+            duration_s=3.456,
+            window=Window(date(2026, 9, 7), date(2026, 11, 22), "first load"),
+        ),
+        outcome("broken", status="failed", error="broken: not found: check the table name"),
+    ]
+    summary = runbook.summarise(
+        "00000000-0000-0000-0000-000000000001",  # type: ignore[arg-type]
+        outcomes,
+        dbt(True),
+        False,
+        flow_run_id="00000000-0000-0000-0000-000000000002",  # type: ignore[arg-type]
+        duration_s=12.5,
+    )
+    report = runbook.markdown_report(summary, settings)
+    assert report.startswith("# Refresh WARNING")
+    assert "| sqp | success | live | 2026-09-07..2026-11-22 | 12 | 0 | 4000 | 4000 | 0 | 3.46 |" in report
+    assert "- **broken**: broken: not found: check the table name" in report
+    assert "2 table(s), 12 slice(s), 4000 rows inserted in 12.5s" in report
+    assert str(settings.dbt_project_dir / "target" / "index.html") in report and "refresh docs" in report
+    assert "00000000-0000-0000-0000-000000000002" in report
+
+
+def test_dry_run_report_lists_the_plan() -> None:
+    plan = [{"slice": f"s{i}", "estimated_bytes": i} for i in range(20)]
+    summary = runbook.summarise(
+        "00000000-0000-0000-0000-000000000001",  # type: ignore[arg-type]
+        [outcome("sqp", status="planned", plan=plan)],
+        None,
+        True,
+    )
+    report = runbook.markdown_report(summary, get_settings())
+    assert "(dry run)" in report and "s0 ~0 B" in report and "and 8 more" in report
+
+
+# --- deployments, prefect.yaml, CLI parsing, history filters ----------------------------------------
+
+
+def test_bad_schedules_fail_with_the_setting_to_fix() -> None:
+    from flows.deployments import validate_schedule
+
+    validate_schedule("0 2 * * *", "Europe/Berlin")
+    with pytest.raises(ConfigError, match="REFRESH_SCHEDULE_CRON"):
+        validate_schedule("every day", "UTC")
+    with pytest.raises(ConfigError, match="REFRESH_SCHEDULE_TIMEZONE"):
+        validate_schedule("0 2 * * *", "Mars/Olympus")
+
+
+def test_prefect_yaml_matches_the_served_deployments() -> None:
+    from flows.deployments import (
+        DAILY_DEPLOYMENT,
+        HOUSEKEEPING_CONCURRENCY,
+        HOUSEKEEPING_CRON,
+        HOUSEKEEPING_DEPLOYMENT,
+        REFRESH_CONCURRENCY,
+    )
+    from flows.settings import Settings
+
+    doc = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
+    daily, hourly = doc["deployments"]
+    assert (daily["name"], hourly["name"]) == (DAILY_DEPLOYMENT, HOUSEKEEPING_DEPLOYMENT)
+    assert daily["schedules"][0]["cron"] == Settings.model_fields["schedule_cron"].default
+    assert daily["schedules"][0]["timezone"] == Settings.model_fields["schedule_timezone"].default
+    assert hourly["schedules"][0]["cron"] == HOUSEKEEPING_CRON
+    for d, limit in ((daily, REFRESH_CONCURRENCY), (hourly, HOUSEKEEPING_CONCURRENCY)):
+        assert d["concurrency_limit"] == {
+            "limit": limit.limit,
+            "collision_strategy": limit.collision_strategy.value,
+        }
+
+
+def test_config_assignments_are_parsed() -> None:
+    from flows.cli import parse_assignments
+
+    changes = parse_assignments(
+        ["mode=live", "priority = high", 'custom_params={"a": 1}', "cursor_column=null"]
+    )
+    assert changes == {"mode": "live", "priority": "high", "custom_params": {"a": 1}, "cursor_column": None}
+    assert parse_assignments(["next_refresh_at=now"])["next_refresh_at"].tzinfo is UTC
+    with pytest.raises(ConfigError, match="field=value"):
+        parse_assignments(["priority"])
+    with pytest.raises(ConfigError, match="JSON object"):
+        parse_assignments(["custom_params={oops"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"status": "warning", "table": "sqp"}, "unknown status"),
+        ({"status": "exploded"}, "unknown status"),
+        ({"since": date(2026, 2, 1), "until": date(2026, 1, 1)}, "after until"),
+        ({"page": 0}, "page starts at 1"),
+        ({"page_size": 101}, "between 1 and 100"),
+    ],
+)
+def test_history_filters_are_checked(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        HistoryQuery(**kwargs)
