@@ -2,7 +2,11 @@
 
 Node results are read from dbt's run_results.json after the invocation and written to the
 audit tables in one batch, linked to the refresh run and the Prefect flow run: no per-node
-on-run-end hook, so thousands of nodes cost one executemany.
+on-run-end hook, so thousands of nodes cost one COPY.
+
+dbt's artifacts (run_results.json, manifest, partial-parse cache) and logs go under the state
+directory, so two processes sharing one checkout (a test session beside the demo) never read
+each other's results or rotate each other's log.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from uuid import UUID
 
 import psycopg
@@ -24,6 +28,29 @@ from psycopg.conninfo import conninfo_to_dict
 
 from flows.settings import Settings
 
+# Resource types whose adapter_response counts rows written. A test's response counts the
+# rows of its `select count(*)` (always 1): its result is `failures`, not rows affected.
+_WRITING_RESOURCE_TYPES = ("model", "seed", "snapshot")
+
+
+class NodeRun(TypedDict):
+    """One node of a dbt invocation, as recorded in dbt_node_runs."""
+
+    unique_id: str
+    resource_type: str
+    name: str
+    relation: str | None
+    status: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    execution_time_s: float | None
+    rows_affected: int | None
+    message: str | None
+    failures: int | None
+
+
+NODE_RUN_COLUMNS: tuple[str, ...] = tuple(NodeRun.__annotations__)
+
 
 @dataclass
 class DbtOutcome:
@@ -31,11 +58,11 @@ class DbtOutcome:
     success: bool
     command: str
     args: list[str]
-    nodes: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[NodeRun] = field(default_factory=list)
     message: str | None = None
 
     @property
-    def failed_nodes(self) -> list[dict[str, Any]]:
+    def failed_nodes(self) -> list[NodeRun]:
         return [n for n in self.nodes if n["status"] in ("error", "fail", "runtime error")]
 
     @property
@@ -57,6 +84,25 @@ def profiles_dir(settings: Settings) -> Path:
     return target
 
 
+def target_dir(settings: Settings) -> Path:
+    """Where this installation's dbt invocations write their artifacts (logs beside it)."""
+    return settings.state_dir / "dbt" / "target"
+
+
+def with_project_vars(settings: Settings, args: list[str]) -> list[str]:
+    """`args` with the vars every run needs (the raw schema the extractor loads) merged into
+    its --vars; vars already given win."""
+    out = list(args)
+    project_vars: dict[str, Any] = {"raw_schema": settings.raw_schema}
+    if "--vars" in out:
+        i = out.index("--vars")
+        given = json.loads(out[i + 1]) if i + 1 < len(out) and out[i + 1].strip() else {}
+        out[i + 1] = json.dumps({**project_vars, **given})
+    else:
+        out += ["--vars", json.dumps(project_vars)]
+    return out
+
+
 def dbt_env(settings: Settings) -> dict[str, str]:
     """Connection details for profiles.example.yml, taken from the Postgres DSN."""
     info = conninfo_to_dict(settings.dsn())
@@ -74,8 +120,8 @@ def dbt_env(settings: Settings) -> dict[str, str]:
 
 
 @contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    # dbt reads env_var() from the process environment.
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """`values` set in the process environment (dbt reads env_var() there) for the block."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -92,32 +138,70 @@ def _parse_ts(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
-def read_run_results(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
+def _node_name(unique_id: str, resource_type: str) -> str:
+    # model.pkg.name, source.pkg.source_name.table, test.pkg.test_name.hash
+    parts = unique_id.split(".")
+    if resource_type == "test" and len(parts) >= 4:
+        return parts[-2]
+    if resource_type == "source" and len(parts) >= 4:
+        return f"{parts[-2]}.{parts[-1]}"
+    return parts[-1]
+
+
+def read_run_results(path: Path) -> tuple[str | None, list[NodeRun]]:
+    """The invocation id and one NodeRun per result of a dbt run_results.json."""
     doc = json.loads(path.read_text())
     invocation_id = doc.get("metadata", {}).get("invocation_id")
-    nodes = []
+    nodes: list[NodeRun] = []
     for r in doc.get("results", []):
-        timing = {t["name"]: t for t in r.get("timing", [])}
+        timing = {t["name"]: t for t in r.get("timing") or []}
         execute = timing.get("execute") or {}
         compile_ = timing.get("compile") or {}
         unique_id = r["unique_id"]
+        resource_type = unique_id.split(".", 1)[0]
         rows = (r.get("adapter_response") or {}).get("rows_affected")
+        # Postgres reports -1 for statements without a row count (CREATE VIEW).
+        reports_rows = resource_type in _WRITING_RESOURCE_TYPES and isinstance(rows, int) and rows >= 0
         nodes.append(
-            {
-                "unique_id": unique_id,
-                "resource_type": unique_id.split(".", 1)[0],
-                "name": unique_id.rsplit(".", 1)[-1],
-                "relation": r.get("relation_name"),
-                "status": str(r.get("status")),
-                "started_at": _parse_ts(compile_.get("started_at") or execute.get("started_at")),
-                "finished_at": _parse_ts(execute.get("completed_at")),
-                "execution_time_s": r.get("execution_time"),
-                "rows_affected": rows if isinstance(rows, int) and rows >= 0 else None,
-                "message": r.get("message"),
-                "failures": r.get("failures"),
-            }
+            NodeRun(
+                unique_id=unique_id,
+                resource_type=resource_type,
+                name=_node_name(unique_id, resource_type),
+                relation=r.get("relation_name"),
+                status=str(r.get("status")),
+                started_at=_parse_ts(compile_.get("started_at") or execute.get("started_at")),
+                finished_at=_parse_ts(execute.get("completed_at") or compile_.get("completed_at")),
+                execution_time_s=r.get("execution_time"),
+                rows_affected=rows if reports_rows else None,
+                message=r.get("message"),
+                failures=r.get("failures"),
+            )
         )
     return invocation_id, nodes
+
+
+def invoke_dbt(
+    project_dir: Path, args: list[str], *, profiles_dir: Path, target_path: Path, env: dict[str, str]
+) -> Any:
+    """dbt in this process without Prefect (checks, benchmarks), with `env` for the profile;
+    artifacts and logs under target_path. Returns dbt's dbtRunnerResult."""
+    from dbt.cli.main import dbtRunner
+
+    with scoped_environ(env):
+        return dbtRunner().invoke(
+            [
+                *args,
+                "--project-dir",
+                str(project_dir),
+                "--profiles-dir",
+                str(profiles_dir),
+                "--target-path",
+                str(target_path),
+                "--log-path",
+                str(target_path / "logs"),
+                "--quiet",
+            ]
+        )
 
 
 def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
@@ -126,10 +210,12 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
     from prefect_dbt import PrefectDbtRunner, PrefectDbtSettings
 
     project = settings.dbt_project_dir
-    target_path = Path("target")
-    results = project / target_path / "run_results.json"
+    target_path = target_dir(settings)
+    target_path.mkdir(parents=True, exist_ok=True)
+    results = target_path / "run_results.json"
     results.unlink(missing_ok=True)
-    with _environ(dbt_env(settings)):
+    args = with_project_vars(settings, args)
+    with scoped_environ(dbt_env(settings)):
         runner = PrefectDbtRunner(
             settings=PrefectDbtSettings(
                 project_dir=project,
@@ -139,7 +225,7 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
             ),
             raise_on_failure=False,
         )
-        res = runner.invoke(args)
+        res = runner.invoke([*args, "--log-path", str(target_path.parent / "logs")])
     message = None
     if getattr(res, "exception", None) is not None:
         message = f"dbt failed: {res.exception}"
@@ -158,6 +244,11 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
     return outcome
 
 
+def _text(value: str | None) -> str | None:
+    # Postgres text cannot hold NUL; dbt messages may quote binary data.
+    return value.replace("\x00", "") if value else value
+
+
 def record_dbt(
     conn: psycopg.Connection,
     schema: str,
@@ -167,15 +258,19 @@ def record_dbt(
     started_at: datetime,
     finished_at: datetime,
 ) -> None:
-    """One invocation row and all node rows, in one transaction and one batch."""
+    """One invocation row and all its node rows (one COPY), in one transaction.
+
+    An invocation already recorded is left as it is.
+    """
     if outcome.invocation_id is None:
         return
-    with conn.transaction():
-        conn.execute(
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
             sql.SQL(
                 "insert into {t} (invocation_id, run_id, flow_run_id, command, args, success, "
                 "started_at, finished_at, nodes_total, nodes_failed, message) values "
-                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) on conflict (invocation_id) do nothing"
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) on conflict (invocation_id) do nothing "
+                "returning invocation_id"
             ).format(t=sql.Identifier(schema, "dbt_invocations")),
             (
                 outcome.invocation_id,
@@ -188,18 +283,18 @@ def record_dbt(
                 finished_at,
                 len(outcome.nodes),
                 len(outcome.failed_nodes),
-                outcome.message,
+                _text(outcome.message),
             ),
         )
-        with conn.cursor() as cur:
-            cur.executemany(
-                sql.SQL(
-                    "insert into {t} (invocation_id, unique_id, resource_type, name, relation, "
-                    "status, started_at, finished_at, execution_time_s, rows_affected, message, "
-                    "failures) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                    "on conflict do nothing"
-                ).format(t=sql.Identifier(schema, "dbt_node_runs")),
-                [
+        if cur.fetchone() is None:
+            return
+        copy_sql = sql.SQL("copy {t} (invocation_id, {cols}) from stdin").format(
+            t=sql.Identifier(schema, "dbt_node_runs"),
+            cols=sql.SQL(", ").join(map(sql.Identifier, NODE_RUN_COLUMNS)),
+        )
+        with cur.copy(copy_sql) as copy:
+            for n in outcome.nodes:
+                copy.write_row(
                     (
                         outcome.invocation_id,
                         n["unique_id"],
@@ -211,9 +306,7 @@ def record_dbt(
                         n["finished_at"],
                         n["execution_time_s"],
                         n["rows_affected"],
-                        n["message"],
+                        _text(n["message"]),
                         n["failures"],
                     )
-                    for n in outcome.nodes
-                ],
-            )
+                )

@@ -1,4 +1,13 @@
 {#
+    The config of weekly/monthly/quarterly/yearly_summary: replaced by period, one row per
+    (period_start, search_query, asin).
+#}
+{% macro summary_config(period) -%}
+    {{ return(period_incremental_config('period_start', ['period_start', 'search_query', 'asin'], period=period)) }}
+{%- endmacro %}
+
+
+{#
     The body of weekly/monthly/quarterly/yearly_summary: search_query_performance rolled up
     to one row per (period_start, search_query, asin), with the metric definitions of
     SPEC.md: counts are sums of the weekly ASIN counts (and of the query totals), ratios come
@@ -28,7 +37,7 @@ sqp_weeks as (
 
     select * from {{ ref('search_query_performance') }}
     {%- if is_incremental() %}
-    where week_start >= {{ incremental_window_start('last_week_start', grain='week', period=period) }}
+    where week_start >= {{ incremental_window_start('last_week_start') }}
     {%- endif %}
 
 ),

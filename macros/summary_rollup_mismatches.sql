@@ -2,6 +2,8 @@
     For singular tests: rows of a monthly/quarterly/yearly summary whose counts differ from
     the sum of the weekly_summary rows of the same period, query and ASIN (or that exist on
     one side only). Catches periods an incremental run failed to rebuild after a restatement.
+    During an incremental refresh only the periods it rebuilt are compared (see
+    macros/refresh_window_tests.sql).
 #}
 {% macro summary_rollup_mismatches(period, summary_relation) %}
 
@@ -10,6 +12,12 @@
     'total_query_impressions', 'total_query_clicks', 'total_query_cart_adds',
     'total_query_purchases', 'active_weeks',
 ] -%}
+{%- set window_start = refresh_window_start({'grain': 'week', 'period': period}) -%}
+{%- set in_window -%}
+    {%- if window_start is not none %}
+    where period_start >= {{ window_literal(window_start) }}
+    {%- endif -%}
+{%- endset -%}
 
 with
 
@@ -22,7 +30,7 @@ weekly as (
         {%- for column in compared_columns %}
         {{ column }}{{ "," if not loop.last }}
         {%- endfor %}
-    from {{ ref('weekly_summary') }}
+    from {{ ref('weekly_summary') }}{{ in_window }}
 
 ),
 
@@ -45,7 +53,7 @@ weeks_rolled_up as (
 
 summary as (
 
-    select * from {{ summary_relation }}
+    select * from {{ summary_relation }}{{ in_window }}
 
 ),
 

@@ -1,39 +1,21 @@
 {#
-    Per SQP week and ASIN: the ASIN's funnel summed over its search queries, with catalog
-    attributes. A table rebuilt each run (one row per ASIN and week, small next to
-    search_query_performance), so titles always come from the current catalog.
+    ASIN performance per SQP week: the ASIN's funnel over all its search queries
+    (int_asin_weekly_funnel, incremental) with parent ASIN, title and brand from the current
+    catalog. A view, so catalog changes show at once and a refresh never rewrites history.
 #}
+{{ config(materialized='view') }}
+
 with
 
-sqp_weeks as (
+asin_weeks as (
 
-    select * from {{ ref('search_query_performance') }}
+    select * from {{ ref('int_asin_weekly_funnel') }}
 
 ),
 
 products as (
 
     select * from {{ ref('stg_sqp__products') }}
-
-),
-
-asin_weeks as (
-
-    select
-        week_start,
-        week_end,
-        asin,
-        max(parent_asin) as sqp_parent_asin,
-        count(*) as search_queries,
-        sum(asin_impression_count) as impressions,
-        sum(asin_click_count) as clicks,
-        sum(asin_cart_add_count) as cart_adds,
-        sum(asin_purchase_count) as purchases
-    from sqp_weeks
-    group by
-        week_start,
-        week_end,
-        asin
 
 ),
 
@@ -59,9 +41,9 @@ final as (
         asin_weeks.purchases,
 
         ---------- rates from the sums
-        {{ safe_ratio('asin_weeks.clicks', 'asin_weeks.impressions') }} as ctr,
-        {{ safe_ratio('asin_weeks.cart_adds', 'asin_weeks.clicks') }} as cart_add_rate,
-        {{ safe_ratio('asin_weeks.purchases', 'asin_weeks.clicks') }} as cvr
+        asin_weeks.ctr,
+        asin_weeks.cart_add_rate,
+        asin_weeks.cvr
 
     from asin_weeks
     left join products

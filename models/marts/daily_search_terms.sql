@@ -2,7 +2,7 @@
     One row per day, ASIN and search query from the daily search-term table, with rates.
     Incremental: each run replaces the days on or after the refresh window start.
 #}
-{{ config(**period_incremental_config('search_date', ['search_date', 'asin', 'search_query'])) }}
+{{ config(**period_incremental_config('search_date', ['search_date', 'asin', 'search_query'], grain='day')) }}
 
 with
 
@@ -10,7 +10,7 @@ search_days as (
 
     select * from {{ ref('stg_sqp__daily_search_terms') }}
     {%- if is_incremental() %}
-    where search_date >= {{ incremental_window_start('search_date', grain='day') }}
+    where search_date >= {{ incremental_window_start('search_date') }}
     {%- endif %}
 
 ),

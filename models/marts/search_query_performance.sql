@@ -1,6 +1,8 @@
 {#
     One row per SQP week, ASIN and search query with every funnel metric. Incremental:
     each run replaces the weeks that contain a day on or after the refresh window start.
+    The window filters the source timestamp (week_start_at), not the date derived from it,
+    so the raw table's index on its cursor column serves it.
 #}
 {{ config(**period_incremental_config('week_start', ['week_start', 'asin', 'search_query'])) }}
 
@@ -10,7 +12,7 @@ sqp_weeks as (
 
     select * from {{ ref('stg_sqp__search_query_performance') }}
     {%- if is_incremental() %}
-    where week_start >= {{ incremental_window_start('week_start', grain='week') }}
+    where week_start_at >= {{ incremental_window_start('week_start', as_utc_timestamp=true) }}
     {%- endif %}
 
 ),

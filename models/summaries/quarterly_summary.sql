@@ -1,3 +1,3 @@
-{{ config(**period_incremental_config('period_start', ['period_start', 'search_query', 'asin'])) }}
+{{ config(**summary_config('quarter')) }}
 
 {{ summarize_search_query_performance('quarter') }}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -7,8 +8,12 @@ import psycopg
 import pytest
 
 from flows.bigquery import BigQueryClients, make_clients
-from flows.sample_data import SampleSpec
+from flows.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE, SampleSpec, generate
 from flows.settings import Settings, get_settings
+
+# The flow starts Prefect's ephemeral API server; on a busy 2-core machine it needs more than
+# the default 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 # Small but complete: every week type, unicode queries, NULLs; fast on 2 cores.
 SPEC = SampleSpec(sqp_rows=4_000, weeks=12, asins=20, daily_rows=1_500)
@@ -24,6 +29,24 @@ def clients(settings: Settings) -> Iterator[BigQueryClients]:
     c = make_clients(settings)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def refreshed(settings: Settings, clients: BigQueryClients) -> dict[str, Any]:
+    """SPEC generated into the emulator and one forced daily refresh: the session's shared data.
+
+    dbt writes to fixed schemas (staging, marts, summaries), so every module that checks dbt
+    output reads this one build instead of building its own.
+    """
+    generated = generate(clients, SPEC)
+    assert {g.table: g.rows for g in generated} == {
+        SQP_TABLE: SPEC.sqp_rows,
+        PRODUCTS_TABLE: SPEC.asins,
+        DAILY_TABLE: SPEC.daily_rows,
+    }
+    from flows.daily_refresh import daily_refresh
+
+    return daily_refresh(force=True, trigger="test")  # type: ignore[no-any-return]
 
 
 @pytest.fixture

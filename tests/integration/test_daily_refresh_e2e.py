@@ -8,22 +8,13 @@ import psycopg
 import pytest
 
 from flows.bigquery import BigQueryClients
-from flows.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE, generate
-from flows.settings import Settings
+from flows.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
 from tests.integration.conftest import SPEC, bq_scalar, pg_scalar
 
 
 @pytest.fixture(scope="module")
-def first_run(settings: Settings, clients: BigQueryClients) -> dict[str, Any]:
-    generated = generate(clients, SPEC)
-    assert {g.table: g.rows for g in generated} == {
-        SQP_TABLE: SPEC.sqp_rows,
-        PRODUCTS_TABLE: SPEC.asins,
-        DAILY_TABLE: SPEC.daily_rows,
-    }
-    from flows.daily_refresh import daily_refresh
-
-    return daily_refresh(force=True, trigger="test")  # type: ignore[no-any-return]
+def first_run(refreshed: dict[str, Any]) -> dict[str, Any]:
+    return refreshed
 
 
 def source(clients: BigQueryClients, table: str) -> str:
