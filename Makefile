@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.local/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DBT_SEND_ANONYMOUS_USAGE_STATS ?= false
 
-.PHONY: install run test test-fast lint format docs bench clean stack-up stack-down
+.PHONY: install run test test-fast lint check-dbt format docs bench clean stack-up stack-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check flows tests bench scripts
 	$(BIN)/mypy flows
 	$(BIN)/python scripts/lint_sql.py models macros tests/dbt
+
+check-dbt: $(STAMP)  ## the models compile for BigQuery (emulator) and every node is documented
+	$(BIN)/python scripts/check_bigquery_target.py
+	$(BIN)/python scripts/check_dbt_docs.py
+
+bench: $(STAMP)  ## benchmarks (figures in docs/benchmarks.md)
+	$(BIN)/python bench/generate_sample.py
+	$(BIN)/python bench/load_throughput.py
+	$(BIN)/python bench/incremental_scaling.py
 
 format: $(STAMP)
 	$(BIN)/ruff format flows tests bench scripts
