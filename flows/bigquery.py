@@ -145,8 +145,14 @@ class BigQueryClients:
                     BigQueryReadGrpcTransport,
                 )
 
+                # No BDP probing on this local link: with it, gRPC lets the server run far ahead
+                # of a slower consumer (COPY) and buffers hundreds of MB of read-ahead.
                 channel = grpc.insecure_channel(
-                    endpoint, options=[("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+                    endpoint,
+                    options=[
+                        ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                        ("grpc.http2.bdp_probe", 0),
+                    ],
                 )
                 self._storage = bigquery_storage_v1.BigQueryReadClient(
                     transport=BigQueryReadGrpcTransport(channel=channel)

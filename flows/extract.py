@@ -8,11 +8,15 @@ fallback where Storage Read is not available. Neither uses OFFSET.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
+from typing import TypeVar, cast
 
 import pyarrow as pa
 
@@ -112,6 +116,18 @@ def estimate_bytes(clients: BigQueryClients, cfg: TableConfig, where: str) -> in
     return int(job.total_bytes_processed or 0)
 
 
+@functools.cache
+def _return_large_buffers_to_the_os() -> None:
+    """Serve allocations of 4 MiB and more by mmap, so each freed read buffer (a Storage message
+    can be tens of MB, held several times over by gRPC, protobuf and Arrow) goes back to the OS
+    at once. glibc's default threshold slides up to 32 MiB after the first such free and then
+    keeps those buffers in the heap: peak RSS of the 2M-row extraction benchmark was ~150 MB
+    higher without this. A no-op where the C library has no mallopt."""
+    m_mmap_threshold = -3
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(m_mmap_threshold, 4 * 1024 * 1024)
+
+
 @dataclass
 class ReadStats:
     rows: int = 0
@@ -128,6 +144,7 @@ def read_storage(
     """
     from google.cloud.bigquery_storage_v1 import types
 
+    _return_large_buffers_to_the_os()
     storage = clients.storage()
     session_spec = types.ReadSession(
         table=f"projects/{clients.project}/datasets/{clients.dataset}/tables/{table}",
@@ -146,22 +163,24 @@ def read_storage(
         return
     schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
 
-    def batches(stream_name: str) -> Iterator[pa.RecordBatch]:
+    def batches(stream_name: str) -> Iterator[tuple[int, pa.RecordBatch]]:
         # ReadRowsStream resumes from the last offset on transient errors by itself.
         for resp in storage.read_rows(stream_name):
             if not resp.row_count:
                 continue
             payload = resp.arrow_record_batch.serialized_record_batch
-            stats.bytes += len(payload)
-            batch = pa.ipc.read_record_batch(pa.py_buffer(payload), schema)
-            stats.rows += batch.num_rows
-            yield batch
+            yield len(payload), pa.ipc.read_record_batch(pa.py_buffer(payload), schema)
 
     try:
         if len(session.streams) == 1:
-            yield from batches(session.streams[0].name)
-            return
-        yield from _parallel([s.name for s in session.streams], batches)
+            read = batches(session.streams[0].name)
+        else:
+            read = _in_threads([batches(s.name) for s in session.streams])
+        # Counted here, in the one consuming thread, not by the stream threads.
+        for size, batch in read:
+            stats.bytes += size
+            stats.rows += batch.num_rows
+            yield batch
     except SourceError:
         raise
     except Exception as exc:
@@ -169,42 +188,50 @@ def read_storage(
 
 
 _DONE = object()
+T = TypeVar("T")
 
 
-def _parallel(
-    names: list[str], reader: Callable[[str], Iterator[pa.RecordBatch]]
-) -> Iterator[pa.RecordBatch]:
-    q: queue.Queue[object] = queue.Queue(maxsize=2 * len(names))
+def _in_threads(sources: list[Iterable[T]]) -> Iterator[T]:
+    """The items of every source, each source iterated in its own thread.
+
+    A queue of at most two items per source bounds memory; the consumer sees the sources'
+    items interleaved, and a source's exception is raised in the consumer. When the consumer
+    stops early, the threads stop at their next item.
+    """
+    q: queue.Queue[object] = queue.Queue(maxsize=2 * len(sources))
     stop = threading.Event()
 
-    def work(name: str) -> None:
-        try:
-            for b in reader(name):
-                while not stop.is_set():
-                    try:
-                        q.put(b, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as exc:  # handed to the consumer
-            q.put(exc)
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
-    threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in names]
+    def work(source: Iterable[T]) -> None:
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # handed to the consumer
+            put(exc)
+
+    threads = [threading.Thread(target=work, args=(s,), daemon=True) for s in sources]
     for t in threads:
         t.start()
     done = 0
     try:
-        while done < len(names):
+        while done < len(sources):
             item = q.get()
             if item is _DONE:
                 done += 1
             elif isinstance(item, BaseException):
                 raise item
             else:
-                yield item
+                yield cast(T, item)
     finally:
         stop.set()
         for t in threads:
