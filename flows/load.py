@@ -37,6 +37,8 @@ from flows.errors import SchemaDriftError
 from flows.planning import Slice
 from flows.type_mapping import ColumnMapping, diff_schema, pg_column_name
 
+# Advisory lock (two-key form: key, hashtext(schema)) held while creating or altering raw tables.
+DDL_LOCK_KEY = 7_312_003
 RUN_SETTING = "sqp_refresh.run_id"
 SLICE_SETTING = "sqp_refresh.slice_start"
 
@@ -55,8 +57,11 @@ def ensure_raw_table(
 ) -> list[str]:
     """Create the raw table, or add new source columns to it; drift raises SchemaDriftError.
 
-    Returns the names of columns added.
+    Returns the names of columns added. Run it inside a transaction: it holds a lock until then.
     """
+    # The flow refreshes tables in parallel, and two first loads both running `create schema if
+    # not exists` can fail one of them with a unique violation: serialise this DDL per schema.
+    conn.execute("select pg_advisory_xact_lock(%s, hashtext(%s))", (DDL_LOCK_KEY, schema))
     conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(schema)))
     existing = relation_columns(conn, schema, table)
     if not existing:

@@ -758,3 +758,45 @@ def test_json_payloads_stay_json(all_types: Engine) -> None:
         )
     assert kinds[1] == "object" and kinds[3] == "string" and kinds[4] == "array"
     assert kinds[2] in ("null", None)
+
+
+# --------------------------------------------------------------------------------------
+# 6. Two tables loading for the first time at once (the flow refreshes two tables in parallel)
+# --------------------------------------------------------------------------------------
+
+
+def test_parallel_first_loads_create_the_raw_schema_without_a_race(engine: Engine) -> None:
+    """Two first loads start together: `create schema if not exists` alone races (a unique
+    violation on pg_namespace failed one table of the flow's first run)."""
+    import threading
+
+    from flows.load import ensure_raw_table
+    from flows.type_mapping import map_schema
+
+    fields: list[tuple[str, str, str, int | None, int | None]] = [
+        ("Id", "INT64", "NULLABLE", None, None),
+        ("Day", "DATE", "NULLABLE", None, None),
+    ]
+    columns = map_schema(fields, "t")
+    errors: list[BaseException] = []
+
+    def first_load(table: str, barrier: threading.Barrier) -> None:
+        try:
+            with psycopg.connect(engine.settings.dsn()) as conn, conn.transaction():
+                barrier.wait()
+                ensure_raw_table(conn, engine.raw, table, columns, "day")
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(25):
+        with engine.pg() as conn:
+            conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(engine.raw)))
+        barrier = threading.Barrier(2)
+        threads = [
+            threading.Thread(target=first_load, args=(t, barrier)) for t in ("xt_parallel_a", "xt_parallel_b")
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
