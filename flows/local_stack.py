@@ -31,6 +31,7 @@ from flows.settings import EMULATOR_PROJECT, Settings
 log = logging.getLogger(__name__)
 
 _PG_SYSTEM_USER = "pgserver"  # postgres refuses to run as root; pgserver's convention
+EMULATOR_MESSAGE_CAP = 96 * 1024 * 1024
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -301,9 +302,14 @@ class BigQueryEmulator:
             cmd += ["--persistent", "--data-dir", str(self.data_dir)]
         else:
             cmd += ["--ephemeral"]
+        # The emulator caps one gRPC message at ~11 MB, less than one 65,536-row Storage batch of
+        # SQP rows (~28 MB); real BigQuery sizes its messages itself. Raise the cap.
+        env = {**os.environ}
+        env.setdefault("BQEMU_WRITE_API_MAX_REQUEST_BYTES", str(EMULATOR_MESSAGE_CAP))
         with self.log_file.open("ab") as logf:
             self.process = subprocess.Popen(
                 cmd,
+                env=env,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

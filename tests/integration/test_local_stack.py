@@ -65,3 +65,30 @@ def test_postgres_start_stop_and_restart_keeps_data(tmp_path: Path) -> None:
             assert c.execute("select x from kept").fetchone() == (42,)
     finally:
         pg.stop()
+
+
+def test_emulator_serves_storage_slices_larger_than_its_default_message_cap(tmp_path: Path) -> None:
+    """60,000 SQP rows in one week: one Storage batch is far above the emulator's ~11 MB default."""
+    from flows.bigquery import make_clients
+    from flows.extract import ReadStats, read_storage
+    from flows.sample_data import SQP_TABLE, SampleSpec, generate
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    emu = BigQueryEmulator(
+        rest_port=ports[0], grpc_port=ports[1], data_dir=None, log_file=tmp_path / "emu.log"
+    )
+    emu.start()
+    try:
+        s = Settings(local_bq_rest_port=ports[0], local_bq_grpc_port=ports[1], state_dir=tmp_path)
+        clients = make_clients(s)
+        generate(clients, SampleSpec(sqp_rows=60_000, weeks=1, asins=50, daily_rows=0))
+        stats = ReadStats()
+        rows = sum(b.num_rows for b in read_storage(clients, SQP_TABLE, "", stats))
+        assert rows == stats.rows == 60_000
+        clients.close()
+    finally:
+        emu.stop()
