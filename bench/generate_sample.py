@@ -6,21 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 from flows.bigquery import make_clients
-from flows.local_stack import BigQueryEmulator
+from flows.local_stack import BigQueryEmulator, free_port
 from flows.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.settings import Settings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
@@ -29,7 +22,7 @@ def main() -> None:
     ap.add_argument("--weeks", type=int, default=52)
     ap.add_argument("--asins", type=int, default=200)
     args = ap.parse_args()
-    rest, grpc_port = _free_port(), _free_port()
+    rest, grpc_port = free_port(), free_port()
     tmp = Path(tempfile.mkdtemp(prefix="sqp-bench-gen-"))
     emu = BigQueryEmulator(rest_port=rest, grpc_port=grpc_port, data_dir=None, log_file=tmp / "emu.log")
     emu.start()

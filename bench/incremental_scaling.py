@@ -21,7 +21,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import psycopg
 from psycopg import sql
 
 from flows.load import ensure_raw_table
-from flows.local_stack import EmbeddedPostgres
+from flows.local_stack import EmbeddedPostgres, free_port
 from flows.runbook import DBT_SOURCE
 from flows.sample_data import (
     DAILY_TABLE,
@@ -50,12 +49,6 @@ from flows.type_mapping import ColumnMapping, map_schema
 
 RAW_SCHEMA = "raw_bench"
 LAST_WEEK = date(2026, 11, 22)  # a Sunday, like the sample data's weeks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _columns(fields: list) -> list[ColumnMapping]:  # type: ignore[type-arg]
@@ -311,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     # Stopped with SIGTERM, still stop the Postgres started here and remove its folder.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="sqp-bench-"))
-    pg = EmbeddedPostgres(workdir / "pg", _free_port())
+    pg = EmbeddedPostgres(workdir / "pg", free_port())
     try:
         pg.start()
         small = History("N", "bench_small", args.weeks)

@@ -30,7 +30,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from psycopg import sql
 
 from flows.db import migrate
 from flows.load import apply_slice, ensure_raw_table
+from flows.local_stack import free_port
 from flows.planning import Slice
 from flows.sample_data import SQP_TABLE, sqp_schema
 from flows.settings import Settings, get_settings
@@ -154,12 +154,6 @@ def sqp_columns() -> list[ColumnMapping]:
 # --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def local_services(state: Path, with_emulator: bool) -> Iterator[dict[str, str]]:
     """REFRESH_* variables pointing at this run's Postgres and emulator (started here)."""
@@ -170,12 +164,12 @@ def local_services(state: Path, with_emulator: bool) -> Iterator[dict[str, str]]
         if os.environ.get("REFRESH_PG_DSN"):
             env["REFRESH_PG_DSN"] = os.environ["REFRESH_PG_DSN"]
         else:
-            pg = EmbeddedPostgres(state / "pg", _free_port())
+            pg = EmbeddedPostgres(state / "pg", free_port())
             pg.start()
             stack.callback(pg.stop)
             env["REFRESH_PG_DSN"] = pg.dsn
         if with_emulator:
-            rest, grpc = _free_port(), _free_port()
+            rest, grpc = free_port(), free_port()
             os.environ["BQEMU_WRITE_API_MAX_REQUEST_BYTES"] = EMULATOR_MESSAGE_CAP
             emu = BigQueryEmulator(rest, grpc, data_dir=None, log_file=state / "logs" / "bqemulator.log")
             emu.start()

@@ -34,6 +34,13 @@ _PG_SYSTEM_USER = "pgserver"  # postgres refuses to run as root; pgserver's conv
 EMULATOR_MESSAGE_CAP = 96 * 1024 * 1024
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (tests, benchmarks, throwaway servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

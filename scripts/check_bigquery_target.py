@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
-from flows.local_stack import BigQueryEmulator
+from flows.local_stack import BigQueryEmulator, free_port
 from flows.sample_data import (
     DAILY_TABLE,
     PRODUCTS_TABLE,
@@ -52,12 +51,6 @@ LINEAGE = [
     bigquery.SchemaField("_run_id", "STRING"),
     bigquery.SchemaField("_slice_start", "TIMESTAMP"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raw_schema(fields: list[bigquery.SchemaField]) -> list[bigquery.SchemaField]:
@@ -110,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sqp-bq-check-"))
     # profiles.example.yml is the profile under test; it lives at the project root.
     shutil.copyfile(PROJECT_ROOT / "profiles.example.yml", workdir / "profiles.yml")
-    rest_port, grpc_port = _free_port(), _free_port()
+    rest_port, grpc_port = free_port(), free_port()
     endpoint = f"http://127.0.0.1:{rest_port}"
     env = {
         "DBT_BQ_PROJECT": EMULATOR_PROJECT,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import psycopg
 
 from flows.load import ensure_raw_table
-from flows.local_stack import EmbeddedPostgres
+from flows.local_stack import EmbeddedPostgres, free_port
 from flows.sample_data import (
     DAILY_TABLE,
     PRODUCTS_TABLE,
@@ -80,12 +79,6 @@ def undocumented(manifest: dict[str, Any], catalog: dict[str, Any]) -> list[str]
     return problems
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _create_empty_raw_tables(dsn: str, schema: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for table, fields, cursor in (
@@ -108,7 +101,7 @@ def _dbt(args: list[str], workdir: Path, env: dict[str, str]) -> None:
 def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sqp-docs-check-"))
     shutil.copyfile(PROJECT_ROOT / "profiles.example.yml", workdir / "profiles.yml")
-    pg = EmbeddedPostgres(workdir / "pg", _free_port())
+    pg = EmbeddedPostgres(workdir / "pg", free_port())
     try:
         pg.start()
         env = dbt_env(get_settings(pg_dsn=pg.dsn, dbt_target="postgres"))

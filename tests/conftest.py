@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
+from flows.local_stack import free_port
 
 STATE_DIR = Path(tempfile.mkdtemp(prefix="sqp-refresh-test-"))
 for var in list(os.environ):
@@ -30,9 +24,9 @@ for var in list(os.environ):
 os.environ.update(
     {
         "REFRESH_STATE_DIR": str(STATE_DIR),
-        "REFRESH_LOCAL_PG_PORT": str(_free_port()),
-        "REFRESH_LOCAL_BQ_REST_PORT": str(_free_port()),
-        "REFRESH_LOCAL_BQ_GRPC_PORT": str(_free_port()),
+        "REFRESH_LOCAL_PG_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
         "PREFECT_HOME": str(STATE_DIR / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from psycopg import sql
 from typer.testing import CliRunner
 
 from flows.bigquery import make_clients
+from flows.local_stack import free_port
 from flows.sample_data import PRODUCTS_TABLE, SampleSpec, generate
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 from tests.integration.conftest import pg_scalar
@@ -55,12 +55,6 @@ tables:
 TABLES = ["orch_products", "orch_daily"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
@@ -79,7 +73,7 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 def prefect_api() -> Iterator[str]:
     """`prefect server start` on a free port with its own PREFECT_HOME; stopped at the end."""
     home = Path(tempfile.mkdtemp(prefix="sqp-prefect-"))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
