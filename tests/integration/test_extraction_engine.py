@@ -234,8 +234,8 @@ def checkpoint_starts(e: Engine, table: str) -> set[date]:
 # 1. Crash test
 # --------------------------------------------------------------------------------------
 
-CRASH_DAYS = 40
-CRASH_ROWS = 3_000
+CRASH_DAYS = 120
+CRASH_ROWS = 6_000
 CRASH_SCHEMA = [
     S("Event Id", "INT64"),
     S("Event Time", "TIMESTAMP"),
