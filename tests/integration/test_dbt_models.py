@@ -314,6 +314,141 @@ def test_restated_week_rebuilds_its_periods_only(
 
 
 # --------------------------------------------------------------------------------------
+# NULL counts (docs: sqp_null_counts in models/_sqp__docs.md)
+# --------------------------------------------------------------------------------------
+
+ASIN_SUMMED = {
+    "impressions": "impressions",
+    "clicks": "clicks",
+    "cart_adds": "cart_adds",
+    "purchases": "purchases",
+}
+ASIN_RATIOS = {
+    "ctr": ("clicks", "impressions"),
+    "cart_add_rate": ("cart_adds", "clicks"),
+    "cvr": ("purchases", "clicks"),
+}
+
+
+def expected_asin_weeks(source: pa.Table) -> Rows:
+    """asin_performance by the NULL rule: per week and ASIN, sums of the reported counts (NULL
+    when no query reports one), ratios of those sums, every reported query counted."""
+    weeks = [ts.astimezone(UTC).date() for ts in source["week_start_at"].to_pylist()]
+    grouped = (
+        source.append_column("week_start", pa.array(weeks, pa.date32()))
+        .group_by(["week_start", "asin"])
+        .aggregate([(c, "sum") for c in ASIN_SUMMED] + [("search_query", "count")])
+    )
+    out: Rows = {}
+    for g in grouped.to_pylist():
+        row: dict[str, Any] = {c: g[f"{c}_sum"] for c in ASIN_SUMMED}
+        row |= {c: ratio(row[num], row[den]) for c, (num, den) in ASIN_RATIOS.items()}
+        row["search_queries"] = g["search_query_count"]
+        out[(g["week_start"], g["asin"])] = row
+    return out
+
+
+def actual_asin_weeks(pg: psycopg.Connection) -> Rows:
+    columns = ("search_queries", *ASIN_SUMMED, *ASIN_RATIOS)
+    cur = pg.execute(f"select start_date, asin, {', '.join(columns)} from marts.asin_performance")
+    return {(r[0], r[1]): dict(zip(columns, r[2:], strict=True)) for r in cur.fetchall()}
+
+
+def test_null_counts_build_every_model_and_follow_the_null_rule(
+    restated_week: SourceWeek, pg: psycopg.Connection, clients: BigQueryClients
+) -> None:
+    """Valid source rows with NULL counts in every stage: every model builds, the run ends
+    `success`, and marts and summaries equal the documented NULL rule computed here."""
+    from google.cloud import bigquery
+
+    week = restated_week
+    where = f"{week.where} and `ASIN` = @asin"
+
+    def update(assignments: str, asin: str, extra: str = "", **params: str) -> None:
+        query_params = [bigquery.ScalarQueryParameter("asin", "STRING", asin)] + [
+            bigquery.ScalarQueryParameter(k, "STRING", v) for k, v in params.items()
+        ]
+        config = bigquery.QueryJobConfig(query_parameters=query_params)
+        week.clients.rest.query(
+            f"update {week.table} set {assignments} where {where}{extra}", job_config=config
+        ).result()
+
+    def queries(asin: str) -> list[str]:
+        config = bigquery.QueryJobConfig(
+            query_parameters=[bigquery.ScalarQueryParameter("asin", "STRING", asin)]
+        )
+        rows = week.clients.rest.query(
+            f"select `Search Query` from {week.table} where {where} order by 1", job_config=config
+        ).result()
+        return [r[0] for r in rows]
+
+    # B5: impressions reported by one query only (equal to its clicks), clicks by all: the
+    # ASIN's week sums clicks above impressions, which is valid data.
+    keep, *_ = queries("B000000005")
+    update("`ASIN Impression Count` = null", "B000000005", " and `Search Query` != @keep", keep=keep)
+    update(
+        "`ASIN Impression Count` = `ASIN Click Count`", "B000000005", " and `Search Query` = @keep", keep=keep
+    )
+    # B6: no query reports clicks: the week's clicks and every rate from them are NULL.
+    update("`ASIN Click Count` = null", "B000000006")
+    # B7: cart adds and purchases missing for half the queries, query impressions for all.
+    b7 = queries("B000000007")
+    update(
+        "`ASIN Cart Add Count` = null, `ASIN Purchase Count` = null",
+        "B000000007",
+        " and `Search Query` < @mid",
+        mid=b7[len(b7) // 2],
+    )
+    update("`Total Query Impression Count` = null", "B000000007")
+    # B8: one query with no count at all.
+    update(
+        "`ASIN Impression Count` = null, `ASIN Click Count` = null, `ASIN Cart Add Count` = null, "
+        "`ASIN Purchase Count` = null, `Total Query Impression Count` = null, `Total Click Count` = null, "
+        "`Total Cart Add Count` = null, `Total Purchase Count` = null",
+        "B000000008",
+        " and `Search Query` = @first",
+        first=queries("B000000008")[0],
+    )
+
+    run = backfill_restated_week()  # asserts status success
+    assert run["dbt_failed"] == [], run["dbt_failed"]
+    nodes = dict(
+        pg.execute(
+            "select name, status from refresh_control.dbt_node_runs where invocation_id = %s and resource_type = 'model'",
+            (run["dbt_invocation_id"],),
+        ).fetchall()
+    )
+    assert set(nodes.values()) == {"success"}, nodes
+    assert {
+        "search_query_performance",
+        "int_asin_weekly_funnel",
+        "asin_performance",
+        "weekly_summary",
+    } <= set(nodes)
+
+    source = read_source(clients)
+    expected = expected_asin_weeks(source)
+    b5 = expected[(RESTATED_WEEK, "B000000005")]
+    assert b5["clicks"] > b5["impressions"], "the data must break funnel order on sums"
+    b6 = expected[(RESTATED_WEEK, "B000000006")]
+    assert b6["clicks"] is None and b6["ctr"] is None and b6["impressions"] is not None
+    actual = actual_asin_weeks(pg)
+    assert actual.keys() == expected.keys()
+    wrong = [
+        (k, c, e[c], actual[k][c]) for k, e in sorted(expected.items()) for c in e if actual[k][c] != e[c]
+    ]
+    assert not wrong, f"asin_performance: {len(wrong)} values differ, e.g. {wrong[:5]}"
+    assert_summaries_match_source(pg, clients)
+    weekly = actual_summary(pg, "week")
+    b8 = [
+        r
+        for k, r in weekly.items()
+        if k[0] == RESTATED_WEEK and k[2] == "B000000008" and r["impressions"] is None
+    ]
+    assert len(b8) == 1 and b8[0]["active_weeks"] == 0 and b8[0]["ctr"] is None
+
+
+# --------------------------------------------------------------------------------------
 # dbt run auditing
 # --------------------------------------------------------------------------------------
 
