@@ -11,7 +11,10 @@ session's data as generated.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -446,6 +449,69 @@ def test_null_counts_build_every_model_and_follow_the_null_rule(
         if k[0] == RESTATED_WEEK and k[2] == "B000000008" and r["impressions"] is None
     ]
     assert len(b8) == 1 and b8[0]["active_weeks"] == 0 and b8[0]["ctr"] is None
+
+
+# --------------------------------------------------------------------------------------
+# Search queries of any length (key: search_query_key, docs/dbt.md)
+# --------------------------------------------------------------------------------------
+
+
+def long_queries() -> dict[str, str]:
+    """Two ~10 KB queries that do not compress (a btree entry holds ~2.7 KB after compression):
+    ASCII, and multibyte unicode (3- and 4-byte UTF-8)."""
+    rng = random.Random(8)
+    ascii_text = "".join(rng.choice(string.ascii_letters + string.digits + " ") for _ in range(10_000))
+    alphabet = "跑步鞋ランニングシューズкроссовкиé🏃👟🎽" + "".join(chr(0x4E00 + i) for i in range(200))
+    unicode_text = "".join(rng.choice(alphabet) for _ in range(3_000))
+    assert len(unicode_text.encode()) > 8_000
+    return {"ascii": "pasted " + ascii_text, "unicode": "跑步 " + unicode_text}
+
+
+def test_long_search_queries_reach_every_model_with_their_full_text(
+    restated_week: SourceWeek, pg: psycopg.Connection, clients: BigQueryClients
+) -> None:
+    from google.cloud import bigquery
+
+    from flows.sample_data import sqp_schema
+
+    week = restated_week
+    queries = long_queries()
+    names = [f"`{f.name}`" for f in sqp_schema()]
+    copied = ", ".join("@query" if n == "`Search Query`" else n for n in names)
+    for asin, text in zip(("B000000009", "B000000010"), queries.values(), strict=True):
+        config = bigquery.QueryJobConfig(
+            query_parameters=[
+                bigquery.ScalarQueryParameter("query", "STRING", text),
+                bigquery.ScalarQueryParameter("asin", "STRING", asin),
+            ]
+        )
+        # A copy of one of the ASIN's rows in the week, under the long query.
+        week.clients.rest.query(
+            f"insert into {week.table} ({', '.join(names)}) select {copied} from {week.table} "
+            f"where {week.where} and `ASIN` = @asin order by `Search Query` limit 1",
+            job_config=config,
+        ).result()
+
+    run = backfill_restated_week()  # asserts status success
+    assert run["dbt_failed"] == [], run["dbt_failed"]
+
+    models = {
+        "marts.search_query_performance": "week_start",
+        "marts.search_performance_summary": "week_start",
+        **{table: "period_start" for table in SUMMARY_TABLES.values()},
+    }
+    for text in queries.values():
+        key = hashlib.md5(text.encode()).hexdigest()
+        for table, period_column in models.items():
+            rows = pg.execute(
+                f"select {period_column}, search_query, search_query_key from {table} where search_query_key = %s",
+                (key,),
+            ).fetchall()
+            assert len(rows) == 1, f"{table}: {len(rows)} rows for the {len(text)}-character query"
+            period, stored, stored_key = rows[0]
+            assert stored == text and stored_key == key, table
+            assert period <= RESTATED_WEEK, table
+    assert_summaries_match_source(pg, clients)
 
 
 # --------------------------------------------------------------------------------------
