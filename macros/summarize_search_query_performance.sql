@@ -1,9 +1,10 @@
 {#
     The config of weekly/monthly/quarterly/yearly_summary: replaced by period, one row per
-    (period_start, search_query, asin).
+    (period_start, search_query, asin), keyed on search_query_key (the full text can exceed
+    what an index entry holds).
 #}
 {% macro summary_config(period) -%}
-    {{ return(period_incremental_config('period_start', ['period_start', 'search_query', 'asin'], period=period)) }}
+    {{ return(period_incremental_config('period_start', ['period_start', 'search_query_key', 'asin'], period=period)) }}
 {%- endmacro %}
 
 
@@ -47,6 +48,7 @@ weeks_in_periods as (
     select
         {{ period_start }} as period_start,
         {{ period_end }} as period_end,
+        search_query_key,
         search_query,
         asin,
         week_start,
@@ -67,6 +69,7 @@ period_sums as (
     select
         period_start,
         period_end,
+        search_query_key,
         search_query,
         asin,
         sum(asin_impression_count) as impressions,
@@ -83,6 +86,7 @@ period_sums as (
     group by
         period_start,
         period_end,
+        search_query_key,
         search_query,
         asin
 
@@ -95,6 +99,7 @@ final as (
         ---------- keys
         period_start,
         period_end,
+        search_query_key,
         search_query,
         asin,
 

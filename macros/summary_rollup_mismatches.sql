@@ -25,7 +25,7 @@ weekly as (
 
     select
         cast({{ dbt.date_trunc(period, 'period_start') }} as date) as period_start,
-        search_query,
+        search_query_key,
         asin,
         {%- for column in compared_columns %}
         {{ column }}{{ "," if not loop.last }}
@@ -38,7 +38,7 @@ weeks_rolled_up as (
 
     select
         period_start,
-        search_query,
+        search_query_key,
         asin,
         {%- for column in compared_columns %}
         sum({{ column }}) as {{ column }}{{ "," if not loop.last }}
@@ -46,7 +46,7 @@ weeks_rolled_up as (
     from weekly
     group by
         period_start,
-        search_query,
+        search_query_key,
         asin
 
 ),
@@ -61,13 +61,13 @@ mismatches as (
 
     select
         coalesce(summary.period_start, weeks_rolled_up.period_start) as period_start,
-        coalesce(summary.search_query, weeks_rolled_up.search_query) as search_query,
+        coalesce(summary.search_query_key, weeks_rolled_up.search_query_key) as search_query_key,
         coalesce(summary.asin, weeks_rolled_up.asin) as asin
     from summary
     full outer join weeks_rolled_up
         on
             summary.period_start = weeks_rolled_up.period_start
-            and summary.search_query = weeks_rolled_up.search_query
+            and summary.search_query_key = weeks_rolled_up.search_query_key
             and summary.asin = weeks_rolled_up.asin
     where
         summary.asin is null

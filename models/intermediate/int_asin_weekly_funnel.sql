@@ -1,7 +1,8 @@
 {#
     Per SQP week and ASIN: the ASIN's funnel summed over its search queries, with the rates of
-    those sums. Incremental like search_query_performance, which it reads, so a refresh
-    re-sums only the weeks it rebuilt; asin_performance adds the current catalog on read.
+    those sums. Reads the staging view (the intermediate layer never reads a mart), windowed
+    exactly like search_query_performance, so a refresh re-sums only the weeks it rebuilt;
+    asin_performance adds the current catalog on read.
 #}
 {{ config(**period_incremental_config('week_start', ['week_start', 'asin'])) }}
 
@@ -9,9 +10,9 @@ with
 
 sqp_weeks as (
 
-    select * from {{ ref('search_query_performance') }}
+    select * from {{ ref('stg_sqp__search_query_performance') }}
     {%- if is_incremental() %}
-    where week_start >= {{ incremental_window_start('week_start') }}
+    where week_start_at >= {{ incremental_window_start('week_start', as_utc_timestamp=true) }}
     {%- endif %}
 
 ),

@@ -2,7 +2,7 @@
     One row per day, ASIN and search query from the daily search-term table, with rates.
     Incremental: each run replaces the days on or after the refresh window start.
 #}
-{{ config(**period_incremental_config('search_date', ['search_date', 'asin', 'search_query'], grain='day')) }}
+{{ config(**period_incremental_config('search_date', ['search_date', 'asin', 'search_query_key'], grain='day')) }}
 
 with
 
@@ -22,6 +22,7 @@ final as (
         ---------- keys
         search_date,
         asin,
+        search_query_key,
         search_query,
 
         ---------- counts

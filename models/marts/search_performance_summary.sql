@@ -2,7 +2,7 @@
     Per SQP week, ASIN and search query: the ASIN's funnel counts and the rates derived from
     them. Incremental like search_query_performance, which it reads.
 #}
-{{ config(**period_incremental_config('week_start', ['week_start', 'asin', 'search_query'])) }}
+{{ config(**period_incremental_config('week_start', ['week_start', 'asin', 'search_query_key'])) }}
 
 with
 
@@ -23,6 +23,7 @@ final as (
         week_start,
         week_end,
         asin,
+        search_query_key,
         search_query,
 
         ---------- ids

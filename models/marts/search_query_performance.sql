@@ -4,7 +4,7 @@
     The window filters the source timestamp (week_start_at), not the date derived from it,
     so the raw table's index on its cursor column serves it.
 #}
-{{ config(**period_incremental_config('week_start', ['week_start', 'asin', 'search_query'])) }}
+{{ config(**period_incremental_config('week_start', ['week_start', 'asin', 'search_query_key'])) }}
 
 with
 
@@ -25,6 +25,7 @@ final as (
         week_start,
         week_end,
         asin,
+        search_query_key,
         search_query,
 
         ---------- ids

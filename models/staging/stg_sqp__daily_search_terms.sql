@@ -13,6 +13,7 @@ renamed as (
         ----------  ids
         asin,
         search_query,
+        {{ search_query_key('search_query') }} as search_query_key,
 
         ---------- day
         cast(date as date) as search_date,

@@ -15,6 +15,7 @@ renamed as (
         parent_asin,
         child_asin,
         search_query,
+        {{ search_query_key('search_query') }} as search_query_key,
 
         ---------- week
         date as week_start_at,

@@ -11,7 +11,10 @@ session's data as generated.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+import string
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -311,6 +314,204 @@ def test_restated_week_rebuilds_its_periods_only(
         assert rebuilt == {new_invocation}, f"{name}: periods from {first} were not all rebuilt"
         assert kept_after == kept_before, f"{name}: periods before {first} were rebuilt too"
         assert kept_after or name == "year", f"{name}: no period before {first} to check"
+
+
+# --------------------------------------------------------------------------------------
+# NULL counts (docs: sqp_null_counts in models/_sqp__docs.md)
+# --------------------------------------------------------------------------------------
+
+ASIN_SUMMED = {
+    "impressions": "impressions",
+    "clicks": "clicks",
+    "cart_adds": "cart_adds",
+    "purchases": "purchases",
+}
+ASIN_RATIOS = {
+    "ctr": ("clicks", "impressions"),
+    "cart_add_rate": ("cart_adds", "clicks"),
+    "cvr": ("purchases", "clicks"),
+}
+
+
+def expected_asin_weeks(source: pa.Table) -> Rows:
+    """asin_performance by the NULL rule: per week and ASIN, sums of the reported counts (NULL
+    when no query reports one), ratios of those sums, every reported query counted."""
+    weeks = [ts.astimezone(UTC).date() for ts in source["week_start_at"].to_pylist()]
+    grouped = (
+        source.append_column("week_start", pa.array(weeks, pa.date32()))
+        .group_by(["week_start", "asin"])
+        .aggregate([(c, "sum") for c in ASIN_SUMMED] + [("search_query", "count")])
+    )
+    out: Rows = {}
+    for g in grouped.to_pylist():
+        row: dict[str, Any] = {c: g[f"{c}_sum"] for c in ASIN_SUMMED}
+        row |= {c: ratio(row[num], row[den]) for c, (num, den) in ASIN_RATIOS.items()}
+        row["search_queries"] = g["search_query_count"]
+        out[(g["week_start"], g["asin"])] = row
+    return out
+
+
+def actual_asin_weeks(pg: psycopg.Connection) -> Rows:
+    columns = ("search_queries", *ASIN_SUMMED, *ASIN_RATIOS)
+    cur = pg.execute(f"select start_date, asin, {', '.join(columns)} from marts.asin_performance")
+    return {(r[0], r[1]): dict(zip(columns, r[2:], strict=True)) for r in cur.fetchall()}
+
+
+def test_null_counts_build_every_model_and_follow_the_null_rule(
+    restated_week: SourceWeek, pg: psycopg.Connection, clients: BigQueryClients
+) -> None:
+    """Valid source rows with NULL counts in every stage: every model builds, the run ends
+    `success`, and marts and summaries equal the documented NULL rule computed here."""
+    from google.cloud import bigquery
+
+    week = restated_week
+    where = f"{week.where} and `ASIN` = @asin"
+
+    def update(assignments: str, asin: str, extra: str = "", **params: str) -> None:
+        query_params = [bigquery.ScalarQueryParameter("asin", "STRING", asin)] + [
+            bigquery.ScalarQueryParameter(k, "STRING", v) for k, v in params.items()
+        ]
+        config = bigquery.QueryJobConfig(query_parameters=query_params)
+        week.clients.rest.query(
+            f"update {week.table} set {assignments} where {where}{extra}", job_config=config
+        ).result()
+
+    def queries(asin: str) -> list[str]:
+        config = bigquery.QueryJobConfig(
+            query_parameters=[bigquery.ScalarQueryParameter("asin", "STRING", asin)]
+        )
+        rows = week.clients.rest.query(
+            f"select `Search Query` from {week.table} where {where} order by 1", job_config=config
+        ).result()
+        return [r[0] for r in rows]
+
+    # B5: impressions reported by one query only (equal to its clicks), clicks by all: the
+    # ASIN's week sums clicks above impressions, which is valid data.
+    keep, *_ = queries("B000000005")
+    update("`ASIN Impression Count` = null", "B000000005", " and `Search Query` != @keep", keep=keep)
+    update(
+        "`ASIN Impression Count` = `ASIN Click Count`", "B000000005", " and `Search Query` = @keep", keep=keep
+    )
+    # B6: no query reports clicks: the week's clicks and every rate from them are NULL.
+    update("`ASIN Click Count` = null", "B000000006")
+    # B7: cart adds and purchases missing for half the queries, query impressions for all.
+    b7 = queries("B000000007")
+    update(
+        "`ASIN Cart Add Count` = null, `ASIN Purchase Count` = null",
+        "B000000007",
+        " and `Search Query` < @mid",
+        mid=b7[len(b7) // 2],
+    )
+    update("`Total Query Impression Count` = null", "B000000007")
+    # B8: one query with no count at all.
+    update(
+        "`ASIN Impression Count` = null, `ASIN Click Count` = null, `ASIN Cart Add Count` = null, "
+        "`ASIN Purchase Count` = null, `Total Query Impression Count` = null, `Total Click Count` = null, "
+        "`Total Cart Add Count` = null, `Total Purchase Count` = null",
+        "B000000008",
+        " and `Search Query` = @first",
+        first=queries("B000000008")[0],
+    )
+
+    run = backfill_restated_week()  # asserts status success
+    assert run["dbt_failed"] == [], run["dbt_failed"]
+    nodes = dict(
+        pg.execute(
+            "select name, status from refresh_control.dbt_node_runs where invocation_id = %s and resource_type = 'model'",
+            (run["dbt_invocation_id"],),
+        ).fetchall()
+    )
+    assert set(nodes.values()) == {"success"}, nodes
+    assert {
+        "search_query_performance",
+        "int_asin_weekly_funnel",
+        "asin_performance",
+        "weekly_summary",
+    } <= set(nodes)
+
+    source = read_source(clients)
+    expected = expected_asin_weeks(source)
+    b5 = expected[(RESTATED_WEEK, "B000000005")]
+    assert b5["clicks"] > b5["impressions"], "the data must break funnel order on sums"
+    b6 = expected[(RESTATED_WEEK, "B000000006")]
+    assert b6["clicks"] is None and b6["ctr"] is None and b6["impressions"] is not None
+    actual = actual_asin_weeks(pg)
+    assert actual.keys() == expected.keys()
+    wrong = [
+        (k, c, e[c], actual[k][c]) for k, e in sorted(expected.items()) for c in e if actual[k][c] != e[c]
+    ]
+    assert not wrong, f"asin_performance: {len(wrong)} values differ, e.g. {wrong[:5]}"
+    assert_summaries_match_source(pg, clients)
+    weekly = actual_summary(pg, "week")
+    b8 = [
+        r
+        for k, r in weekly.items()
+        if k[0] == RESTATED_WEEK and k[2] == "B000000008" and r["impressions"] is None
+    ]
+    assert len(b8) == 1 and b8[0]["active_weeks"] == 0 and b8[0]["ctr"] is None
+
+
+# --------------------------------------------------------------------------------------
+# Search queries of any length (key: search_query_key, docs/dbt.md)
+# --------------------------------------------------------------------------------------
+
+
+def long_queries() -> dict[str, str]:
+    """Two ~10 KB queries that do not compress (a btree entry holds ~2.7 KB after compression):
+    ASCII, and multibyte unicode (3- and 4-byte UTF-8)."""
+    rng = random.Random(8)
+    ascii_text = "".join(rng.choice(string.ascii_letters + string.digits + " ") for _ in range(10_000))
+    alphabet = "跑步鞋ランニングシューズкроссовкиé🏃👟🎽" + "".join(chr(0x4E00 + i) for i in range(200))
+    unicode_text = "".join(rng.choice(alphabet) for _ in range(3_000))
+    assert len(unicode_text.encode()) > 8_000
+    return {"ascii": "pasted " + ascii_text, "unicode": "跑步 " + unicode_text}
+
+
+def test_long_search_queries_reach_every_model_with_their_full_text(
+    restated_week: SourceWeek, pg: psycopg.Connection, clients: BigQueryClients
+) -> None:
+    from google.cloud import bigquery
+
+    from flows.sample_data import sqp_schema
+
+    week = restated_week
+    queries = long_queries()
+    names = [f"`{f.name}`" for f in sqp_schema()]
+    copied = ", ".join("@query" if n == "`Search Query`" else n for n in names)
+    for asin, text in zip(("B000000009", "B000000010"), queries.values(), strict=True):
+        config = bigquery.QueryJobConfig(
+            query_parameters=[
+                bigquery.ScalarQueryParameter("query", "STRING", text),
+                bigquery.ScalarQueryParameter("asin", "STRING", asin),
+            ]
+        )
+        # A copy of one of the ASIN's rows in the week, under the long query.
+        week.clients.rest.query(
+            f"insert into {week.table} ({', '.join(names)}) select {copied} from {week.table} "
+            f"where {week.where} and `ASIN` = @asin order by `Search Query` limit 1",
+            job_config=config,
+        ).result()
+
+    run = backfill_restated_week()  # asserts status success
+    assert run["dbt_failed"] == [], run["dbt_failed"]
+
+    models = {
+        "marts.search_query_performance": "week_start",
+        "marts.search_performance_summary": "week_start",
+        **{table: "period_start" for table in SUMMARY_TABLES.values()},
+    }
+    for text in queries.values():
+        key = hashlib.md5(text.encode()).hexdigest()
+        for table, period_column in models.items():
+            rows = pg.execute(
+                f"select {period_column}, search_query, search_query_key from {table} where search_query_key = %s",
+                (key,),
+            ).fetchall()
+            assert len(rows) == 1, f"{table}: {len(rows)} rows for the {len(text)}-character query"
+            period, stored, stored_key = rows[0]
+            assert stored == text and stored_key == key, table
+            assert period <= RESTATED_WEEK, table
+    assert_summaries_match_source(pg, clients)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 {#
-    Fails for every row where a funnel stage exceeds the stage before it, e.g.
-    columns [impressions, clicks, cart_adds, purchases]. NULL stages are not compared.
+    Fails for every row where a funnel stage exceeds a stage before it, e.g.
+    columns [impressions, clicks, cart_adds, purchases]. A NULL stage is "not reported": it is
+    not compared, and the stages on either side of it are still compared with each other
+    (every reported stage against every reported earlier stage).
 #}
 {% test funnel_non_increasing(model, columns) %}
 
@@ -11,8 +13,11 @@
 select *
 from {{ model }}
 where
-    {%- for column in columns[1:] %}
-        {{ "or " if not loop.first }}{{ column }} > {{ columns[loop.index0] }}
+    {%- for later in columns[1:] %}
+        {%- set later_index = loop.index %}
+        {%- for earlier in columns[:later_index] %}
+        {{ "or " if not (later_index == 1 and loop.first) }}{{ later }} > {{ earlier }}
+        {%- endfor %}
     {%- endfor %}
 
 {% endtest %}
