@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.futures import PrefectFuture
-from prefect.runtime import task_run
+from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -71,6 +71,12 @@ def refresh_table_task(
 def _flow_run_id() -> UUID | None:
     ctx = get_run_context()
     return getattr(getattr(ctx, "flow_run", None), "id", None)
+
+
+def _scheduled_start() -> datetime | None:
+    """The flow run's expected start: the cron tick for a scheduled run, creation otherwise."""
+    when = flow_run.scheduled_start_time
+    return None if when is None else datetime.fromtimestamp(when.timestamp(), UTC)
 
 
 def _outcome(cfg: TableConfig, future: PrefectFuture[TableOutcome]) -> TableOutcome:
@@ -135,15 +141,19 @@ def daily_refresh(
     t0 = time.monotonic()
     settings = get_settings()
     params = runbook.validate_params(tables, start_date, end_date, full_refresh, dry_run, force, trigger)
+    anchor = runbook.run_anchor(_scheduled_start(), datetime.now(UTC))
     clients = make_clients(settings)
     try:
-        chosen = runbook.plan_tables(settings, clients, params, now=datetime.now(UTC))
+        chosen = runbook.plan_tables(settings, clients, params, now=anchor)
         logger.info("plan: %s", ", ".join(c.table_name for c in chosen) or "no table is due")
         # One refresh at a time: a second run fails here at once, having changed nothing.
         with refresh_lock(settings) as lock_conn:
             run = runbook.begin_run(lock_conn, settings, flow_run_id=_flow_run_id(), params=params)
             try:
                 outcomes = extract(settings, clients, chosen, run.run_id, params.options)
+                runbook.advance_due_times(
+                    lock_conn, settings, chosen, outcomes, anchor, scheduled=params.scheduled
+                )
                 dbt = (
                     None if params.dry_run else transform(settings, outcomes, run.run_id, params.full_refresh)
                 )

@@ -22,6 +22,7 @@ from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.extract import list_source_tables
 from flows.identifiers import validate_pg_identifier
+from flows.planning import is_due, next_due
 from flows.refresh import RefreshOptions, TableOutcome
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings
@@ -29,6 +30,7 @@ from flows.transform import DbtOutcome
 
 DBT_SOURCE = "sqp"
 MAX_TRIGGER_LENGTH = 40
+SCHEDULE_TRIGGER = "schedule"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class RunParams:
     dry_run: bool = False
     force: bool = False
     trigger: str = "manual"
+
+    @property
+    def scheduled(self) -> bool:
+        """Started by the deployment's schedule (which sets trigger `schedule`): it sets the cadence."""
+        return self.trigger == SCHEDULE_TRIGGER
 
     @property
     def options(self) -> RefreshOptions:
@@ -126,9 +133,15 @@ def register_new_tables(
 
 
 def select_tables(
-    configs: list[TableConfig], requested: list[str] | None, *, force: bool, now: datetime
+    configs: list[TableConfig],
+    requested: list[str] | None,
+    *,
+    force: bool,
+    now: datetime,
+    scheduled: bool = False,
 ) -> list[TableConfig]:
-    """Tables to refresh, highest priority first: the requested ones, or the enabled due ones.
+    """Tables to refresh, highest priority first: the requested ones, or the enabled due ones
+    (flows.planning.is_due at the run's anchor `now`).
 
     Requested tables are refreshed whether due or not; disabled ones only with `force`.
     """
@@ -147,9 +160,7 @@ def select_tables(
         chosen = [
             c
             for c in configs
-            if c.enabled
-            and c.mode is not Mode.DISABLED
-            and (force or c.next_refresh_at is None or c.next_refresh_at <= now)
+            if c.enabled and c.mode is not Mode.DISABLED and (force or is_due(c, now, scheduled=scheduled))
         ]
     return sorted(chosen, key=lambda c: (-c.priority, c.table_name))
 
@@ -159,17 +170,46 @@ def plan_tables(
 ) -> list[TableConfig]:
     """Plan: the tables this run refreshes. Unknown or disabled tables fail here, before any write.
 
-    A scheduled run (no tables named, not a dry run) also registers new source tables; they
-    start in dry_run mode, so they are planned but write nothing.
+    `now` is the run's anchor (run_anchor). A run with no tables named, not a dry run, also
+    registers new source tables; they start in dry_run mode, so they are planned but write
+    nothing.
     """
     configs = prepare(settings)
-    chosen = select_tables(configs, params.tables, force=params.force, now=now)
+    chosen = select_tables(configs, params.tables, force=params.force, now=now, scheduled=params.scheduled)
     if params.tables or params.dry_run:
         return chosen
     with_new = register_new_tables(settings, clients, configs)
     if len(with_new) == len(configs):
         return chosen
-    return select_tables(with_new, None, force=params.force, now=now)
+    return select_tables(with_new, None, force=params.force, now=now, scheduled=params.scheduled)
+
+
+def run_anchor(scheduled_start: datetime | None, started: datetime) -> datetime:
+    """The time a run's due times count from: its scheduled start (Prefect's expected start of
+    the flow run, the cron tick for a scheduled run however late it starts), else its start."""
+    return (scheduled_start or started).astimezone(UTC)
+
+
+def advance_due_times(
+    conn: psycopg.Connection,
+    settings: Settings,
+    chosen: list[TableConfig],
+    outcomes: list[TableOutcome],
+    anchor: datetime,
+    *,
+    scheduled: bool,
+) -> dict[str, datetime]:
+    """Each table this run refreshed successfully gets its next due time (flows.planning.next_due);
+    a failed or only planned table stays due. Returns the new due times."""
+    by_name = {c.table_name: c for c in chosen}
+    due = {
+        o.table_name: next_due(by_name[o.table_name], anchor, scheduled=scheduled)
+        for o in outcomes
+        if o.status == "success" and o.table_name in by_name
+    }
+    for table, when in due.items():
+        registry.set_next_refresh(conn, settings.control_schema, table, when)
+    return due
 
 
 def begin_run(
