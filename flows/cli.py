@@ -309,13 +309,19 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="Refresh tables even if not due or disabled")
     ] = False,
+    scheduled: Annotated[
+        bool,
+        typer.Option(
+            "--scheduled", help="Run as the schedule (for cron): due times count from this run's start"
+        ),
+    ] = False,
     with_stack: WithStackOption = True,
 ) -> None:
     """Run the daily refresh once, now, in this process."""
     _run_refresh(
         _settings(),
         with_stack,
-        trigger="cli",
+        trigger="schedule" if scheduled else "cli",
         tables=tables,
         start_date=start_date,
         end_date=end_date,
@@ -500,7 +506,7 @@ def status(
             row["mode"] if row["enabled"] else "disabled",
             row["last_status"] or "-",
             _ts(row["last_success_at"]),
-            _ts(row["next_refresh_at"]),
+            _ts(row["next_refresh_at"]) if row["next_refresh_at"] else "now (never refreshed)",
         )
     out.print(per_table)
 
