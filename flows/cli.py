@@ -1,6 +1,8 @@
 """The `refresh` command line.
 
 Every command fails with one line saying what went wrong, a hint line, and exit code 1.
+A refresh (`run`, `backfill`, `demo`) exits 0 on success, 1 when it failed and 2 when it
+ended `warning` (some table or dbt node failed, the rest went on).
 """
 
 from __future__ import annotations
@@ -65,6 +67,17 @@ def _settings(prefect_log_level: str = "WARNING") -> Settings:
         _fail(f"configuration error: {' '.join(first[:3])}", "check the REFRESH_* environment variables")
     _prefect_env(s, prefect_log_level)
     return s
+
+
+EXIT_WARNING = 2
+
+
+def _exit_for(summary: dict[str, Any]) -> None:
+    """A warning must not look like a success to a script, cron or CI: exit code 2."""
+    if summary["status"] == "warning":
+        raise typer.Exit(EXIT_WARNING)
+    if summary["status"] != "success":
+        raise typer.Exit(1)
 
 
 def _fail(message: str, hint: str | None = None) -> NoReturn:
@@ -232,8 +245,13 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
             out.print(f"  plan {t['table']} {p['slice']}: ~{p['estimated_bytes']} bytes")
     out.print(
         f"dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
-        f"{len(summary['dbt_failed'])} failed"
+        f"{len(summary['dbt_failed'])} failed, {len(summary['dbt_skipped'])} skipped"
     )
+    for label, nodes in (("failed", summary["dbt_failed"]), ("skipped", summary["dbt_skipped"])):
+        if nodes:
+            out.print(f"  [red]dbt {label}[/]: {', '.join(nodes)}")
+    if summary["first_error"]:
+        out.print(f"  first error: {summary['first_error']}")
     out.print("where to look next:")
     pg = settings.dsn() if settings.uses_embedded_postgres else "(REFRESH_PG_DSN)"
     schemas = f"{settings.raw_schema}, staging, marts, summaries, {settings.control_schema}"
@@ -317,8 +335,9 @@ def run(
     ] = False,
     with_stack: WithStackOption = True,
 ) -> None:
-    """Run the daily refresh once, now, in this process."""
-    _run_refresh(
+    """Run the daily refresh once, now, in this process. Exit code 0 success, 1 failed,
+    2 warning (some table or dbt node failed)."""
+    summary = _run_refresh(
         _settings(),
         with_stack,
         trigger="schedule" if scheduled else "cli",
@@ -329,6 +348,7 @@ def run(
         dry_run=dry_run,
         force=force,
     )
+    _exit_for(summary)
 
 
 @app.command()
@@ -339,8 +359,9 @@ def backfill(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: write nothing")] = False,
     with_stack: WithStackOption = True,
 ) -> None:
-    """Reload a date range of the given tables (default: every enabled table), due or not."""
-    _run_refresh(
+    """Reload a date range of the given tables (default: every enabled table), due or not.
+    Exit codes as for `run`."""
+    summary = _run_refresh(
         _settings(),
         with_stack,
         trigger="backfill",
@@ -350,6 +371,7 @@ def backfill(
         dry_run=dry_run,
         force=True,
     )
+    _exit_for(summary)
 
 
 @app.command()
@@ -385,8 +407,7 @@ def demo(
         finally:
             clients.close()
         summary = _run_refresh(settings, False, force=True, trigger="demo")
-    if summary["status"] != "success":
-        raise typer.Exit(1)
+    _exit_for(summary)
 
 
 @app.command()

@@ -740,3 +740,39 @@ def test_cli_config_history_status_and_backfill(api_run: Any, orch: Settings, pg
     assert result.exit_code == 0, result.output
     assert "configuration is valid" in result.output
     assert PRODUCTS_TABLE in result.output
+
+
+def test_cli_run_ending_warning_exits_2_and_names_what_failed(
+    api_run: Any, orch: Settings, pg: psycopg.Connection
+) -> None:
+    """One table fails, the other loads: `refresh run` must not exit 0, and the summary, the
+    audit row and `refresh status` say what failed and the first error line."""
+    from flows import registry
+    from flows.cli import app
+    from flows.registry import TableConfig
+
+    with psycopg.connect(orch.dsn()) as conn:
+        registry.sync_from_file(
+            conn,
+            "orch_control",
+            [
+                TableConfig(
+                    table_name="orch_gone", source_table="no_such_table", write_strategy="full_replace"
+                )
+            ],
+        )
+    try:
+        runner = CliRunner()
+        result = runner.invoke(app, ["run", "--no-stack", "--tables", "orch_products,orch_gone"])
+        assert result.exit_code == 2, result.output
+        assert "refresh warning" in result.output
+        assert "first error: orch_gone:" in result.output and "no_such_table" in result.output
+        message = pg_scalar(
+            pg, "select message from orch_control.refresh_runs order by started_at desc limit 1"
+        )
+        assert message.startswith("1 of 2 table(s) refreshed; orch_gone: ") and "no_such_table" in message
+        status = runner.invoke(app, ["status"])
+        assert status.exit_code == 0, status.output
+        assert "warning" in status.output and "orch_gone" in status.output
+    finally:
+        pg.execute("delete from orch_control.refresh_config where table_name = 'orch_gone'")
