@@ -131,11 +131,23 @@ def daily_refresh(
 ) -> State[dict[str, Any]]:
     """Refresh the due tables (or `tables`) from BigQuery into Postgres, then build dbt.
 
-    tables: refresh exactly these (registry names), due or not; empty = every due table.
-    start_date / end_date: reload this range of the cursor (backfill) instead of the lookback.
-    full_refresh: reload whole tables and rebuild the dbt models from scratch.
-    dry_run: plan only (slices, estimated bytes); writes nothing but the run's audit record.
-    force: refresh tables that are not due yet, and disabled tables named in `tables`.
+    Prefect shows the descriptions below in the deployment's custom-run form.
+
+    Args:
+        tables: Registry table names to refresh, due or not, e.g. ["search_query_performance"]
+            (`refresh config get` lists them). Empty: every enabled table that is due.
+        start_date: Backfill: first cursor date to reload, YYYY-MM-DD (e.g. 2026-01-05), instead
+            of the lookback window. Empty: from the table's first date when end_date is set.
+        end_date: Backfill: last cursor date to reload, inclusive, YYYY-MM-DD. Empty: up to the
+            newest date in the source when start_date is set.
+        full_refresh: true: reload whole tables and rebuild every dbt model from scratch
+            (slow). Leave the dates empty with it.
+        dry_run: true: plan only (tables, slices, estimated BigQuery bytes); writes nothing but
+            the run's audit record.
+        force: true: also refresh tables that are not due yet, and disabled tables named in
+            `tables`.
+        trigger: A label stored with the run in the audit (1-40 characters): `manual` by
+            default; `schedule` (set by the schedule) makes due times count from this run.
     """
     logger = get_run_logger()
     t0 = time.monotonic()

@@ -226,6 +226,11 @@ def _row_counts(conn: psycopg.Connection) -> dict[str, int]:
     return counts
 
 
+def _undocumented(schema: dict[str, Any]) -> list[str]:
+    """Parameters of a deployment's schema without a description (the UI shows none)."""
+    return [name for name, prop in schema["properties"].items() if not prop.get("description", "").strip()]
+
+
 @pytest.fixture(scope="module")
 def api_run(served: None, orch: Settings) -> Any:
     """A live refresh of the module's two tables, created through the Prefect API."""
@@ -261,6 +266,12 @@ def test_deployments_register_with_cron_time_zone_and_limit(served: None) -> Non
         "trigger",
     }
     assert daily.enforce_parameter_schema
+    # the UI's custom-run form shows each parameter's description, with its format
+    for deployment in (daily, housekeeping):
+        assert not _undocumented(deployment.parameter_openapi_schema), deployment.name
+    described = daily.parameter_openapi_schema["properties"]
+    assert "YYYY-MM-DD" in described["start_date"]["description"]
+    assert "every enabled table that is due" in described["tables"]["description"]
     [hourly] = housekeeping.schedules
     assert (hourly.schedule.cron, hourly.schedule.timezone) == ("30 * * * *", TIMEZONE)
     assert housekeeping.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
@@ -295,6 +306,8 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(
             )
 
     daily, housekeeping = asyncio.run(read())
+    assert not _undocumented(daily.parameter_openapi_schema)
+    assert not _undocumented(housekeeping.parameter_openapi_schema)
     assert (
         daily.work_pool_name == "sqp-refresh" and daily.entrypoint == "flows/daily_refresh.py:daily_refresh"
     )
