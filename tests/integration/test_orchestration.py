@@ -775,10 +775,17 @@ def test_cli_run_ending_warning_exits_2_and_names_what_failed(
             ],
         )
     try:
-        runner = CliRunner()
+        # as in CI, where COLUMNS says 80 and stdout is a pipe
+        runner = CliRunner(env={"COLUMNS": "80"})
         result = runner.invoke(app, ["run", "--no-stack", "--tables", "orch_products,orch_gone"])
         assert result.exit_code == 2, result.output
         assert "refresh warning" in result.output
+        rows = {
+            line.split()[0]: line.split()[1:3]
+            for line in result.output.splitlines()
+            if line.startswith(" orch_")
+        }
+        assert rows == {"orch_products": ["success", "live"], "orch_gone": ["failed", "live"]}, result.output
         assert "first error: orch_gone:" in result.output and "no_such_table" in result.output
         message = pg_scalar(
             pg, "select message from orch_control.refresh_runs order by started_at desc limit 1"
