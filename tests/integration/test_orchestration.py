@@ -796,3 +796,25 @@ def test_cli_run_ending_warning_exits_2_and_names_what_failed(
         assert "warning" in status.output and "orch_gone" in status.output
     finally:
         pg.execute("delete from orch_control.refresh_config where table_name = 'orch_gone'")
+
+
+def test_a_scheduled_run_counts_the_next_due_time_from_its_scheduled_start(
+    api_run: Any, orch: Settings, pg: psycopg.Connection
+) -> None:
+    """The flow wires Prefect's expected start of the run into the due time, not the moment
+    the table's refresh ended."""
+    from prefect.client.orchestration import get_client
+
+    from flows.daily_refresh import daily_refresh
+
+    summary = daily_refresh(tables=["orch_products"], trigger="schedule")
+
+    async def read() -> Any:
+        async with get_client() as client:
+            return await client.read_flow_run(UUID(summary["flow_run_id"]))
+
+    expected_start = asyncio.run(read()).expected_start_time
+    due = pg_scalar(
+        pg, "select next_refresh_at from orch_control.refresh_config where table_name = 'orch_products'"
+    )
+    assert due == expected_start + timedelta(hours=24)
