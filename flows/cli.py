@@ -1,6 +1,8 @@
 """The `refresh` command line.
 
 Every command fails with one line saying what went wrong, a hint line, and exit code 1.
+A refresh (`run`, `backfill`, `demo`) exits 0 on success, 1 when it failed and 2 when it
+ended `warning` (some table or dbt node failed, the rest went on).
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -28,6 +33,16 @@ from rich.table import Table
 from flows.errors import ConfigError, RefreshError
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
+# What the Makefile exports, for a CLI started any other way (a shell, cron, CI): no usage
+# statistics sent by Prefect's local server or dbt (and no notice about them). Set before
+# Prefect or dbt is imported; a value the user set wins. PREFECT_HOME: see _prefect_env.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DBT_SEND_ANONYMOUS_USAGE_STATS", "false")
+# pgserver asks platformdirs for a runtime directory when it is imported; without
+# XDG_RUNTIME_DIR (cron, containers, ssh) platformdirs warns on every command and falls back
+# to a private directory under /tmp, which is all the embedded Postgres needs.
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+
 app = typer.Typer(
     help="Daily BigQuery -> Postgres refresh (dbt + Prefect).",
     no_args_is_help=True,
@@ -38,7 +53,17 @@ config_app = typer.Typer(help="The table registry: show and change per-table set
 app.add_typer(stack_app, name="stack")
 app.add_typer(config_app, name="config")
 
+
+@app.callback()
+def _console() -> None:
+    """Daily BigQuery -> Postgres refresh (dbt + Prefect)."""
+    out.width = None if out.is_terminal else PIPE_WIDTH  # type: ignore[assignment]
+
+
 out = Console(highlight=False)
+# Output that is not a terminal (a pipe, a file, CI logs, cron mail) has no width to fit:
+# rich would assume 80 columns and wrap table cells mid-word.
+PIPE_WIDTH = 1000
 PG_HINT = "is Postgres up? (`refresh stack up` for the embedded one, else check REFRESH_PG_DSN)"
 
 TablesOption = Annotated[
@@ -65,6 +90,17 @@ def _settings(prefect_log_level: str = "WARNING") -> Settings:
         _fail(f"configuration error: {' '.join(first[:3])}", "check the REFRESH_* environment variables")
     _prefect_env(s, prefect_log_level)
     return s
+
+
+EXIT_WARNING = 2
+
+
+def _exit_for(summary: dict[str, Any]) -> None:
+    """A warning must not look like a success to a script, cron or CI: exit code 2."""
+    if summary["status"] == "warning":
+        raise typer.Exit(EXIT_WARNING)
+    if summary["status"] != "success":
+        raise typer.Exit(1)
 
 
 def _fail(message: str, hint: str | None = None) -> NoReturn:
@@ -109,13 +145,85 @@ def _stack(settings: Settings, with_stack: bool) -> contextlib.AbstractContextMa
     return local_stack(settings)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# dbt's node lines: "12 of 131 START sql view model staging.stg_x .... [RUN]" when a node starts,
+# "12 of 131 OK created sql view model ..." (PASS, WARN, FAIL, ERROR, SKIP, NO-OP) when it ends.
+_DBT_NODE = re.compile(r"\b(\d+) of (\d+) (START|OK|PASS|WARN|FAIL|ERROR|SKIP|NO-OP)\b ?(.*?)(?: \.{2,}.*)?$")
+
+
+@dataclass
+class DbtLogProgress:
+    """dbt's progress as its log file tells it, line by line: nodes done of the total, and the
+    nodes running now. A new invocation ("Running with dbt=") starts the count again."""
+
+    total: int = 0
+    done: set[int] = field(default_factory=set)
+    running: dict[int, str] = field(default_factory=dict)
+
+    def feed(self, lines: Iterable[str]) -> None:
+        for raw in lines:
+            line = _ANSI.sub("", raw).rstrip()
+            if "Running with dbt=" in line:
+                self.total, self.done, self.running = 0, set(), {}
+                continue
+            m = _DBT_NODE.search(line)
+            if m is None:
+                continue
+            index, self.total, event, rest = int(m[1]), int(m[2]), m[3], m[4].split()
+            if event == "START":
+                if index not in self.done:
+                    self.running[index] = rest[-1].rsplit(".", 1)[-1] if rest else f"node {index}"
+            else:
+                self.done.add(index)
+                self.running.pop(index, None)
+
+    def describe(self, max_names: int = 2) -> str:
+        names = [self.running[i] for i in sorted(self.running)]
+        shown = ", ".join(names[:max_names]) + (
+            f" +{len(names) - max_names}" if len(names) > max_names else ""
+        )
+        return f"{len(self.done)}/{self.total} nodes" + (f", running {shown}" if shown else "")
+
+
+class _DbtLogTail:
+    """Reads what dbt appended to its log file since the run started (dbt writes it under the
+    state directory, flows.transform.run_dbt); a log dbt rotated is read from its start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.partial = ""
+        self.progress = DbtLogProgress()
+
+    def poll(self) -> DbtLogProgress:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return self.progress
+        if size < self.offset:
+            self.offset, self.partial = 0, ""
+        if size > self.offset:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read(size - self.offset)
+            self.offset = size
+            lines = (self.partial + chunk.decode("utf-8", "replace")).split("\n")
+            self.partial = lines.pop()
+            self.progress.feed(lines)
+        return self.progress
+
+
 class _RunProgress:
-    """Live progress of the refresh running now, read from the audit tables every half second:
-    one line per table with its slices and rows so far, and the dbt build once tables are done.
+    """Live progress of the refresh running now, read every half second: one line per table
+    with its slices and rows so far (from the audit tables), then the dbt build's nodes done of
+    the total and the nodes running (from dbt's log).
     """
 
     def __init__(self, settings: Settings) -> None:
+        from flows.transform import target_dir
+
         self.settings = settings
+        self.dbt_log = _DbtLogTail(target_dir(settings).parent / "logs" / "dbt.log")
         console = Console(stderr=True)
         self.progress = Progress(
             SpinnerColumn(),
@@ -197,6 +305,17 @@ class _RunProgress:
         running = sum(1 for r in rows if r[1] == "running")
         detail = f"extracting {running} table(s)" if running else "dbt build and audit"
         self.progress.update(self.tasks["run"], detail=detail if rows else "extracting")
+        dbt = self.dbt_log.poll()
+        if dbt.total:
+            if "dbt" not in self.tasks:
+                self.tasks["dbt"] = self.progress.add_task("  dbt build", detail="", total=None)
+            finished = len(dbt.done) == dbt.total
+            self.progress.update(
+                self.tasks["dbt"],
+                detail=dbt.describe(),
+                total=1 if finished else None,
+                completed=1 if finished else 0,
+            )
 
 
 def _grid(*columns: str) -> Table:
@@ -232,8 +351,13 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
             out.print(f"  plan {t['table']} {p['slice']}: ~{p['estimated_bytes']} bytes")
     out.print(
         f"dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
-        f"{len(summary['dbt_failed'])} failed"
+        f"{len(summary['dbt_failed'])} failed, {len(summary['dbt_skipped'])} skipped"
     )
+    for label, nodes in (("failed", summary["dbt_failed"]), ("skipped", summary["dbt_skipped"])):
+        if nodes:
+            out.print(f"  [red]dbt {label}[/]: {', '.join(nodes)}")
+    if summary["first_error"]:
+        out.print(f"  first error: {summary['first_error']}")
     out.print("where to look next:")
     pg = settings.dsn() if settings.uses_embedded_postgres else "(REFRESH_PG_DSN)"
     schemas = f"{settings.raw_schema}, staging, marts, summaries, {settings.control_schema}"
@@ -309,13 +433,20 @@ def run(
     force: Annotated[
         bool, typer.Option("--force", help="Refresh tables even if not due or disabled")
     ] = False,
+    scheduled: Annotated[
+        bool,
+        typer.Option(
+            "--scheduled", help="Run as the schedule (for cron): due times count from this run's start"
+        ),
+    ] = False,
     with_stack: WithStackOption = True,
 ) -> None:
-    """Run the daily refresh once, now, in this process."""
-    _run_refresh(
+    """Run the daily refresh once, now, in this process. Exit code 0 success, 1 failed,
+    2 warning (some table or dbt node failed)."""
+    summary = _run_refresh(
         _settings(),
         with_stack,
-        trigger="cli",
+        trigger="schedule" if scheduled else "cli",
         tables=tables,
         start_date=start_date,
         end_date=end_date,
@@ -323,6 +454,7 @@ def run(
         dry_run=dry_run,
         force=force,
     )
+    _exit_for(summary)
 
 
 @app.command()
@@ -333,8 +465,9 @@ def backfill(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: write nothing")] = False,
     with_stack: WithStackOption = True,
 ) -> None:
-    """Reload a date range of the given tables (default: every enabled table), due or not."""
-    _run_refresh(
+    """Reload a date range of the given tables (default: every enabled table), due or not.
+    Exit codes as for `run`."""
+    summary = _run_refresh(
         _settings(),
         with_stack,
         trigger="backfill",
@@ -344,6 +477,7 @@ def backfill(
         dry_run=dry_run,
         force=True,
     )
+    _exit_for(summary)
 
 
 @app.command()
@@ -379,8 +513,7 @@ def demo(
         finally:
             clients.close()
         summary = _run_refresh(settings, False, force=True, trigger="demo")
-    if summary["status"] != "success":
-        raise typer.Exit(1)
+    _exit_for(summary)
 
 
 @app.command()
@@ -500,7 +633,7 @@ def status(
             row["mode"] if row["enabled"] else "disabled",
             row["last_status"] or "-",
             _ts(row["last_success_at"]),
-            _ts(row["next_refresh_at"]),
+            _ts(row["next_refresh_at"]) if row["next_refresh_at"] else "now (never refreshed)",
         )
     out.print(per_table)
 

@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.futures import PrefectFuture
-from prefect.runtime import task_run
+from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -73,6 +73,12 @@ def _flow_run_id() -> UUID | None:
     return getattr(getattr(ctx, "flow_run", None), "id", None)
 
 
+def _scheduled_start() -> datetime | None:
+    """The flow run's expected start: the cron tick for a scheduled run, creation otherwise."""
+    when = flow_run.scheduled_start_time
+    return None if when is None else datetime.fromtimestamp(when.timestamp(), UTC)
+
+
 def _outcome(cfg: TableConfig, future: PrefectFuture[TableOutcome]) -> TableOutcome:
     """The table's outcome; a crash of one table's task is that table's failure only."""
     try:
@@ -125,25 +131,41 @@ def daily_refresh(
 ) -> State[dict[str, Any]]:
     """Refresh the due tables (or `tables`) from BigQuery into Postgres, then build dbt.
 
-    tables: refresh exactly these (registry names), due or not; empty = every due table.
-    start_date / end_date: reload this range of the cursor (backfill) instead of the lookback.
-    full_refresh: reload whole tables and rebuild the dbt models from scratch.
-    dry_run: plan only (slices, estimated bytes); writes nothing but the run's audit record.
-    force: refresh tables that are not due yet, and disabled tables named in `tables`.
+    Prefect shows the descriptions below in the deployment's custom-run form.
+
+    Args:
+        tables: Registry table names to refresh, due or not, e.g. ["search_query_performance"]
+            (`refresh config get` lists them). Empty: every enabled table that is due.
+        start_date: Backfill: first cursor date to reload, YYYY-MM-DD (e.g. 2026-01-05), instead
+            of the lookback window. Empty: from the table's first date when end_date is set.
+        end_date: Backfill: last cursor date to reload, inclusive, YYYY-MM-DD. Empty: up to the
+            newest date in the source when start_date is set.
+        full_refresh: true: reload whole tables and rebuild every dbt model from scratch
+            (slow). Leave the dates empty with it.
+        dry_run: true: plan only (tables, slices, estimated BigQuery bytes); writes nothing but
+            the run's audit record.
+        force: true: also refresh tables that are not due yet, and disabled tables named in
+            `tables`.
+        trigger: A label stored with the run in the audit (1-40 characters): `manual` by
+            default; `schedule` (set by the schedule) makes due times count from this run.
     """
     logger = get_run_logger()
     t0 = time.monotonic()
     settings = get_settings()
     params = runbook.validate_params(tables, start_date, end_date, full_refresh, dry_run, force, trigger)
+    anchor = runbook.run_anchor(_scheduled_start(), datetime.now(UTC))
     clients = make_clients(settings)
     try:
-        chosen = runbook.plan_tables(settings, clients, params, now=datetime.now(UTC))
+        chosen = runbook.plan_tables(settings, clients, params, now=anchor)
         logger.info("plan: %s", ", ".join(c.table_name for c in chosen) or "no table is due")
         # One refresh at a time: a second run fails here at once, having changed nothing.
         with refresh_lock(settings) as lock_conn:
             run = runbook.begin_run(lock_conn, settings, flow_run_id=_flow_run_id(), params=params)
             try:
                 outcomes = extract(settings, clients, chosen, run.run_id, params.options)
+                runbook.advance_due_times(
+                    lock_conn, settings, chosen, outcomes, anchor, scheduled=params.scheduled
+                )
                 dbt = (
                     None if params.dry_run else transform(settings, outcomes, run.run_id, params.full_refresh)
                 )

@@ -131,7 +131,15 @@ def housekeeping(
     audit_retention_days: int | None = DEFAULT_AUDIT_RETENTION_DAYS,
 ) -> dict[str, Any]:
     """Mark abandoned runs, expire old checkpoints and (unless audit_retention_days is empty)
-    prune old audit rows."""
+    prune old audit rows.
+
+    Args:
+        checkpoint_retention_days: Delete checkpoints committed more than this many days ago
+            (1-36500, default 90); each table's newest checkpoint (its high-water mark) is kept.
+        audit_retention_days: Delete runs and their table, slice, dbt and event rows older than
+            this many days (1-36500, default 365); the latest run of every table is kept.
+            Empty: keep the audit forever.
+    """
     logger = get_run_logger()
     _check_retention(checkpoint_retention_days, "checkpoint")
     if audit_retention_days is not None:

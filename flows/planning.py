@@ -113,5 +113,44 @@ def resumable(slices: list[Slice], committed_since_last_success: set[date]) -> t
     return todo, len(slices) - len(todo)
 
 
-def is_due(cfg: TableConfig, now: datetime) -> bool:
-    return cfg.next_refresh_at is None or cfg.next_refresh_at <= now
+# A scheduled run takes a table whose due time is at most this far ahead of the run's anchor,
+# so a run the scheduler starts a few minutes early, or a due time a few minutes late, does
+# not leave the table to the run after. Capped at a quarter of the table's frequency.
+MAX_DUE_TOLERANCE = timedelta(minutes=30)
+
+
+def due_tolerance(cfg: TableConfig) -> timedelta:
+    return min(timedelta(hours=cfg.refresh_frequency_hours) / 4, MAX_DUE_TOLERANCE)
+
+
+def is_due(cfg: TableConfig, anchor: datetime, *, scheduled: bool) -> bool:
+    """Never refreshed, or due by the run's anchor (plus the tolerance for a scheduled run).
+
+    Other runs get no tolerance: they never take over a refresh the schedule is about to do.
+    """
+    if cfg.next_refresh_at is None:
+        return True
+    return cfg.next_refresh_at <= anchor + (due_tolerance(cfg) if scheduled else timedelta(0))
+
+
+def next_due(cfg: TableConfig, anchor: datetime, *, scheduled: bool) -> datetime:
+    """The table's next due time after a successful refresh by a run anchored at `anchor`.
+
+    - a scheduled run: anchor (its scheduled start) + frequency, whatever the run's duration;
+    - any other run (manual, API, backfill, forced) keeps the schedule's cadence and never
+      moves the due time later: a due time still ahead, or passed by less than the tolerance
+      (a scheduled run about to start still takes it), is kept; one passed longer ago (the
+      schedule missed it) advances by whole frequencies to the first such time; a table never
+      refreshed before becomes due at the anchor (the next run, normally the scheduled one,
+      sets its cadence).
+    """
+    every = timedelta(hours=cfg.refresh_frequency_hours)
+    if scheduled:
+        return anchor + every
+    due = cfg.next_refresh_at
+    if due is None:
+        return anchor
+    limit = anchor - due_tolerance(cfg)
+    if due > limit:
+        return due
+    return due + ((limit - due) // every + 1) * every

@@ -154,15 +154,8 @@ def refresh_table(
         if not dry_run:
             audit.write_table_audit(conn, settings.control_schema, rec)
         _refresh(settings, clients, cfg, run_id, options, dry_run, conn, rec, outcome)
+        # The next due time is set by the run (flows.runbook.advance_due_times), from its anchor.
         rec.status = outcome.status = "planned" if dry_run else "success"
-        if not dry_run:
-            conn.execute(
-                sql.SQL(
-                    "update {} set next_refresh_at = now() + make_interval(hours => "
-                    "refresh_frequency_hours) where table_name = %s"
-                ).format(sql.Identifier(settings.control_schema, "refresh_config")),
-                (cfg.table_name,),
-            )
     except (RefreshError, psycopg.Error) as exc:
         rec.status = outcome.status = "failed"
         rec.error = outcome.error = str(exc)

@@ -219,6 +219,14 @@ def update(
     return new
 
 
+def set_next_refresh(conn: psycopg.Connection, schema: str, table_name: str, when: datetime) -> None:
+    """The table's next due time (set after each successful refresh; not a user edit)."""
+    conn.execute(
+        sql.SQL("update {t} set next_refresh_at = %s where table_name = %s").format(t=_table(schema)),
+        (when, table_name),
+    )
+
+
 def register_new_tables(
     conn: psycopg.Connection, schema: str, source_tables: list[str], known: list[TableConfig]
 ) -> list[TableConfig]:

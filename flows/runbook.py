@@ -22,13 +22,15 @@ from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.extract import list_source_tables
 from flows.identifiers import validate_pg_identifier
+from flows.planning import is_due, next_due
 from flows.refresh import RefreshOptions, TableOutcome
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings
-from flows.transform import DbtOutcome
+from flows.transform import DbtOutcome, NodeRun
 
 DBT_SOURCE = "sqp"
 MAX_TRIGGER_LENGTH = 40
+SCHEDULE_TRIGGER = "schedule"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class RunParams:
     dry_run: bool = False
     force: bool = False
     trigger: str = "manual"
+
+    @property
+    def scheduled(self) -> bool:
+        """Started by the deployment's schedule (which sets trigger `schedule`): it sets the cadence."""
+        return self.trigger == SCHEDULE_TRIGGER
 
     @property
     def options(self) -> RefreshOptions:
@@ -126,9 +133,15 @@ def register_new_tables(
 
 
 def select_tables(
-    configs: list[TableConfig], requested: list[str] | None, *, force: bool, now: datetime
+    configs: list[TableConfig],
+    requested: list[str] | None,
+    *,
+    force: bool,
+    now: datetime,
+    scheduled: bool = False,
 ) -> list[TableConfig]:
-    """Tables to refresh, highest priority first: the requested ones, or the enabled due ones.
+    """Tables to refresh, highest priority first: the requested ones, or the enabled due ones
+    (flows.planning.is_due at the run's anchor `now`).
 
     Requested tables are refreshed whether due or not; disabled ones only with `force`.
     """
@@ -147,9 +160,7 @@ def select_tables(
         chosen = [
             c
             for c in configs
-            if c.enabled
-            and c.mode is not Mode.DISABLED
-            and (force or c.next_refresh_at is None or c.next_refresh_at <= now)
+            if c.enabled and c.mode is not Mode.DISABLED and (force or is_due(c, now, scheduled=scheduled))
         ]
     return sorted(chosen, key=lambda c: (-c.priority, c.table_name))
 
@@ -159,17 +170,46 @@ def plan_tables(
 ) -> list[TableConfig]:
     """Plan: the tables this run refreshes. Unknown or disabled tables fail here, before any write.
 
-    A scheduled run (no tables named, not a dry run) also registers new source tables; they
-    start in dry_run mode, so they are planned but write nothing.
+    `now` is the run's anchor (run_anchor). A run with no tables named, not a dry run, also
+    registers new source tables; they start in dry_run mode, so they are planned but write
+    nothing.
     """
     configs = prepare(settings)
-    chosen = select_tables(configs, params.tables, force=params.force, now=now)
+    chosen = select_tables(configs, params.tables, force=params.force, now=now, scheduled=params.scheduled)
     if params.tables or params.dry_run:
         return chosen
     with_new = register_new_tables(settings, clients, configs)
     if len(with_new) == len(configs):
         return chosen
-    return select_tables(with_new, None, force=params.force, now=now)
+    return select_tables(with_new, None, force=params.force, now=now, scheduled=params.scheduled)
+
+
+def run_anchor(scheduled_start: datetime | None, started: datetime) -> datetime:
+    """The time a run's due times count from: its scheduled start (Prefect's expected start of
+    the flow run, the cron tick for a scheduled run however late it starts), else its start."""
+    return (scheduled_start or started).astimezone(UTC)
+
+
+def advance_due_times(
+    conn: psycopg.Connection,
+    settings: Settings,
+    chosen: list[TableConfig],
+    outcomes: list[TableOutcome],
+    anchor: datetime,
+    *,
+    scheduled: bool,
+) -> dict[str, datetime]:
+    """Each table this run refreshed successfully gets its next due time (flows.planning.next_due);
+    a failed or only planned table stays due. Returns the new due times."""
+    by_name = {c.table_name: c for c in chosen}
+    due = {
+        o.table_name: next_due(by_name[o.table_name], anchor, scheduled=scheduled)
+        for o in outcomes
+        if o.status == "success" and o.table_name in by_name
+    }
+    for table, when in due.items():
+        registry.set_next_refresh(conn, settings.control_schema, table, when)
+    return due
 
 
 def begin_run(
@@ -229,6 +269,9 @@ class RunSummary:
     dbt_models_built: int = 0
     dbt_nodes: int = 0
     dbt_failed: list[str] = field(default_factory=list)
+    # Nodes dbt skipped because something upstream of them failed: stale in Postgres.
+    dbt_skipped: list[str] = field(default_factory=list)
+    first_error: str | None = None
     dbt_invocation_id: str | None = None
     dry_run: bool = False
     flow_run_id: str | None = None
@@ -238,12 +281,58 @@ class RunSummary:
         return asdict(self)
 
 
+# At most this many node names in a run's message (the summary and the audit keep them all).
+MAX_NAMES_IN_MESSAGE = 10
+
+
+def _names(nodes: list[NodeRun]) -> str:
+    names = [n["name"] for n in nodes[:MAX_NAMES_IN_MESSAGE]]
+    more = len(nodes) - len(names)
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+
+
+def _first_line(text: str | None) -> str | None:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[0] if lines else None
+
+
+def skipped_nodes(dbt: DbtOutcome) -> list[NodeRun]:
+    return [n for n in dbt.nodes if n["status"] == "skipped"]
+
+
+def first_error(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> str | None:
+    """The first line of the first failed dbt node's error, else dbt's own, else a table's."""
+    if dbt is not None and not dbt.success:
+        for n in dbt.failed_nodes:
+            if line := _first_line(n["message"]):
+                return f"{n['name']}: {line}"
+        if line := _first_line(dbt.message):
+            return line
+    for o in outcomes:
+        if o.status == "failed" and (line := _first_line(o.error)):
+            return f"{o.table_name}: {line}"
+    return None
+
+
+def dbt_problem(dbt: DbtOutcome) -> str:
+    """Which dbt nodes failed and which were skipped because of them, and the first error."""
+    failed, skipped = dbt.failed_nodes, skipped_nodes(dbt)
+    parts = []
+    if failed:
+        parts.append(f"{len(failed)} failed ({_names(failed)})")
+    if skipped:
+        parts.append(f"{len(skipped)} skipped, stale until the next build ({_names(skipped)})")
+    error = first_error([], dbt)
+    return "dbt: " + ("; ".join(parts) or "failed") + (f"; first error: {error}" if error else "")
+
+
 def overall_status(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> tuple[str, str]:
-    """success, warning (something failed, the rest went on) or failed, and why."""
+    """success, warning (something failed, the rest went on) or failed, and why: the failed
+    tables, the failed and skipped dbt nodes and the first error line."""
     failed = [o for o in outcomes if o.status == "failed"]
     problems = [f"{o.table_name}: {o.error}" for o in failed]
     if dbt is not None and not dbt.success:
-        problems.append(dbt.message or "dbt failed")
+        problems.append(dbt_problem(dbt))
     if outcomes and len(failed) == len(outcomes):
         return "failed", "every table failed: " + " | ".join(problems)
     if dbt is not None and dbt.invocation_id is None and not dbt.success:
@@ -295,6 +384,8 @@ def summarise(
         dbt_models_built=dbt.models_built if dbt else 0,
         dbt_nodes=len(dbt.nodes) if dbt else 0,
         dbt_failed=[n["unique_id"] for n in dbt.failed_nodes] if dbt else [],
+        dbt_skipped=[n["unique_id"] for n in skipped_nodes(dbt)] if dbt else [],
+        first_error=first_error(outcomes, dbt),
         dbt_invocation_id=dbt.invocation_id if dbt else None,
     )
 
@@ -369,10 +460,21 @@ def markdown_report(summary: RunSummary, settings: Settings) -> str:
         "## dbt",
         "",
         f"{summary.dbt_models_built} models built, {summary.dbt_nodes} nodes, "
-        f"{len(summary.dbt_failed)} failed"
-        + (f": {', '.join(summary.dbt_failed)}" if summary.dbt_failed else "")
-        + f" (invocation `{summary.dbt_invocation_id or 'none'}`).",
+        f"{len(summary.dbt_failed)} failed, {len(summary.dbt_skipped)} skipped "
+        f"(invocation `{summary.dbt_invocation_id or 'none'}`).",
         "",
+    ]
+    if summary.dbt_failed:
+        lines += ["Failed: " + ", ".join(f"`{u}`" for u in summary.dbt_failed), ""]
+    if summary.dbt_skipped:
+        lines += [
+            "Skipped because something upstream failed (stale until the next build): "
+            + ", ".join(f"`{u}`" for u in summary.dbt_skipped),
+            "",
+        ]
+    if summary.first_error:
+        lines += [f"First error: {summary.first_error}", ""]
+    lines += [
         f"dbt docs (lineage from the BigQuery sources to the summaries): `refresh docs` writes and "
         f"serves `{docs}`.",
         "",

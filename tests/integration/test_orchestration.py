@@ -226,6 +226,11 @@ def _row_counts(conn: psycopg.Connection) -> dict[str, int]:
     return counts
 
 
+def _undocumented(schema: dict[str, Any]) -> list[str]:
+    """Parameters of a deployment's schema without a description (the UI shows none)."""
+    return [name for name, prop in schema["properties"].items() if not prop.get("description", "").strip()]
+
+
 @pytest.fixture(scope="module")
 def api_run(served: None, orch: Settings) -> Any:
     """A live refresh of the module's two tables, created through the Prefect API."""
@@ -261,6 +266,12 @@ def test_deployments_register_with_cron_time_zone_and_limit(served: None) -> Non
         "trigger",
     }
     assert daily.enforce_parameter_schema
+    # the UI's custom-run form shows each parameter's description, with its format
+    for deployment in (daily, housekeeping):
+        assert not _undocumented(deployment.parameter_openapi_schema), deployment.name
+    described = daily.parameter_openapi_schema["properties"]
+    assert "YYYY-MM-DD" in described["start_date"]["description"]
+    assert "every enabled table that is due" in described["tables"]["description"]
     [hourly] = housekeeping.schedules
     assert (hourly.schedule.cron, hourly.schedule.timezone) == ("30 * * * *", TIMEZONE)
     assert housekeeping.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
@@ -295,6 +306,8 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(
             )
 
     daily, housekeeping = asyncio.run(read())
+    assert not _undocumented(daily.parameter_openapi_schema)
+    assert not _undocumented(housekeeping.parameter_openapi_schema)
     assert (
         daily.work_pool_name == "sqp-refresh" and daily.entrypoint == "flows/daily_refresh.py:daily_refresh"
     )
@@ -740,3 +753,68 @@ def test_cli_config_history_status_and_backfill(api_run: Any, orch: Settings, pg
     assert result.exit_code == 0, result.output
     assert "configuration is valid" in result.output
     assert PRODUCTS_TABLE in result.output
+
+
+def test_cli_run_ending_warning_exits_2_and_names_what_failed(
+    api_run: Any, orch: Settings, pg: psycopg.Connection
+) -> None:
+    """One table fails, the other loads: `refresh run` must not exit 0, and the summary, the
+    audit row and `refresh status` say what failed and the first error line."""
+    from flows import registry
+    from flows.cli import app
+    from flows.registry import TableConfig
+
+    with psycopg.connect(orch.dsn()) as conn:
+        registry.sync_from_file(
+            conn,
+            "orch_control",
+            [
+                TableConfig(
+                    table_name="orch_gone", source_table="no_such_table", write_strategy="full_replace"
+                )
+            ],
+        )
+    try:
+        # as in CI, where COLUMNS says 80 and stdout is a pipe
+        runner = CliRunner(env={"COLUMNS": "80"})
+        result = runner.invoke(app, ["run", "--no-stack", "--tables", "orch_products,orch_gone"])
+        assert result.exit_code == 2, result.output
+        assert "refresh warning" in result.output
+        rows = {
+            line.split()[0]: line.split()[1:3]
+            for line in result.output.splitlines()
+            if line.startswith(" orch_")
+        }
+        assert rows == {"orch_products": ["success", "live"], "orch_gone": ["failed", "live"]}, result.output
+        assert "first error: orch_gone:" in result.output and "no_such_table" in result.output
+        message = pg_scalar(
+            pg, "select message from orch_control.refresh_runs order by started_at desc limit 1"
+        )
+        assert message.startswith("1 of 2 table(s) refreshed; orch_gone: ") and "no_such_table" in message
+        status = runner.invoke(app, ["status"])
+        assert status.exit_code == 0, status.output
+        assert "warning" in status.output and "orch_gone" in status.output
+    finally:
+        pg.execute("delete from orch_control.refresh_config where table_name = 'orch_gone'")
+
+
+def test_a_scheduled_run_counts_the_next_due_time_from_its_scheduled_start(
+    api_run: Any, orch: Settings, pg: psycopg.Connection
+) -> None:
+    """The flow wires Prefect's expected start of the run into the due time, not the moment
+    the table's refresh ended."""
+    from prefect.client.orchestration import get_client
+
+    from flows.daily_refresh import daily_refresh
+
+    summary = daily_refresh(tables=["orch_products"], trigger="schedule")
+
+    async def read() -> Any:
+        async with get_client() as client:
+            return await client.read_flow_run(UUID(summary["flow_run_id"]))
+
+    expected_start = asyncio.run(read()).expected_start_time
+    due = pg_scalar(
+        pg, "select next_refresh_at from orch_control.refresh_config where table_name = 'orch_products'"
+    )
+    assert due == expected_start + timedelta(hours=24)

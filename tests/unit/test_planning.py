@@ -1,7 +1,16 @@
 import itertools
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 
-from flows.planning import Slice, plan_slices, plan_window, resumable, slices_between
+from flows.planning import (
+    Slice,
+    due_tolerance,
+    is_due,
+    next_due,
+    plan_slices,
+    plan_window,
+    resumable,
+    slices_between,
+)
 from flows.registry import SliceSize, TableConfig, WriteStrategy
 
 
@@ -63,3 +72,43 @@ def test_resume_skips_committed_slices() -> None:
     sl = slices_between(date(2024, 1, 1), date(2024, 1, 28), SliceSize.WEEK)
     todo, skipped = resumable(sl, {date(2024, 1, 1), date(2024, 1, 8)})
     assert skipped == 2 and todo[0].start == date(2024, 1, 15)
+
+
+# --- due times --------------------------------------------------------------------------------
+
+T = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+
+
+def due_cfg(next_refresh_at: datetime | None, hours: int = 24) -> TableConfig:
+    return cfg(next_refresh_at=next_refresh_at, refresh_frequency_hours=hours)
+
+
+def test_a_never_refreshed_table_is_due_for_every_run() -> None:
+    assert is_due(due_cfg(None), T, scheduled=False) and is_due(due_cfg(None), T, scheduled=True)
+
+
+def test_scheduled_runs_take_tables_due_within_the_tolerance() -> None:
+    assert due_tolerance(due_cfg(None, 24)) == timedelta(minutes=30)
+    assert due_tolerance(due_cfg(None, 1)) == timedelta(minutes=15)
+    early = T - timedelta(minutes=10)  # the scheduler (or cron) started ten minutes early
+    assert is_due(due_cfg(T), early, scheduled=True)
+    assert not is_due(due_cfg(T), early, scheduled=False)
+    assert not is_due(due_cfg(T + timedelta(minutes=31)), T, scheduled=True)
+
+
+def test_a_scheduled_run_sets_the_next_due_time_from_its_anchor_not_its_end() -> None:
+    assert next_due(due_cfg(T), T, scheduled=True) == T + timedelta(hours=24)
+    assert next_due(due_cfg(T, 6), T - timedelta(minutes=3), scheduled=True) == T + timedelta(
+        hours=6, minutes=-3
+    )
+
+
+def test_other_runs_never_move_a_due_time_later() -> None:
+    ahead = T + timedelta(hours=20)
+    assert next_due(due_cfg(ahead), T, scheduled=False) == ahead
+    # passed by less than the tolerance: the scheduled run about to start still takes it
+    assert next_due(due_cfg(T), T + timedelta(minutes=5), scheduled=False) == T
+    # the schedule missed it (failed at 02:00, fixed by hand at 14:00): the next 02:00
+    assert next_due(due_cfg(T), T + timedelta(hours=12), scheduled=False) == T + timedelta(days=1)
+    assert next_due(due_cfg(T), T + timedelta(days=3, hours=1), scheduled=False) == T + timedelta(days=4)
+    assert next_due(due_cfg(None), T, scheduled=False) == T

@@ -174,6 +174,79 @@ def test_markdown_report_shows_tables_slices_rows_durations_status_and_docs() ->
     assert "00000000-0000-0000-0000-000000000002" in report
 
 
+def node(unique_id: str, status: str, message: str | None = None) -> Any:
+    resource_type = unique_id.split(".")[0]
+    return {
+        "unique_id": unique_id,
+        "resource_type": resource_type,
+        "name": unique_id.split(".")[2],
+        "relation": None,
+        "status": status,
+        "started_at": None,
+        "finished_at": None,
+        "execution_time_s": None,
+        "rows_affected": None,
+        "message": message,
+        "failures": None,
+    }
+
+
+def failed_build() -> DbtOutcome:
+    """dbt build where a test failed and the models downstream of it were skipped."""
+    nodes = [
+        node("model.sqp.stg_sqp", "success"),
+        node(
+            "test.sqp.funnel_non_increasing_int_funnel.abc",
+            "fail",
+            "Got 3 results, configured to fail if != 0\nsee target/compiled/...",
+        ),
+        node("model.sqp.asin_performance", "skipped"),
+        node("model.sqp.monthly_summary", "skipped"),
+    ]
+    return DbtOutcome("inv-1", False, "build", [], nodes, message="funnel: fail (Got 3 results)")
+
+
+def test_a_dbt_failure_names_the_failed_and_skipped_nodes_and_the_first_error() -> None:
+    status, message = runbook.overall_status([outcome("sqp")], failed_build())
+    assert status == "warning"
+    assert "1 failed (funnel_non_increasing_int_funnel)" in message
+    assert "2 skipped, stale until the next build (asin_performance, monthly_summary)" in message
+    assert message.endswith(
+        "first error: funnel_non_increasing_int_funnel: Got 3 results, configured to fail if != 0"
+    )
+    summary = runbook.summarise(
+        "00000000-0000-0000-0000-000000000001",  # type: ignore[arg-type]
+        [outcome("sqp")],
+        failed_build(),
+        False,
+    )
+    assert summary.status == "warning" and summary.message == message
+    assert summary.dbt_failed == ["test.sqp.funnel_non_increasing_int_funnel.abc"]
+    assert summary.dbt_skipped == ["model.sqp.asin_performance", "model.sqp.monthly_summary"]
+    assert summary.first_error == (
+        "funnel_non_increasing_int_funnel: Got 3 results, configured to fail if != 0"
+    )
+    report = runbook.markdown_report(summary, get_settings())
+    assert "1 failed, 2 skipped" in report
+    assert "Failed: `test.sqp.funnel_non_increasing_int_funnel.abc`" in report
+    assert "`model.sqp.asin_performance`, `model.sqp.monthly_summary`" in report
+    assert "First error: funnel_non_increasing_int_funnel: Got 3 results" in report
+
+
+def test_long_lists_of_skipped_nodes_are_cut_in_the_message_only() -> None:
+    many = [node(f"model.sqp.m{i:03}", "skipped") for i in range(30)]
+    dbt_run = DbtOutcome("inv", False, "build", [], [node("model.sqp.root", "error", "boom"), *many])
+    summary = runbook.summarise("00000000-0000-0000-0000-000000000001", [], dbt_run, False)  # type: ignore[arg-type]
+    assert "and 20 more" in summary.message and len(summary.dbt_skipped) == 30
+    assert summary.first_error == "root: boom"
+
+
+def test_the_first_error_of_a_run_without_dbt_is_a_tables() -> None:
+    bad = outcome("b", status="failed", error="b: not found\nmore detail")
+    assert runbook.first_error([outcome("a"), bad], None) == "b: b: not found"
+    assert runbook.first_error([outcome("a")], dbt(True)) is None
+
+
 def test_dry_run_report_lists_the_plan() -> None:
     plan = [{"slice": f"s{i}", "estimated_bytes": i} for i in range(20)]
     summary = runbook.summarise(

@@ -1,0 +1,60 @@
+"""The CLI's dbt progress, read from dbt's log lines as dbt 1.11 writes them (colours included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.cli import DbtLogProgress, _DbtLogTail
+
+ESC = "\x1b"
+LOG = [
+    f"{ESC}[0m04:39:50.653538 [info ] [MainThread]: Running with dbt=1.11.16",
+    f"{ESC}[0m04:39:53.485297 [info ] [Thread-11 ]: 1 of 5 START test source_not_null_sqp_products_asin "
+    "................ [RUN]",
+    f"{ESC}[0m04:39:53.500096 [info ] [Thread-12 ]: 2 of 5 START sql view model staging.stg_sqp__products "
+    "................ [RUN]",
+    f"{ESC}[0m04:39:53.571880 [info ] [Thread-11 ]: 1 of 5 PASS source_not_null_sqp_products_asin "
+    f".............. [{ESC}[32mPASS{ESC}[0m in 0.06s]",
+    f"{ESC}[0m04:39:53.572536 [info ] [Thread-11 ]: 3 of 5 START sql incremental model marts.asin_weekly "
+    "..... [RUN]",
+    f"{ESC}[0m04:39:54.079614 [debug] [Thread-12 ]: SQL status: CREATE VIEW in 0.012 seconds",
+]
+
+
+def test_dbt_log_lines_give_nodes_done_of_total_and_the_nodes_running() -> None:
+    progress = DbtLogProgress()
+    progress.feed(LOG)
+    assert (len(progress.done), progress.total) == (1, 5)
+    assert progress.describe() == "1/5 nodes, running stg_sqp__products, asin_weekly"
+    progress.feed(
+        [
+            f"{ESC}[0m04:39:55.0 [info ] [Thread-12 ]: 2 of 5 OK created sql view model "
+            f"staging.stg_sqp__products .. [{ESC}[32mCREATE VIEW{ESC}[0m in 0.26s]",
+            "04:39:56.0 [error] [Thread-11 ]: 3 of 5 ERROR creating sql incremental model marts.asin_weekly "
+            "..... [ERROR in 0.3s]",
+            "04:39:56.1 [info ] [Thread-11 ]: 4 of 5 SKIP relation marts.asin_performance ..... [SKIP]",
+            "04:39:56.2 [info ] [Thread-12 ]: 5 of 5 START test unique_asin_performance .... [RUN]",
+        ]
+    )
+    assert progress.describe() == "4/5 nodes, running unique_asin_performance"
+
+
+def test_many_running_nodes_are_counted_not_listed() -> None:
+    progress = DbtLogProgress()
+    progress.feed([f"x: {i} of 9 START test t{i} ..... [RUN]" for i in range(1, 6)])
+    assert progress.describe() == "0/9 nodes, running t1, t2 +3"
+
+
+def test_the_log_is_read_from_where_the_run_started_and_again_after_rotation(tmp_path: Path) -> None:
+    log = tmp_path / "dbt.log"
+    log.write_text("1 of 2 START test old ... [RUN]\n1 of 2 PASS old ... [PASS]\n")
+    tail = _DbtLogTail(log)  # a previous invocation's lines are not this run's
+    assert tail.poll().total == 0
+    with log.open("a") as f:
+        f.write(LOG[0] + "\n" + LOG[1] + "\n" + LOG[2][:40])  # dbt is mid-way through a line
+    assert tail.poll().describe() == "0/5 nodes, running source_not_null_sqp_products_asin"
+    with log.open("a") as f:
+        f.write(LOG[2][40:] + "\n")
+    assert "stg_sqp__products" in tail.poll().describe()
+    log.write_text(LOG[0] + "\n")  # rotated: a new, shorter file
+    assert tail.poll().total == 0
