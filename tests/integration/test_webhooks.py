@@ -406,3 +406,27 @@ def test_cli_manages_endpoints_and_rejects_bad_input(wh: Settings, pg: psycopg.C
         "union all select row_to_json(e) from refresh_control.events e) x",
     )
     assert secret not in dump and secret[6:] not in dump
+
+
+def test_daily_refresh_delivers_refresh_completed_with_its_run_id(
+    refreshed: dict[str, Any], wh: Settings, pg: psycopg.Connection
+) -> None:
+    from flows.daily_refresh import daily_refresh
+    from flows.sample_data import PRODUCTS_TABLE
+
+    with Receiver() as rx:
+        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed", "refresh.failed", "table.failed"])
+        rx.secrets = [ep.secret]
+        summary = daily_refresh(tables=[PRODUCTS_TABLE], force=True, trigger="webhook-e2e")
+        # Delivered by the flow's own bounded pass, before it returned: no dispatch here.
+        received = list(rx.received)
+    assert summary["status"] == "success", summary["message"]
+    [got] = received
+    assert got.verified_with == [ep.secret]
+    assert got.json["type"] == "refresh.completed"
+    data = got.json["data"]
+    assert data["run_id"] == summary["run_id"] and data["flow_run_id"] == summary["flow_run_id"]
+    assert [(t["table"], t["status"]) for t in data["tables"]] == [(PRODUCTS_TABLE, "success")]
+    assert got.id == pg_scalar(
+        pg, "select event_id from refresh_control.events where run_id = %s", (summary["run_id"],)
+    )
