@@ -527,7 +527,9 @@ def dispatch(
     start = time.monotonic()
     result = DispatchResult()
     fernet = cipher(settings, ws)
-    with connect(settings) as conn, httpx.Client(follow_redirects=False) as client:
+    # No Nagle: headers and body go out as two writes, and the second would wait for an ACK.
+    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    with connect(settings) as conn, httpx.Client(transport=transport, follow_redirects=False) as client:
         while True:
             left = deadline_s - (time.monotonic() - start)
             if left <= 0.01:
