@@ -430,3 +430,22 @@ def test_daily_refresh_delivers_refresh_completed_with_its_run_id(
     assert got.id == pg_scalar(
         pg, "select event_id from refresh_control.events where run_id = %s", (summary["run_id"],)
     )
+
+
+def test_housekeeping_sends_leftovers_and_waits_for_a_retry_due_soon(
+    wh: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.housekeeping import dispatch_webhooks
+
+    monkeypatch.setenv("REFRESH_WEBHOOK_HOUSEKEEPING_DEADLINE_S", "15")
+    with Receiver(script=[503]) as rx:
+        rx.headers_out = {"Retry-After": "1"}
+        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])
+        rx.secrets = [ep.secret]
+        finish_a_run(wh)  # left in the outbox: no dispatch after this "run"
+        t0 = time.monotonic()
+        result = dispatch_webhooks(wh)
+        elapsed = time.monotonic() - t0
+    assert result["attempted"] == 2 and result["succeeded"] == 1
+    assert 4 < elapsed < 12, "waited for the 5 s retry (longer than Retry-After: 1), not the whole deadline"
+    assert [r.status for r in rx.received] == [503, 200] and len({r.id for r in rx.received}) == 1
