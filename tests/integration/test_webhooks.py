@@ -449,3 +449,52 @@ def test_housekeeping_sends_leftovers_and_waits_for_a_retry_due_soon(
     assert result["attempted"] == 2 and result["succeeded"] == 1
     assert 4 < elapsed < 12, "waited for the 5 s retry (longer than Retry-After: 1), not the whole deadline"
     assert [r.status for r in rx.received] == [503, 200] and len({r.id for r in rx.received}) == 1
+
+
+def test_run_row_and_its_event_commit_together(wh: Settings, pg: psycopg.Connection) -> None:
+    with psycopg.connect(wh.dsn(), autocommit=True) as conn:
+        audit.mark_abandoned(conn, wh.control_schema)
+        run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
+        # No event type for this status: the event insert fails after the run row's update.
+        with pytest.raises(KeyError):
+            runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "abandoned", "x"))
+        status = pg_scalar(
+            pg, "select status from refresh_control.refresh_runs where run_id = %s", (run.run_id,)
+        )
+        assert status == "running", "the run row rolled back with its event"
+        runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "success", "x"))
+
+
+def test_failed_table_writes_table_failed_with_its_audit_row(
+    wh: Settings, clients: Any, pg: psycopg.Connection
+) -> None:
+    from flows.refresh import RefreshOptions, refresh_table
+    from flows.registry import TableConfig, WriteStrategy
+
+    with Receiver() as rx:
+        ep = webhooks.add_endpoint(wh, rx.url, ["table.failed"])
+        rx.secrets = [ep.secret]
+        with psycopg.connect(wh.dsn(), autocommit=True) as conn:
+            audit.mark_abandoned(conn, wh.control_schema)
+            run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
+        cfg = TableConfig(table_name="ghost", source_table="ghost", write_strategy=WriteStrategy.FULL_REPLACE)
+        outcome = refresh_table(wh, clients, cfg, run.run_id, RefreshOptions())
+        with psycopg.connect(wh.dsn(), autocommit=True) as conn:
+            runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "failed", "x"))
+        webhooks.dispatch(wh, deadline_s=10)
+    assert outcome.status == "failed"
+    [got] = rx.received
+    assert got.verified_with == [ep.secret] and got.json["type"] == "table.failed"
+    assert got.json["data"]["table"] == "ghost" and got.json["data"]["run_id"] == str(run.run_id)
+    assert got.json["data"]["error"] == outcome.error[:500]
+
+
+def test_redirect_is_a_failure_and_not_followed(wh: Settings, pg: psycopg.Connection) -> None:
+    with Receiver(script=[302]) as rx, Receiver() as target:
+        rx.headers_out = {"Location": target.url}
+        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])
+        finish_a_run(wh)
+        assert webhooks.dispatch(wh, deadline_s=10).failed == 1
+    assert target.received == [] and len(rx.received) == 1
+    [(delivery, status, *_)] = delivery_rows(pg, ep.id)
+    assert status == "pending" and attempts(pg, delivery)[0][1:3] == (False, 302)
