@@ -29,9 +29,12 @@ def _check_retention(days: int, what: str) -> None:
 
 
 def mark_abandoned_runs(settings: Settings) -> int:
-    """Runs still `running` while nobody holds the refresh lock become `abandoned`."""
-    with connect(settings, autocommit=True) as conn:
-        return audit.mark_abandoned(conn, settings.control_schema)
+    """Runs still `running` while nobody holds the refresh lock become `abandoned`; each one's
+    refresh.failed event commits with it."""
+    with connect(settings) as conn, conn.transaction():
+        n = audit.mark_abandoned(conn, settings.control_schema)
+        webhooks.runs_abandoned(conn, settings)
+        return n
 
 
 def cleanup_checkpoints(settings: Settings, retention_days: int = DEFAULT_CHECKPOINT_RETENTION_DAYS) -> int:

@@ -179,7 +179,9 @@ def begin_run(
     flow_run_id: UUID | None,
     params: RunParams,
 ) -> audit.RunRecord:
-    audit.mark_abandoned(lock_conn, settings.control_schema)
+    with lock_conn.transaction():  # a killed run's refresh.failed event commits with its row
+        audit.mark_abandoned(lock_conn, settings.control_schema)
+        webhooks.runs_abandoned(lock_conn, settings)
     return audit.start_run(
         lock_conn,
         settings.control_schema,

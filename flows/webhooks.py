@@ -307,6 +307,24 @@ def run_finished(conn: psycopg.Connection, settings: Settings, summary: RunSumma
     )
 
 
+def runs_abandoned(conn: psycopg.Connection, settings: Settings) -> int:
+    """refresh.failed for each run this transaction marked abandoned (a killed process)."""
+    ws = WebhookSettings()
+    rows = store.abandoned_now(conn, settings.control_schema)
+    for r in rows:
+        flow_run_id = str(r["flow_run_id"]) if r["flow_run_id"] else None
+        data = {
+            "run_id": str(r["run_id"]),
+            "flow_run_id": flow_run_id,
+            "status": "abandoned",
+            "message": _short(r["message"], 2000),
+            "started_at": r["started_at"].isoformat(),
+            "links": links(flow_run_id, ws),
+        }
+        store.emit(conn, settings.control_schema, "refresh.failed", data, run_id=r["run_id"])
+    return len(rows)
+
+
 def table_finished(
     conn: psycopg.Connection, settings: Settings, rec: TableAudit, failure: BaseException | None
 ) -> None:

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli import PG_HINT, _errors, _fail, _grid, _settings, _ts, out
 from flows.control import webhooks as store
 from flows.errors import ConfigError
 from flows.settings import Settings
@@ -20,6 +19,10 @@ webhooks_app = typer.Typer(
     help="Webhooks (Standard Webhooks): endpoints, secrets, test, replay, deliveries.",
     no_args_is_help=True,
 )
+
+# After webhooks_app exists: flows.cli imports this module back to register it, also when it
+# runs as `python -m flows.cli` (a second copy of it imports this one half-way through).
+from flows.cli import PG_HINT, _errors, _fail, _grid, _settings, _ts, out  # noqa: E402
 
 DELIVERY_STATUSES = ("pending", "succeeded", "exhausted", "cancelled")
 

@@ -51,6 +51,18 @@ def emit(
     return str(row[0])
 
 
+def abandoned_now(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:
+    """Runs marked abandoned by this transaction (their finished_at is its start time)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            sql.SQL(
+                "select run_id, flow_run_id, message, started_at from {r} "
+                "where status = 'abandoned' and finished_at = now()"
+            ).format(r=_t(schema, "refresh_runs"))
+        )
+        return cur.fetchall()
+
+
 ENDPOINT_COLUMNS = sql.SQL(
     "id, url, description, event_types, enabled, disabled_reason, "
     "previous_secret_expires_at, created_at, created_by, updated_at, updated_by"

@@ -498,3 +498,19 @@ def test_redirect_is_a_failure_and_not_followed(wh: Settings, pg: psycopg.Connec
     assert target.received == [] and len(rx.received) == 1
     [(delivery, status, *_)] = delivery_rows(pg, ep.id)
     assert status == "pending" and attempts(pg, delivery)[0][1:3] == (False, 302)
+
+
+def test_abandoned_run_is_reported_as_refresh_failed(wh: Settings, pg: psycopg.Connection) -> None:
+    from flows.housekeeping import mark_abandoned_runs
+
+    with psycopg.connect(wh.dsn(), autocommit=True) as conn:
+        audit.mark_abandoned(conn, wh.control_schema)
+        run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
+    # Nobody holds the refresh lock: the process that started this run is gone.
+    assert mark_abandoned_runs(wh) == 1
+    assert mark_abandoned_runs(wh) == 0
+    rows = pg.execute(
+        "select event, payload from refresh_control.events where run_id = %s", (run.run_id,)
+    ).fetchall()
+    assert [(e, p["status"]) for e, p in rows] == [("refresh.failed", "abandoned")]
+    assert "process ended without finishing" in rows[0][1]["message"]
