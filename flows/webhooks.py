@@ -271,15 +271,19 @@ def fit(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def run_finished(conn: psycopg.Connection, settings: Settings, summary: RunSummary) -> str:
-    """The run's refresh.completed / .warning / .failed event (call in the run row's transaction)."""
+def run_finished(conn: psycopg.Connection, settings: Settings, summary: RunSummary) -> str | None:
+    """The run's refresh.completed / .warning / .failed event (call in the run row's transaction).
+
+    A dry run writes nothing but its run row, and tells nobody: no event.
+    """
+    if summary.dry_run:
+        return None
     ws = WebhookSettings()
     data = {
         "run_id": summary.run_id,
         "flow_run_id": summary.flow_run_id,
         "status": summary.status,
         "message": _short(summary.message, 2000),
-        "dry_run": summary.dry_run,
         "duration_s": summary.duration_s,
         "tables": [
             {

@@ -514,3 +514,11 @@ def test_abandoned_run_is_reported_as_refresh_failed(wh: Settings, pg: psycopg.C
     ).fetchall()
     assert [(e, p["status"]) for e, p in rows] == [("refresh.failed", "abandoned")]
     assert "process ended without finishing" in rows[0][1]["message"]
+
+
+def test_dry_run_sends_nothing(wh: Settings, pg: psycopg.Connection) -> None:
+    with psycopg.connect(wh.dsn(), autocommit=True) as conn:
+        audit.mark_abandoned(conn, wh.control_schema)
+        run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
+        runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "success", "x", dry_run=True))
+    assert pg_scalar(pg, "select count(*) from refresh_control.events where run_id = %s", (run.run_id,)) == 0
