@@ -28,7 +28,7 @@ from flows.db import migrate
 from flows.errors import ConfigError, SchemaDriftError
 from flows.local_stack import free_port
 from flows.settings import PROJECT_ROOT, Settings
-from tests.integration.conftest import pg_scalar
+from tests.integration.conftest import SPEC, pg_scalar
 from tests.webhook_receiver import Receiver
 
 
@@ -411,22 +411,37 @@ def test_cli_manages_endpoints_and_rejects_bad_input(wh: Settings, pg: psycopg.C
 def test_daily_refresh_delivers_refresh_completed_with_its_run_id(
     refreshed: dict[str, Any], wh: Settings, pg: psycopg.Connection
 ) -> None:
+    from flows import registry
     from flows.daily_refresh import daily_refresh
     from flows.sample_data import PRODUCTS_TABLE
 
-    with Receiver() as rx:
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed", "refresh.failed", "table.failed"])
-        rx.secrets = [ep.secret]
-        summary = daily_refresh(tables=[PRODUCTS_TABLE], force=True, trigger="webhook-e2e")
-        # Delivered by the flow's own bounded pass, before it returned: no dispatch here.
-        received = list(rx.received)
+    # A table of its own (no dbt model reads it), so the session's shared raw tables stay as
+    # the `refreshed` run left them.
+    table = "wh_products"
+    cfg = registry.TableConfig(
+        table_name=table, source_table=PRODUCTS_TABLE, write_strategy="full_replace", origin="user"
+    )
+    with psycopg.connect(wh.dsn(), autocommit=True) as conn:
+        registry.sync_from_file(conn, wh.control_schema, [cfg])
+    try:
+        with Receiver() as rx:
+            ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed", "refresh.failed", "table.failed"])
+            rx.secrets = [ep.secret]
+            summary = daily_refresh(tables=[table], force=True, trigger="webhook-e2e")
+            # Delivered by the flow's own bounded pass, before it returned: no dispatch here.
+            received = list(rx.received)
+    finally:
+        pg.execute("delete from refresh_control.refresh_config where table_name = %s", (table,))
+        pg.execute(f"drop table if exists raw.{table}")
     assert summary["status"] == "success", summary["message"]
     [got] = received
     assert got.verified_with == [ep.secret]
     assert got.json["type"] == "refresh.completed"
     data = got.json["data"]
     assert data["run_id"] == summary["run_id"] and data["flow_run_id"] == summary["flow_run_id"]
-    assert [(t["table"], t["status"]) for t in data["tables"]] == [(PRODUCTS_TABLE, "success")]
+    assert [(t["table"], t["status"], t["rows_inserted"]) for t in data["tables"]] == [
+        (table, "success", SPEC.asins)
+    ]
     assert got.id == pg_scalar(
         pg, "select event_id from refresh_control.events where run_id = %s", (summary["run_id"],)
     )
