@@ -468,6 +468,7 @@ def _settle(
     res: AttemptResult,
     now: datetime,
     result: DispatchResult,
+    disabled: set[int],
 ) -> None:
     attempt = row["attempts"] + 1
     store.record_attempt(
@@ -488,11 +489,13 @@ def _settle(
         store.update_delivery(conn, schema, row["id"], status="succeeded", next_attempt_at=None, **common)
         return
     result.failed += 1
-    if res.status_code == 410:
+    if res.status_code == 410 and row["endpoint_id"] not in disabled:
         result.disabled += 1
+        disabled.add(row["endpoint_id"])
         store.disable_endpoint(
             conn, schema, row["endpoint_id"], f"receiver answered 410 Gone on {now:%Y-%m-%d %H:%M} UTC"
         )
+    if row["endpoint_id"] in disabled:  # also the batch's other deliveries to it
         store.update_delivery(conn, schema, row["id"], status="cancelled", next_attempt_at=None, **common)
         return
     delay = retry_delay_s(attempt)
@@ -548,6 +551,7 @@ def dispatch(
     schema = settings.control_schema
     start = time.monotonic()
     result = DispatchResult()
+    disabled: set[int] = set()
     fernet = cipher(settings, ws)
     # No Nagle: headers and body go out as two writes, and the second would wait for an ACK.
     transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
@@ -563,7 +567,7 @@ def dispatch(
                     one = partial(send, client, fernet=fernet, ws=ws, timeout_s=timeout)
                     results = list(_pool().map(one, rows))
                     for row, res in zip(rows, results, strict=True):
-                        _settle(conn, schema, ws, row, res, clock(), result)
+                        _settle(conn, schema, ws, row, res, clock(), result, disabled)
                     continue
             if not wait:
                 break
