@@ -552,7 +552,7 @@ def dispatch(
     start = time.monotonic()
     result = DispatchResult()
     disabled: set[int] = set()
-    fernet = cipher(settings, ws)
+    fernet: Fernet | None = None  # only when there is something to sign: no key file otherwise
     # No Nagle: headers and body go out as two writes, and the second would wait for an ACK.
     transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     with connect(settings) as conn, httpx.Client(transport=transport, follow_redirects=False) as client:
@@ -563,6 +563,7 @@ def dispatch(
             with conn.transaction():
                 rows = store.claim_due(conn, schema, clock(), batch_size, delivery_ids)
                 if rows:
+                    fernet = fernet or cipher(settings, ws)
                     timeout = min(ws.webhook_timeout_s, left)
                     one = partial(send, client, fernet=fernet, ws=ws, timeout_s=timeout)
                     results = list(_pool().map(one, rows))
