@@ -887,6 +887,12 @@ def docs(
         subprocess.call([*base, "docs", "serve", "--port", str(port), "--no-browser", *common], env=env)
 
 
+# Last, as the sub-app reuses this module's helpers.
+from flows.webhooks_cli import webhooks_app  # noqa: E402
+
+app.add_typer(webhooks_app, name="webhooks")
+
+
 def main() -> None:
     app()
 

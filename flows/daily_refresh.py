@@ -20,7 +20,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import runbook
+from flows import runbook, webhooks
 from flows.audit import refresh_lock
 from flows.bigquery import BigQueryClients, make_clients
 from flows.db import connect
@@ -186,6 +186,8 @@ def daily_refresh(
             runbook.finish_run(lock_conn, settings, run, summary)
     finally:
         clients.close()
+        # Bounded (REFRESH_WEBHOOK_RUN_DEADLINE_S), never raises; housekeeping sends the rest.
+        webhooks.dispatch_after_run(settings)
     create_markdown_artifact(
         markdown=runbook.markdown_report(summary, settings),
         key="refresh-report",

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from psycopg import sql
 
-from flows import audit
+from flows import audit, webhooks
 from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.settings import Settings, get_settings
@@ -29,9 +29,12 @@ def _check_retention(days: int, what: str) -> None:
 
 
 def mark_abandoned_runs(settings: Settings) -> int:
-    """Runs still `running` while nobody holds the refresh lock become `abandoned`."""
-    with connect(settings, autocommit=True) as conn:
-        return audit.mark_abandoned(conn, settings.control_schema)
+    """Runs still `running` while nobody holds the refresh lock become `abandoned`; each one's
+    refresh.failed event commits with it."""
+    with connect(settings) as conn, conn.transaction():
+        n = audit.mark_abandoned(conn, settings.control_schema)
+        webhooks.runs_abandoned(conn, settings)
+        return n
 
 
 def cleanup_checkpoints(settings: Settings, retention_days: int = DEFAULT_CHECKPOINT_RETENTION_DAYS) -> int:
@@ -120,9 +123,19 @@ class HousekeepingResult:
     runs_abandoned: int
     checkpoints_deleted: int
     audit_rows_deleted: dict[str, int] = field(default_factory=dict)
+    webhooks: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def dispatch_webhooks(settings: Settings) -> dict[str, int]:
+    """Deliver the webhook events left over (receiver down, run killed before dispatch) and the
+    retries that fall due within REFRESH_WEBHOOK_HOUSEKEEPING_DEADLINE_S."""
+    ws = webhooks.WebhookSettings()
+    return webhooks.dispatch(
+        settings, deadline_s=ws.webhook_housekeeping_deadline_s, wait=True, ws=ws
+    ).to_dict()
 
 
 @flow(name="housekeeping", log_prints=True)
@@ -152,11 +165,14 @@ def housekeeping(
         audit_rows_deleted=(
             prune_audit(settings, audit_retention_days) if audit_retention_days is not None else {}
         ),
+        webhooks=dispatch_webhooks(settings),
     )
     logger.info(
-        "housekeeping: %d run(s) marked abandoned, %d checkpoint(s) expired, audit rows deleted: %s",
+        "housekeeping: %d run(s) marked abandoned, %d checkpoint(s) expired, audit rows deleted: %s; "
+        "webhooks: %s",
         result.runs_abandoned,
         result.checkpoints_deleted,
         result.audit_rows_deleted or "none (audit retention off)",
+        result.webhooks,
     )
     return result.to_dict()

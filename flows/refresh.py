@@ -16,7 +16,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from flows import audit
+from flows import audit, webhooks
 from flows.bigquery import BigQueryClients
 from flows.db import connect
 from flows.errors import RefreshError, TerminalError, TransientError
@@ -149,6 +149,7 @@ def refresh_table(
     outcome = TableOutcome(cfg.table_name, "running", cfg.mode.value)
     rec = audit.TableAudit(run_id, cfg.table_name, cfg.mode.value, cfg.write_strategy.value)
     started = time.monotonic()
+    failure: BaseException | None = None
     conn = connect(settings, autocommit=True)
     try:
         if not dry_run:
@@ -157,6 +158,7 @@ def refresh_table(
         # The next due time is set by the run (flows.runbook.advance_due_times), from its anchor.
         rec.status = outcome.status = "planned" if dry_run else "success"
     except (RefreshError, psycopg.Error) as exc:
+        failure = exc
         rec.status = outcome.status = "failed"
         rec.error = outcome.error = str(exc)
         outcome.retryable = isinstance(exc, TransientError | psycopg.OperationalError)
@@ -171,7 +173,9 @@ def refresh_table(
             try:
                 if conn.closed:
                     conn = connect(settings, autocommit=True)
-                audit.write_table_audit(conn, settings.control_schema, rec)
+                with conn.transaction():  # the table.failed event commits with its audit row
+                    audit.write_table_audit(conn, settings.control_schema, rec)
+                    webhooks.table_finished(conn, settings, rec, failure)
             except psycopg.Error as exc:
                 log.error("%s: could not write the table audit row: %s", cfg.table_name, exc)
         conn.close()

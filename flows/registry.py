@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flows.control import webhooks as webhook_events
 from flows.errors import ConfigError
 from flows.identifiers import validate_pg_identifier, validate_table
 
@@ -250,20 +251,17 @@ def register_new_tables(
         except (ValidationError, ConfigError):
             continue  # a name we cannot map is reported by `refresh validate`, not registered
         sync_from_file(conn, schema, [cfg])
-        conn.execute(
-            sql.SQL(
-                "insert into {t} (event, table_name, payload) values ('table.registered', %s, %s)"
-            ).format(t=sql.Identifier(schema, "events")),
-            (
-                cfg.table_name,
-                json.dumps(
-                    {
-                        "source_table": source,
-                        "mode": cfg.mode.value,
-                        "write_strategy": cfg.write_strategy.value,
-                    }
-                ),
-            ),
+        webhook_events.emit(
+            conn,
+            schema,
+            "table.registered",
+            {
+                "table": cfg.table_name,
+                "source_table": source,
+                "mode": cfg.mode.value,
+                "write_strategy": cfg.write_strategy.value,
+            },
+            table_name=cfg.table_name,
         )
         added.append(cfg)
     return added

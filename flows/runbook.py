@@ -16,7 +16,7 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from flows import audit, registry
+from flows import audit, registry, webhooks
 from flows.bigquery import BigQueryClients
 from flows.db import connect, migrate
 from flows.errors import ConfigError
@@ -219,7 +219,9 @@ def begin_run(
     flow_run_id: UUID | None,
     params: RunParams,
 ) -> audit.RunRecord:
-    audit.mark_abandoned(lock_conn, settings.control_schema)
+    with lock_conn.transaction():  # a killed run's refresh.failed event commits with its row
+        audit.mark_abandoned(lock_conn, settings.control_schema)
+        webhooks.runs_abandoned(lock_conn, settings)
     return audit.start_run(
         lock_conn,
         settings.control_schema,
@@ -394,19 +396,22 @@ def finish_run(
     conn: psycopg.Connection, settings: Settings, run: audit.RunRecord, summary: RunSummary
 ) -> None:
     ok = sum(1 for t in summary.tables if t["status"] in ("success", "planned"))
-    audit.finish_run(
-        conn,
-        settings.control_schema,
-        run.run_id,
-        status=summary.status,
-        message=summary.message,
-        tables_planned=len(summary.tables),
-        tables_succeeded=ok,
-        tables_failed=len(summary.tables) - ok,
-        rows_read=sum(t["rows_read"] for t in summary.tables),
-        rows_inserted=sum(t["rows_inserted"] for t in summary.tables),
-        dbt_invocation_id=summary.dbt_invocation_id,
-    )
+    # The webhook event commits with the run row or not at all (transactional outbox).
+    with conn.transaction():
+        audit.finish_run(
+            conn,
+            settings.control_schema,
+            run.run_id,
+            status=summary.status,
+            message=summary.message,
+            tables_planned=len(summary.tables),
+            tables_succeeded=ok,
+            tables_failed=len(summary.tables) - ok,
+            rows_read=sum(t["rows_read"] for t in summary.tables),
+            rows_inserted=sum(t["rows_inserted"] for t in summary.tables),
+            dbt_invocation_id=summary.dbt_invocation_id,
+        )
+        webhooks.run_finished(conn, settings, summary)
     if summary.dry_run:
         conn.execute(
             sql.SQL("update {} set plan = %s where run_id = %s").format(

@@ -1,0 +1,591 @@
+"""Webhooks per the Standard Webhooks specification: events, secrets, signing and delivery.
+
+Events are written to the outbox (the control schema's `events` table) in the transaction of
+the audit row that causes them (flows.control.webhooks.emit); `dispatch` delivers them
+at-least-once with the same `webhook-id` on every attempt. Plain functions: the flow, the
+housekeeping flow and the CLI call them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+from cryptography.fernet import Fernet, InvalidToken
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from standardwebhooks.webhooks import Webhook
+
+from flows.control import webhooks as store
+from flows.db import connect
+from flows.errors import ConfigError, SchemaDriftError
+from flows.settings import Settings
+
+if TYPE_CHECKING:
+    from flows.audit import TableAudit
+    from flows.runbook import RunSummary
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = (
+    "refresh.completed",
+    "refresh.warning",
+    "refresh.failed",
+    "table.failed",
+    "table.registered",
+    "schema.drift",
+    "delivery.exhausted",
+)
+RUN_EVENTS = {"success": "refresh.completed", "warning": "refresh.warning", "failed": "refresh.failed"}
+# Delays after the 1st, 2nd, ... failed attempt (the spec's schedule; the last one repeats).
+RETRY_DELAYS_S = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600)
+JITTER = 0.1
+MAX_DATA_BYTES = 19_000  # the whole body stays under 20 KB
+MAX_ERROR_CHARS = 500
+MAX_RESPONSE_CHARS = 1024
+MAX_URL_CHARS = 2000
+SECRET_BYTES = 32
+KEY_FILE = "webhook-secrets.key"
+USER_AGENT = "sqp-refresh-webhooks/1"
+
+
+class WebhookSettings(BaseSettings):
+    """Webhook settings (environment variables prefixed ``REFRESH_``, or the .env file)."""
+
+    model_config = SettingsConfigDict(env_prefix="REFRESH_", env_file=".env", extra="ignore", frozen=True)
+
+    secret_key: SecretStr | None = Field(
+        default=None, description="encrypts webhook secrets at rest; unset = a key file in the state dir"
+    )
+    webhook_allow_private: bool = Field(
+        default=False, description="allow endpoints on loopback, link-local and private addresses"
+    )
+    webhook_horizon_hours: float = Field(default=24.0, gt=0, le=24 * 14)
+    webhook_rotation_grace_hours: float = Field(default=24.0, ge=0, le=24 * 30)
+    webhook_timeout_s: float = Field(default=15.0, gt=0, le=60)
+    webhook_run_deadline_s: float = Field(default=0.8, gt=0, le=60)
+    webhook_housekeeping_deadline_s: float = Field(default=300.0, gt=0, le=3000)
+    dashboard_url: str | None = None
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+def new_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
+
+
+def _key_file(path: Path) -> bytes:
+    """The generated key (mode 0600), created once; a concurrent creator's key wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as f:
+        f.write(Fernet.generate_key())
+    return path.read_bytes().strip()
+
+
+def cipher(settings: Settings, ws: WebhookSettings) -> Fernet:
+    """Secrets must be recoverable to sign (HMAC needs the raw key), so they are encrypted."""
+    if ws.secret_key is not None:
+        digest = hashlib.sha256(ws.secret_key.get_secret_value().encode()).digest()
+        return Fernet(base64.urlsafe_b64encode(digest))
+    return Fernet(_key_file(settings.state_dir / KEY_FILE))
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def validate_event_types(values: list[str] | None) -> list[str]:
+    names = [v.strip() for raw in values or [] for v in raw.split(",") if v.strip()]
+    if not names:
+        return list(EVENT_TYPES)
+    unknown = [n for n in names if n not in EVENT_TYPES]
+    if unknown:
+        raise ConfigError(f"unknown event type(s) {', '.join(unknown)}: use {', '.join(EVENT_TYPES)}")
+    return list(dict.fromkeys(names))
+
+
+def _blocked(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+def check_destination(url: str, allow_private: bool) -> None:
+    """Refuse a host that resolves (any of its addresses) to loopback, link-local or private."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"webhook host {host!r} does not resolve ({exc})") from exc
+    if allow_private:
+        return
+    bad = sorted({str(i[4][0]) for i in infos if _blocked(str(i[4][0]))})
+    if bad:
+        raise ConfigError(
+            f"webhook host {host!r} resolves to a loopback, link-local or private address "
+            f"({', '.join(bad)}): refused; set REFRESH_WEBHOOK_ALLOW_PRIVATE=true to allow it"
+        )
+
+
+def validate_url(url: str, allow_private: bool) -> str:
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+        _port = parts.port  # raises on a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError(f"webhook URL is malformed ({exc})") from exc
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(f"webhook URL must start with http:// or https://, got {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise ConfigError("webhook URL has no host")
+    if parts.username or parts.password:
+        raise ConfigError(
+            "webhook URL must not carry credentials (user:password@): the signature authenticates"
+        )
+    if len(url) > MAX_URL_CHARS:
+        raise ConfigError(f"webhook URL is longer than {MAX_URL_CHARS} characters")
+    check_destination(url, allow_private)
+    return url
+
+
+# --- endpoints -----------------------------------------------------------------------------
+
+
+@dataclass
+class NewEndpoint:
+    id: int
+    secret: str  # shown once, never stored in clear
+
+
+def add_endpoint(
+    settings: Settings,
+    url: str,
+    event_types: list[str] | None,
+    description: str = "",
+    who: str = "cli",
+    ws: WebhookSettings | None = None,
+) -> NewEndpoint:
+    ws = ws or WebhookSettings()
+    url = validate_url(url, ws.webhook_allow_private)
+    types = validate_event_types(event_types)
+    if len(description) > 500:
+        raise ConfigError("description is longer than 500 characters")
+    secret = new_secret()
+    with connect(settings) as conn, conn.transaction():
+        eid = store.create_endpoint(
+            conn,
+            settings.control_schema,
+            url=url,
+            description=description,
+            event_types=types,
+            secret_enc=cipher(settings, ws).encrypt(secret.encode()).decode(),
+            who=who,
+        )
+    return NewEndpoint(eid, secret)
+
+
+def rotate_secret(
+    settings: Settings,
+    endpoint_id: int,
+    grace_hours: float | None = None,
+    who: str = "cli",
+    ws: WebhookSettings | None = None,
+) -> str:
+    """A new secret (returned, shown once); the old one signs too for the grace period."""
+    ws = ws or WebhookSettings()
+    grace = ws.webhook_rotation_grace_hours if grace_hours is None else grace_hours
+    if not 0 <= grace <= 24 * 30:
+        raise ConfigError(f"grace period must be between 0 and 720 hours, got {grace}")
+    secret = new_secret()
+    with connect(settings) as conn, conn.transaction():
+        store.rotate_secret(
+            conn,
+            settings.control_schema,
+            endpoint_id,
+            new_secret_enc=cipher(settings, ws).encrypt(secret.encode()).decode(),
+            grace_hours=grace,
+            who=who,
+        )
+    return secret
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+def _short(text: str | None, limit: int = MAX_ERROR_CHARS) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 20] + f"... ({len(text)} chars)"
+
+
+def links(flow_run_id: str | None, ws: WebhookSettings) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if ws.dashboard_url:
+        out["dashboard"] = ws.dashboard_url
+    ui = os.environ.get("PREFECT_UI_URL", "").rstrip("/")
+    if ui and flow_run_id:
+        out["prefect_flow_run"] = f"{ui}/runs/flow-run/{flow_run_id}"
+    return out
+
+
+def fit(data: dict[str, Any]) -> dict[str, Any]:
+    """Keep the body under 20 KB: drop per-table entries from the end, saying how many."""
+    tables = data.get("tables")
+    omitted = 0
+    while len(json.dumps(data, default=str).encode()) > MAX_DATA_BYTES and tables:
+        tables.pop()
+        omitted += 1
+        data["tables_omitted"] = omitted
+    return data
+
+
+def run_finished(conn: psycopg.Connection, settings: Settings, summary: RunSummary) -> str | None:
+    """The run's refresh.completed / .warning / .failed event (call in the run row's transaction).
+
+    A dry run writes nothing but its run row, and tells nobody: no event.
+    """
+    if summary.dry_run:
+        return None
+    ws = WebhookSettings()
+    data = {
+        "run_id": summary.run_id,
+        "flow_run_id": summary.flow_run_id,
+        "status": summary.status,
+        "message": _short(summary.message, 2000),
+        "duration_s": summary.duration_s,
+        "tables": [
+            {
+                "table": t["table"],
+                "status": t["status"],
+                "mode": t["mode"],
+                "rows_read": t["rows_read"],
+                "rows_inserted": t["rows_inserted"],
+                "rows_deleted": t["rows_deleted"],
+                "slices": t["slices"],
+                "window": t["window"],
+                "error": _short(t["error"]),
+            }
+            for t in summary.tables
+        ],
+        "dbt": {
+            "invocation_id": summary.dbt_invocation_id,
+            "models_built": summary.dbt_models_built,
+            "failed": summary.dbt_failed[:20],
+        },
+        "links": links(summary.flow_run_id, ws),
+    }
+    return store.emit(
+        conn, settings.control_schema, RUN_EVENTS[summary.status], fit(data), run_id=summary.run_id
+    )
+
+
+def runs_abandoned(conn: psycopg.Connection, settings: Settings) -> int:
+    """refresh.failed for each run this transaction marked abandoned (a killed process)."""
+    ws = WebhookSettings()
+    rows = store.abandoned_now(conn, settings.control_schema)
+    for r in rows:
+        flow_run_id = str(r["flow_run_id"]) if r["flow_run_id"] else None
+        data = {
+            "run_id": str(r["run_id"]),
+            "flow_run_id": flow_run_id,
+            "status": "abandoned",
+            "message": _short(r["message"], 2000),
+            "started_at": r["started_at"].isoformat(),
+            "links": links(flow_run_id, ws),
+        }
+        store.emit(conn, settings.control_schema, "refresh.failed", data, run_id=r["run_id"])
+    return len(rows)
+
+
+def table_finished(
+    conn: psycopg.Connection, settings: Settings, rec: TableAudit, failure: BaseException | None
+) -> None:
+    """table.failed (and schema.drift when drift stopped it); call in the audit row's transaction."""
+    if rec.status != "failed":
+        return
+    data = {
+        "run_id": str(rec.run_id),
+        "table": rec.table_name,
+        "mode": rec.mode,
+        "error": _short(rec.error),
+        "slices_done": rec.slices_done,
+        "rows_inserted": rec.rows_inserted,
+        "links": links(None, WebhookSettings()),
+    }
+    schema = settings.control_schema
+    store.emit(conn, schema, "table.failed", data, table_name=rec.table_name, run_id=rec.run_id)
+    if isinstance(failure, SchemaDriftError):
+        store.emit(conn, schema, "schema.drift", data, table_name=rec.table_name, run_id=rec.run_id)
+
+
+# --- signing and delivery ------------------------------------------------------------------
+
+
+def body(event_type: str, created_at: datetime, data: dict[str, Any]) -> str:
+    """The JSON body; the same bytes on every attempt of an event."""
+    stamp = created_at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return json.dumps({"type": event_type, "timestamp": stamp, "data": data}, separators=(",", ":"))
+
+
+def sign_headers(event_id: str, payload: str, secrets_: list[str], at: datetime) -> dict[str, str]:
+    """Standard Webhooks headers; one `v1,` signature per secret (two during a rotation)."""
+    return {
+        "webhook-id": event_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": " ".join(Webhook(s).sign(event_id, at, payload) for s in secrets_),
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+    }
+
+
+def retry_delay_s(failed_attempts: int, rng: Callable[[float, float], float] = random.uniform) -> float:
+    base = RETRY_DELAYS_S[min(failed_attempts, len(RETRY_DELAYS_S)) - 1]
+    return base * rng(1 - JITTER, 1 + JITTER)
+
+
+def retry_after_s(value: str | None, now: datetime) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+@dataclass
+class AttemptResult:
+    success: bool
+    status_code: int | None = None
+    latency_ms: float | None = None
+    response_body: str | None = None
+    error: str | None = None
+    retry_after_s: float | None = None
+
+
+def send(
+    client: httpx.Client, row: dict[str, Any], fernet: Fernet, ws: WebhookSettings, timeout_s: float
+) -> AttemptResult:
+    """One HTTP attempt; never raises. Only 2xx is success; redirects are not followed."""
+    try:
+        check_destination(row["url"], ws.webhook_allow_private)
+        keys = [fernet.decrypt(row["secret_enc"].encode()).decode()]
+        if row["previous_secret_enc"]:
+            keys.append(fernet.decrypt(row["previous_secret_enc"].encode()).decode())
+    except ConfigError as exc:
+        return AttemptResult(False, error=str(exc))
+    except InvalidToken:
+        return AttemptResult(
+            False,
+            error="cannot decrypt the endpoint's secret: the encryption key changed "
+            "(REFRESH_SECRET_KEY or the key file); run `refresh webhooks rotate-secret`",
+        )
+    payload = body(row["event"], row["event_created_at"], row["payload"])
+    headers = sign_headers(row["event_id"], payload, keys, datetime.now(UTC))
+    started = time.monotonic()
+    try:
+        with client.stream(
+            "POST", row["url"], content=payload.encode(), headers=headers, timeout=timeout_s
+        ) as resp:
+            got = b""
+            for chunk in resp.iter_bytes():
+                got += chunk
+                if len(got) >= MAX_RESPONSE_CHARS:
+                    break
+        code = resp.status_code
+        return AttemptResult(
+            success=200 <= code < 300,
+            status_code=code,
+            latency_ms=round((time.monotonic() - started) * 1000, 1),
+            response_body=got[:MAX_RESPONSE_CHARS].decode("utf-8", "replace"),
+            error=None if 200 <= code < 300 else f"HTTP {code}",
+            retry_after_s=retry_after_s(resp.headers.get("retry-after"), datetime.now(UTC)),
+        )
+    except httpx.HTTPError as exc:
+        # The exception text names the failure (refused, timed out), never the headers.
+        return AttemptResult(
+            False,
+            latency_ms=round((time.monotonic() - started) * 1000, 1),
+            error=_short(f"{type(exc).__name__}: {exc}"),
+        )
+
+
+@dataclass
+class DispatchResult:
+    attempted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    exhausted: int = 0
+    disabled: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _settle(
+    conn: psycopg.Connection,
+    schema: str,
+    ws: WebhookSettings,
+    row: dict[str, Any],
+    res: AttemptResult,
+    now: datetime,
+    result: DispatchResult,
+    disabled: set[int],
+) -> None:
+    attempt = row["attempts"] + 1
+    store.record_attempt(
+        conn,
+        schema,
+        row["id"],
+        attempt=attempt,
+        success=res.success,
+        status_code=res.status_code,
+        latency_ms=res.latency_ms,
+        response_body=res.response_body,
+        error=res.error,
+    )
+    result.attempted += 1
+    common = {"attempts": attempt, "status_code": res.status_code, "error": res.error}
+    if res.success:
+        result.succeeded += 1
+        store.update_delivery(conn, schema, row["id"], status="succeeded", next_attempt_at=None, **common)
+        return
+    result.failed += 1
+    if res.status_code == 410 and row["endpoint_id"] not in disabled:
+        result.disabled += 1
+        disabled.add(row["endpoint_id"])
+        store.disable_endpoint(
+            conn, schema, row["endpoint_id"], f"receiver answered 410 Gone on {now:%Y-%m-%d %H:%M} UTC"
+        )
+    if row["endpoint_id"] in disabled:  # also the batch's other deliveries to it
+        store.update_delivery(conn, schema, row["id"], status="cancelled", next_attempt_at=None, **common)
+        return
+    delay = retry_delay_s(attempt)
+    if res.retry_after_s is not None:
+        delay = max(delay, res.retry_after_s)
+    nxt = now + timedelta(seconds=delay)
+    if nxt <= row["retry_from"] + timedelta(hours=ws.webhook_horizon_hours):
+        store.update_delivery(conn, schema, row["id"], status="pending", next_attempt_at=nxt, **common)
+        return
+    result.exhausted += 1
+    store.update_delivery(conn, schema, row["id"], status="exhausted", next_attempt_at=None, **common)
+    if row["event"] not in ("delivery.exhausted", "webhook.test"):
+        store.emit(
+            conn,
+            schema,
+            "delivery.exhausted",
+            {
+                "delivery_id": row["id"],
+                "endpoint_id": row["endpoint_id"],
+                "event_id": row["event_id"],
+                "event_type": row["event"],
+                "attempts": attempt,
+                "last_status_code": res.status_code,
+                "last_error": res.error,
+            },
+        )
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="webhook")
+
+
+def dispatch(
+    settings: Settings,
+    *,
+    deadline_s: float,
+    wait: bool = False,
+    clock: Callable[[], datetime] | None = None,
+    delivery_ids: list[int] | None = None,
+    batch_size: int = 32,
+    ws: WebhookSettings | None = None,
+) -> DispatchResult:
+    """Deliver what is due, for at most `deadline_s` seconds (each attempt's timeout is cut to
+    what is left). With `wait`, also wait for retries that fall due before the deadline.
+
+    Due deliveries are locked `for update skip locked` while they are sent and recorded, so two
+    dispatchers never send the same attempt; a crash before the commit leaves them pending and
+    they are sent again, with the same webhook-id (at-least-once).
+    """
+    ws = ws or WebhookSettings()
+    clock = clock or (lambda: datetime.now(UTC))
+    schema = settings.control_schema
+    start = time.monotonic()
+    result = DispatchResult()
+    disabled: set[int] = set()
+    fernet: Fernet | None = None  # only when there is something to sign: no key file otherwise
+    # No Nagle: headers and body go out as two writes, and the second would wait for an ACK.
+    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    with connect(settings) as conn, httpx.Client(transport=transport, follow_redirects=False) as client:
+        while True:
+            left = deadline_s - (time.monotonic() - start)
+            if left <= 0.01:
+                break
+            with conn.transaction():
+                rows = store.claim_due(conn, schema, clock(), batch_size, delivery_ids)
+                if rows:
+                    fernet = fernet or cipher(settings, ws)
+                    timeout = min(ws.webhook_timeout_s, left)
+                    one = partial(send, client, fernet=fernet, ws=ws, timeout_s=timeout)
+                    results = list(_pool().map(one, rows))
+                    for row, res in zip(rows, results, strict=True):
+                        _settle(conn, schema, ws, row, res, clock(), result, disabled)
+                    continue
+            if not wait:
+                break
+            nxt = store.next_due(conn, schema)
+            conn.commit()
+            if nxt is None or (nxt - clock()).total_seconds() > left:
+                break
+            time.sleep(max(0.05, (nxt - clock()).total_seconds()))
+    return result
+
+
+def dispatch_after_run(settings: Settings) -> DispatchResult | None:
+    """One short pass after a run; never raises and never takes long: what is left over goes
+    out from the hourly housekeeping flow."""
+    try:
+        ws = WebhookSettings()
+        return dispatch(settings, deadline_s=ws.webhook_run_deadline_s, ws=ws)
+    except Exception as exc:
+        log.warning("webhook dispatch after the run failed; the events stay in the outbox: %s", exc)
+        return None

@@ -1,0 +1,249 @@
+"""`refresh webhooks ...`: endpoints, secrets, test and replay, delivery history.
+
+Loaded by flows.cli (whose helpers it reuses) and registered there as a sub-app.
+"""
+
+from __future__ import annotations
+
+import getpass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+
+from flows.control import webhooks as store
+from flows.errors import ConfigError
+from flows.settings import Settings
+
+webhooks_app = typer.Typer(
+    help="Webhooks (Standard Webhooks): endpoints, secrets, test, replay, deliveries.",
+    no_args_is_help=True,
+)
+
+# After webhooks_app exists: flows.cli imports this module back to register it, also when it
+# runs as `python -m flows.cli` (a second copy of it imports this one half-way through).
+from flows.cli import PG_HINT, _errors, _fail, _grid, _settings, _ts, out  # noqa: E402
+
+DELIVERY_STATUSES = ("pending", "succeeded", "exhausted", "cancelled")
+
+
+def _who() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _ready() -> Settings:
+    """Settings, with the control schema migrated (the webhook tables exist)."""
+    from flows.db import migrate
+
+    settings = _settings()
+    with _errors(PG_HINT):
+        migrate(settings)
+    return settings
+
+
+def parse_since(value: str) -> datetime:
+    """A date (YYYY-MM-DD, midnight UTC) or an ISO timestamp (UTC unless it says otherwise)."""
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise ConfigError(
+            f"--since {value!r} is not a date or timestamp (e.g. 2026-11-28 or 2026-11-28T02:00)"
+        ) from exc
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@webhooks_app.command("add")
+def add(
+    url: Annotated[str, typer.Argument(help="http(s) URL the events are POSTed to")],
+    events: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--event", "-e", help="Event type to subscribe (repeat or comma-separated); default: all"
+        ),
+    ] = None,
+    description: Annotated[str, typer.Option("--description", "-d")] = "",
+) -> None:
+    """Register an endpoint; prints its signing secret ONCE (store it in the receiver)."""
+    from flows import webhooks
+
+    settings = _ready()
+    with _errors("see `refresh webhooks add --help`"):
+        new = webhooks.add_endpoint(settings, url, events, description, who=_who())
+    out.print(f"endpoint {new.id} added")
+    out.print(f"signing secret (shown once, keep it in the receiver): {new.secret}")
+
+
+@webhooks_app.command("list")
+def list_() -> None:
+    """Endpoints (never their secrets)."""
+    settings = _ready()
+    from flows.db import connect
+
+    with _errors(PG_HINT), connect(settings) as conn:
+        rows = store.list_endpoints(conn, settings.control_schema)
+    grid = _grid("id", "url", "events", "enabled", "description", "rotation grace until", "updated")
+    for r in rows:
+        grid.add_row(
+            str(r["id"]),
+            r["url"],
+            ", ".join(r["event_types"]),
+            "yes" if r["enabled"] else f"no ({r['disabled_reason'] or 'disabled'})",
+            r["description"],
+            _ts(r["previous_secret_expires_at"]),
+            f"{_ts(r['updated_at'])} by {r['updated_by']}",
+        )
+    out.print(grid if rows else "no webhook endpoint (add one with `refresh webhooks add URL`)")
+
+
+@webhooks_app.command("remove")
+def remove(endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list`)")]) -> None:
+    """Remove an endpoint: nothing more is sent to it; its delivery history stays."""
+    settings = _ready()
+    from flows.db import connect
+
+    with _errors(PG_HINT), connect(settings) as conn, conn.transaction():
+        store.remove_endpoint(conn, settings.control_schema, endpoint_id, _who())
+    out.print(f"endpoint {endpoint_id} removed")
+
+
+@webhooks_app.command("rotate-secret")
+def rotate_secret(
+    endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list`)")],
+    grace_hours: Annotated[
+        float | None,
+        typer.Option(
+            help="Hours the old secret still signs (default REFRESH_WEBHOOK_ROTATION_GRACE_HOURS, 24)"
+        ),
+    ] = None,
+) -> None:
+    """New signing secret, printed ONCE; both are sent (two signatures) for the grace period."""
+    from flows import webhooks
+
+    settings = _ready()
+    with _errors(PG_HINT):
+        secret = webhooks.rotate_secret(settings, endpoint_id, grace_hours, who=_who())
+    out.print(f"endpoint {endpoint_id}: new signing secret (shown once): {secret}")
+
+
+def _print_attempts(settings: Settings, delivery_id: int) -> None:
+    from flows.db import connect
+
+    with connect(settings) as conn:
+        rows = store.list_attempts(conn, settings.control_schema, delivery_id)
+    grid = _grid("attempt", "at", "ok", "status", "ms", "error", "response")
+    for a in rows:
+        grid.add_row(
+            str(a["attempt"]),
+            _ts(a["attempted_at"]),
+            "yes" if a["success"] else "no",
+            str(a["status_code"] or "-"),
+            str(a["latency_ms"] or "-"),
+            a["error"] or "",
+            (a["response_body"] or "")[:80],
+        )
+    out.print(grid)
+
+
+@webhooks_app.command("test")
+def test(endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list`)")]) -> None:
+    """Send a signed `webhook.test` event to one endpoint now and show the answer."""
+    from flows import webhooks
+    from flows.db import connect
+
+    settings = _ready()
+    with _errors(PG_HINT):
+        with connect(settings) as conn, conn.transaction():
+            delivery = store.queue_test(
+                conn, settings.control_schema, endpoint_id, {"message": "test event", "by": _who()}
+            )
+        ws = webhooks.WebhookSettings()
+        result = webhooks.dispatch(
+            settings, deadline_s=ws.webhook_timeout_s + 5, delivery_ids=[delivery], ws=ws
+        )
+        _print_attempts(settings, delivery)
+    if not result.succeeded:
+        _fail(f"test delivery {delivery} failed", "see the error above; the receiver must answer 2xx")
+
+
+@webhooks_app.command("replay")
+def replay(
+    since: Annotated[str, typer.Option(help="Re-send events created since (date or ISO timestamp, UTC)")],
+    endpoint_id: Annotated[int | None, typer.Option("--endpoint", help="Only to this endpoint")] = None,
+    deadline_s: Annotated[
+        float, typer.Option(help="Seconds to spend sending now; the rest stays queued")
+    ] = 60,
+) -> None:
+    """Queue the events since a time again (same webhook-id, so receivers deduplicate) and send."""
+    from flows import webhooks
+    from flows.db import connect
+
+    settings = _ready()
+    with _errors(PG_HINT):
+        when = parse_since(since)
+        with connect(settings) as conn, conn.transaction():
+            if endpoint_id is not None:
+                store.get_endpoint(conn, settings.control_schema, endpoint_id)
+            queued = store.queue_replay(conn, settings.control_schema, when, endpoint_id)
+        result = webhooks.dispatch(settings, deadline_s=deadline_s, delivery_ids=queued)
+    out.print(
+        f"{len(queued)} deliveries queued since {when:%Y-%m-%d %H:%M} UTC; sent now: {result.to_dict()}"
+    )
+
+
+@webhooks_app.command("deliveries")
+def deliveries(
+    endpoint_id: Annotated[int | None, typer.Option("--endpoint")] = None,
+    status: Annotated[str | None, typer.Option(help="pending | succeeded | exhausted | cancelled")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    delivery_id: Annotated[
+        int | None, typer.Option("--id", help="Show every attempt of one delivery")
+    ] = None,
+) -> None:
+    """Recent deliveries (newest first), or every attempt of one with --id."""
+    settings = _ready()
+    from flows.db import connect
+
+    if status is not None and status not in DELIVERY_STATUSES:
+        _fail(f"unknown status {status!r}", f"use one of {', '.join(DELIVERY_STATUSES)}")
+    with _errors(PG_HINT):
+        if delivery_id is not None:
+            _print_attempts(settings, delivery_id)
+            return
+        with connect(settings) as conn:
+            rows = store.list_deliveries(
+                conn, settings.control_schema, endpoint_id=endpoint_id, status=status, limit=limit
+            )
+    grid = _grid("id", "endpoint", "event", "webhook-id", "status", "attempts", "last", "next", "last error")
+    for r in rows:
+        grid.add_row(*_delivery_cells(r))
+    out.print(grid if rows else "no delivery")
+
+
+def _delivery_cells(r: dict[str, Any]) -> list[str]:
+    return [
+        str(r["id"]),
+        str(r["endpoint_id"]),
+        r["event"],
+        r["event_id"],
+        r["status"],
+        str(r["attempts"]),
+        f"{_ts(r['last_attempt_at'])} {r['last_status_code'] or ''}".strip(),
+        _ts(r["next_attempt_at"]) if r["status"] == "pending" else "-",
+        r["last_error"] or "",
+    ]
+
+
+@webhooks_app.command("dispatch")
+def dispatch(
+    deadline_s: Annotated[float, typer.Option(help="Seconds to keep sending and waiting for retries")] = 60,
+) -> None:
+    """Deliver what is due now (housekeeping does this hourly); waits for retries due before the deadline."""
+    from flows import webhooks
+
+    settings = _ready()
+    with _errors(PG_HINT):
+        result = webhooks.dispatch(settings, deadline_s=deadline_s, wait=True)
+    out.print(result.to_dict())

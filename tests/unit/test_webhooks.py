@@ -1,0 +1,101 @@
+"""Webhook pure logic: schedule, Retry-After, validation, address checks, signing, size."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from flows import webhooks
+from flows.errors import ConfigError
+
+
+def test_retry_schedule_follows_the_spec_with_bounded_jitter() -> None:
+    exact = [webhooks.retry_delay_s(n, rng=lambda a, b: 1.0) for n in range(1, 9)]
+    assert exact == [5, 300, 1800, 7200, 18000, 36000, 36000, 36000]
+    low = webhooks.retry_delay_s(1, rng=lambda a, b: a)
+    high = webhooks.retry_delay_s(1, rng=lambda a, b: b)
+    assert low == pytest.approx(4.5) and high == pytest.approx(5.5)
+    assert len({webhooks.retry_delay_s(3) for _ in range(20)}) > 1, "jitter spreads retries"
+
+
+def test_retry_after_seconds_and_http_date() -> None:
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    assert webhooks.retry_after_s("120", now) == 120
+    assert webhooks.retry_after_s("Sun, 29 Nov 2026 12:10:00 GMT", now) == 600
+    assert webhooks.retry_after_s("Sun, 29 Nov 2026 11:00:00 GMT", now) == 0
+    assert webhooks.retry_after_s("soon", now) is None
+    assert webhooks.retry_after_s(None, now) is None
+
+
+def test_event_types_validated() -> None:
+    assert webhooks.validate_event_types(None) == list(webhooks.EVENT_TYPES)
+    assert webhooks.validate_event_types(["refresh.failed,table.failed", "refresh.failed"]) == [
+        "refresh.failed",
+        "table.failed",
+    ]
+    with pytest.raises(ConfigError, match=r"unknown event type\(s\) refresh.done"):
+        webhooks.validate_event_types(["refresh.done"])
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("ftp://example.com/x", "http:// or https://"),
+        ("example.com/x", "http:// or https://"),
+        ("http:///x", "no host"),
+        ("https://a:b@example.com/x", "credentials"),
+        ("http://example.com:70000/x", "malformed"),
+        ("http://127.0.0.1/x", "loopback, link-local or private"),
+        ("http://[::1]/x", "loopback, link-local or private"),
+        ("http://192.168.1.10/x", "loopback, link-local or private"),
+        ("http://[::ffff:10.0.0.1]/x", "loopback, link-local or private"),
+        ("http://169.254.169.254/latest/meta-data", "loopback, link-local or private"),
+    ],
+)
+def test_bad_urls_refused(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        webhooks.validate_url(url, allow_private=False)
+
+
+def test_private_allowed_when_the_operator_says_so() -> None:
+    assert (
+        webhooks.validate_url(" http://127.0.0.1:8000/hook ", allow_private=True)
+        == "http://127.0.0.1:8000/hook"
+    )
+    assert webhooks.validate_url("https://8.8.8.8/hook", allow_private=False) == "https://8.8.8.8/hook"
+
+
+def test_secret_format() -> None:
+    s = webhooks.new_secret()
+    assert s.startswith("whsec_") and len(base64.b64decode(s[6:])) >= 24
+    assert s != webhooks.new_secret()
+
+
+def test_signatures_verify_with_standardwebhooks_for_each_secret() -> None:
+    old, new = webhooks.new_secret(), webhooks.new_secret()
+    payload = webhooks.body("refresh.completed", datetime(2026, 11, 29, tzinfo=UTC), {"run_id": "r"})
+    headers = webhooks.sign_headers("msg_1", payload, [new, old], datetime.now(UTC))
+    assert headers["webhook-signature"].count("v1,") == 2
+    assert Webhook(new).verify(payload, headers)["data"] == {"run_id": "r"}
+    assert Webhook(old).verify(payload, headers)["type"] == "refresh.completed"
+    with pytest.raises(Exception, match="No matching signature"):
+        Webhook(webhooks.new_secret()).verify(payload, headers)
+
+
+def test_body_is_deterministic() -> None:
+    at = datetime(2026, 11, 29, 3, 4, 5, tzinfo=UTC) + timedelta(microseconds=7)
+    assert webhooks.body("t", at, {"a": 1}) == webhooks.body("t", at, {"a": 1})
+    assert webhooks.body("t", at, {"a": 1}).startswith(
+        '{"type":"t","timestamp":"2026-11-29T03:04:05.000007Z"'
+    )
+
+
+def test_fit_drops_tables_to_stay_under_the_limit() -> None:
+    data = {"tables": [{"error": "x" * 500} for _ in range(100)]}
+    fitted = webhooks.fit(data)
+    assert len(str(fitted).encode()) < 20_000 and fitted["tables_omitted"] > 0
+    small = {"tables": [{"error": "x"}]}
+    assert webhooks.fit(small) == {"tables": [{"error": "x"}]}
