@@ -28,6 +28,7 @@ from flows.audit import refresh_lock
 from flows.bigquery import BigQueryClients, make_clients
 from flows.db import connect
 from flows.errors import LockLostError, PostgresLostError, RefreshError, TransientError
+from flows.extract import check_reachable
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import TableConfig
 from flows.settings import Settings, get_settings
@@ -209,6 +210,8 @@ def daily_refresh(
     params = runbook.validate_params(tables, start_date, end_date, full_refresh, dry_run, force, trigger)
     clients = make_clients(settings)
     try:
+        # BigQuery unreachable: fail within REFRESH_BQ_TIMEOUT_S, before any run row is written.
+        check_reachable(clients)
         chosen = runbook.plan_tables(settings, clients, params, now=datetime.now(UTC))
         logger.info("plan: %s", ", ".join(c.table_name for c in chosen) or "no table is due")
         # One refresh at a time: a second run fails here at once, having changed nothing.

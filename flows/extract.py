@@ -62,6 +62,24 @@ def describe(clients: BigQueryClients, table: str) -> SourceTable:
     return SourceTable(table, cols, t.num_rows, t.num_bytes)
 
 
+def check_reachable(clients: BigQueryClients) -> None:
+    """Fail fast, before a run writes anything, when BigQuery cannot be reached at all.
+
+    One dataset lookup within REFRESH_BQ_TIMEOUT_S. Only unreachability stops the run here; any
+    other answer (even an error such as not found) shows the endpoint is up, and the steps that
+    follow report it as before.
+    """
+    try:
+        clients.rest.get_dataset(f"{clients.project}.{clients.dataset}", **clients.call_options())
+    except Exception as exc:
+        if isinstance(classify(exc, ""), TransientError):
+            raise SourceError(
+                f"cannot reach {clients.rest_where} within {clients.settings.bq_timeout_s:.0f}s "
+                f"(REFRESH_BQ_TIMEOUT_S): {type(exc).__name__}: {exc}; this run did nothing: "
+                "check the network, REFRESH_BQ_ENDPOINT or BigQuery's status, then run again"
+            ) from exc
+
+
 def list_source_tables(clients: BigQueryClients) -> list[str]:
     try:
         dataset = f"{clients.project}.{clients.dataset}"
@@ -174,9 +192,17 @@ def read_storage(
         return
     schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
 
-    # ReadRowsStream resumes from the last offset on transient errors by itself; its reconnects
-    # are bounded by the same retry as the session.
-    readers = [storage.read_rows(s.name, retry=clients.storage_retry()) for s in session.streams]
+    # The bare gRPC calls, not the library's ReadRowsStream: that one waits for the first
+    # message while it is created (a stalled endpoint hangs the caller, beyond any watchdog) and
+    # reconnects for up to a day. These start at once and cancel() ends them from any thread; a
+    # broken stream fails the slice attempt, which is retried whole within the table's budget.
+    readers = [
+        storage._transport.read_rows(
+            types.ReadRowsRequest(read_stream=s.name),
+            metadata=(("x-goog-request-params", f"read_stream={s.name}"),),
+        )
+        for s in session.streams
+    ]
 
     def batches(reader: Iterable[types.ReadRowsResponse]) -> Iterator[tuple[int, pa.RecordBatch]]:
         for resp in reader:

@@ -158,7 +158,7 @@ select n, date_add(date '2026-02-01', interval mod(n, 4) day), repeat(concat('p'
 from unnest(generate_array(0, 3999)) as n
 """
 
-FAST = {"bq_timeout_s": 3.0, "bq_stall_timeout_s": 2.0, "table_retry_budget_s": 8.0}
+FAST = {"bq_timeout_s": 15.0, "bq_stall_timeout_s": 2.0, "table_retry_budget_s": 8.0}
 
 
 def _proxied(e: Engine, proxy: FaultProxy, **kw: object):  # type: ignore[no-untyped-def]
