@@ -362,3 +362,23 @@ def test_pgrestart_mid_run_cli_prints_one_line_and_the_run_ends_failed(
     with psycopg.connect(own_postgres.dsn, autocommit=True) as c:
         status, message = c.execute(f"select status, message from {CONTROL}.refresh_runs").fetchone()  # type: ignore[misc]
     assert status == "failed" and "lost the refresh lock" in message
+
+
+def test_unreachable_bigquery_at_the_start_fails_within_the_call_deadline() -> None:
+    """The flow calls check_reachable before it plans, takes the lock or writes a run row."""
+    from flows.errors import SourceError
+    from flows.extract import check_reachable
+
+    dead = free_port()  # nobody listens there
+    settings = get_settings(bq_endpoint=f"http://127.0.0.1:{dead}", bq_timeout_s=3.0)
+    clients = make_clients(settings)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SourceError) as info:
+            check_reachable(clients)
+    finally:
+        clients.close()
+    assert time.monotonic() - t0 < 3.0 + 5
+    msg = str(info.value)
+    assert f"cannot reach BigQuery at http://127.0.0.1:{dead} (project sqp-demo) within 3s" in msg
+    assert "this run did nothing" in msg and "\n" not in msg
