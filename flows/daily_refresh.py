@@ -76,7 +76,7 @@ def refresh_table_task(
     deadline = _deadlines.setdefault(
         (run_id, cfg.table_name), time.monotonic() + settings.table_retry_budget_s
     )
-    outcome = refresh_table(settings, clients, cfg, run_id, options, deadline=deadline)
+    outcome = refresh_table(settings, clients, cfg, run_id, replace(options, deadline=deadline))
     if (
         outcome.retryable
         and attempt <= len(TABLE_RETRY_DELAYS_S)

@@ -48,6 +48,8 @@ class RefreshOptions:
     end_date: date | None = None
     full_refresh: bool = False
     dry_run: bool = False
+    # time.monotonic() after which no retry of the table starts (set per table by the flow)
+    deadline: float | None = None
 
     @property
     def explicit_range(self) -> bool:
@@ -155,16 +157,14 @@ def refresh_table(
     cfg: TableConfig,
     run_id: UUID,
     options: RefreshOptions,
-    deadline: float | None = None,
 ) -> TableOutcome:
     """Refresh one table; never raises for the table's own failures (they are in the outcome).
 
     The run must hold the refresh lock (audit.check_lock fences every slice commit). Transient
-    failures are retried until `deadline` (time.monotonic(); default: REFRESH_TABLE_RETRY_BUDGET_S
-    from now); then the table fails.
+    failures are retried until `options.deadline` (time.monotonic(); default:
+    REFRESH_TABLE_RETRY_BUDGET_S from now); then the table fails.
     """
-    if deadline is None:
-        deadline = time.monotonic() + settings.table_retry_budget_s
+    deadline = options.deadline or time.monotonic() + settings.table_retry_budget_s
     dry_run = options.dry_run or cfg.mode is Mode.DRY_RUN
     outcome = TableOutcome(cfg.table_name, "running", cfg.mode.value)
     rec = audit.TableAudit(run_id, cfg.table_name, cfg.mode.value, cfg.write_strategy.value)

@@ -382,3 +382,22 @@ def test_unreachable_bigquery_at_the_start_fails_within_the_call_deadline() -> N
     msg = str(info.value)
     assert f"cannot reach BigQuery at http://127.0.0.1:{dead} (project sqp-demo) within 3s" in msg
     assert "this run did nothing" in msg and "\n" not in msg
+
+
+def test_lockstatus_a_running_run_whose_lock_is_gone_is_shown_as_such(engine: Engine) -> None:
+    """`refresh status` / `refresh history` read audit.history: the truth while a run is stuck."""
+    e = engine
+
+    def shown(run_id: UUID) -> str:
+        with e.pg() as c:
+            rows = audit.history(c, CONTROL, audit.HistoryQuery(page_size=100)).rows
+        return str(next(r for r in rows if r["run_id"] == run_id)["status"])
+
+    with audit.refresh_lock(e.settings, wait_s=30) as conn:
+        audit.mark_abandoned(conn, CONTROL)
+        run = audit.start_run(conn, CONTROL, flow_run_id=None, trigger="test", params={})
+        assert shown(run.run_id) == "running"
+    # The process "went on" without its lock session (as after a Postgres restart).
+    assert shown(run.run_id).startswith("running (lock lost")
+    with e.pg() as c:
+        assert audit.mark_abandoned(c, CONTROL) == 1
