@@ -354,6 +354,7 @@ def test_pgrestart_mid_run_cli_prints_one_line_and_the_run_ends_failed(
         if cli.poll() is None:
             cli.kill()
             cli.wait()
+    print(err)  # shown with -rP: what a user sees
     assert cli.returncode == 1, (out, err)
     assert "Traceback" not in err and "Traceback" not in out, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -401,3 +402,42 @@ def test_lockstatus_a_running_run_whose_lock_is_gone_is_shown_as_such(engine: En
     assert shown(run.run_id).startswith("running (lock lost")
     with e.pg() as c:
         assert audit.mark_abandoned(c, CONTROL) == 1
+
+
+def test_firstbatch_is_read_before_the_slice_transaction_opens(engine: Engine) -> None:
+    """A source slow to send its first batch must not keep a transaction (and its DELETE) open."""
+    from uuid import uuid4
+
+    import pyarrow as pa
+    from psycopg.pq import TransactionStatus
+
+    from flows.load import apply_slice, ensure_raw_table
+    from flows.planning import Slice
+    from flows.type_mapping import map_schema
+
+    e = engine
+    columns = map_schema([("Id", "INT64", "NULLABLE", None, None)], "xt_firstbatch_t")
+    with e.pg() as conn:
+        with conn.transaction():
+            ensure_raw_table(conn, e.raw, "xt_firstbatch_t", columns, None)
+        conn.autocommit = False
+        states: list[TransactionStatus] = []
+
+        def batches():  # type: ignore[no-untyped-def]
+            states.append(conn.info.transaction_status)
+            yield pa.record_batch([pa.array([1, 2, 3], pa.int64())], names=["Id"])
+
+        res = apply_slice(
+            conn,
+            schema=e.raw,
+            table="xt_firstbatch_t",
+            control_schema=CONTROL,
+            columns=columns,
+            cursor=None,
+            piece=Slice(None, None),
+            batches=batches(),
+            run_id=uuid4(),
+            checkpoint_key="xt_firstbatch_t",
+        )
+    assert res.rows_inserted == 3
+    assert states == [TransactionStatus.IDLE], "the first batch was awaited inside the transaction"
