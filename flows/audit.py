@@ -16,8 +16,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from flows.db import REFRESH_LOCK_KEY, connect
-from flows.errors import ConfigError, TerminalError
+from flows.db import FENCE_LOCK_KEY, REFRESH_LOCK_KEY, connect
+from flows.errors import ConfigError, LockLostError, TerminalError
 from flows.settings import Settings
 
 
@@ -71,14 +71,57 @@ def _describe_running(conn: psycopg.Connection, schema: str) -> str:
     return f" (run {row[0]}, {row[1]}, started {row[2]:%Y-%m-%d %H:%M:%S %Z}, flow run {row[3]})"
 
 
-def _lock_held_elsewhere() -> sql.Composable:
+def _refresh_lock_row() -> sql.Composable:
     # Advisory locks on a bigint key show up in pg_locks as classid = high 32 bits,
     # objid = low 32 bits, objsubid = 1, scoped to the current database.
     return sql.SQL(
-        "exists (select 1 from pg_locks where locktype = 'advisory' and granted "
-        "and database = (select oid from pg_database where datname = current_database()) "
-        "and classid = {hi} and objid = {lo} and objsubid = 1 and pid <> pg_backend_pid())"
+        "l.locktype = 'advisory' and l.granted "
+        "and l.database = (select oid from pg_database where datname = current_database()) "
+        "and l.classid = {hi} and l.objid = {lo} and l.objsubid = 1"
     ).format(hi=sql.Literal(REFRESH_LOCK_KEY >> 32), lo=sql.Literal(REFRESH_LOCK_KEY & 0xFFFFFFFF))
+
+
+def _lock_held_elsewhere() -> sql.Composable:
+    return sql.SQL("exists (select 1 from pg_locks l where {} and l.pid <> pg_backend_pid())").format(
+        _refresh_lock_row()
+    )
+
+
+# The lock session of a run is named after it, so any session can tell whether the refresh lock
+# is still held for that run: after a Postgres restart or failover it is held by nobody, or by
+# a later run's session, never again by this run's.
+LOCK_SESSION_PREFIX = "sqp-refresh lock "
+
+
+def _lock_held_for(run_id: sql.Composable) -> sql.Composable:
+    return sql.SQL(
+        "exists (select 1 from pg_locks l join pg_stat_activity a on a.pid = l.pid "
+        "where {row} and a.application_name = {prefix} || ({run_id})::text)"
+    ).format(row=_refresh_lock_row(), prefix=sql.Literal(LOCK_SESSION_PREFIX), run_id=run_id)
+
+
+def bind_lock(lock_conn: psycopg.Connection, run_id: UUID) -> None:
+    """Name the lock session after the run: check_lock then recognises it."""
+    lock_conn.execute("select set_config('application_name', %s, false)", (f"{LOCK_SESSION_PREFIX}{run_id}",))
+
+
+def check_lock(conn: psycopg.Connection, run_id: UUID, doing: str) -> None:
+    """The fence: raise LockLostError unless run_id's lock session still holds the refresh lock.
+
+    Inside a slice transaction, call it last before the commit. It takes FENCE_LOCK_KEY shared
+    until that commit, and a run taking over takes it exclusively (mark_abandoned) after it got
+    the refresh lock: so a slice that passed the check has committed before the new run goes
+    on, and any later check of the old run fails. No slice commits once its run lost the lock.
+    """
+    if not conn.autocommit:
+        conn.execute("select pg_advisory_xact_lock_shared(%s)", (FENCE_LOCK_KEY,))
+    row = conn.execute(sql.SQL("select {}").format(_lock_held_for(sql.Literal(str(run_id))))).fetchone()
+    if not (row and row[0]):
+        raise LockLostError(
+            f"run {run_id} lost the refresh lock (Postgres restarted, failed over, or ended its "
+            f"lock session), so another refresh may run now: stopped {doing} and wrote nothing "
+            "more; run the refresh again: slices committed before are kept and it resumes after them"
+        )
 
 
 def refresh_running(conn: psycopg.Connection) -> bool:
@@ -97,6 +140,10 @@ def mark_abandoned(conn: psycopg.Connection, schema: str) -> int:
     touched. Safe to call from the lock holder (begin_run) and from housekeeping, which
     never takes the lock and so never makes a starting refresh fail as busy.
     """
+    # The barrier of check_lock: a slice of a run that lost the lock and passed its check just
+    # before commits before this; any later check fails, so no abandoned run commits again.
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(%s)", (FENCE_LOCK_KEY,))
     cur = conn.execute(
         sql.SQL(
             "update {r} set status = 'abandoned', finished_at = now(), "
@@ -124,7 +171,9 @@ class RunRecord:
 def start_run(
     conn: psycopg.Connection, schema: str, *, flow_run_id: UUID | None, trigger: str, params: dict[str, Any]
 ) -> RunRecord:
+    """Insert the run's row; `conn` is the lock connection, which is bound to the run (fence)."""
     run_id = uuid4()
+    bind_lock(conn, run_id)
     row = conn.execute(
         sql.SQL(
             "insert into {r} (run_id, flow_run_id, status, trigger, params, pid, hostname) "
@@ -332,10 +381,12 @@ def history(conn: psycopg.Connection, schema: str, q: HistoryQuery) -> HistoryPa
         prefix = sql.SQL("t.")
     else:
         source = sql.SQL(
-            "select r.run_id, r.flow_run_id, r.status, r.trigger, r.started_at, r.finished_at, "
+            "select r.run_id, r.flow_run_id, case when r.status = 'running' and not {held} "
+            "then 'running (lock lost: no process holds the refresh lock for it)' "
+            "else r.status end as status, r.trigger, r.started_at, r.finished_at, "
             "extract(epoch from r.finished_at - r.started_at) as duration_s, r.tables_planned, "
             "r.tables_failed, r.rows_read, r.rows_inserted, r.message from {r} r"
-        ).format(r=_t(schema, "refresh_runs"))
+        ).format(r=_t(schema, "refresh_runs"), held=_lock_held_for(sql.SQL("r.run_id")))
         prefix = sql.SQL("r.")
     where: list[sql.Composable] = []
     params: list[Any] = []

@@ -161,6 +161,36 @@ class BigQueryClients:
                 self._storage = bigquery_storage_v1.BigQueryReadClient(credentials=self.rest._credentials)
         return self._storage
 
+    @property
+    def rest_where(self) -> str:
+        """Where REST calls go, for error messages: endpoint and project."""
+        endpoint = self.settings.rest_endpoint or "bigquery.googleapis.com"
+        return f"BigQuery at {endpoint} (project {self.project})"
+
+    @property
+    def storage_where(self) -> str:
+        endpoint = self.settings.storage_endpoint or "bigquerystorage.googleapis.com"
+        return f"BigQuery Storage Read API at {endpoint} (project {self.project})"
+
+    def call_options(self) -> dict[str, Any]:
+        """`retry` and `timeout` for every REST call: each request and its client retries end
+        within REFRESH_BQ_TIMEOUT_S (the library default retries for 600 s)."""
+        from google.api_core.retry import Retry
+
+        t = self.settings.bq_timeout_s
+        retry = bigquery.DEFAULT_RETRY.with_timeout(t)
+        assert isinstance(retry, Retry)
+        return {"retry": retry, "timeout": t}
+
+    def storage_retry(self) -> Any:
+        """Retry of Storage Read calls (session creation, stream reconnects), bounded likewise."""
+        from google.api_core import retry as gretry
+
+        return gretry.Retry(
+            predicate=gretry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded),
+            timeout=self.settings.bq_timeout_s,
+        )
+
     def query_config(self, **kwargs: Any) -> bigquery.QueryJobConfig:
         """Every query carries the maximum_bytes_billed guard."""
         return bigquery.QueryJobConfig(maximum_bytes_billed=self.settings.bq_maximum_bytes_billed, **kwargs)

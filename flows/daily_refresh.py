@@ -6,11 +6,14 @@ only wires them into Prefect tasks so each table and each dbt node shows up in t
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
@@ -20,19 +23,26 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import runbook, webhooks
+from flows import audit, runbook, webhooks
 from flows.audit import refresh_lock
 from flows.bigquery import BigQueryClients, make_clients
 from flows.db import connect
-from flows.errors import RefreshError, TransientError
+from flows.errors import LockLostError, PostgresLostError, RefreshError, TransientError
+from flows.extract import check_reachable
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import TableConfig
 from flows.settings import Settings, get_settings
 from flows.transform import DbtOutcome, record_dbt, run_dbt
 
 # A table whose slices still fail transiently after refresh_table's own backoff (2, 4, 8 s)
-# is tried again later as a whole: its committed slices are kept and skipped.
+# is tried again later as a whole: its committed slices are kept and skipped. All of it within
+# the table's retry budget (REFRESH_TABLE_RETRY_BUDGET_S, counted from its first attempt): no
+# attempt starts after it, so a table ends at most one attempt (bounded by the BigQuery
+# deadlines) after its budget, see docs/design.md.
 TABLE_RETRY_DELAYS_S: list[float] = [30, 120]
+log = logging.getLogger(__name__)
+# (run_id, table) -> the table's retry deadline, set by its first attempt in this process.
+_deadlines: dict[tuple[UUID, str], float] = {}
 
 
 class RefreshFailed(RefreshError):
@@ -62,10 +72,73 @@ def refresh_table_task(
     settings: Settings, clients: BigQueryClients, cfg: TableConfig, run_id: UUID, options: RefreshOptions
 ) -> TableOutcome:
     """One table; permanent failures come back in the outcome at once, transient ones retry."""
-    outcome = refresh_table(settings, clients, cfg, run_id, options)
-    if outcome.retryable and task_run.run_count <= len(TABLE_RETRY_DELAYS_S):
+    attempt = task_run.run_count
+    deadline = _deadlines.setdefault(
+        (run_id, cfg.table_name), time.monotonic() + settings.table_retry_budget_s
+    )
+    outcome = refresh_table(settings, clients, cfg, run_id, replace(options, deadline=deadline))
+    if (
+        outcome.retryable
+        and attempt <= len(TABLE_RETRY_DELAYS_S)
+        and time.monotonic() + TABLE_RETRY_DELAYS_S[attempt - 1] < deadline
+    ):
         raise TransientError(f"{cfg.table_name}: {outcome.error}")
+    _deadlines.pop((run_id, cfg.table_name), None)
     return outcome
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _failure_message(exc: BaseException, outcomes: list[TableOutcome]) -> str:
+    """One line: what stopped the run, then each failed table's own error (table and slice)."""
+    if isinstance(exc, psycopg.OperationalError):
+        head = f"lost Postgres ({_first_line(exc)}): start it again, then run again (the run resumes)"
+    elif isinstance(exc, RefreshError):
+        head = _first_line(exc)
+    else:
+        head = f"run crashed: {exc!r}"
+    failed = [f"{o.table_name}: {o.error}" for o in outcomes if o.status == "failed" and o.error]
+    return " | ".join([head, *failed])
+
+
+def _check_lock(settings: Settings, run_id: UUID, doing: str) -> None:
+    """The fence outside slice transactions (the lock connection itself may be dead)."""
+    with connect(settings, autocommit=True) as conn:
+        audit.check_lock(conn, run_id, doing)
+
+
+def _end_run(settings: Settings, run: audit.RunRecord, summary: runbook.RunSummary) -> runbook.RunSummary:
+    """Record the run's end; the summary as recorded. Never raises.
+
+    Postgres may be restarting: retried with backoff for REFRESH_PG_RETRY_BUDGET_S. A run that
+    lost the refresh lock meanwhile ends `failed`, whatever it did.
+    """
+    deadline = time.monotonic() + settings.pg_retry_budget_s
+    delay = 1.0
+    while True:
+        try:
+            with connect(settings, autocommit=True) as conn:
+                try:
+                    audit.check_lock(conn, run.run_id, "before recording the run's end")
+                except LockLostError as exc:
+                    if "lost the refresh lock" not in summary.message:
+                        summary = replace(summary, status="failed", message=f"{exc} | {summary.message}")
+                runbook.finish_run(conn, settings, run, summary)
+            return summary
+        except psycopg.OperationalError as exc:
+            if time.monotonic() + delay > deadline:
+                log.error(
+                    "run %s: could not record its end, Postgres unreachable for %.0fs (%s); it shows "
+                    "as running (lock lost) until the next run marks it abandoned",
+                    run.run_id,
+                    settings.pg_retry_budget_s,
+                    _first_line(exc),
+                )
+                return summary
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _flow_run_id() -> UUID | None:
@@ -156,13 +229,18 @@ def daily_refresh(
     anchor = runbook.run_anchor(_scheduled_start(), datetime.now(UTC))
     clients = make_clients(settings)
     try:
+        # BigQuery unreachable: fail within REFRESH_BQ_TIMEOUT_S, before any run row is written.
+        check_reachable(clients)
         chosen = runbook.plan_tables(settings, clients, params, now=anchor)
         logger.info("plan: %s", ", ".join(c.table_name for c in chosen) or "no table is due")
         # One refresh at a time: a second run fails here at once, having changed nothing.
         with refresh_lock(settings) as lock_conn:
             run = runbook.begin_run(lock_conn, settings, flow_run_id=_flow_run_id(), params=params)
+            outcomes: list[TableOutcome] = []
             try:
                 outcomes = extract(settings, clients, chosen, run.run_id, params.options)
+                if not params.dry_run:
+                    _check_lock(settings, run.run_id, "before dbt")
                 runbook.advance_due_times(
                     lock_conn, settings, chosen, outcomes, anchor, scheduled=params.scheduled
                 )
@@ -178,12 +256,24 @@ def daily_refresh(
                     duration_s=time.monotonic() - t0,
                 )
             except BaseException as exc:
-                crashed = runbook.RunSummary(
-                    str(run.run_id), "failed", f"run crashed: {exc!r}", dry_run=params.dry_run
+                message = _failure_message(exc, outcomes)
+                _end_run(
+                    settings,
+                    run,
+                    runbook.RunSummary(str(run.run_id), "failed", message, dry_run=params.dry_run),
                 )
-                runbook.finish_run(lock_conn, settings, run, crashed)
+                if isinstance(exc, psycopg.OperationalError):
+                    raise PostgresLostError(message) from exc
+                if isinstance(exc, RefreshError):
+                    raise RefreshFailed(message) from exc
                 raise
-            runbook.finish_run(lock_conn, settings, run, summary)
+            summary = _end_run(settings, run, summary)
+    except psycopg.OperationalError as exc:
+        # Before the run row exists (planning) or while taking the lock: nothing was written.
+        raise PostgresLostError(
+            f"cannot reach Postgres ({_first_line(exc)}): this run did nothing; start Postgres "
+            "or fix REFRESH_PG_DSN, then run again"
+        ) from exc
     finally:
         clients.close()
         # Bounded (REFRESH_WEBHOOK_RUN_DEADLINE_S), never raises; housekeeping sends the rest.

@@ -13,6 +13,9 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Advisory-lock keys (arbitrary constants, documented in docs/design.md).
 MIGRATION_LOCK_KEY = 7_312_001
 REFRESH_LOCK_KEY = 7_312_002
+# Taken shared by each slice transaction around its lock check, exclusively by a run that
+# takes over: see flows.audit.check_lock.
+FENCE_LOCK_KEY = 7_312_004
 
 
 def connect(settings: Settings, autocommit: bool = False) -> psycopg.Connection:

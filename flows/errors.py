@@ -29,3 +29,15 @@ class SourceError(TerminalError):
 
 class StackError(TerminalError):
     """The embedded local stack (Postgres or the BigQuery emulator) could not start."""
+
+
+class LockLostError(TerminalError):
+    """This run no longer holds the refresh lock (Postgres restarted, or its session ended)."""
+
+
+class PostgresLostError(RefreshError):
+    """Postgres went away during a run and did not come back within the retry budget."""
+
+
+class BadSourceValueError(TerminalError):
+    """A source value Postgres cannot store (a NUL character in a string)."""

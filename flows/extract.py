@@ -13,7 +13,7 @@ import ctypes
 import functools
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from typing import TypeVar, cast
@@ -21,7 +21,7 @@ from typing import TypeVar, cast
 import pyarrow as pa
 
 from flows.bigquery import BigQueryClients, classify
-from flows.errors import SourceError
+from flows.errors import SourceError, TransientError
 from flows.identifiers import bq_quote, bq_table_path
 from flows.planning import Slice
 from flows.registry import TableConfig
@@ -55,18 +55,37 @@ class SourceTable:
 
 def describe(clients: BigQueryClients, table: str) -> SourceTable:
     try:
-        t = clients.rest.get_table(f"{clients.project}.{clients.dataset}.{table}")
+        t = clients.rest.get_table(f"{clients.project}.{clients.dataset}.{table}", **clients.call_options())
     except Exception as exc:
-        raise classify(exc, f"{table}: reading the table schema") from exc
+        raise classify(exc, f"{table}: reading the table schema from {clients.rest_where}") from exc
     cols = [SourceColumn(f.name, f.field_type, f.mode or "NULLABLE", f.precision, f.scale) for f in t.schema]
     return SourceTable(table, cols, t.num_rows, t.num_bytes)
 
 
+def check_reachable(clients: BigQueryClients) -> None:
+    """Fail fast, before a run writes anything, when BigQuery cannot be reached at all.
+
+    One dataset lookup within REFRESH_BQ_TIMEOUT_S. Only unreachability stops the run here; any
+    other answer (even an error such as not found) shows the endpoint is up, and the steps that
+    follow report it as before.
+    """
+    try:
+        clients.rest.get_dataset(f"{clients.project}.{clients.dataset}", **clients.call_options())
+    except Exception as exc:
+        if isinstance(classify(exc, ""), TransientError):
+            raise SourceError(
+                f"cannot reach {clients.rest_where} within {clients.settings.bq_timeout_s:.0f}s "
+                f"(REFRESH_BQ_TIMEOUT_S): {type(exc).__name__}: {exc}; this run did nothing: "
+                "check the network, REFRESH_BQ_ENDPOINT or BigQuery's status, then run again"
+            ) from exc
+
+
 def list_source_tables(clients: BigQueryClients) -> list[str]:
     try:
-        return [t.table_id for t in clients.rest.list_tables(f"{clients.project}.{clients.dataset}")]
+        dataset = f"{clients.project}.{clients.dataset}"
+        return [t.table_id for t in clients.rest.list_tables(dataset, **clients.call_options())]
     except Exception as exc:
-        raise classify(exc, f"listing tables of dataset {clients.dataset}") from exc
+        raise classify(exc, f"listing tables of dataset {clients.dataset} at {clients.rest_where}") from exc
 
 
 def _literal(col: SourceColumn, d: date) -> str:
@@ -99,9 +118,10 @@ def cursor_range(
     expr = f"date({q})" if col.field_type.upper() != "DATE" else q
     sql = f"select min({expr}) as lo, max({expr}) as hi from {path}"
     try:
-        row = next(iter(clients.rest.query(sql, job_config=clients.query_config()).result()))
+        opts = clients.call_options()
+        row = next(iter(clients.rest.query(sql, job_config=clients.query_config(), **opts).result(**opts)))
     except Exception as exc:
-        raise classify(exc, f"{cfg.table_name}: reading the cursor range") from exc
+        raise classify(exc, f"{cfg.table_name}: reading the cursor range from {clients.rest_where}") from exc
     return row["lo"], row["hi"]
 
 
@@ -110,9 +130,13 @@ def estimate_bytes(clients: BigQueryClients, cfg: TableConfig, where: str) -> in
     path = bq_table_path(clients.project, clients.dataset, cfg.source_table)
     sql = f"select * from {path}" + (f" where {where}" if where else "")
     try:
-        job = clients.rest.query(sql, job_config=clients.query_config(dry_run=True, use_query_cache=False))
+        job = clients.rest.query(
+            sql,
+            job_config=clients.query_config(dry_run=True, use_query_cache=False),
+            **clients.call_options(),
+        )
     except Exception as exc:
-        raise classify(exc, f"{cfg.table_name}: dry-run estimate") from exc
+        raise classify(exc, f"{cfg.table_name}: dry-run estimate at {clients.rest_where}") from exc
     return int(job.total_bytes_processed or 0)
 
 
@@ -139,8 +163,10 @@ def read_storage(
 ) -> Iterator[pa.RecordBatch]:
     """Stream a slice through the Storage Read API.
 
-    With several streams, one reader thread per stream feeds a queue of at most two batches per
-    stream, so memory stays bounded while streams are read in parallel.
+    One reader thread per stream feeds a queue of at most two batches per stream, so memory
+    stays bounded while streams are read in parallel, and the consumer notices a stream that
+    delivers nothing for REFRESH_BQ_STALL_TIMEOUT_S (a dead or hung endpoint keeps a socket
+    open for minutes): the streams are cancelled and a TransientError names the endpoint.
     """
     from google.cloud.bigquery_storage_v1 import types
 
@@ -151,31 +177,52 @@ def read_storage(
         data_format=types.DataFormat.ARROW,
         read_options=types.ReadSession.TableReadOptions(row_restriction=where),
     )
+    where_ = clients.storage_where
     try:
         session = storage.create_read_session(
             parent=f"projects/{clients.project}",
             read_session=session_spec,
             max_stream_count=streams,
+            retry=clients.storage_retry(),
+            timeout=clients.settings.bq_timeout_s,
         )
     except Exception as exc:
-        raise classify(exc, f"{table}: creating a Storage read session") from exc
+        raise classify(exc, f"{table}: creating a read session at {where_}") from exc
     if not session.streams:
         return
     schema = pa.ipc.read_schema(pa.py_buffer(session.arrow_schema.serialized_schema))
 
-    def batches(stream_name: str) -> Iterator[tuple[int, pa.RecordBatch]]:
-        # ReadRowsStream resumes from the last offset on transient errors by itself.
-        for resp in storage.read_rows(stream_name):
+    # The bare gRPC calls, not the library's ReadRowsStream: that one waits for the first
+    # message while it is created (a stalled endpoint hangs the caller, beyond any watchdog) and
+    # reconnects for up to a day. These start at once and cancel() ends them from any thread; a
+    # broken stream fails the slice attempt, which is retried whole within the table's budget.
+    readers = [
+        storage._transport.read_rows(
+            types.ReadRowsRequest(read_stream=s.name),
+            metadata=(("x-goog-request-params", f"read_stream={s.name}"),),
+        )
+        for s in session.streams
+    ]
+
+    def batches(reader: Iterable[types.ReadRowsResponse]) -> Iterator[tuple[int, pa.RecordBatch]]:
+        for resp in reader:
             if not resp.row_count:
                 continue
             payload = resp.arrow_record_batch.serialized_record_batch
             yield len(payload), pa.ipc.read_record_batch(pa.py_buffer(payload), schema)
 
+    stall_s = clients.settings.bq_stall_timeout_s
+
+    def stalled() -> Exception:
+        for r in readers:
+            r.cancel()
+        return TransientError(
+            f"{table}: {where_} sent nothing for {stall_s:.0f}s (REFRESH_BQ_STALL_TIMEOUT_S): "
+            "the read stream stalled"
+        )
+
     try:
-        if len(session.streams) == 1:
-            read = batches(session.streams[0].name)
-        else:
-            read = _in_threads([batches(s.name) for s in session.streams])
+        read = _in_threads([batches(r) for r in readers], stall_s=stall_s, on_stall=stalled)
         # Counted here, in the one consuming thread, not by the stream threads.
         for size, batch in read:
             stats.bytes += size
@@ -184,19 +231,27 @@ def read_storage(
     except SourceError:
         raise
     except Exception as exc:
-        raise classify(exc, f"{table}: reading rows") from exc
+        raise classify(exc, f"{table}: reading rows from {where_}") from exc
+    finally:
+        for r in readers:
+            r.cancel()
 
 
 _DONE = object()
 T = TypeVar("T")
 
 
-def _in_threads(sources: list[Iterable[T]]) -> Iterator[T]:
+def _in_threads(
+    sources: list[Iterable[T]],
+    stall_s: float | None = None,
+    on_stall: Callable[[], Exception] | None = None,
+) -> Iterator[T]:
     """The items of every source, each source iterated in its own thread.
 
     A queue of at most two items per source bounds memory; the consumer sees the sources'
     items interleaved, and a source's exception is raised in the consumer. When the consumer
-    stops early, the threads stop at their next item.
+    stops early, the threads stop at their next item. When no item arrives for `stall_s`,
+    the consumer raises `on_stall()` (which should also unblock the sources, e.g. cancel them).
     """
     q: queue.Queue[object] = queue.Queue(maxsize=2 * len(sources))
     stop = threading.Event()
@@ -225,7 +280,10 @@ def _in_threads(sources: list[Iterable[T]]) -> Iterator[T]:
     done = 0
     try:
         while done < len(sources):
-            item = q.get()
+            try:
+                item = q.get(timeout=stall_s)
+            except queue.Empty:
+                raise (on_stall() if on_stall else TimeoutError(f"no item for {stall_s}s")) from None
             if item is _DONE:
                 done += 1
             elif isinstance(item, BaseException):
@@ -245,14 +303,16 @@ def read_rest(
     path = bq_table_path(clients.project, clients.dataset, table)
     sql = f"select * from {path}" + (f" where {where}" if where else "")
     try:
-        result = clients.rest.query(sql, job_config=clients.query_config()).result(page_size=page_size)
+        opts = clients.call_options()
+        job = clients.rest.query(sql, job_config=clients.query_config(), **opts)
+        result = job.result(page_size=page_size, **opts)
         for batch in result.to_arrow_iterable(bqstorage_client=None):
             rb = batch if isinstance(batch, pa.RecordBatch) else pa.record_batch(batch)
             stats.rows += rb.num_rows
             stats.bytes += rb.nbytes
             yield rb
     except Exception as exc:
-        raise classify(exc, f"{table}: reading rows over REST") from exc
+        raise classify(exc, f"{table}: reading rows from {clients.rest_where}") from exc
 
 
 def read_slice(

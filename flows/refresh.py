@@ -19,7 +19,7 @@ from psycopg import sql
 from flows import audit, webhooks
 from flows.bigquery import BigQueryClients
 from flows.db import connect
-from flows.errors import RefreshError, TerminalError, TransientError
+from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
 from flows.extract import (
     ReadStats,
     SourceColumn,
@@ -48,6 +48,8 @@ class RefreshOptions:
     end_date: date | None = None
     full_refresh: bool = False
     dry_run: bool = False
+    # time.monotonic() after which no retry of the table starts (set per table by the flow)
+    deadline: float | None = None
 
     @property
     def explicit_range(self) -> bool:
@@ -89,8 +91,13 @@ def with_retries(
     attempts: int = 4,
     base_delay_s: float = 2.0,
     on_retry: Callable[[BaseException], None] | None = None,
+    deadline: float | None = None,
 ) -> T:
-    """Run fn, retrying transient failures with exponential backoff (2, 4, 8 s ...)."""
+    """Run fn, retrying transient failures with exponential backoff (2, 4, 8 s ...).
+
+    No retry starts after `deadline` (time.monotonic()): the table's retry budget.
+    """
+    started = time.monotonic()
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -100,9 +107,12 @@ def with_retries(
             psycopg.errors.SerializationFailure,
             psycopg.errors.DeadlockDetected,
         ) as exc:
-            if attempt == attempts:
-                raise TransientError(f"{what}: still failing after {attempts} attempts: {exc}") from exc
             delay = base_delay_s * 2 ** (attempt - 1)
+            if attempt == attempts or (deadline is not None and time.monotonic() + delay > deadline):
+                raise TransientError(
+                    f"{what}: still failing after {attempt} attempt(s) in "
+                    f"{time.monotonic() - started:.0f}s: {exc}"
+                ) from exc
             log.warning(
                 "%s: transient failure (%s), retry %d/%d in %.0fs", what, exc, attempt, attempts - 1, delay
             )
@@ -142,9 +152,19 @@ def _committed_since_last_success(
 
 
 def refresh_table(
-    settings: Settings, clients: BigQueryClients, cfg: TableConfig, run_id: UUID, options: RefreshOptions
+    settings: Settings,
+    clients: BigQueryClients,
+    cfg: TableConfig,
+    run_id: UUID,
+    options: RefreshOptions,
 ) -> TableOutcome:
-    """Refresh one table; never raises for the table's own failures (they are in the outcome)."""
+    """Refresh one table; never raises for the table's own failures (they are in the outcome).
+
+    The run must hold the refresh lock (audit.check_lock fences every slice commit). Transient
+    failures are retried until `options.deadline` (time.monotonic(); default:
+    REFRESH_TABLE_RETRY_BUDGET_S from now); then the table fails.
+    """
+    deadline = options.deadline or time.monotonic() + settings.table_retry_budget_s
     dry_run = options.dry_run or cfg.mode is Mode.DRY_RUN
     outcome = TableOutcome(cfg.table_name, "running", cfg.mode.value)
     rec = audit.TableAudit(run_id, cfg.table_name, cfg.mode.value, cfg.write_strategy.value)
@@ -153,8 +173,9 @@ def refresh_table(
     conn = connect(settings, autocommit=True)
     try:
         if not dry_run:
+            audit.check_lock(conn, run_id, f"before refreshing {cfg.table_name}")
             audit.write_table_audit(conn, settings.control_schema, rec)
-        _refresh(settings, clients, cfg, run_id, options, dry_run, conn, rec, outcome)
+        _refresh(settings, clients, cfg, run_id, options, dry_run, conn, rec, outcome, deadline)
         # The next due time is set by the run (flows.runbook.advance_due_times), from its anchor.
         rec.status = outcome.status = "planned" if dry_run else "success"
     except (RefreshError, psycopg.Error) as exc:
@@ -192,6 +213,7 @@ def _refresh(
     conn: psycopg.Connection,
     rec: audit.TableAudit,
     outcome: TableOutcome,
+    deadline: float,
 ) -> None:
     source = describe(clients, cfg.source_table)
     columns = map_schema(
@@ -234,13 +256,22 @@ def _refresh(
     with conn.transaction():
         ensure_raw_table(conn, schema, cfg.table_name, columns, cursor_map.name if cursor_map else None)
 
+    bad_slices: list[str] = []
     for piece in slices:
         slice_started = datetime.now(UTC)
         loader = _SliceLoader(
             settings, clients, cfg, run_id, schema, key, columns, cursor_map, cursor_src, piece, slice_started
         )
         try:
-            inserted, deleted, stats = with_retries(loader.attempt, f"{cfg.table_name} slice {piece.label}")
+            inserted, deleted, stats = with_retries(
+                loader.attempt, f"{cfg.table_name} slice {piece.label}", deadline=deadline
+            )
+        except BadSourceValueError as exc:
+            # Only this slice's data is bad: the other slices still load, the table ends failed.
+            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
+            log.error("%s", exc)
+            bad_slices.append(str(exc))
+            continue
         except (RefreshError, psycopg.Error) as exc:
             _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
             raise
@@ -250,6 +281,10 @@ def _refresh(
         rec.rows_inserted += inserted
         rec.rows_deleted += deleted
         audit.heartbeat(conn, settings.control_schema, run_id)
+    if bad_slices:
+        raise BadSourceValueError(
+            f"{len(bad_slices)} slice(s) not loaded, the others were: " + " | ".join(bad_slices)
+        )
 
 
 @dataclass
@@ -273,6 +308,10 @@ class _SliceLoader:
         where = row_restriction(self.cursor_src, self.piece) if self.cursor_src else ""
 
         def record(c: psycopg.Connection, inserted: int, deleted: int) -> None:
+            # Last before the commit: the fence (see audit.check_lock).
+            audit.check_lock(
+                c, self.run_id, f"before committing {self.cfg.table_name} slice {self.piece.label}"
+            )
             audit.write_slice_audit(
                 c,
                 self.settings.control_schema,
@@ -290,6 +329,13 @@ class _SliceLoader:
 
         # A fresh connection per attempt: a retry after a dropped connection starts clean.
         with connect(self.settings) as conn:
+            # A safety net: a transaction left waiting (a client bug, a hung source) is ended by
+            # the server instead of holding the slice's deleted rows.
+            timeout_ms = int((self.settings.bq_stall_timeout_s + 30) * 1000)
+            conn.execute(
+                "select set_config('idle_in_transaction_session_timeout', %s, false)", (str(timeout_ms),)
+            )
+            conn.commit()
             res = apply_slice(
                 conn,
                 schema=self.schema,

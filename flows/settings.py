@@ -43,6 +43,20 @@ class Settings(BaseSettings):
     bq_credentials_json: SecretStr | None = None
     bq_maximum_bytes_billed: int = Field(default=200 * 1024**3, gt=0)
     bq_read_streams: int = Field(default=1, ge=1, le=64)
+    bq_timeout_s: float = Field(
+        default=60.0, gt=0, description="deadline of one BigQuery call, its client retries included"
+    )
+    bq_stall_timeout_s: float = Field(
+        default=60.0, gt=0, description="a read stream that delivers nothing this long has stalled"
+    )
+    table_retry_budget_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="time one table may spend retrying transient failures before it fails",
+    )
+    pg_retry_budget_s: float = Field(
+        default=60.0, gt=0, description="how long a run retries ending its audit row when Postgres is away"
+    )
 
     # --- Local stack ----------------------------------------------------------------------
     state_dir: Path = PROJECT_ROOT / ".local"

@@ -15,6 +15,7 @@ what the other integration tests read (`sqp`, `raw`, `refresh_control`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -78,19 +79,21 @@ class Engine:
         return psycopg.connect(self.settings.dsn(), autocommit=True)
 
     def refresh(self, cfg: TableConfig, options: RefreshOptions | None = None) -> TableOutcome:
-        run_id = new_run(self.settings)
-        try:
+        with locked_run(self.settings) as run_id:
             return refresh_table(self.settings, self.clients, cfg, run_id, options or RefreshOptions())
-        finally:
-            end_run(self.settings, run_id)
 
 
-def new_run(settings: Settings) -> UUID:
-    """A refresh_runs row, as the flow makes one: under the lock, after marking dead runs abandoned."""
+@contextlib.contextmanager
+def locked_run(settings: Settings) -> Iterator[UUID]:
+    """A run as the flow makes one: under the lock (held throughout: slices commit only under
+    it), after marking dead runs abandoned; its row ends `success`."""
     with audit.refresh_lock(settings, wait_s=30) as conn:
         audit.mark_abandoned(conn, settings.control_schema)
         run = audit.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
-    return run.run_id
+        try:
+            yield run.run_id
+        finally:
+            end_run(settings, run.run_id)
 
 
 def end_run(settings: Settings, run_id: UUID) -> None:
@@ -262,9 +265,10 @@ from (
     from unnest(generate_array(0, {CRASH_ROWS - 1})) as n))
 """
 
+# The child runs as the flow does: it takes the lock and starts its run, then refreshes.
 CRASH_CHILD = """
 import sys
-from uuid import UUID
+from flows import audit
 from flows.bigquery import make_clients
 from flows.refresh import RefreshOptions, refresh_table
 from flows.registry import TableConfig
@@ -272,9 +276,12 @@ from flows.settings import get_settings
 settings = get_settings()
 clients = make_clients(settings)
 cfg = TableConfig.model_validate_json(sys.argv[1])
-print("ready", flush=True)
-outcome = refresh_table(settings, clients, cfg, UUID(sys.argv[2]), RefreshOptions())
-print(outcome.status, outcome.error, flush=True)
+with audit.refresh_lock(settings, wait_s=30) as conn:
+    audit.mark_abandoned(conn, settings.control_schema)
+    run = audit.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
+    print("ready", run.run_id, flush=True)
+    outcome = refresh_table(settings, clients, cfg, run.run_id, RefreshOptions())
+    print(outcome.status, outcome.error, flush=True)
 """
 
 
@@ -327,15 +334,15 @@ def test_crash_kill9_at_random_moments_then_resume_equals_source(engine: Engine)
             before = _checkpoints(watch, name)
             # a third of the kills aim before this attempt's first commit, the rest mid-way
             target = 0 if trial % 3 == 0 else rng.randint(1, 3)
-            run_id = new_run(e.settings)
-            run_ids.append(run_id)
             child = subprocess.Popen(
-                [sys.executable, "-c", CRASH_CHILD, cfg.model_dump_json(), str(run_id)],
+                [sys.executable, "-c", CRASH_CHILD, cfg.model_dump_json()],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
             )
             assert child.stdout is not None
-            assert child.stdout.readline().strip() == b"ready"
+            ready, run_id = child.stdout.readline().decode().split()
+            assert ready == "ready"
+            run_ids.append(UUID(run_id))
             deadline = time.monotonic() + 30
             while _checkpoints(watch, name) - before < target and child.poll() is None:
                 assert time.monotonic() < deadline
@@ -481,11 +488,10 @@ def test_drift_new_column_added_retyped_and_dropped_fail_only_their_table(engine
     _recreate_with(e, "shrinks", DRIFT_SCHEMA[:3], "`Id`, `Day`, `Amount`")
 
     # one run, three tables: as the flow does it
-    run_id = new_run(e.settings)
-    outcomes = {
-        src: refresh_table(e.settings, e.clients, c, run_id, RefreshOptions()) for src, c in cfgs.items()
-    }
-    end_run(e.settings, run_id)
+    with locked_run(e.settings) as run_id:
+        outcomes = {
+            src: refresh_table(e.settings, e.clients, c, run_id, RefreshOptions()) for src, c in cfgs.items()
+        }
 
     assert outcomes["grows"].status == "success", outcomes["grows"].error
     rows = pg_rows(e, "xt_drift_grows", ["id", "added_later"], "id")
