@@ -25,6 +25,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.api_cli import api as api_command
+from flows.api_cli import token_app
 from flows.errors import ConfigError, RefreshError
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
@@ -37,6 +39,7 @@ stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emul
 config_app = typer.Typer(help="The table registry: show and change per-table settings.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(config_app, name="config")
+app.add_typer(token_app, name="token")
 
 out = Console(highlight=False)
 PG_HINT = "is Postgres up? (`refresh stack up` for the embedded one, else check REFRESH_PG_DSN)"
@@ -752,6 +755,9 @@ def docs(
     out.print(f"docs written to {Path(settings.dbt_project_dir) / 'target' / 'index.html'}")
     if serve:
         subprocess.call([*base, "docs", "serve", "--port", str(port), "--no-browser", *common], env=env)
+
+
+app.command("api")(api_command)
 
 
 def main() -> None:
