@@ -1,0 +1,37 @@
+"""Shared by the API tests: an app on the session's refreshed data, tokens per scope, and a
+fingerprint of the whole control schema (to prove a rejected request changed nothing)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from flows.api.app import create_app
+from flows.api.settings import ApiSettings
+from flows.control import tokens
+from flows.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def api_tokens(refreshed: dict[str, Any], settings: Settings) -> dict[str, str]:
+    """One token per scope (plus one revoked), names unique per module."""
+    from flows.db import migrate
+
+    migrate(settings)
+    made = {}
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        for scope in ("read", "trigger", "admin"):
+            made[scope], _ = tokens.create(conn, settings.control_schema, f"{scope}-{id(made)}", [scope])
+        made["revoked"], info = tokens.create(conn, settings.control_schema, f"revoked-{id(made)}", ["admin"])
+        tokens.revoke(conn, settings.control_schema, info.token_id)
+    return made
+
+
+@pytest.fixture(scope="module")
+def client(refreshed: dict[str, Any], settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, ApiSettings(anonymous_read=False))) as c:
+        yield c
