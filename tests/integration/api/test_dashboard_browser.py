@@ -3,56 +3,18 @@ real refresh: what a person sees, and a screenshot kept (docs/img/dashboard.png 
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from flows.local_stack import free_port
-from flows.settings import PROJECT_ROOT, Settings
+from flows.settings import PROJECT_ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 TABLES = ("search_query_performance", "daily_search_terms", "products")
-
-
-@pytest.fixture(scope="module")
-def api_url(
-    refreshed: dict[str, Any], settings: Settings, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """`refresh api` in its own process on a free port; reads need a token."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("api") / "api.log").open("wb")
-    env = {**os.environ, "REFRESH_API_ANONYMOUS_READ": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "refresh api did not start"
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 @pytest.fixture
