@@ -8,7 +8,7 @@ with latest as (
         started_at as last_started_at,
         error as last_error
     from {{ source('refresh_control', 'table_refreshes') }}
-    order by table_name, started_at desc
+    order by table_name asc, started_at desc
 ),
 
 latest_success as (
@@ -18,7 +18,7 @@ latest_success as (
         rows_inserted as last_success_rows
     from {{ source('refresh_control', 'table_refreshes') }}
     where status = 'success'
-    order by table_name, finished_at desc
+    order by table_name asc, finished_at desc
 )
 
 select
