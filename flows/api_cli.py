@@ -4,6 +4,7 @@ The helpers come from flows.cli at call time: flows.cli registers these commands
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -79,6 +80,9 @@ def api(
             help="Reads without a token (default REFRESH_API_ANONYMOUS_READ); loopback addresses only",
         ),
     ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, max=32, help="uvicorn worker processes (default 1; more use more cores)")
+    ] = 1,
     with_stack: Annotated[
         bool, typer.Option("--with-stack/--no-stack", help="Start the embedded parts that are not configured")
     ] = True,
@@ -114,4 +118,15 @@ def api(
             f"dashboard: http://{api_settings.host}:{api_settings.port}/  "
             f"API docs: http://{api_settings.host}:{api_settings.port}/api/docs  ({reads})"
         )
-        uvicorn.run(create_app(settings, api_settings), host=api_settings.host, port=api_settings.port)
+        if workers == 1:
+            uvicorn.run(create_app(settings, api_settings), host=api_settings.host, port=api_settings.port)
+            return
+        # Worker processes build their own app from the environment: pass the options on.
+        os.environ["REFRESH_API_ANONYMOUS_READ"] = str(api_settings.anonymous_read).lower()
+        uvicorn.run(
+            "flows.api.app:create_app",
+            factory=True,
+            workers=workers,
+            host=api_settings.host,
+            port=api_settings.port,
+        )

@@ -12,6 +12,7 @@ from psycopg_pool import ConnectionPool
 
 from flows import runbook
 from flows.api import dashboard, problems, routes
+from flows.api.responses import FastJSONResponse
 from flows.api.settings import ApiSettings
 from flows.settings import Settings, get_settings
 
@@ -27,7 +28,8 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         runbook.prepare(settings)
         pool: ConnectionPool = ConnectionPool(
             settings.dsn(),
-            min_size=1,
+            # Opened up front: a burst of requests does not wait for new connections.
+            min_size=api_settings.pool_size,
             max_size=api_settings.pool_size,
             kwargs={"autocommit": True, "application_name": "sqp-refresh-api"},
             open=False,
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         docs_url="/api/docs",
         redoc_url=None,
         lifespan=lifespan,
+        default_response_class=FastJSONResponse,
     )
     app.state.settings = settings
     app.state.api_settings = api_settings

@@ -20,6 +20,7 @@ from flows import audit, registry, runbook
 from flows.api import launch
 from flows.api.auth import require
 from flows.api.problems import Problem
+from flows.api.responses import FastJSONResponse
 from flows.control import monitoring, triggers
 from flows.control.tokens import Scope, TokenInfo
 from flows.registry import Mode, SliceSize, WriteStrategy
@@ -47,12 +48,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@router.get("/status", responses=COMMON_ERRORS)
+@router.get("/status", response_model=None, responses=COMMON_ERRORS)
 def status(
     request: Request,
     _: Reader,
     hours: Annotated[int, Query(ge=1, le=720, description="Runs of the last N hours")] = 24,
-) -> dict[str, Any]:
+) -> FastJSONResponse:
     """healthy / degraded / failing, why, and per table: mode, last status, last success,
     freshness (fresh, aging > 1x frequency, stale > 2x, never) and next due."""
     now = _now()
@@ -62,15 +63,17 @@ def status(
         runs = monitoring.runs_since(conn, schema, now - timedelta(hours=hours))
         tables = monitoring.table_overview(conn, schema, now)
     state, reasons = monitoring.health(tables, runs)
-    return {
-        "status": state.value,
-        "reasons": reasons,
-        "refresh_running": running,
-        "generated_at": now,
-        "hours": hours,
-        "runs": runs,
-        "tables": tables,
-    }
+    return FastJSONResponse(
+        {
+            "status": state.value,
+            "reasons": reasons,
+            "refresh_running": running,
+            "generated_at": now,
+            "hours": hours,
+            "runs": runs,
+            "tables": tables,
+        }
+    )
 
 
 class TriggerRequest(BaseModel):
@@ -232,7 +235,11 @@ def trigger(
     return _accepted(recorded, replayed=False)
 
 
-@router.get("/triggers/{trigger_id}", responses={**COMMON_ERRORS, 404: {"description": "Unknown", **PROBLEM}})
+@router.get(
+    "/triggers/{trigger_id}",
+    response_model=None,
+    responses={**COMMON_ERRORS, 404: {"description": "Unknown", **PROBLEM}},
+)
 def get_trigger(request: Request, _: Reader, trigger_id: UUID) -> dict[str, Any]:
     """A trigger and the run it started (run_id is null until the run has begun)."""
     with request.app.state.pool.connection() as conn:
@@ -248,19 +255,21 @@ Since = Annotated[date | None, Query(description="Started on or after (YYYY-MM-D
 Until = Annotated[date | None, Query(description="Started on or before (YYYY-MM-DD)")]
 
 
-def _page(request: Request, q: audit.HistoryQuery) -> dict[str, Any]:
+def _page(request: Request, q: audit.HistoryQuery) -> FastJSONResponse:
     with request.app.state.pool.connection() as conn:
         result = audit.history(conn, _schema(request), q)
-    return {
-        "page": q.page,
-        "page_size": q.page_size,
-        "total": result.total,
-        "pages": max(1, -(-result.total // q.page_size)),
-        "items": result.rows,
-    }
+    return FastJSONResponse(
+        {
+            "page": q.page,
+            "page_size": q.page_size,
+            "total": result.total,
+            "pages": max(1, -(-result.total // q.page_size)),
+            "items": result.rows,
+        }
+    )
 
 
-@router.get("/runs", responses=COMMON_ERRORS)
+@router.get("/runs", response_model=None, responses=COMMON_ERRORS)
 def runs(
     request: Request,
     _: Reader,
@@ -271,23 +280,27 @@ def runs(
     until: Until = None,
     page: Page = 1,
     page_size: PageSize = 20,
-) -> dict[str, Any]:
+) -> FastJSONResponse:
     """Runs, newest first, paged."""
     q = audit.HistoryQuery(status=status, since=since, until=until, page=page, page_size=page_size)
     return _page(request, q)
 
 
-@router.get("/runs/{run_id}", responses={**COMMON_ERRORS, 404: {"description": "Unknown run", **PROBLEM}})
-def run(request: Request, _: Reader, run_id: UUID) -> dict[str, Any]:
+@router.get(
+    "/runs/{run_id}",
+    response_model=None,
+    responses={**COMMON_ERRORS, 404: {"description": "Unknown run", **PROBLEM}},
+)
+def run(request: Request, _: Reader, run_id: UUID) -> FastJSONResponse:
     """One run (by run id or Prefect flow run id): its tables, slices and dbt nodes."""
     with request.app.state.pool.connection() as conn:
         detail = monitoring.run_detail(conn, _schema(request), run_id)
     if detail is None:
         raise Problem(404, f"no run {run_id} (see /api/refresh/runs)")
-    return detail
+    return FastJSONResponse(detail)
 
 
-@router.get("/history", responses=COMMON_ERRORS)
+@router.get("/history", response_model=None, responses=COMMON_ERRORS)
 def history(
     request: Request,
     _: Reader,
@@ -299,7 +312,7 @@ def history(
     until: Until = None,
     page: Page = 1,
     page_size: PageSize = 20,
-) -> dict[str, Any]:
+) -> FastJSONResponse:
     """Past runs, or one table's refreshes, filtered and paged (page_size <= 100)."""
     q = audit.HistoryQuery(
         table=table, status=status, since=since, until=until, page=page, page_size=page_size
@@ -307,7 +320,7 @@ def history(
     return _page(request, q)
 
 
-@router.get("/metrics", responses=COMMON_ERRORS)
+@router.get("/metrics", response_model=None, responses=COMMON_ERRORS)
 def metrics(
     request: Request, _: Reader, days: Annotated[int, Query(ge=1, le=30, description="Window in days")] = 7
 ) -> dict[str, Any]:
@@ -324,7 +337,7 @@ def _config_json(cfg: registry.TableConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-@router.get("/config", responses=COMMON_ERRORS)
+@router.get("/config", response_model=None, responses=COMMON_ERRORS)
 def config_list(request: Request, _: Reader) -> list[dict[str, Any]]:
     """The table registry, highest priority first."""
     with request.app.state.pool.connection() as conn:
@@ -338,7 +351,11 @@ def _find(request: Request, conn: Any, table: str) -> registry.TableConfig:
     raise Problem(404, f"table {table!r} is not in the registry (see /api/refresh/config)")
 
 
-@router.get("/config/{table}", responses={**COMMON_ERRORS, 404: {"description": "Unknown table", **PROBLEM}})
+@router.get(
+    "/config/{table}",
+    response_model=None,
+    responses={**COMMON_ERRORS, 404: {"description": "Unknown table", **PROBLEM}},
+)
 def config_get(request: Request, _: Reader, table: TablePath) -> dict[str, Any]:
     """Every setting of one table."""
     with request.app.state.pool.connection() as conn:
@@ -364,7 +381,11 @@ class ConfigChanges(BaseModel):
     custom_params: dict[str, Any] | None = None
 
 
-@router.put("/config/{table}", responses={**COMMON_ERRORS, 404: {"description": "Unknown table", **PROBLEM}})
+@router.put(
+    "/config/{table}",
+    response_model=None,
+    responses={**COMMON_ERRORS, 404: {"description": "Unknown table", **PROBLEM}},
+)
 def config_put(request: Request, token: Admin, table: TablePath, body: ConfigChanges) -> dict[str, Any]:
     """Change settings of one table, validated as `refresh config set` does."""
     changes = body.model_dump(include=body.model_fields_set)
@@ -379,7 +400,7 @@ def config_put(request: Request, token: Admin, table: TablePath, body: ConfigCha
     return _config_json(new)
 
 
-@router.get("/dashboard", responses=COMMON_ERRORS)
+@router.get("/dashboard", response_model=None, responses=COMMON_ERRORS)
 def dashboard_data(
     request: Request,
     _: Reader,

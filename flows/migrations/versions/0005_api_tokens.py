@@ -1,4 +1,5 @@
-"""API: bearer tokens (hashed) and the triggers the API started (idempotency keys).
+"""API: bearer tokens (hashed), the triggers the API started (idempotency keys), and an index
+for its status reads.
 
 Revision ID: 0005
 Revises: 0001
@@ -37,6 +38,11 @@ create table {s}.api_triggers (
     created_at timestamptz not null default now()
 );
 create index api_triggers_created_idx on {s}.api_triggers (created_at desc);
+
+-- The API's status reads each table's latest success on every request: an index for it
+-- instead of a sort of the table's whole history.
+create index table_refreshes_last_success_idx on {s}.table_refreshes (table_name, finished_at desc)
+    where status = 'success';
 """
 
 
@@ -48,5 +54,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     schema = context.config.attributes["schema"]
+    op.execute(f'drop index if exists "{schema}".table_refreshes_last_success_idx')
     for table in ("api_triggers", "api_tokens"):
         op.execute(f'drop table if exists "{schema}".{table}')
