@@ -178,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             "PREFECT_HOME": str(workdir / "prefect"),
         }
         log = (workdir / "api.log").open("wb")
+        cmd = [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port), "--workers"]
-            + [str(args.workers)],
+            [*cmd, "--workers", str(args.workers)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
