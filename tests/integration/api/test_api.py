@@ -279,38 +279,51 @@ def test_trigger_409_while_the_refresh_lock_is_held(
 def test_trigger_starts_a_real_run_idempotently_and_409s_while_it_runs(
     client: TestClient, api_tokens: dict[str, str], settings: Settings
 ) -> None:
+    # A real flow run in a background process, as a dry run: it takes the refresh lock and
+    # writes its audit rows (removed at the end), but not the session's shared raw data.
     h = {**auth(api_tokens["trigger"]), "Idempotency-Key": f"test-{uuid.uuid4()}"}
-    body = {"tables": ["products"], "force": True}
+    body = {"tables": ["products"], "force": True, "dry_run": True}
     first = client.post("/api/refresh/trigger", json=body, headers=h)
     assert first.status_code == 202, first.text
     started = first.json()
     assert started["via"] == "process" and not started["replayed"]
     assert first.headers["location"] == f"/api/refresh/triggers/{started['trigger_id']}"
-    # the client retries the same request: the same trigger back, not a conflict
-    again = client.post("/api/refresh/trigger", json=body, headers=h)
-    assert again.status_code == 202, again.text
-    assert again.json()["trigger_id"] == started["trigger_id"] and again.json()["replayed"]
-    # the same key with another body is a client error
-    problem(client.post("/api/refresh/trigger", json={"tables": ["products"]}, headers=h), 422)
-    # another request while the run is going: 409
-    busy = problem(
-        client.post("/api/refresh/trigger", json={"force": True}, headers={**h, "Idempotency-Key": "other"}),
-        409,
-    )
-    assert "running" in busy["detail"]
-    deadline = time.monotonic() + 600
     trig: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        trig = client.get(f"/api/refresh/triggers/{started['trigger_id']}", headers=h).json()
-        if trig["run_id"] and trig["run_status"] not in (None, "running"):
-            break
-        time.sleep(2)
-    assert trig["run_status"] == "success", trig
-    run = client.get(f"/api/refresh/runs/{trig['run_id']}", headers=h).json()
-    assert run["trigger"] == "api" and [t["table_name"] for t in run["tables"]] == ["products"]
-    assert run["params"]["force"] is True
-    replay = client.post("/api/refresh/trigger", json=body, headers=h).json()
-    assert (replay["trigger_id"], replay["run_id"]) == (started["trigger_id"], trig["run_id"])
+    try:
+        # the client retries the same request: the same trigger back, not a conflict
+        again = client.post("/api/refresh/trigger", json=body, headers=h)
+        assert again.status_code == 202, again.text
+        assert again.json()["trigger_id"] == started["trigger_id"] and again.json()["replayed"]
+        # the same key with another body is a client error
+        problem(client.post("/api/refresh/trigger", json={"tables": ["products"]}, headers=h), 422)
+        # another request while the run is going: 409
+        busy = problem(
+            client.post(
+                "/api/refresh/trigger", json={"force": True}, headers={**h, "Idempotency-Key": "other"}
+            ),
+            409,
+        )
+        assert "running" in busy["detail"]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            trig = client.get(f"/api/refresh/triggers/{started['trigger_id']}", headers=h).json()
+            if trig["run_id"] and trig["run_status"] not in (None, "running"):
+                break
+            time.sleep(2)
+        assert trig["run_status"] == "success", trig
+        run = client.get(f"/api/refresh/runs/{trig['run_id']}", headers=h).json()
+        assert run["trigger"] == "api" and run["params"]["dry_run"] is True
+        # a dry run records its plan on the run, and writes no table refresh
+        assert [(t["table"], t["status"]) for t in run["plan"]] == [("products", "planned")]
+        replay = client.post("/api/refresh/trigger", json=body, headers=h).json()
+        assert (replay["trigger_id"], replay["run_id"]) == (started["trigger_id"], trig["run_id"])
+    finally:
+        if trig.get("run_id"):
+            with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+                for table in ("slice_refreshes", "table_refreshes", "refresh_runs"):
+                    conn.execute(
+                        f"delete from {settings.control_schema}.{table} where run_id = %s", (trig["run_id"],)
+                    )
 
 
 def test_unknown_route_and_method_are_problems(client: TestClient) -> None:
