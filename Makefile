@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.local/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DBT_SEND_ANONYMOUS_USAGE_STATS ?= false
 
-.PHONY: install run test test-fast lint check-dbt format docs bench clean stack-up stack-down
+.PHONY: install run api browser test test-fast lint check-dbt format docs bench clean stack-up stack-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,17 @@ install: $(STAMP)
 
 run: $(STAMP)  ## the daily refresh, end to end, on embedded Postgres + the BigQuery emulator
 	$(BIN)/refresh demo
+	@echo "dashboard and API: \`make api\` (or \`REFRESH_API_ANONYMOUS_READ=true $(BIN)/refresh api\`), then open http://127.0.0.1:8000/"
 
-test: $(STAMP)  ## the whole suite against real Postgres, the emulator, dbt and Prefect
+api: $(STAMP)  ## the API and dashboard on 127.0.0.1:8000, reads without a token (local demo)
+	REFRESH_API_ANONYMOUS_READ=true $(BIN)/refresh api --host 127.0.0.1
+
+# The dashboard test drives a real headless Chromium; a fresh CI machine gets it from apt.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
+
+test: $(STAMP) browser  ## the whole suite against real Postgres, the emulator, dbt and Prefect
 	$(BIN)/pytest
 
 test-fast: $(STAMP)  ## unit tests only

@@ -30,6 +30,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.api_cli import api as api_command
+from flows.api_cli import token_app
 from flows.errors import ConfigError, RefreshError
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
@@ -52,6 +54,7 @@ stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emul
 config_app = typer.Typer(help="The table registry: show and change per-table settings.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(config_app, name="config")
+app.add_typer(token_app, name="token")
 
 
 @app.callback()
@@ -886,6 +889,8 @@ def docs(
     if serve:
         subprocess.call([*base, "docs", "serve", "--port", str(port), "--no-browser", *common], env=env)
 
+
+app.command("api")(api_command)
 
 # Last, as the sub-app reuses this module's helpers.
 from flows.webhooks_cli import webhooks_app  # noqa: E402

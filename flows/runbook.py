@@ -29,6 +29,7 @@ from flows.settings import Settings
 from flows.transform import DbtOutcome, NodeRun
 
 DBT_SOURCE = "sqp"
+CONTROL_SOURCE = "refresh_control"
 MAX_TRIGGER_LENGTH = 40
 SCHEDULE_TRIGGER = "schedule"
 
@@ -251,7 +252,11 @@ def dbt_build_args(outcomes: list[TableOutcome], full_refresh: bool, sources: se
     changed = [o for o in outcomes if o.changed_live_data and o.table_name in sources]
     if not changed:
         return None
-    select = " ".join(f"source:{DBT_SOURCE}.{o.table_name}+" for o in changed)
+    # The monitoring views over the control schema (models/monitoring) are rebuilt too: views,
+    # so this costs little, and a new column of theirs is live after the next refresh.
+    select = " ".join(
+        [*(f"source:{DBT_SOURCE}.{o.table_name}+" for o in changed), f"source:{CONTROL_SOURCE}+"]
+    )
     starts = [o.window.first for o in changed if o.window is not None]
     dbt_vars: dict[str, str] = {}
     if starts and not full_refresh:

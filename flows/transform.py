@@ -93,7 +93,10 @@ def with_project_vars(settings: Settings, args: list[str]) -> list[str]:
     """`args` with the vars every run needs (the raw schema the extractor loads) merged into
     its --vars; vars already given win."""
     out = list(args)
-    project_vars: dict[str, Any] = {"raw_schema": settings.raw_schema}
+    project_vars: dict[str, Any] = {
+        "raw_schema": settings.raw_schema,
+        "control_schema": settings.control_schema,
+    }
     if "--vars" in out:
         i = out.index("--vars")
         given = json.loads(out[i + 1]) if i + 1 < len(out) and out[i + 1].strip() else {}

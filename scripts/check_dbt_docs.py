@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 
+from flows.db import migrate
 from flows.load import ensure_raw_table
 from flows.local_stack import EmbeddedPostgres, free_port
 from flows.sample_data import (
@@ -105,6 +106,8 @@ def main() -> int:
     try:
         pg.start()
         env = dbt_env(get_settings(pg_dsn=pg.dsn, dbt_target="postgres"))
+        # The monitoring views read the control schema: create it as the flow would.
+        migrate(get_settings(pg_dsn=pg.dsn))
         _create_empty_raw_tables(pg.dsn, "raw")
         _dbt(["run"], workdir, env)
         _dbt(["docs", "generate"], workdir, env)

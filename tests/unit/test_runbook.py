@@ -115,7 +115,7 @@ def test_dbt_builds_downstream_of_changed_live_sources_only() -> None:
     ]
     args = runbook.dbt_build_args(outcomes, False, sources)
     assert args is not None
-    assert args[:3] == ["build", "--select", "source:sqp.sqp+ source:sqp.products+"]
+    assert args[:3] == ["build", "--select", "source:sqp.sqp+ source:sqp.products+ source:refresh_control+"]
     assert args[3:] == ["--vars", '{"refresh_start_date": "2026-09-07"}']
     full = runbook.dbt_build_args(outcomes, True, sources)
     assert full is not None and full[-1] == "--full-refresh" and "refresh_start_date" not in full[4]

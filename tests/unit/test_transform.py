@@ -130,14 +130,22 @@ def test_thousands_of_nodes_are_read_quickly(tmp_path: Path) -> None:
 
 
 def test_raw_schema_var_is_merged_into_the_flow_args() -> None:
-    settings = get_settings(raw_schema="raw_elsewhere")
+    settings = get_settings(raw_schema="raw_elsewhere", control_schema="control_elsewhere")
     args = ["build", "--select", "source:sqp.products+", "--vars", '{"refresh_start_date": "2026-10-11"}']
     merged = with_project_vars(settings, args)
     assert merged[:4] == args[:4]
-    assert json.loads(merged[4]) == {"raw_schema": "raw_elsewhere", "refresh_start_date": "2026-10-11"}
+    assert json.loads(merged[4]) == {
+        "raw_schema": "raw_elsewhere",
+        "control_schema": "control_elsewhere",
+        "refresh_start_date": "2026-10-11",
+    }
     assert args[4] == '{"refresh_start_date": "2026-10-11"}'  # the caller's list is left alone
 
-    assert with_project_vars(settings, ["parse"]) == ["parse", "--vars", '{"raw_schema": "raw_elsewhere"}']
+    assert with_project_vars(settings, ["parse"]) == [
+        "parse",
+        "--vars",
+        '{"raw_schema": "raw_elsewhere", "control_schema": "control_elsewhere"}',
+    ]
     # a var given by the caller wins
     given = with_project_vars(settings, ["run", "--vars", '{"raw_schema": "raw_bench"}'])
-    assert json.loads(given[2]) == {"raw_schema": "raw_bench"}
+    assert json.loads(given[2]) == {"raw_schema": "raw_bench", "control_schema": "control_elsewhere"}

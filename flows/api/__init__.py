@@ -1,0 +1,1 @@
+"""The HTTP API and dashboard (`refresh api`): FastAPI over the control schema."""

@@ -1,0 +1,62 @@
+"""The app factory: settings, a connection pool, the routes, problem+json errors."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from uuid import UUID
+
+from fastapi import FastAPI
+from psycopg_pool import ConnectionPool
+
+from flows import runbook
+from flows.api import dashboard, problems, routes
+from flows.api.responses import FastJSONResponse
+from flows.api.settings import ApiSettings
+from flows.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None, api_settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    api_settings = api_settings or ApiSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The same start as every CLI command that reads the registry: schema migrated, the
+        # registry file synced in.
+        runbook.prepare(settings)
+        pool: ConnectionPool = ConnectionPool(
+            settings.dsn(),
+            # Opened up front: a burst of requests does not wait for new connections.
+            min_size=api_settings.pool_size,
+            max_size=api_settings.pool_size,
+            kwargs={"autocommit": True, "application_name": "sqp-refresh-api"},
+            open=False,
+        )
+        pool.open(wait=True, timeout=30)
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = FastAPI(
+        title="sqp-refresh API",
+        version="1",
+        description="See and start the daily BigQuery -> Postgres refresh. Errors are RFC 9457 "
+        "problem details (application/problem+json). Bearer tokens: `refresh token create`.",
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+        default_response_class=FastJSONResponse,
+    )
+    app.state.settings = settings
+    app.state.api_settings = api_settings
+    # Background refreshes this process started (no Prefect API): trigger id -> process.
+    app.state.children = dict[UUID, subprocess.Popen[bytes]]()
+    problems.install(app)
+    app.include_router(routes.router)
+    app.include_router(dashboard.router)
+    return app

@@ -1,0 +1,44 @@
+"""Bearer-token auth: each route names the scope it needs; tokens live hashed in the control
+schema (flows.control.tokens). A token is never logged or echoed back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from flows.api.problems import Problem
+from flows.control import tokens
+from flows.control.tokens import Scope, TokenInfo
+
+bearer = HTTPBearer(auto_error=False, description="A token from `refresh token create`")
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="refresh"'}
+
+
+def require(scope: Scope) -> Callable[..., TokenInfo | None]:
+    """A dependency: the caller's token if it has `scope`; None for an anonymous read when
+    the operator allowed those (REFRESH_API_ANONYMOUS_READ)."""
+
+    def check(
+        request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    ) -> TokenInfo | None:
+        state = request.app.state
+        if creds is None:
+            if scope is Scope.READ and state.api_settings.anonymous_read:
+                return None
+            raise Problem(401, f"this needs a bearer token with scope {scope.value!r}", headers=CHALLENGE)
+        with state.pool.connection() as conn:
+            info = tokens.verify(conn, state.settings.control_schema, creds.credentials)
+        if info is None:
+            raise Problem(401, "the bearer token is unknown or revoked", headers=CHALLENGE)
+        if not info.allows(scope):
+            raise Problem(
+                403,
+                f"token {info.name!r} has scope(s) {', '.join(s.value for s in info.scopes)}; "
+                f"this needs {scope.value!r}",
+            )
+        return info
+
+    return check

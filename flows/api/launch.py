@@ -1,0 +1,65 @@
+"""Starting a refresh for the API: a flow run of the deployment when a Prefect API is
+configured, else the flow in a detached background process (flows.api.runner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from flows.runbook import RunParams
+from flows.settings import PROJECT_ROOT
+
+
+def prefect_configured() -> bool:
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def flow_parameters(params: RunParams) -> dict[str, Any]:
+    """The flow's parameters as JSON values (dates as ISO strings)."""
+    return {
+        "tables": params.tables,
+        "start_date": params.start_date.isoformat() if params.start_date else None,
+        "end_date": params.end_date.isoformat() if params.end_date else None,
+        "dry_run": params.dry_run,
+        "force": params.force,
+        "trigger": params.trigger,
+    }
+
+
+def start_flow_run(deployment: str, params: RunParams, idempotency_key: str | None) -> UUID:
+    """A flow run of the deployment, scheduled now; returns at once (timeout=0). Prefect hands
+    back the same flow run for the same idempotency key."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        name=deployment,
+        parameters=flow_parameters(params),
+        timeout=0,
+        idempotency_key=idempotency_key,
+        tags=["api"],
+    )
+    assert isinstance(run, FlowRun)  # called from a worker thread: synchronous
+    return run.id
+
+
+def start_process(params: RunParams, log_dir: Path) -> subprocess.Popen[bytes]:
+    """The flow in its own session (it outlives the API), its output in log_dir."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "api-runs.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.api.runner", json.dumps(flow_parameters(params))],
+            cwd=PROJECT_ROOT,
+            env=os.environ.copy(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )

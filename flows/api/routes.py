@@ -1,0 +1,420 @@
+"""The /api/refresh endpoints: each parses its input, calls the plain functions the CLI and
+the flow call (flows.audit, flows.registry, flows.runbook, flows.control), and formats."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import socket
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Any
+from uuid import UUID, uuid4
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows import audit, registry, runbook
+from flows.api import launch
+from flows.api.auth import require
+from flows.api.problems import Problem
+from flows.api.responses import FastJSONResponse
+from flows.control import monitoring, triggers
+from flows.control.tokens import Scope, TokenInfo
+from flows.registry import Mode, SliceSize, WriteStrategy
+
+router = APIRouter(prefix="/api/refresh")
+Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]
+Triggerer = Annotated[TokenInfo | None, Depends(require(Scope.TRIGGER))]
+Admin = Annotated[TokenInfo | None, Depends(require(Scope.ADMIN))]
+
+# A table refreshed successfully this recently is not refreshed again without `force`.
+MIN_INTERVAL = timedelta(hours=1)
+PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
+COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No token, or an unknown or revoked one", **PROBLEM},
+    403: {"description": "The token lacks the scope", **PROBLEM},
+    422: {"description": "Invalid input: each field and its problem", **PROBLEM},
+}
+
+
+def _schema(request: Request) -> str:
+    return str(request.app.state.settings.control_schema)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@router.get("/status", response_model=None, responses=COMMON_ERRORS)
+def status(
+    request: Request,
+    _: Reader,
+    hours: Annotated[int, Query(ge=1, le=720, description="Runs of the last N hours")] = 24,
+) -> FastJSONResponse:
+    """healthy / degraded / failing, why, and per table: mode, last status, last success,
+    freshness (fresh, aging > 1x frequency, stale > 2x, never) and next due."""
+    now = _now()
+    schema = _schema(request)
+    with request.app.state.pool.connection() as conn:
+        running = audit.refresh_running(conn)
+        runs = monitoring.runs_since(conn, schema, now - timedelta(hours=hours))
+        tables = monitoring.table_overview(conn, schema, now)
+    state, reasons = monitoring.health(tables, runs)
+    return FastJSONResponse(
+        {
+            "status": state.value,
+            "reasons": reasons,
+            "refresh_running": running,
+            "generated_at": now,
+            "hours": hours,
+            "runs": runs,
+            "tables": tables,
+        }
+    )
+
+
+class TriggerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tables: list[Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, max_length=200, description="Registry table names; empty = every due table"
+    )
+    force: bool = Field(
+        default=False, description="Refresh even if not due, refreshed < 1 h ago, or disabled"
+    )
+    dry_run: bool = Field(default=False, description="Plan only: write nothing")
+    start_date: date | None = Field(default=None, description="Reload from this date (backfill)")
+    end_date: date | None = Field(default=None, description="Reload up to this date, inclusive")
+
+
+def _request_hash(params: runbook.RunParams) -> str:
+    return hashlib.sha256(json.dumps(params.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+def _trigger_body(t: triggers.Trigger, replayed: bool) -> dict[str, Any]:
+    return {
+        "trigger_id": t.trigger_id,
+        "run_id": t.run_id,
+        "run_status": t.run_status,
+        "flow_run_id": t.flow_run_id,
+        "via": t.via,
+        "params": t.params,
+        "created_at": t.created_at,
+        "replayed": replayed,
+        "links": {
+            "trigger": f"/api/refresh/triggers/{t.trigger_id}",
+            "run": f"/api/refresh/runs/{t.run_id or t.flow_run_id}" if (t.run_id or t.flow_run_id) else None,
+        },
+    }
+
+
+def _accepted(t: triggers.Trigger, replayed: bool) -> JSONResponse:
+    return JSONResponse(
+        jsonable_encoder(_trigger_body(t, replayed)),
+        status_code=202,
+        headers={"Location": f"/api/refresh/triggers/{t.trigger_id}"},
+    )
+
+
+def _busy(request: Request, conn: Any) -> dict[str, Any] | None:
+    """The refresh in progress (the lock is held, or a process this API started is still
+    starting or running), or None."""
+    schema = _schema(request)
+    children = request.app.state.children
+    alive = [tid for tid, proc in children.items() if proc.poll() is None]
+    for tid in [tid for tid in children if tid not in alive]:
+        children.pop(tid)
+    if not audit.refresh_running(conn) and not alive:
+        return None
+    row = monitoring.running_run(conn, schema)
+    if row is not None:
+        return {"run_id": row["run_id"], "flow_run_id": row["flow_run_id"], "started_at": row["started_at"]}
+    pending = triggers.get(conn, schema, alive[0]) if alive else None
+    return {"run_id": pending.run_id if pending else None, "trigger_id": alive[0] if alive else None}
+
+
+@router.post(
+    "/trigger",
+    status_code=202,
+    responses={
+        **COMMON_ERRORS,
+        202: {"description": "Started (or the same run again for a repeated Idempotency-Key)"},
+        409: {"description": "A refresh is running: its run id", **PROBLEM},
+        429: {"description": "Every table was refreshed < 1 h ago; Retry-After says when", **PROBLEM},
+    },
+)
+def trigger(
+    request: Request,
+    body: TriggerRequest,
+    token: Triggerer,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            pattern=r"^[\x21-\x7e]+$",
+            description="Repeat the same key to retry safely: the same request gets the same run back",
+        ),
+    ] = None,
+) -> JSONResponse:
+    """Start a refresh: a flow run of the daily-refresh deployment when a Prefect API is
+    configured, else the flow in a background process. Everything is checked before anything
+    starts."""
+    params = runbook.validate_params(
+        body.tables, body.start_date, body.end_date, False, body.dry_run, body.force, trigger="api"
+    )
+    schema = _schema(request)
+    state = request.app.state
+    now = _now()
+    request_hash = _request_hash(params)
+    with state.pool.connection() as conn, conn.transaction():
+        triggers.lock(conn)
+        if idempotency_key is not None:
+            seen = triggers.by_key(conn, schema, idempotency_key)
+            if seen is not None:
+                if seen.request_sha256 != request_hash:
+                    raise Problem(
+                        422,
+                        "this Idempotency-Key was used for a different request: use a new key",
+                        errors=[{"field": "Idempotency-Key", "problem": "reused with a different body"}],
+                    )
+                return _accepted(seen, replayed=True)
+        configs = registry.load_all(conn, schema)
+        runbook.select_tables(configs, params.tables, force=params.force, now=now)
+        busy = _busy(request, conn)
+        if busy is not None:
+            raise Problem(
+                409,
+                f"a refresh is running (run {busy.get('run_id') or 'starting'}): try again when it ends",
+                **jsonable_encoder(busy),
+            )
+        if not params.force:
+            names = params.tables or [
+                c.table_name for c in configs if c.enabled and c.mode is not Mode.DISABLED
+            ]
+            last = monitoring.last_successes(conn, schema, names)
+            if last and all(s.finished_at and now - s.finished_at < MIN_INTERVAL for s in last):
+                oldest = min(s.finished_at for s in last if s.finished_at)
+                wait = max(1, math.ceil((oldest + MIN_INTERVAL - now).total_seconds()))
+                raise Problem(
+                    429,
+                    f"every table asked for was refreshed less than an hour ago ({', '.join(names)}): "
+                    f"retry in {wait}s, or set force",
+                    headers={"Retry-After": str(wait)},
+                    retry_after_s=wait,
+                )
+        trigger_id = uuid4()
+        flow_run_id: UUID | None = None
+        pid: int | None = None
+        if launch.prefect_configured():
+            flow_run_id = launch.start_flow_run(state.api_settings.deployment, params, idempotency_key)
+            via = "prefect"
+        else:
+            proc = launch.start_process(params, state.settings.state_dir / "logs")
+            state.children[trigger_id] = proc
+            pid, via = proc.pid, "process"
+        triggers.record(
+            conn,
+            schema,
+            trigger_id=trigger_id,
+            idempotency_key=idempotency_key,
+            request_sha256=request_hash,
+            params=launch.flow_parameters(params),
+            via=via,
+            flow_run_id=flow_run_id,
+            pid=pid,
+            hostname=socket.gethostname(),
+            token_id=token.token_id if token else None,
+        )
+        recorded = triggers.get(conn, schema, trigger_id)
+    assert recorded is not None
+    return _accepted(recorded, replayed=False)
+
+
+@router.get(
+    "/triggers/{trigger_id}",
+    response_model=None,
+    responses={**COMMON_ERRORS, 404: {"description": "Unknown", **PROBLEM}},
+)
+def get_trigger(request: Request, _: Reader, trigger_id: UUID) -> dict[str, Any]:
+    """A trigger and the run it started (run_id is null until the run has begun)."""
+    with request.app.state.pool.connection() as conn:
+        t = triggers.get(conn, _schema(request), trigger_id)
+    if t is None:
+        raise Problem(404, f"no trigger {trigger_id}")
+    return _trigger_body(t, replayed=False)
+
+
+Page = Annotated[int, Query(ge=1, le=1_000_000, description="Page number, from 1")]
+PageSize = Annotated[int, Query(ge=1, le=audit.MAX_PAGE_SIZE, description="Rows per page")]
+Since = Annotated[date | None, Query(description="Started on or after (YYYY-MM-DD)")]
+Until = Annotated[date | None, Query(description="Started on or before (YYYY-MM-DD)")]
+
+
+def _page(request: Request, q: audit.HistoryQuery) -> FastJSONResponse:
+    with request.app.state.pool.connection() as conn:
+        result = audit.history(conn, _schema(request), q)
+    return FastJSONResponse(
+        {
+            "page": q.page,
+            "page_size": q.page_size,
+            "total": result.total,
+            "pages": max(1, -(-result.total // q.page_size)),
+            "items": result.rows,
+        }
+    )
+
+
+@router.get("/runs", response_model=None, responses=COMMON_ERRORS)
+def runs(
+    request: Request,
+    _: Reader,
+    status: Annotated[
+        str | None, Query(max_length=20, description="running, success, warning, failed or abandoned")
+    ] = None,
+    since: Since = None,
+    until: Until = None,
+    page: Page = 1,
+    page_size: PageSize = 20,
+) -> FastJSONResponse:
+    """Runs, newest first, paged."""
+    q = audit.HistoryQuery(status=status, since=since, until=until, page=page, page_size=page_size)
+    return _page(request, q)
+
+
+@router.get(
+    "/runs/{run_id}",
+    response_model=None,
+    responses={**COMMON_ERRORS, 404: {"description": "Unknown run", **PROBLEM}},
+)
+def run(request: Request, _: Reader, run_id: UUID) -> FastJSONResponse:
+    """One run (by run id or Prefect flow run id): its tables, slices and dbt nodes."""
+    with request.app.state.pool.connection() as conn:
+        detail = monitoring.run_detail(conn, _schema(request), run_id)
+    if detail is None:
+        raise Problem(404, f"no run {run_id} (see /api/refresh/runs)")
+    return FastJSONResponse(detail)
+
+
+@router.get("/history", response_model=None, responses=COMMON_ERRORS)
+def history(
+    request: Request,
+    _: Reader,
+    table: Annotated[
+        str | None, Query(max_length=63, description="One table's refreshes instead of runs")
+    ] = None,
+    status: Annotated[str | None, Query(max_length=20, description="Only this status")] = None,
+    since: Since = None,
+    until: Until = None,
+    page: Page = 1,
+    page_size: PageSize = 20,
+) -> FastJSONResponse:
+    """Past runs, or one table's refreshes, filtered and paged (page_size <= 100)."""
+    q = audit.HistoryQuery(
+        table=table, status=status, since=since, until=until, page=page, page_size=page_size
+    )
+    return _page(request, q)
+
+
+@router.get("/metrics", response_model=None, responses=COMMON_ERRORS)
+def metrics(
+    request: Request, _: Reader, days: Annotated[int, Query(ge=1, le=30, description="Window in days")] = 7
+) -> dict[str, Any]:
+    """Success rate, p50/p95 duration and rows/s: overall, per table and per dbt model."""
+    since = _now() - timedelta(days=days)
+    with request.app.state.pool.connection() as conn:
+        return {"days": days, "since": since, **monitoring.metrics(conn, _schema(request), since)}
+
+
+TablePath = Annotated[str, Path(max_length=63, description="Registry table name")]
+
+
+def _config_json(cfg: registry.TableConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+@router.get("/config", response_model=None, responses=COMMON_ERRORS)
+def config_list(request: Request, _: Reader) -> list[dict[str, Any]]:
+    """The table registry, highest priority first."""
+    with request.app.state.pool.connection() as conn:
+        return [_config_json(c) for c in registry.load_all(conn, _schema(request))]
+
+
+def _find(request: Request, conn: Any, table: str) -> registry.TableConfig:
+    for cfg in registry.load_all(conn, _schema(request)):
+        if cfg.table_name == table:
+            return cfg
+    raise Problem(404, f"table {table!r} is not in the registry (see /api/refresh/config)")
+
+
+@router.get(
+    "/config/{table}",
+    response_model=None,
+    responses={**COMMON_ERRORS, 404: {"description": "Unknown table", **PROBLEM}},
+)
+def config_get(request: Request, _: Reader, table: TablePath) -> dict[str, Any]:
+    """Every setting of one table."""
+    with request.app.state.pool.connection() as conn:
+        return _config_json(_find(request, conn, table))
+
+
+class ConfigChanges(BaseModel):
+    """Fields to change; the row then keeps its edits when the registry file changes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    mode: Mode | None = None
+    priority: int | str | None = Field(
+        default=None, description="0-1000, or critical/high/medium/low/background"
+    )
+    refresh_frequency_hours: int | None = None
+    next_refresh_at: datetime | None = None
+    cursor_column: str | None = Field(default=None, max_length=300)
+    slice_size: SliceSize | None = None
+    lookback_days: int | None = None
+    write_strategy: WriteStrategy | None = None
+    custom_params: dict[str, Any] | None = None
+
+
+@router.put(
+    "/config/{table}",
+    response_model=None,
+    responses={**COMMON_ERRORS, 404: {"description": "Unknown table", **PROBLEM}},
+)
+def config_put(request: Request, token: Admin, table: TablePath, body: ConfigChanges) -> dict[str, Any]:
+    """Change settings of one table, validated as `refresh config set` does."""
+    changes = body.model_dump(include=body.model_fields_set)
+    if not changes:
+        raise Problem(
+            422, "nothing to change: send at least one field", errors=[{"field": "body", "problem": "empty"}]
+        )
+    who = f"api:{token.name}" if token else "api"
+    with request.app.state.pool.connection() as conn, conn.transaction():
+        _find(request, conn, table)
+        new = registry.update(conn, _schema(request), table, changes, who=who)
+    return _config_json(new)
+
+
+@router.get("/dashboard", response_model=None, responses=COMMON_ERRORS)
+def dashboard_data(
+    request: Request,
+    _: Reader,
+    days: Annotated[int, Query(ge=1, le=30, description="Trend window in days")] = 30,
+) -> dict[str, Any]:
+    """What the dashboard draws: the run timeline and failures of the last 7 days, and
+    duration trends per table and per dbt model over `days`."""
+    now = _now()
+    week = now - timedelta(days=7)
+    schema = _schema(request)
+    with request.app.state.pool.connection() as conn:
+        return {
+            "generated_at": now,
+            "timeline": monitoring.runs_since(conn, schema, week, limit=500),
+            "failures": monitoring.failures(conn, schema, week),
+            "trends": monitoring.duration_trends(conn, schema, now - timedelta(days=days)),
+        }

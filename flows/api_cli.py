@@ -1,0 +1,132 @@
+"""`refresh api` (serve the HTTP API and dashboard) and `refresh token create|revoke|list`.
+
+The helpers come from flows.cli at call time: flows.cli registers these commands."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+token_app = typer.Typer(help="API bearer tokens: create, list, revoke.", no_args_is_help=True)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@token_app.command("create")
+def token_create(
+    name: Annotated[str, typer.Argument(help="Who or what uses the token, e.g. airflow-prod")],
+    scope: Annotated[
+        list[str], typer.Option("--scope", "-s", help="read, trigger (includes read) or admin (everything)")
+    ],
+) -> None:
+    """Create a token; it is shown once, only its hash is kept."""
+    from flows.cli import PG_HINT, _errors, _settings, out
+    from flows.control import tokens
+    from flows.db import connect, migrate
+
+    settings = _settings()
+    with _errors(PG_HINT):
+        migrate(settings)
+        with connect(settings) as conn:
+            secret, info = tokens.create(conn, settings.control_schema, name, scope, who="cli")
+    out.print(f"token {info.name} (id {info.token_id}, scopes {', '.join(info.scopes)}):")
+    out.print(secret, soft_wrap=True)
+    out.print("store it now: it is not shown again. Use it as `Authorization: Bearer <token>`.")
+
+
+@token_app.command("revoke")
+def token_revoke(name: Annotated[str, typer.Argument(help="Token name or id")]) -> None:
+    """Revoke a token: requests with it are refused from now on."""
+    from flows.cli import PG_HINT, _errors, _settings, out
+    from flows.control import tokens
+    from flows.db import connect, migrate
+
+    settings = _settings()
+    with _errors(PG_HINT):
+        migrate(settings)
+        with connect(settings) as conn:
+            info = tokens.revoke(conn, settings.control_schema, name)
+    out.print(f"revoked token {info.name} (id {info.token_id})")
+
+
+@token_app.command("list")
+def token_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked tokens")] = False) -> None:
+    """Tokens: id, name, scopes, created, revoked (never the token itself)."""
+    from flows.cli import PG_HINT, _errors, _grid, _settings, _ts, out
+    from flows.control import tokens
+    from flows.db import connect, migrate
+
+    settings = _settings()
+    with _errors(PG_HINT):
+        migrate(settings)
+        with connect(settings) as conn:
+            found = tokens.list_tokens(conn, settings.control_schema, include_revoked=all_)
+    grid = _grid("id", "name", "scopes", "created (UTC)", "revoked (UTC)")
+    for t in found:
+        grid.add_row(t.token_id, t.name, ",".join(t.scopes), _ts(t.created_at), _ts(t.revoked_at))
+    out.print(grid if found else "no tokens (create one with `refresh token create NAME --scope read`)")
+
+
+def api(
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default REFRESH_API_HOST, 127.0.0.1)")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default REFRESH_API_PORT, 8000)")] = None,
+    anonymous_read: Annotated[
+        bool | None,
+        typer.Option(
+            "--anonymous-read/--no-anonymous-read",
+            help="Reads without a token (default REFRESH_API_ANONYMOUS_READ); loopback addresses only",
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(min=1, max=32, help="uvicorn worker processes (default 1; more use more cores)")
+    ] = 1,
+    with_stack: Annotated[
+        bool, typer.Option("--with-stack/--no-stack", help="Start the embedded parts that are not configured")
+    ] = True,
+) -> None:
+    """Serve the HTTP API (/api/refresh/..., OpenAPI at /api/openapi.json) and the dashboard (/)."""
+    from flows.cli import PG_HINT, _errors, _fail, _settings, _stack, out
+
+    settings = _settings(prefect_log_level="INFO")
+    from flows.api.settings import ApiSettings
+
+    try:
+        base = ApiSettings()
+    except Exception as exc:  # pydantic ValidationError -> one line
+        _fail(f"configuration error: {str(exc).splitlines()[0]}", "check the REFRESH_API_* variables")
+    overrides = {
+        k: v
+        for k, v in {"host": host, "port": port, "anonymous_read": anonymous_read}.items()
+        if v is not None
+    }
+    api_settings = base.model_copy(update=overrides)
+    if api_settings.anonymous_read and api_settings.host not in LOOPBACK:
+        _fail(
+            f"anonymous reads are only allowed on a loopback address, not {api_settings.host}",
+            "bind to 127.0.0.1, or give readers a token (`refresh token create NAME --scope read`)",
+        )
+    import uvicorn
+
+    from flows.api.app import create_app
+
+    with _errors(PG_HINT), _stack(settings, with_stack):
+        reads = "anonymous reads allowed" if api_settings.anonymous_read else "reads need a token"
+        out.print(
+            f"dashboard: http://{api_settings.host}:{api_settings.port}/  "
+            f"API docs: http://{api_settings.host}:{api_settings.port}/api/docs  ({reads})"
+        )
+        if workers == 1:
+            uvicorn.run(create_app(settings, api_settings), host=api_settings.host, port=api_settings.port)
+            return
+        # Worker processes build their own app from the environment: pass the options on.
+        os.environ["REFRESH_API_ANONYMOUS_READ"] = str(api_settings.anonymous_read).lower()
+        uvicorn.run(
+            "flows.api.app:create_app",
+            factory=True,
+            workers=workers,
+            host=api_settings.host,
+            port=api_settings.port,
+        )

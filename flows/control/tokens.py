@@ -1,0 +1,135 @@
+"""API bearer tokens: created, verified, listed and revoked; only a hash is ever stored.
+
+A token reads `sqpr_<token_id>_<secret>`. The id finds the row; the secret's SHA-256 (the
+secret is 256 random bits, so a plain hash is enough, no slow KDF) is compared with
+hmac.compare_digest, so the comparison takes the same time whatever matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+import psycopg
+from psycopg import sql
+
+from flows.errors import ConfigError
+
+PREFIX = "sqpr"
+MAX_NAME_LENGTH = 80
+
+
+class Scope(StrEnum):
+    READ = "read"
+    TRIGGER = "trigger"
+    ADMIN = "admin"
+
+
+# What each scope also allows: admin can do everything, trigger can read.
+IMPLIES = {
+    Scope.READ: {Scope.READ},
+    Scope.TRIGGER: {Scope.TRIGGER, Scope.READ},
+    Scope.ADMIN: {Scope.ADMIN, Scope.TRIGGER, Scope.READ},
+}
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token_id: str
+    name: str
+    scopes: tuple[Scope, ...]
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    def allows(self, scope: Scope) -> bool:
+        return any(scope in IMPLIES[s] for s in self.scopes)
+
+
+def _t(schema: str) -> sql.Composable:
+    return sql.Identifier(schema, "api_tokens")
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse_scopes(values: list[str]) -> tuple[Scope, ...]:
+    problems = [v for v in values if v not in {s.value for s in Scope}]
+    if problems or not values:
+        raise ConfigError(
+            f"unknown scope(s) {', '.join(problems) or '(none given)'}: use read, trigger or admin"
+        )
+    return tuple(dict.fromkeys(Scope(v) for v in values))
+
+
+def create(
+    conn: psycopg.Connection, schema: str, name: str, scopes: list[str], who: str = "cli"
+) -> tuple[str, TokenInfo]:
+    """A new token; the plain text is returned once and never stored."""
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(f"token name must be 1-{MAX_NAME_LENGTH} characters")
+    parsed = parse_scopes(scopes)
+    token_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    try:
+        row = conn.execute(
+            sql.SQL(
+                "insert into {t} (token_id, name, scopes, secret_sha256, created_by) "
+                "values (%s, %s, %s, %s, %s) returning created_at"
+            ).format(t=_t(schema)),
+            (token_id, name, [s.value for s in parsed], _digest(secret), who),
+        ).fetchone()
+    except psycopg.errors.UniqueViolation as exc:
+        raise ConfigError(
+            f"an active token is already named {name!r}: revoke it or pick another name"
+        ) from exc
+    assert row is not None
+    return f"{PREFIX}_{token_id}_{secret}", TokenInfo(token_id, name, parsed, row[0])
+
+
+def verify(conn: psycopg.Connection, schema: str, token: str) -> TokenInfo | None:
+    """The active token this string is, or None (malformed, unknown, revoked or wrong secret)."""
+    prefix, _, rest = token.partition("_")
+    token_id, _, secret = rest.partition("_")
+    if prefix != PREFIX or not token_id or not secret:
+        return None
+    row = conn.execute(
+        sql.SQL(
+            "select name, scopes, secret_sha256, created_at from {t} "
+            "where token_id = %s and revoked_at is null"
+        ).format(t=_t(schema)),
+        (token_id,),
+    ).fetchone()
+    if row is None or not hmac.compare_digest(bytes(row[2]), _digest(secret)):
+        return None
+    return TokenInfo(token_id, row[0], tuple(Scope(s) for s in row[1]), row[3])
+
+
+def revoke(conn: psycopg.Connection, schema: str, name_or_id: str) -> TokenInfo:
+    """Revoke the active token with this name or id."""
+    row = conn.execute(
+        sql.SQL(
+            "update {t} set revoked_at = now() where revoked_at is null and (token_id = %s or name = %s) "
+            "returning token_id, name, scopes, created_at, revoked_at"
+        ).format(t=_t(schema)),
+        (name_or_id, name_or_id),
+    ).fetchone()
+    if row is None:
+        raise ConfigError(f"no active token named {name_or_id!r} (see `refresh token list`)")
+    return TokenInfo(row[0], row[1], tuple(Scope(s) for s in row[2]), row[3], row[4])
+
+
+def list_tokens(conn: psycopg.Connection, schema: str, include_revoked: bool = False) -> list[TokenInfo]:
+    rows = conn.execute(
+        sql.SQL(
+            "select token_id, name, scopes, created_at, revoked_at from {t} "
+            "where %s or revoked_at is null order by created_at"
+        ).format(t=_t(schema)),
+        (include_revoked,),
+    ).fetchall()
+    return [TokenInfo(r[0], r[1], tuple(Scope(s) for s in r[2]), r[3], r[4]) for r in rows]

@@ -1,0 +1,104 @@
+"""Refreshes started through the API: one row per accepted trigger, keyed by the client's
+Idempotency-Key, so a retried request finds the run it already started."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from flows.db import REFRESH_LOCK_KEY
+
+# Serialises trigger requests (check, start, record) across API workers; next to the
+# refresh lock's key (flows/db.py).
+TRIGGER_LOCK_KEY = REFRESH_LOCK_KEY + 1000
+
+
+@dataclass(frozen=True)
+class Trigger:
+    trigger_id: UUID
+    idempotency_key: str | None
+    request_sha256: str
+    params: dict[str, Any]
+    via: str
+    flow_run_id: UUID | None
+    pid: int | None
+    hostname: str | None
+    created_at: datetime
+    run_id: UUID | None = None
+    run_status: str | None = None
+
+
+def _t(schema: str) -> sql.Composable:
+    return sql.Identifier(schema, "api_triggers")
+
+
+def lock(conn: psycopg.Connection) -> None:
+    """Held until the caller's transaction ends."""
+    conn.execute("select pg_advisory_xact_lock(%s)", (TRIGGER_LOCK_KEY,))
+
+
+_SELECT = sql.SQL(
+    "select a.trigger_id, a.idempotency_key, a.request_sha256, a.params, a.via, a.flow_run_id, a.pid, "
+    "a.hostname, a.created_at, r.run_id, r.status as run_status from {a} a "
+    # The run a trigger started: the Prefect flow run's, or the one the started process began
+    # (the audit row records the process id and host).
+    "left join lateral (select run_id, status from {r} r where "
+    "  (a.flow_run_id is not null and r.flow_run_id = a.flow_run_id) or "
+    "  (a.via = 'process' and r.pid = a.pid and r.hostname = a.hostname and r.started_at >= a.created_at) "
+    "  order by r.started_at limit 1) r on true "
+)
+
+
+def _one(conn: psycopg.Connection, schema: str, where: sql.Composable, value: Any) -> Trigger | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_SELECT.format(a=_t(schema), r=sql.Identifier(schema, "refresh_runs")) + where, (value,))
+        row = cur.fetchone()
+    return None if row is None else Trigger(**row)
+
+
+def by_key(conn: psycopg.Connection, schema: str, key: str) -> Trigger | None:
+    return _one(conn, schema, sql.SQL("where a.idempotency_key = %s"), key)
+
+
+def get(conn: psycopg.Connection, schema: str, trigger_id: UUID) -> Trigger | None:
+    return _one(conn, schema, sql.SQL("where a.trigger_id = %s"), trigger_id)
+
+
+def record(
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    trigger_id: UUID,
+    idempotency_key: str | None,
+    request_sha256: str,
+    params: dict[str, Any],
+    via: str,
+    flow_run_id: UUID | None,
+    pid: int | None,
+    hostname: str | None,
+    token_id: str | None,
+) -> None:
+    conn.execute(
+        sql.SQL(
+            "insert into {a} (trigger_id, idempotency_key, request_sha256, params, via, flow_run_id, pid, "
+            "hostname, token_id) values (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(a=_t(schema)),
+        (
+            trigger_id,
+            idempotency_key,
+            request_sha256,
+            json.dumps(params, default=str),
+            via,
+            flow_run_id,
+            pid,
+            hostname,
+            token_id,
+        ),
+    )

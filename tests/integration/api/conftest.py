@@ -1,0 +1,75 @@
+"""Shared by the API tests: an app on the session's refreshed data, tokens per scope, and a
+fingerprint of the whole control schema (to prove a rejected request changed nothing)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from flows.api.app import create_app
+from flows.api.settings import ApiSettings
+from flows.control import tokens
+from flows.local_stack import free_port
+from flows.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def api_tokens(refreshed: dict[str, Any], settings: Settings) -> dict[str, str]:
+    """One token per scope (plus one revoked), names unique per module."""
+    from flows.db import migrate
+
+    migrate(settings)
+    made = {}
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        for scope in ("read", "trigger", "admin"):
+            made[scope], _ = tokens.create(conn, settings.control_schema, f"{scope}-{id(made)}", [scope])
+        made["revoked"], info = tokens.create(conn, settings.control_schema, f"revoked-{id(made)}", ["admin"])
+        tokens.revoke(conn, settings.control_schema, info.token_id)
+    return made
+
+
+@pytest.fixture(scope="module")
+def client(refreshed: dict[str, Any], settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, ApiSettings(anonymous_read=False))) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def api_url(
+    refreshed: dict[str, Any], settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """`refresh api` in its own process on a free port; reads need a token."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("api") / "api.log").open("wb")
+    env = {**os.environ, "REFRESH_API_ANONYMOUS_READ": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "refresh api did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
