@@ -25,6 +25,7 @@ from flows.audit import refresh_lock
 from flows.bigquery import BigQueryClients, make_clients
 from flows.db import connect
 from flows.errors import RefreshError, TransientError
+from flows.redact import redact
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import TableConfig
 from flows.settings import Settings, get_settings
@@ -78,7 +79,9 @@ def _outcome(cfg: TableConfig, future: PrefectFuture[TableOutcome]) -> TableOutc
     try:
         return future.result()
     except Exception as exc:
-        return TableOutcome(cfg.table_name, "failed", cfg.mode.value, error=f"unexpected error: {exc!r}")
+        return TableOutcome(
+            cfg.table_name, "failed", cfg.mode.value, error=f"unexpected error: {redact(repr(exc))}"
+        )
 
 
 def extract(
@@ -157,7 +160,7 @@ def daily_refresh(
                 )
             except BaseException as exc:
                 crashed = runbook.RunSummary(
-                    str(run.run_id), "failed", f"run crashed: {exc!r}", dry_run=params.dry_run
+                    str(run.run_id), "failed", f"run crashed: {redact(repr(exc))}", dry_run=params.dry_run
                 )
                 runbook.finish_run(lock_conn, settings, run, crashed)
                 raise
