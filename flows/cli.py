@@ -390,7 +390,7 @@ def demo(
     t0 = time.monotonic()
     with _errors(), local_stack(settings):
         out.print(
-            f"local stack up ({time.monotonic() - t0:.1f}s): Postgres {settings.dsn()}, "
+            f"local stack up ({time.monotonic() - t0:.1f}s): Postgres {redact(settings.dsn())}, "
             f"BigQuery emulator {settings.rest_endpoint}"
         )
         clients = make_clients(settings)
@@ -441,7 +441,7 @@ def stack_up() -> None:
     with _errors():
         stack.start()
     out.print(json.dumps(stack.status()))
-    out.print(f"Postgres: {settings.dsn()}  BigQuery REST: {settings.rest_endpoint}")
+    out.print(f"Postgres: {redact(settings.dsn())}  BigQuery REST: {settings.rest_endpoint}")
 
 
 @stack_app.command("down")
