@@ -56,6 +56,9 @@ def _prefect_env(settings: Settings, log_level: str) -> None:
     os.environ.setdefault("PREFECT_HOME", str(settings.state_dir / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", log_level)
+    # Prefect's 20 s for its ephemeral server is too short when several commands start at once
+    # on a small machine (each migrates the shared SQLite database).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Prefect cannot create its home (and its database) under a state directory that is missing.
     with contextlib.suppress(OSError):
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
@@ -437,7 +440,7 @@ def stack_up() -> None:
     from flows.local_stack import LocalStack
 
     settings = _settings()
-    stack = LocalStack(settings)
+    stack = LocalStack(settings, keep_running=True)
     with _errors():
         stack.start()
     out.print(json.dumps(stack.status()))
