@@ -22,10 +22,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from flows.errors import StackError
 from flows.settings import EMULATOR_PROJECT, Settings
@@ -256,6 +257,74 @@ def ensure_spatial_extension() -> None:
     import_extension("spatial")
 
 
+# The emulator keeps every Storage read session's materialised result (a pyarrow Table of the
+# whole slice) in a module dict that nothing ever empties; real BigQuery expires sessions after
+# 6 h. Sessions of killed runs (and finished ones) therefore pile up. Our launcher bounds it:
+# sessions idle this long are dropped, and beyond the byte cap the least recently used ones
+# idle for at least EMULATOR_SESSION_MIN_IDLE_S go first (a stream being read keeps its slice
+# referenced, so only a resume after that long would miss it).
+EMULATOR_SESSION_TTL_S = 900.0
+EMULATOR_SESSION_MIN_IDLE_S = float(os.environ.get("SQP_EMULATOR_SESSION_MIN_IDLE_S", "30"))
+EMULATOR_SESSION_CAP_BYTES = int(os.environ.get("SQP_EMULATOR_SESSION_CAP_MB", "1024")) * 1024 * 1024
+
+
+class BoundedReadSessions(OrderedDict[str, Any]):
+    """A drop-in for bqemulator's read-session dict that forgets idle sessions (LRU order)."""
+
+    def __init__(
+        self,
+        cap_bytes: int = EMULATOR_SESSION_CAP_BYTES,
+        ttl_s: float = EMULATOR_SESSION_TTL_S,
+        min_idle_s: float = EMULATOR_SESSION_MIN_IDLE_S,
+    ) -> None:
+        super().__init__()
+        self.cap_bytes, self.ttl_s, self.min_idle_s = cap_bytes, ttl_s, min_idle_s
+        self.last_used: dict[str, float] = {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._touch(key)
+        self._evict(keep=key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            self._touch(key)
+        return super().get(key, default)
+
+    def _touch(self, key: str) -> None:
+        self.last_used[key] = time.monotonic()
+        self.move_to_end(key)
+
+    def _evict(self, keep: str) -> None:
+        now = time.monotonic()
+        total = sum(int(getattr(getattr(v, "table", None), "nbytes", 0)) for v in self.values())
+        dropped = False
+        for name in list(self):  # least recently used first
+            idle = now - self.last_used.get(name, now)
+            if name == keep or not (
+                idle > self.ttl_s or (total > self.cap_bytes and idle >= self.min_idle_s)
+            ):
+                continue
+            total -= int(getattr(getattr(self[name], "table", None), "nbytes", 0))
+            super().__delitem__(name)
+            self.last_used.pop(name, None)
+            dropped = True
+        if dropped:
+            import pyarrow as pa
+
+            pa.default_memory_pool().release_unused()
+
+
+def _run_emulator(argv: list[str]) -> None:
+    """`python -m flows.local_stack ARGS`: bqemulator's command line with bounded read sessions."""
+    from bqemulator.cli import main
+    from bqemulator.streaming import read_session
+
+    read_session._SESSIONS = BoundedReadSessions()
+    sys.argv = ["bqemulator", *argv]
+    main()
+
+
 @dataclass
 class BigQueryEmulator:
     rest_port: int
@@ -294,7 +363,7 @@ class BigQueryEmulator:
         cmd = [
             sys.executable,
             "-m",
-            "bqemulator",
+            "flows.local_stack",  # bqemulator with bounded read sessions, see _run_emulator
             "start",
             "--project",
             self.project,
@@ -526,3 +595,7 @@ def local_stack(settings: Settings, throwaway: bool = False) -> Iterator[LocalSt
         stack.stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    _run_emulator(sys.argv[1:])
