@@ -64,6 +64,23 @@ def _prefect_env(settings: Settings, log_level: str) -> None:
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 
 
+def _start_ephemeral_prefect(settings: Settings) -> None:
+    """Without PREFECT_API_URL each command starts Prefect's ephemeral server on the SQLite
+    database under the state directory; started together they race creating its tables and
+    block types (UNIQUE-constraint tracebacks, start-up timeouts). One at a time."""
+    import fcntl
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.state_dir / "prefect-start.lock").open("ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        SubprocessASGIServer().start()  # the client reuses this one (a per-process singleton)
+
+
 def _settings(prefect_log_level: str = "WARNING") -> Settings:
     try:
         s = get_settings()
@@ -318,6 +335,7 @@ def _run_refresh(
 
         # Postgres unreachable or the DSN refused: one line now, not a flow run that fails.
         connect(settings, autocommit=True).close()
+        _start_ephemeral_prefect(settings)
         _quiet_console()
         with _RunProgress(settings):
             summary: dict[str, Any] = daily_refresh(**params, trigger=trigger)  # type: ignore[assignment]
