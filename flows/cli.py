@@ -33,6 +33,7 @@ from rich.table import Table
 from flows.api_cli import api as api_command
 from flows.api_cli import token_app
 from flows.errors import ConfigError, RefreshError
+from flows.redact import redact
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
 # What the Makefile exports, for a CLI started any other way (a shell, cron, CI): no usage
@@ -83,14 +84,36 @@ def _prefect_env(settings: Settings, log_level: str) -> None:
     os.environ.setdefault("PREFECT_HOME", str(settings.state_dir / "prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", log_level)
+    # Prefect's 20 s for its ephemeral server is too short when several commands start at once
+    # on a small machine (each migrates the shared SQLite database).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Prefect cannot create its home (and its database) under a state directory that is missing.
+    with contextlib.suppress(OSError):
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+
+
+def _start_ephemeral_prefect(settings: Settings) -> None:
+    """Without PREFECT_API_URL each command starts Prefect's ephemeral server on the SQLite
+    database under the state directory; started together they race creating its tables and
+    block types (UNIQUE-constraint tracebacks, start-up timeouts). One at a time."""
+    import fcntl
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.state_dir / "prefect-start.lock").open("ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        SubprocessASGIServer().start()  # the client reuses this one (a per-process singleton)
 
 
 def _settings(prefect_log_level: str = "WARNING") -> Settings:
     try:
         s = get_settings()
-    except Exception as exc:  # pydantic ValidationError -> one clear line
-        first = str(exc).splitlines()
-        _fail(f"configuration error: {' '.join(first[:3])}", "check the REFRESH_* environment variables")
+    except ConfigError as exc:  # one line per bad setting, secrets masked
+        _fail(f"configuration error: {exc}", "check the REFRESH_* environment variables (or .env)")
     _prefect_env(s, prefect_log_level)
     return s
 
@@ -107,23 +130,40 @@ def _exit_for(summary: dict[str, Any]) -> None:
 
 
 def _fail(message: str, hint: str | None = None) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {redact(message)}", fg=typer.colors.RED, err=True)
     if hint:
-        typer.echo(f"hint: {hint}", err=True)
+        typer.echo(f"hint: {redact(hint)}", err=True)
     raise typer.Exit(1)
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _postgres(settings: Settings | None = None) -> str:
+    """Which Postgres, as the user would fix it."""
+    if settings is not None and settings.uses_embedded_postgres:
+        return f"the embedded Postgres on port {settings.local_pg_port}"
+    return "REFRESH_PG_DSN"
+
+
 @contextlib.contextmanager
-def _errors(hint: str | None = None) -> Iterator[None]:
+def _errors(hint: str | None = None, settings: Settings | None = None) -> Iterator[None]:
     """Our errors and an unreachable Postgres become one line + hint, exit code 1."""
     import psycopg
 
     try:
         yield
+    except ConfigError as exc:
+        # A setting or file to fix, not a Postgres to start.
+        _fail(str(exc), "fix the setting or file named above, then run `refresh validate`")
     except RefreshError as exc:
         _fail(str(exc), hint)
     except psycopg.OperationalError as exc:
-        _fail(f"cannot reach Postgres: {str(exc).strip().splitlines()[0]}", PG_HINT)
+        _fail(f"cannot connect to Postgres ({_postgres(settings)}): {_first_line(exc)}", PG_HINT)
+    except psycopg.Error as exc:
+        _fail(f"Postgres refused the request ({_postgres(settings)}): {_first_line(exc)}", hint)
 
 
 def _parse_date(value: str | None, option: str) -> date | None:
@@ -373,11 +413,13 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
 
 
 class _ReportedByUs(logging.Filter):
-    """Our own errors are reported in one line by `_errors`: the console need not show their
-    traceback too. Anything else (a bug) keeps it."""
+    """Our own errors and Postgres errors are reported in one line by `_errors`: the console
+    need not show their traceback too. Anything else (a bug) keeps it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], RefreshError))
+        import psycopg
+
+        return not (record.exc_info and isinstance(record.exc_info[1], RefreshError | psycopg.Error))
 
 
 def _quiet_console() -> None:
@@ -412,11 +454,15 @@ def _run_refresh(
     }
     t0 = time.monotonic()
     with (
-        _errors("see `refresh status`, `refresh history` and the Prefect logs"),
+        _errors("see `refresh status`, `refresh history` and the Prefect logs", settings),
         _stack(settings, with_stack),
     ):
         from flows.daily_refresh import daily_refresh
+        from flows.db import connect
 
+        # Postgres unreachable or the DSN refused: one line now, not a flow run that fails.
+        connect(settings, autocommit=True).close()
+        _start_ephemeral_prefect(settings)
         _quiet_console()
         with _RunProgress(settings):
             summary: dict[str, Any] = daily_refresh(**params, trigger=trigger)  # type: ignore[assignment]
@@ -502,7 +548,7 @@ def demo(
     t0 = time.monotonic()
     with _errors(), local_stack(settings):
         out.print(
-            f"local stack up ({time.monotonic() - t0:.1f}s): Postgres {settings.dsn()}, "
+            f"local stack up ({time.monotonic() - t0:.1f}s): Postgres {redact(settings.dsn())}, "
             f"BigQuery emulator {settings.rest_endpoint}"
         )
         clients = make_clients(settings)
@@ -548,11 +594,11 @@ def stack_up() -> None:
     from flows.local_stack import LocalStack
 
     settings = _settings()
-    stack = LocalStack(settings)
+    stack = LocalStack(settings, keep_running=True)
     with _errors():
         stack.start()
     out.print(json.dumps(stack.status()))
-    out.print(f"Postgres: {settings.dsn()}  BigQuery REST: {settings.rest_endpoint}")
+    out.print(f"Postgres: {redact(settings.dsn())}  BigQuery REST: {settings.rest_endpoint}")
 
 
 @stack_app.command("down")
@@ -613,7 +659,7 @@ def status(
     from flows import audit
     from flows.db import connect
 
-    with _errors(PG_HINT), connect(settings, autocommit=True) as conn:
+    with _errors(PG_HINT, settings), connect(settings, autocommit=True) as conn:
         exists = conn.execute(
             "select to_regclass(%s)", (f'"{settings.control_schema}".refresh_runs',)
         ).fetchone()
@@ -657,7 +703,7 @@ def history(
     from flows import audit
     from flows.db import connect
 
-    with _errors("see `refresh history --help`"):
+    with _errors("see `refresh history --help`", settings):
         q = audit.HistoryQuery(
             table=table,
             status=status_,
@@ -688,7 +734,7 @@ def _registry(settings: Settings) -> Any:
 def config_get(table: Annotated[str | None, typer.Argument(help="One table (default: all)")] = None) -> None:
     """Show the registry, or every setting of one table."""
     settings = _settings()
-    with _errors(PG_HINT):
+    with _errors(PG_HINT, settings):
         configs = _registry(settings)
     if table is not None:
         match = [c for c in configs if c.table_name == table]
@@ -770,9 +816,9 @@ def validate(with_stack: WithStackOption = True) -> None:
     def check(what: str, ok: bool, detail: str) -> None:
         nonlocal failed
         failed += not ok
-        out.print(f"[{'green' if ok else 'red'}]{'ok  ' if ok else 'FAIL'}[/] {what}: {detail}")
+        out.print(f"[{'green' if ok else 'red'}]{'ok  ' if ok else 'FAIL'}[/] {what}: {redact(detail)}")
 
-    with _errors(), _stack(settings, with_stack):
+    with _errors(settings=settings), _stack(settings, with_stack):
         configs: list[registry.TableConfig] = []
         try:
             configs = registry.load_file(settings.tables_file)
@@ -864,8 +910,9 @@ def migrate() -> None:
     """Create or upgrade the control schema."""
     from flows.db import migrate as do_migrate
 
-    with _errors(PG_HINT):
-        do_migrate(_settings())
+    settings = _settings()
+    with _errors(PG_HINT, settings):
+        do_migrate(settings)
     out.print("control schema up to date")
 
 

@@ -29,6 +29,7 @@ from flows.bigquery import BigQueryClients, make_clients
 from flows.db import connect
 from flows.errors import LockLostError, PostgresLostError, RefreshError, TransientError
 from flows.extract import check_reachable
+from flows.redact import redact
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import TableConfig
 from flows.settings import Settings, get_settings
@@ -157,7 +158,9 @@ def _outcome(cfg: TableConfig, future: PrefectFuture[TableOutcome]) -> TableOutc
     try:
         return future.result()
     except Exception as exc:
-        return TableOutcome(cfg.table_name, "failed", cfg.mode.value, error=f"unexpected error: {exc!r}")
+        return TableOutcome(
+            cfg.table_name, "failed", cfg.mode.value, error=f"unexpected error: {redact(repr(exc))}"
+        )
 
 
 def extract(
@@ -256,7 +259,7 @@ def daily_refresh(
                     duration_s=time.monotonic() - t0,
                 )
             except BaseException as exc:
-                message = _failure_message(exc, outcomes)
+                message = redact(_failure_message(exc, outcomes))
                 _end_run(
                     settings,
                     run,
@@ -271,7 +274,7 @@ def daily_refresh(
     except psycopg.OperationalError as exc:
         # Before the run row exists (planning) or while taking the lock: nothing was written.
         raise PostgresLostError(
-            f"cannot reach Postgres ({_first_line(exc)}): this run did nothing; start Postgres "
+            f"cannot reach Postgres ({redact(_first_line(exc))}): this run did nothing; start Postgres "
             "or fix REFRESH_PG_DSN, then run again"
         ) from exc
     finally:

@@ -27,6 +27,7 @@ def migrate(settings: Settings) -> None:
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import DBAPIError
     from sqlalchemy.pool import NullPool
 
     engine = create_engine("postgresql+psycopg://", creator=lambda: connect(settings), poolclass=NullPool)
@@ -39,6 +40,12 @@ def migrate(settings: Settings) -> None:
             conn.execute(text(f'create schema if not exists "{settings.control_schema}"'))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+    except DBAPIError as exc:
+        # SQLAlchemy's wrapper repeats the message, the statement and a link: what Postgres
+        # said is the psycopg error it wraps (the CLI turns that into one line).
+        if isinstance(exc.orig, psycopg.Error):
+            raise exc.orig.with_traceback(None) from None
+        raise
     finally:
         engine.dispose()
 

@@ -11,6 +11,7 @@ already running (for example from `refresh stack up`) is reused and left running
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -21,9 +22,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 from flows.errors import StackError
 from flows.settings import EMULATOR_PROJECT, Settings
@@ -254,6 +257,74 @@ def ensure_spatial_extension() -> None:
     import_extension("spatial")
 
 
+# The emulator keeps every Storage read session's materialised result (a pyarrow Table of the
+# whole slice) in a module dict that nothing ever empties; real BigQuery expires sessions after
+# 6 h. Sessions of killed runs (and finished ones) therefore pile up. Our launcher bounds it:
+# sessions idle this long are dropped, and beyond the byte cap the least recently used ones
+# idle for at least EMULATOR_SESSION_MIN_IDLE_S go first (a stream being read keeps its slice
+# referenced, so only a resume after that long would miss it).
+EMULATOR_SESSION_TTL_S = 900.0
+EMULATOR_SESSION_MIN_IDLE_S = float(os.environ.get("SQP_EMULATOR_SESSION_MIN_IDLE_S", "30"))
+EMULATOR_SESSION_CAP_BYTES = int(os.environ.get("SQP_EMULATOR_SESSION_CAP_MB", "1024")) * 1024 * 1024
+
+
+class BoundedReadSessions(OrderedDict[str, Any]):
+    """A drop-in for bqemulator's read-session dict that forgets idle sessions (LRU order)."""
+
+    def __init__(
+        self,
+        cap_bytes: int = EMULATOR_SESSION_CAP_BYTES,
+        ttl_s: float = EMULATOR_SESSION_TTL_S,
+        min_idle_s: float = EMULATOR_SESSION_MIN_IDLE_S,
+    ) -> None:
+        super().__init__()
+        self.cap_bytes, self.ttl_s, self.min_idle_s = cap_bytes, ttl_s, min_idle_s
+        self.last_used: dict[str, float] = {}
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self._touch(key)
+        self._evict(keep=key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            self._touch(key)
+        return super().get(key, default)
+
+    def _touch(self, key: str) -> None:
+        self.last_used[key] = time.monotonic()
+        self.move_to_end(key)
+
+    def _evict(self, keep: str) -> None:
+        now = time.monotonic()
+        total = sum(int(getattr(getattr(v, "table", None), "nbytes", 0)) for v in self.values())
+        dropped = False
+        for name in list(self):  # least recently used first
+            idle = now - self.last_used.get(name, now)
+            if name == keep or not (
+                idle > self.ttl_s or (total > self.cap_bytes and idle >= self.min_idle_s)
+            ):
+                continue
+            total -= int(getattr(getattr(self[name], "table", None), "nbytes", 0))
+            super().__delitem__(name)
+            self.last_used.pop(name, None)
+            dropped = True
+        if dropped:
+            import pyarrow as pa
+
+            pa.default_memory_pool().release_unused()
+
+
+def _run_emulator(argv: list[str]) -> None:
+    """`python -m flows.local_stack ARGS`: bqemulator's command line with bounded read sessions."""
+    from bqemulator.cli import main
+    from bqemulator.streaming import read_session
+
+    read_session._SESSIONS = BoundedReadSessions()
+    sys.argv = ["bqemulator", *argv]
+    main()
+
+
 @dataclass
 class BigQueryEmulator:
     rest_port: int
@@ -292,7 +363,7 @@ class BigQueryEmulator:
         cmd = [
             sys.executable,
             "-m",
-            "bqemulator",
+            "flows.local_stack",  # bqemulator with bounded read sessions, see _run_emulator
             "start",
             "--project",
             self.project,
@@ -370,11 +441,21 @@ class BigQueryEmulator:
 
 @dataclass
 class LocalStack:
+    """The embedded parts, shared safely by every command on one state directory.
+
+    Starting is serialised by a file lock (the first command starts, the others wait and reuse).
+    Each command holds a lease while it uses the stack; a part started by a command (not by
+    `refresh stack up`) is stopped by the last command to leave, so nobody stops a part that
+    another command is still using.
+    """
+
     settings: Settings
     throwaway: bool = False
+    keep_running: bool = False  # `refresh stack up`: parts stay up after this command
     postgres: EmbeddedPostgres | None = None
     emulator: BigQueryEmulator | None = None
     _started: list[EmbeddedPostgres | BigQueryEmulator] = field(default_factory=list)
+    _lease: IO[bytes] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -389,22 +470,88 @@ class LocalStack:
                 startup_timeout_s=s.local_startup_timeout_s,
             )
 
+    @property
+    def _users_dir(self) -> Path:
+        return self.settings.state_dir / "stack-users"
+
+    def _parts(self) -> dict[str, EmbeddedPostgres | BigQueryEmulator]:
+        named = {"postgres": self.postgres, "bigquery-emulator": self.emulator}
+        return {name: part for name, part in named.items() if part is not None}
+
+    def _marker(self, name: str) -> Path:
+        """Present while the part runs because a command (not `stack up`) started it."""
+        return self._users_dir / f"{name}.started-by-command"
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One command at a time starts or stops parts on this state directory."""
+        self._users_dir.mkdir(parents=True, exist_ok=True)
+        with (self.settings.state_dir / "stack.lock").open("ab") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _other_users(self) -> int:
+        """Commands that hold a lease now (a lease whose lock is free belonged to a dead one)."""
+        alive = 0
+        for path in self._users_dir.glob("*.lease"):
+            if self._lease is not None and path.name == Path(self._lease.name).name:
+                continue
+            try:
+                with path.open("ab") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                alive += 1
+            except OSError:
+                continue
+            else:
+                path.unlink(missing_ok=True)
+        return alive
+
     def start(self) -> None:
-        try:
-            for part in (self.postgres, self.emulator):
-                if part is None:
-                    continue
-                was_ready = part.is_ready()
-                part.start()
-                if not was_ready:
-                    self._started.append(part)
-        except BaseException:
-            self.stop()
-            raise
+        with self._exclusive():
+            try:
+                for name, part in self._parts().items():
+                    was_ready = part.is_ready()
+                    part.start()
+                    if self.keep_running:
+                        self._marker(name).unlink(missing_ok=True)
+                    elif not was_ready:
+                        self._started.append(part)
+                        self._marker(name).touch()
+            except BaseException:
+                self._stop_started()
+                raise
+            if not self.keep_running:
+                lease = self._users_dir / f"{os.getpid()}-{id(self):x}.lease"
+                self._lease = lease.open("ab")
+                fcntl.flock(self._lease, fcntl.LOCK_EX)
+
+    def _stop_started(self) -> None:
+        for name, part in reversed(self._parts().items()):
+            if part in self._started:
+                part.stop()
+                self._marker(name).unlink(missing_ok=True)
+        self._started.clear()
 
     def stop(self) -> None:
-        while self._started:
-            self._started.pop().stop()
+        """Leave the stack; the last command out stops the parts commands started."""
+        with self._exclusive():
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                Path(lease.name).unlink(missing_ok=True)
+                lease.close()
+            if self._other_users():
+                log.info("the embedded stack stays up: other commands use it")
+                self._started.clear()
+                return
+            for name, part in reversed(self._parts().items()):
+                if self._marker(name).exists():
+                    part.stop()
+                    self._marker(name).unlink(missing_ok=True)
+            self._started.clear()
 
     def status(self) -> dict[str, str]:
         out = {}
@@ -416,9 +563,10 @@ class LocalStack:
 
     def stop_all(self) -> None:
         """Stop both parts even if another process started them (`refresh stack down`)."""
-        for part in (self.emulator, self.postgres):
-            if part is not None:
+        with self._exclusive():
+            for name, part in reversed(self._parts().items()):
                 part.stop()
+                self._marker(name).unlink(missing_ok=True)
 
     def wipe(self) -> None:
         self.stop_all()
@@ -447,3 +595,7 @@ def local_stack(settings: Settings, throwaway: bool = False) -> Iterator[LocalSt
         stack.stop()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    _run_emulator(sys.argv[1:])

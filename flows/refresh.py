@@ -31,6 +31,7 @@ from flows.extract import (
 )
 from flows.load import apply_slice, ensure_raw_table
 from flows.planning import Slice, Window, plan_slices, plan_window, resumable, to_ts
+from flows.redact import error_text
 from flows.registry import Mode, TableConfig, WriteStrategy
 from flows.settings import Settings
 from flows.type_mapping import ColumnMapping, map_schema
@@ -181,7 +182,7 @@ def refresh_table(
     except (RefreshError, psycopg.Error) as exc:
         failure = exc
         rec.status = outcome.status = "failed"
-        rec.error = outcome.error = str(exc)
+        rec.error = outcome.error = error_text(exc)
         outcome.retryable = isinstance(exc, TransientError | psycopg.OperationalError)
         log.error("%s: refresh failed: %s", cfg.table_name, exc)
     finally:
@@ -370,7 +371,7 @@ def _record_failed_slice(
                 rows_deleted=0,
                 bytes_read=0,
                 started_at=started,
-                error=str(exc),
+                error=error_text(exc),
             )
     except psycopg.Error as err:
         log.error("%s: could not record the failed slice: %s", table, err)

@@ -121,7 +121,13 @@ def load_file(path: Path) -> list[TableConfig]:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        # The parser's own text spans several lines (context, a caret): one line instead.
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        context = getattr(exc, "context", None)
+        detail = f"{problem} ({context})" if context else str(problem)
+        raise ConfigError(f"{path}: not valid YAML{where}: {detail}") from None
     tables = doc.get("tables") if isinstance(doc, dict) else None
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"{path}: expected a mapping `tables:` with at least one table")

@@ -10,10 +10,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flows.errors import ConfigError
 from flows.identifiers import validate_dataset, validate_pg_identifier, validate_project
+from flows.redact import install_log_redaction, redact, register_dsn, register_secret
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_PROJECT = "sqp-demo"
@@ -91,6 +93,18 @@ class Settings(BaseSettings):
     def _project(cls, v: str | None) -> str | None:
         return None if v is None else validate_project(v)
 
+    @field_validator("pg_dsn")
+    @classmethod
+    def _dsn(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else SecretStr(validate_dsn(v.get_secret_value()))
+
+    @field_validator("bq_credentials_json")
+    @classmethod
+    def _credentials(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            register_secret(v.get_secret_value())
+        return v
+
     @property
     def uses_embedded_postgres(self) -> bool:
         return self.pg_dsn is None
@@ -138,5 +152,30 @@ class Settings(BaseSettings):
         return f"postgresql://postgres@127.0.0.1:{self.local_pg_port}/postgres"
 
 
+def validate_dsn(dsn: str) -> str:
+    """The DSN if libpq can parse it; its password is registered for masking either way, and
+    the error (which psycopg words with the offending token) is masked."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    register_dsn(dsn)
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error as exc:
+        raise ValueError(f"not a valid libpq DSN/URI ({redact(str(exc).strip())}): {redact(dsn)}") from None
+    register_secret(str(params.get("password") or "") or None)
+    return dsn
+
+
 def get_settings(**overrides: object) -> Settings:
-    return Settings(**overrides)  # type: ignore[arg-type]
+    """The settings in use; loading them also turns on masking of their secrets in every log."""
+    install_log_redaction()
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        # One line per bad setting, named as the user sets it; never the input value.
+        problems = [
+            f"REFRESH_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_input=False, include_url=False)
+        ]
+        raise ConfigError(redact("; ".join(problems))) from None

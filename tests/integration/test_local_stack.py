@@ -92,3 +92,38 @@ def test_emulator_serves_storage_slices_larger_than_its_default_message_cap(tmp_
         clients.close()
     finally:
         emu.stop()
+
+
+def test_a_command_never_stops_a_part_another_command_still_uses(tmp_path: Path) -> None:
+    """The first command starts Postgres; the second reuses it; the first leaving stops
+    nothing, the last one out stops what commands started."""
+    from flows.local_stack import LocalStack, free_port
+    from flows.settings import get_settings
+
+    settings = get_settings(state_dir=tmp_path, local_pg_port=free_port(), bq_project="not-the-emulator")
+    first, second = LocalStack(settings), LocalStack(settings)
+    first.start()
+    try:
+        assert first.postgres is not None and first.postgres.is_ready()
+        second.start()
+        first.stop()
+        assert second.postgres is not None and second.postgres.is_ready(), "stopped under a user"
+        second.stop()
+        assert not second.postgres.is_ready(), "the last command out leaves it running"
+    finally:
+        LocalStack(settings).stop_all()
+
+
+def test_parts_started_by_stack_up_outlive_every_command(tmp_path: Path) -> None:
+    from flows.local_stack import LocalStack, free_port
+    from flows.settings import get_settings
+
+    settings = get_settings(state_dir=tmp_path, local_pg_port=free_port(), bq_project="not-the-emulator")
+    LocalStack(settings, keep_running=True).start()
+    try:
+        command = LocalStack(settings)
+        command.start()
+        command.stop()
+        assert command.postgres is not None and command.postgres.is_ready()
+    finally:
+        LocalStack(settings).stop_all()

@@ -1,0 +1,40 @@
+"""The emulator's read sessions are bounded (flows.local_stack.BoundedReadSessions)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from flows.local_stack import BoundedReadSessions
+
+
+@dataclass
+class _Table:
+    nbytes: int
+
+
+@dataclass
+class _Session:
+    table: _Table
+
+
+def test_idle_sessions_beyond_the_cap_are_dropped_least_recently_used_first() -> None:
+    sessions = BoundedReadSessions(cap_bytes=250, ttl_s=3600, min_idle_s=0)
+    for name in ("a", "b", "c"):
+        sessions[name] = _Session(_Table(100))
+    assert list(sessions) == ["b", "c"]  # 300 > 250: the oldest went
+    sessions.get("b")  # read again: now the most recently used
+    sessions["d"] = _Session(_Table(100))
+    assert list(sessions) == ["b", "d"]
+
+
+def test_sessions_in_use_stay_under_the_cap_and_expired_ones_go() -> None:
+    busy = BoundedReadSessions(cap_bytes=10, ttl_s=3600, min_idle_s=60)
+    busy["a"] = _Session(_Table(100))
+    busy["b"] = _Session(_Table(100))
+    assert list(busy) == ["a", "b"]  # both used within the last minute: kept
+    expiring = BoundedReadSessions(cap_bytes=10**9, ttl_s=0.05, min_idle_s=60)
+    expiring["old"] = _Session(_Table(1))
+    time.sleep(0.1)
+    expiring["new"] = _Session(_Table(1))
+    assert list(expiring) == ["new"]
