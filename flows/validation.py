@@ -74,6 +74,9 @@ class Col:
 
     source: SourceColumn
     name: str
+    # The local emulator (DuckDB) formats NUMERIC through a double in FORMAT('%f'); its CAST to
+    # STRING already gives the declared scale, so it uses that (Settings.uses_emulator).
+    emulator: bool = False
 
     @property
     def kind(self) -> str:
@@ -93,8 +96,8 @@ class Col:
         return 38 if self.kind == "BIGNUMERIC" else 9
 
 
-def columns_of(source: SourceTable) -> list[Col]:
-    return [Col(c, pg_column_name(c.name)) for c in source.columns]
+def columns_of(source: SourceTable, emulator: bool) -> list[Col]:
+    return [Col(c, pg_column_name(c.name), emulator) for c in source.columns]
 
 
 # --- normal forms ---------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def bq_text(col: Col) -> str:
     if k in ("INT64", "BOOL"):
         return f"cast({q} as string)"
     if k in ("NUMERIC", "BIGNUMERIC"):
-        return f"format('%.{col.scale}f', {q})"
+        return f"cast({q} as string)" if col.emulator else f"format('%.{col.scale}f', {q})"
     if k == "FLOAT64":
         return (
             f"case when is_nan({q}) then 'nan' when is_inf({q}) and {q} > 0 then 'inf' "
@@ -535,7 +538,7 @@ def validate_table(
 ) -> list[PeriodResult]:
     """Compare one table period by period (days `first`..`last` inclusive; default: all)."""
     source = describe(clients, cfg.source_table)
-    cols = columns_of(source)
+    cols = columns_of(source, clients.settings.uses_emulator)
     keys = key_columns(cfg)
     unknown = [k for k in keys if not any(k in (c.source.name, c.name) for c in cols)]
     if unknown:
@@ -612,13 +615,16 @@ def record_results(
             )
 
 
-def check_raw_table(conn: psycopg.Connection, schema: str, cfg: TableConfig, cols: list[Col]) -> None:
+def check_raw_table(
+    conn: psycopg.Connection, schema: str, cfg: TableConfig, clients: BigQueryClients
+) -> None:
     existing = relation_columns(conn, schema, cfg.table_name)
     if not existing:
         raise ConfigError(
             f"{schema}.{cfg.table_name} does not exist: nothing has been loaded for this table "
             f"yet (run `refresh run --tables {cfg.table_name}` first)"
         )
+    cols = columns_of(describe(clients, cfg.source_table), clients.settings.uses_emulator)
     missing = [c.name for c in cols if c.name not in existing]
     if missing:
         raise ConfigError(
@@ -655,8 +661,7 @@ def validate(
         out: dict[str, list[PeriodResult]] = {}
         for cfg in chosen:
             schema = target_schema(settings, cfg)
-            cols = columns_of(describe(clients, cfg.source_table))
-            check_raw_table(conn, schema, cfg, cols)
+            check_raw_table(conn, schema, cfg, clients)
             results = validate_table(clients, conn, cfg, schema, first, last)
             record_results(conn, settings.control_schema, cfg, results, run_id)
             out[cfg.table_name] = results

@@ -125,7 +125,7 @@ def test_sqp_identical_then_each_difference_found_with_key_and_column(sqp: Env) 
     periods = results["search_query_performance"]
     assert len(periods) == SPEC.weeks
     assert sum(r.bigquery.rows for r in periods) == ROWS
-    assert not _failed(periods), [r.details() for r in _failed(periods)]
+    assert not _failed(periods), [r.differences for r in _failed(periods)]
 
     with sqp.pg() as conn:
         weeks = [
@@ -270,7 +270,7 @@ def test_identical_data_of_every_type_passes(env: Env) -> None:
     periods = validation.validate(env.settings, env.clients, ["vd_types"])["vd_types"]
     assert [str(r.period_start) for r in periods] == ["2026-01-01", "2026-02-01", "2026-03-01"]
     assert [r.bigquery.rows for r in periods] == [2, 2, 2]
-    assert not _failed(periods), [r.details() for r in _failed(periods)]
+    assert not _failed(periods), [r.differences for r in _failed(periods)]
 
     # And the same normal forms see a one-microsecond and a one-ulp change.
     with env.pg() as conn:
