@@ -26,6 +26,7 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from rich.table import Table
 
 from flows.errors import ConfigError, RefreshError
+from flows.rollout_cli import register as register_rollout_commands
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
 app = typer.Typer(
@@ -37,6 +38,7 @@ stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emul
 config_app = typer.Typer(help="The table registry: show and change per-table settings.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(config_app, name="config")
+register_rollout_commands(app)
 
 out = Console(highlight=False)
 PG_HINT = "is Postgres up? (`refresh stack up` for the embedded one, else check REFRESH_PG_DSN)"
