@@ -231,7 +231,10 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
             out.print(f"  [red]{t['table']}[/]: {t['error']}")
     for t in summary["tables"]:
         for p in t.get("plan") or []:
-            out.print(f"  plan {t['table']} {p['slice']}: ~{p['estimated_bytes']} bytes")
+            out.print(
+                f"  plan {t['table']} {p['slice']}: {p.get('estimated_rows', '?')} rows, "
+                f"~{p['estimated_bytes']} bytes"
+            )
     out.print(
         f"dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
         f"{len(summary['dbt_failed'])} failed"
