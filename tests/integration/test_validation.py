@@ -302,3 +302,16 @@ def test_unknown_table_and_unloaded_table_are_clear_errors(env: Env) -> None:
         validation.validate(env.settings, env.clients, ["vd_never"])
     with env.pg() as conn:
         conn.execute(sql.SQL("delete from vd_control.refresh_config where table_name = 'vd_never'"))
+
+
+def test_cli_validate_data_exits_1_naming_the_differences(env: Env) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    # Runs after test_identical_data_of_every_type_passes changed three rows of vd_types.
+    result = CliRunner().invoke(app, ["validate-data", "--tables", "vd_types", "--from", "2026-01-01"])
+    assert result.exit_code == 1, result.output
+    assert "2 period(s) differ between BigQuery and Postgres" in result.output
+    bad = CliRunner().invoke(app, ["validate-data", "--from", "2026-02-01", "--to", "2026-01-01"])
+    assert bad.exit_code == 1 and "--from 2026-02-01 is after --to 2026-01-01" in bad.output
