@@ -4,7 +4,8 @@ N identical SQP rows (flows.sample_data) are generated in a throwaway BigQuery e
 loaded into a throwaway embedded Postgres by the real refresh (flows.refresh.refresh_table).
 Then, best of --repeats each:
 
-  count     `select count(*)` of the table in BigQuery and in Postgres
+  count     `select count(*)` of the table in BigQuery and in Postgres (reads no values)
+  read      Postgres `sum(length(t::text))`: every value of every row formatted once
   validate  flows.validation.validate_table: per-day row count + checksum of every column in
             each engine, summed into weekly periods, compared (no period differs here)
 
@@ -96,6 +97,11 @@ def main() -> None:
             pg_count = best(
                 lambda: conn.execute(f"select count(*) from {raw}.{SQP_TABLE}").fetchone(), args.repeats
             )
+            # What reading every value costs: each row formatted as text once, no hashing.
+            pg_read = best(
+                lambda: conn.execute(f"select sum(length(t::text)) from {raw}.{SQP_TABLE} t").fetchone(),
+                args.repeats,
+            )
             bq_count = best(
                 lambda: list(clients.rest.query(f"select count(*) from {path}").result()), args.repeats
             )
@@ -126,6 +132,7 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}")
     print(f"rows={args.rows} weeks={args.weeks} generated in {generated:.1f}s, loaded in {loaded:.1f}s")
     print(f"count(*): postgres {pg_count:.2f}s + bigquery {bq_count:.2f}s = {count_s:.2f}s")
+    print(f"postgres, every row as text once (sum(length(t::text))): {pg_read:.2f}s")
     print(f"checksums alone: postgres {pg_fp:.2f}s, bigquery {bq_fp:.2f}s")
     print(f"validate (both sides, {len(results)} periods, {len(failed)} differ): {validate_s:.2f}s")
     print(f"aggregate rows sent back per side: {days} (one per day); table rows fetched: {fetched}")

@@ -20,8 +20,9 @@ Normal form per BigQuery type (docs/operations.md has the table):
   JSON, RECORD, ARRAY, GEOGRAPHY, INTERVAL, RANGE
                     NULL or not only: no text form is canonical on both engines (key order,
                     number spelling); they are listed as `unchecked_columns` in each result.
-Each non-NULL field is length-prefixed (`<chars>:<text>`), NULL is `~` (never a valid
-prefixed field, so NULL and '' differ), fields are joined with ','. The row hash is the first
+A non-NULL STRING is length-prefixed (`<chars>:<text>`), NULL is `~` (which no other normal
+form is, so NULL and '' differ), fields are joined with ','; the other normal forms cannot
+contain ',' so they need no prefix. The row hash is the first
 64 bits of the md5, summed as two 32-bit halves so an INT64 sum cannot overflow below 2^31
 rows per day; the checksum is hi * 2^32 + lo, the same as the sum of the 64-bit hashes.
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -158,16 +160,22 @@ def pg_text(col: Col) -> sql.Composable:
     return sql.SQL("case when {} is null then null else '*' end").format(q)
 
 
+# Only a STRING's text can hold ',' or be '~', so only strings carry a length prefix; the
+# other normal forms are digits, signs, '.', 'e', hex or fixed words, and each is computed once.
 def _bq_field(col: Col) -> str:
     t = bq_text(col)
-    return f"coalesce(concat(cast(length({t}) as string), ':', {t}), '{NULL_MARK}')"
+    if col.kind == "STRING":
+        return f"coalesce(concat(cast(length({t}) as string), ':', {t}), '{NULL_MARK}')"
+    return f"coalesce({t}, '{NULL_MARK}')"
 
 
 def _pg_field(col: Col) -> sql.Composable:
     t = pg_text(col)
-    return sql.SQL("coalesce(length({t})::text || ':' || {t}, {null})").format(
-        t=t, null=sql.Literal(NULL_MARK)
-    )
+    if col.kind == "STRING":
+        return sql.SQL("coalesce(length({t})::text || ':' || {t}, {null})").format(
+            t=t, null=sql.Literal(NULL_MARK)
+        )
+    return sql.SQL("coalesce({t}, {null})").format(t=t, null=sql.Literal(NULL_MARK))
 
 
 # Columns are hashed in groups of 8 and the row hash is the md5 of the groups' md5s: the
@@ -554,8 +562,11 @@ def validate_table(
         lo = align(first, size) if first and size else date(1, 1, 1)
         hi = next_boundary(align(last, size), size) if last and size else date(9999, 12, 31)
         window = Slice(lo, hi)
-    bq = by_period(fingerprint_bq(clients, cfg.source_table, cols, cursor, window), size)
-    pg = by_period(fingerprint_pg(conn, schema, cfg.table_name, cols, cursor, window), size)
+    # Both engines work at once: the BigQuery job runs while Postgres computes its side.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        bq_days = pool.submit(fingerprint_bq, clients, cfg.source_table, cols, cursor, window)
+        pg = by_period(fingerprint_pg(conn, schema, cfg.table_name, cols, cursor, window), size)
+        bq = by_period(bq_days.result(), size)
     unchecked = [c.name for c in cols if c.kind == "UNCHECKED"]
     results = []
     for start in sorted(set(bq) | set(pg), key=lambda d: d or date.min):
