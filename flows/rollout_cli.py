@@ -27,10 +27,17 @@ def validate_data(
     tables: TablesOption = None,
     from_: Annotated[str | None, typer.Option("--from", help="First day to check (YYYY-MM-DD)")] = None,
     to: Annotated[str | None, typer.Option("--to", help="Last day to check (YYYY-MM-DD)")] = None,
+    summaries: Annotated[
+        bool, typer.Option("--summaries", help="Instead: check every dbt summary period's sums against raw")
+    ] = False,
 ) -> None:
     """Compare BigQuery and Postgres per period (row count + checksum of every column), list the
     rows that differ, record the results. Exit code 1 when a period differs."""
     from rich.table import Table
+
+    if summaries:
+        _validate_summaries()
+        return
 
     from flows.bigquery import make_clients
     from flows.cli import _errors, _fail, _parse_date, _registry, _settings, _split, out
@@ -79,6 +86,25 @@ def validate_data(
             "`refresh backfill --tables TABLE --start ... --end ...`",
         )
     out.print("[green]Postgres holds exactly what BigQuery holds[/] for the periods checked")
+
+
+def _validate_summaries() -> None:
+    from flows.cli import _errors, _fail, _settings, out
+    from flows.db import connect
+    from flows.validation import check_summaries, record_summary_checks
+
+    settings = _settings()
+    with _errors("run a refresh first: the summaries are built by dbt from raw"), connect(settings) as conn:
+        checks = check_summaries(conn, settings.raw_schema)
+        record_summary_checks(conn, settings.control_schema, checks)
+    failed = [c for c in checks if not c.passed]
+    for c in failed:
+        out.print(f"[red]fail[/] {c.summary} {c.period_start}: raw {c.raw} != summary {c.summary_sums}")
+    if failed:
+        _fail(
+            f"{len(failed)} summary period(s) differ from raw", "rebuild them: `refresh run --full-refresh`"
+        )
+    out.print(f"[green]{len(checks)} summary periods equal the sums of raw[/]")
 
 
 def cutover(
