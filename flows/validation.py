@@ -479,7 +479,7 @@ def bisect(
             bq_rows += _bq_rows(clients, path, cols, where, n, ps)
             pg_rows += _pg_rows(conn, rel, cols, cursor, period, n, ps)
     except psycopg.Error:
-        raise
+        raise  # Postgres errors go up as they are; only BigQuery's are classified
     except Exception as exc:
         raise classify(exc, f"{cfg.table_name}: bisecting a differing period") from exc
     bq_count, pg_count = Counter(bq_rows), Counter(pg_rows)
