@@ -34,6 +34,7 @@ from flows.api_cli import api as api_command
 from flows.api_cli import token_app
 from flows.errors import ConfigError, RefreshError
 from flows.redact import redact
+from flows.rollout_cli import register as register_rollout_commands
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
 # What the Makefile exports, for a CLI started any other way (a shell, cron, CI): no usage
@@ -55,6 +56,7 @@ stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emul
 config_app = typer.Typer(help="The table registry: show and change per-table settings.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(config_app, name="config")
+register_rollout_commands(app)
 app.add_typer(token_app, name="token")
 
 
@@ -391,7 +393,10 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
             out.print(f"  [red]{t['table']}[/]: {t['error']}")
     for t in summary["tables"]:
         for p in t.get("plan") or []:
-            out.print(f"  plan {t['table']} {p['slice']}: ~{p['estimated_bytes']} bytes")
+            out.print(
+                f"  plan {t['table']} {p['slice']}: {p.get('estimated_rows', '?')} rows, "
+                f"~{p['estimated_bytes']} bytes"
+            )
     out.print(
         f"dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
         f"{len(summary['dbt_failed'])} failed, {len(summary['dbt_skipped'])} skipped"

@@ -140,6 +140,31 @@ def estimate_bytes(clients: BigQueryClients, cfg: TableConfig, where: str) -> in
     return int(job.total_bytes_processed or 0)
 
 
+def rows_per_day(
+    clients: BigQueryClients, cfg: TableConfig, col: SourceColumn | None, span: Slice | None
+) -> dict[date | None, int]:
+    """Rows per cursor day within `span` (without a cursor: all rows under None), the dry run's
+    row estimate: scans the cursor column only (a bare count(*) is free in BigQuery)."""
+    path = bq_table_path(clients.project, clients.dataset, cfg.source_table)
+    if col is None or span is None:
+        sql = f"select cast(null as date) as d, count(*) as n from {path}"
+    else:
+        q = bq_quote(col.name)
+        expr = f"date({q})" if col.field_type.upper() != "DATE" else q
+        where = row_restriction(col, span)
+        sql = (
+            f"select {expr} as d, count(*) as n from {path}"
+            + (f" where {where}" if where else "")
+            + " group by d"
+        )
+    try:
+        return {
+            r["d"]: int(r["n"]) for r in clients.rest.query(sql, job_config=clients.query_config()).result()
+        }
+    except Exception as exc:
+        raise classify(exc, f"{cfg.table_name}: counting rows for the plan") from exc
+
+
 @functools.cache
 def _return_large_buffers_to_the_os() -> None:
     """Serve allocations of 4 MiB and more by mmap, so each freed read buffer (a Storage message

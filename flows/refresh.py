@@ -28,6 +28,7 @@ from flows.extract import (
     estimate_bytes,
     read_slice,
     row_restriction,
+    rows_per_day,
 )
 from flows.load import apply_slice, ensure_raw_table
 from flows.planning import Slice, Window, plan_slices, plan_window, resumable, to_ts
@@ -249,9 +250,22 @@ def _refresh(
         rec.window_start, rec.window_end = to_ts(window.first), to_ts(window.last)
 
     if dry_run:
+        span = Slice(slices[0].start, slices[-1].end) if cursor_src and slices else None
+        per_day = rows_per_day(clients, cfg, cursor_src, span) if slices else {}
         for s in slices:
             where = row_restriction(cursor_src, s) if cursor_src else ""
-            outcome.plan.append({"slice": s.label, "estimated_bytes": estimate_bytes(clients, cfg, where)})
+            rows = sum(
+                n
+                for d, n in per_day.items()
+                if s.start is None or s.end is None or (d is not None and s.start <= d < s.end)
+            )
+            outcome.plan.append(
+                {
+                    "slice": s.label,
+                    "estimated_rows": rows,
+                    "estimated_bytes": estimate_bytes(clients, cfg, where),
+                }
+            )
         return
 
     with conn.transaction():

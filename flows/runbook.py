@@ -456,13 +456,16 @@ def markdown_report(summary: RunSummary, settings: Settings) -> str:
         lines += [f"- **{t['table']}**: {t['error']}" for t in errors]
     planned = [t for t in summary.tables if t["plan"]]
     if planned:
-        lines += ["", "## Plan (estimated bytes per slice)", ""]
+        lines += ["", "## Plan (rows and estimated bytes per slice)", ""]
         for t in planned:
             shown = t["plan"][:MAX_PLAN_LINES]
             more = len(t["plan"]) - len(shown)
             lines.append(
                 f"- **{t['table']}**: "
-                + ", ".join(f"{p['slice']} ~{p['estimated_bytes']} B" for p in shown)
+                + ", ".join(
+                    f"{p['slice']} {p.get('estimated_rows', '?')} rows ~{p['estimated_bytes']} B"
+                    for p in shown
+                )
                 + (f", and {more} more" if more > 0 else "")
             )
     lines += [

@@ -248,7 +248,7 @@ def test_the_first_error_of_a_run_without_dbt_is_a_tables() -> None:
 
 
 def test_dry_run_report_lists_the_plan() -> None:
-    plan = [{"slice": f"s{i}", "estimated_bytes": i} for i in range(20)]
+    plan = [{"slice": f"s{i}", "estimated_rows": 10 * i, "estimated_bytes": i} for i in range(20)]
     summary = runbook.summarise(
         "00000000-0000-0000-0000-000000000001",  # type: ignore[arg-type]
         [outcome("sqp", status="planned", plan=plan)],
@@ -256,7 +256,7 @@ def test_dry_run_report_lists_the_plan() -> None:
         True,
     )
     report = runbook.markdown_report(summary, get_settings())
-    assert "(dry run)" in report and "s0 ~0 B" in report and "and 8 more" in report
+    assert "(dry run)" in report and "s1 10 rows ~1 B" in report and "and 8 more" in report
 
 
 # --- deployments, prefect.yaml, CLI parsing, history filters ----------------------------------------

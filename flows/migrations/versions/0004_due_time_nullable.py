@@ -12,7 +12,7 @@ Create Date: 2026-11-29
 from alembic import context, op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,792 @@
+"""Exact BigQuery-vs-Postgres validation: per-period row counts and order-independent checksums.
+
+Each engine computes, for every row, one text made of the row's columns in a normal form, hashes
+it (md5), and sums the hashes per day as integers; only those per-day aggregates travel, so
+nothing but a few numbers per day leaves either engine when the two sides agree. Days are
+summed into periods (the table's slice size; one period for full_replace tables) in Python,
+so the same fingerprints serve any period: `fingerprint_bq` / `fingerprint_pg` are the
+reusable part (change detection reuses them per slice).
+
+Normal form per BigQuery type (docs/operations.md has the table):
+  STRING            the value itself
+  INT64             decimal digits
+  NUMERIC/BIGNUMERIC fixed scale: 9 (NUMERIC) / 38 (BIGNUMERIC) decimals, or the declared scale
+  FLOAT64           17 significant digits in C `%.16e` form ('1.1000000000000001e+00'):
+                    round-trippable, and both engines print it with the C library (BigQuery
+                    FORMAT, Postgres to_char ... EEEE); 'nan', 'inf', '-inf' spelled out
+  TIMESTAMP         microseconds since the epoch (UTC), DATETIME likewise read as UTC
+  DATE              ISO 'YYYY-MM-DD';  TIME: microseconds since midnight
+  BOOL              'true' / 'false';  BYTES: lowercase hex
+  JSON, RECORD, ARRAY, GEOGRAPHY, INTERVAL, RANGE
+                    NULL or not only: no text form is canonical on both engines (key order,
+                    number spelling); they are listed as `unchecked_columns` in each result.
+A non-NULL STRING is length-prefixed (`<chars>:<text>`), NULL is `~` (which no other normal
+form is, so NULL and '' differ), fields are joined with ','; the other normal forms cannot
+contain ',' so they need no prefix. The row hash is the first
+64 bits of the md5, summed as two 32-bit halves so an INT64 sum cannot overflow below 2^31
+rows per day; the checksum is hi * 2^32 + lo, the same as the sum of the 64-bit hashes.
+
+A period that differs is bisected by row-hash prefix (two hex digits per level, one GROUP BY
+per side per level, restricted to the buckets that still differ) until each differing bucket
+is small enough to fetch; the fetched rows are paired by the table's key columns
+(`custom_params.key_columns` in the registry) into different values (with the columns that
+differ), rows missing in Postgres and rows extra in Postgres.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from flows import registry
+from flows.bigquery import BigQueryClients, classify
+from flows.control import dq
+from flows.db import connect, relation_columns
+from flows.errors import ConfigError
+from flows.extract import SourceColumn, SourceTable, describe, row_restriction
+from flows.identifiers import bq_quote, bq_table_path
+from flows.planning import Slice, align, next_boundary, to_ts
+from flows.registry import Mode, SliceSize, TableConfig, WriteStrategy
+from flows.settings import Settings
+from flows.type_mapping import pg_column_name
+
+CHECK_NAME = "source_match"
+NULL_MARK = "~"
+# A differing bucket is fetched row by row once neither side has more rows than this.
+FETCH_ROWS = 2_000
+# At most this many differing rows are reported per period (the counts are always exact).
+MAX_REPORTED = 200
+_HEX = re.compile(r"^[0-9a-f]{1,32}$")
+_UNCHECKED = {"JSON", "RECORD", "STRUCT", "GEOGRAPHY", "INTERVAL", "RANGE"}
+_EPOCH = date(1970, 1, 1)
+
+
+@dataclass(frozen=True)
+class Col:
+    """A source column, its raw-table name and how it is normalised."""
+
+    source: SourceColumn
+    name: str
+    # The local emulator (DuckDB) formats NUMERIC through a double in FORMAT('%f'); its CAST to
+    # STRING already gives the declared scale, so it uses that (Settings.uses_emulator).
+    emulator: bool = False
+
+    @property
+    def kind(self) -> str:
+        if (self.source.mode or "NULLABLE").upper() == "REPEATED":
+            return "UNCHECKED"
+        t = self.source.field_type.upper()
+        aliases = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL", "DECIMAL": "NUMERIC"}
+        t = aliases.get(t, t)
+        if t == "BIGDECIMAL":
+            t = "BIGNUMERIC"
+        return "UNCHECKED" if t in _UNCHECKED else t
+
+    @property
+    def scale(self) -> int:
+        if self.source.scale is not None:
+            return int(self.source.scale)
+        return 38 if self.kind == "BIGNUMERIC" else 9
+
+
+def columns_of(source: SourceTable, emulator: bool) -> list[Col]:
+    return [Col(c, pg_column_name(c.name), emulator) for c in source.columns]
+
+
+# --- normal forms ---------------------------------------------------------------------------
+
+
+def bq_text(col: Col) -> str:
+    """BigQuery expression: the column's normal text, NULL when the value is NULL."""
+    q = bq_quote(col.source.name)
+    k = col.kind
+    if k == "STRING":
+        return q
+    if k in ("INT64", "BOOL"):
+        return f"cast({q} as string)"
+    if k in ("NUMERIC", "BIGNUMERIC"):
+        return f"cast({q} as string)" if col.emulator else f"format('%.{col.scale}f', {q})"
+    if k == "FLOAT64":
+        return (
+            f"case when is_nan({q}) then 'nan' when is_inf({q}) and {q} > 0 then 'inf' "
+            f"when is_inf({q}) then '-inf' else format('%.16e', {q}) end"
+        )
+    if k == "TIMESTAMP":
+        return f"cast(unix_micros({q}) as string)"
+    if k == "DATETIME":
+        return f"cast(unix_micros(timestamp({q})) as string)"
+    if k == "DATE":
+        return f"cast({q} as string)"
+    if k == "TIME":
+        return f"cast(time_diff({q}, time '00:00:00', microsecond) as string)"
+    if k == "BYTES":
+        return f"to_hex({q})"
+    return f"if({q} is null, null, '*')"
+
+
+def pg_text(col: Col) -> sql.Composable:
+    """Postgres expression: the same normal text for the raw table's column."""
+    q = sql.Identifier(col.name)
+    k = col.kind
+    if k == "STRING":
+        return q
+    if k == "INT64":
+        return sql.SQL("{}::text").format(q)
+    if k == "BOOL":
+        return sql.SQL("case when {q} then 'true' when not {q} then 'false' end").format(q=q)
+    if k in ("NUMERIC", "BIGNUMERIC"):
+        return sql.SQL("round({q}, {s})::text").format(q=q, s=sql.Literal(col.scale))
+    if k == "FLOAT64":
+        return sql.SQL(
+            "case when {q} = 'NaN'::float8 then 'nan' when {q} = 'Infinity'::float8 then 'inf' "
+            "when {q} = '-Infinity'::float8 then '-inf' "
+            "else ltrim(to_char({q}, '9.9999999999999999EEEE')) end"
+        ).format(q=q)
+    if k in ("TIMESTAMP", "DATETIME", "TIME"):
+        return sql.SQL("(extract(epoch from {})*1000000)::bigint::text").format(q)
+    if k == "DATE":
+        return sql.SQL("to_char({}, 'YYYY-MM-DD')").format(q)
+    if k == "BYTES":
+        return sql.SQL("encode({}, 'hex')").format(q)
+    return sql.SQL("case when {} is null then null else '*' end").format(q)
+
+
+# Only a STRING's text can hold ',' or be '~', so only strings carry a length prefix; the
+# other normal forms are digits, signs, '.', 'e', hex or fixed words, and each is computed once.
+def _bq_field(col: Col) -> str:
+    t = bq_text(col)
+    if col.kind == "STRING":
+        return f"coalesce(concat(cast(length({t}) as string), ':', {t}), '{NULL_MARK}')"
+    return f"coalesce({t}, '{NULL_MARK}')"
+
+
+def _pg_field(col: Col) -> sql.Composable:
+    t = pg_text(col)
+    if col.kind == "STRING":
+        return sql.SQL("coalesce(length({t})::text || ':' || {t}, {null})").format(
+            t=t, null=sql.Literal(NULL_MARK)
+        )
+    return sql.SQL("coalesce({t}, {null})").format(t=t, null=sql.Literal(NULL_MARK))
+
+
+# Columns are hashed in groups of 8 and the row hash is the md5 of the groups' md5s: the
+# emulator's translation nests one CAST per concatenated piece, and past ~20 columns the query
+# it produces no longer reaches its table. Same definition on both engines.
+_GROUP = 8
+
+
+def bq_row_hash(cols: list[Col]) -> str:
+    groups = [
+        "to_hex(md5(concat(" + ", ',', ".join(_bq_field(c) for c in cols[i : i + _GROUP]) + ")))"
+        for i in range(0, len(cols), _GROUP)
+    ]
+    return "to_hex(md5(concat(" + ", ".join(groups) + ")))"
+
+
+def pg_row_hash(cols: list[Col]) -> sql.Composable:
+    groups = [
+        sql.SQL("md5({})").format(sql.SQL(" || ',' || ").join(_pg_field(c) for c in cols[i : i + _GROUP]))
+        for i in range(0, len(cols), _GROUP)
+    ]
+    return sql.SQL("md5({})").format(sql.SQL(" || ").join(groups))
+
+
+# --- fingerprints ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    rows: int
+    checksum: int
+
+    def __add__(self, other: Fingerprint) -> Fingerprint:
+        return Fingerprint(self.rows + other.rows, self.checksum + other.checksum)
+
+
+EMPTY = Fingerprint(0, 0)
+
+
+def _bq_day(col: SourceColumn) -> str:
+    q = bq_quote(col.name)
+    return q if col.field_type.upper() == "DATE" else f"date({q})"
+
+
+def _pg_day(col: Col) -> sql.Composable:
+    q = sql.Identifier(col.name)
+    if col.kind == "TIMESTAMP":
+        return sql.SQL("({} at time zone 'UTC')::date").format(q)
+    return sql.SQL("{}::date").format(q)
+
+
+def _pg_bounds(col: Col, s: Slice) -> list[Any]:
+    if col.kind == "DATE":
+        return [s.start, s.end]
+    if col.kind == "TIMESTAMP":
+        return [s.start_ts, s.end_ts]
+    return [s.start_ts.replace(tzinfo=None), s.end_ts.replace(tzinfo=None)]
+
+
+def _rows_to_fp(rows: Iterable[tuple[Any, Any, Any, Any]]) -> dict[date | None, Fingerprint]:
+    return {day: Fingerprint(int(n), (int(hi or 0) << 32) + int(lo or 0)) for day, n, hi, lo in rows}
+
+
+def fingerprint_bq(
+    clients: BigQueryClients, source_table: str, cols: list[Col], cursor: Col | None, window: Slice | None
+) -> dict[date | None, Fingerprint]:
+    """Per-day (or one `None` key without a cursor) row count and checksum, inside BigQuery."""
+    path = bq_table_path(clients.project, clients.dataset, source_table)
+    day = _bq_day(cursor.source) if cursor else "cast(null as date)"
+    where = row_restriction(cursor.source, window) if cursor and window else ""
+    # The emulator's SQL translation loses precedence inside nested calls, so each step is a
+    # column of its own subquery.
+    query = (
+        "select d, count(*) as n, "
+        "sum(cast(concat('0x', substr(h, 1, 8)) as int64)) as hi, "
+        "sum(cast(concat('0x', substr(h, 9, 8)) as int64)) as lo "
+        f"from (select {day} as d, {bq_row_hash(cols)} as h from {path}"
+        + (f" where {where}" if where else "")
+        + ") group by d"
+    )
+    try:
+        rows = clients.rest.query(query, job_config=clients.query_config()).result()
+        return _rows_to_fp((r[0], r[1], r[2], r[3]) for r in rows)
+    except Exception as exc:
+        raise classify(exc, f"{source_table}: validation checksums") from exc
+
+
+def fingerprint_pg(
+    conn: psycopg.Connection,
+    schema: str,
+    table: str,
+    cols: list[Col],
+    cursor: Col | None,
+    window: Slice | None,
+) -> dict[date | None, Fingerprint]:
+    """The same per-day fingerprints of the raw table, inside Postgres."""
+    day = _pg_day(cursor) if cursor else sql.SQL("null::date")
+    where, params = _pg_where(cursor, window)
+    query = sql.SQL(
+        "select d, count(*), sum(('x' || substr(h, 1, 8))::bit(32)::bigint), "
+        "sum(('x' || substr(h, 9, 8))::bit(32)::bigint) "
+        "from (select {day} as d, {h} as h from {t}{where}) s group by d"
+    ).format(day=day, h=pg_row_hash(cols), t=sql.Identifier(schema, table), where=where)
+    return _rows_to_fp(conn.execute(query, params).fetchall())
+
+
+def _pg_where(cursor: Col | None, window: Slice | None) -> tuple[sql.Composable, list[Any]]:
+    if cursor is None or window is None or window.start is None:
+        return sql.SQL(""), []
+    return (
+        sql.SQL(" where {c} >= %s and {c} < %s").format(c=sql.Identifier(cursor.name)),
+        _pg_bounds(cursor, window),
+    )
+
+
+def by_period(days: dict[date | None, Fingerprint], size: SliceSize | None) -> dict[date | None, Fingerprint]:
+    """Sum per-day fingerprints into periods keyed by their first day (None: whole table)."""
+    out: dict[date | None, Fingerprint] = {}
+    for d, fp in days.items():
+        key = None if d is None or size is None else align(d, size)
+        out[key] = out.get(key, EMPTY) + fp
+    return out
+
+
+# --- bisecting a differing period -----------------------------------------------------------
+
+
+@dataclass
+class Differences:
+    missing_in_postgres: list[dict[str, Any]] = field(default_factory=list)
+    extra_in_postgres: list[dict[str, Any]] = field(default_factory=list)
+    different: list[dict[str, Any]] = field(default_factory=list)
+    truncated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "missing_in_postgres": self.missing_in_postgres,
+            "extra_in_postgres": self.extra_in_postgres,
+            "different": self.different,
+            "truncated": self.truncated,
+        }
+
+
+def _bq_buckets(
+    clients: BigQueryClients, path: str, cols: list[Col], where: str, k: int, prefixes: list[str]
+) -> dict[str, Fingerprint]:
+    within = _bq_prefix_filter(k - 2, prefixes)
+    query = (
+        "select p, count(*), sum(cast(concat('0x', substr(h, 1, 8)) as int64)), "
+        "sum(cast(concat('0x', substr(h, 9, 8)) as int64)) "
+        f"from (select substr(h, 1, {k}) as p, h from (select {bq_row_hash(cols)} as h from {path}"
+        + (f" where {where}" if where else "")
+        + f"){within}) group by p"
+    )
+    rows = clients.rest.query(query, job_config=clients.query_config()).result()
+    return {r[0]: Fingerprint(int(r[1]), (int(r[2]) << 32) + int(r[3])) for r in rows}
+
+
+def _bq_prefix_filter(k: int, prefixes: list[str]) -> str:
+    if not prefixes:
+        return ""
+    for p in prefixes:  # our own hex strings; checked before they go into SQL
+        if not _HEX.match(p):
+            raise ValueError(f"not a hash prefix: {p!r}")
+    return f" where substr(h, 1, {k}) in (" + ", ".join(f"'{p}'" for p in prefixes) + ")"
+
+
+def _pg_buckets(
+    conn: psycopg.Connection,
+    rel: sql.Composable,
+    cols: list[Col],
+    cursor: Col | None,
+    window: Slice | None,
+    k: int,
+    prefixes: list[str],
+) -> dict[str, Fingerprint]:
+    where, params = _pg_where(cursor, window)
+    within = sql.SQL(" where substr(h, 1, %s) = any(%s)") if prefixes else sql.SQL("")
+    query = sql.SQL(
+        "select p, count(*), sum(('x' || substr(h, 1, 8))::bit(32)::bigint), "
+        "sum(('x' || substr(h, 9, 8))::bit(32)::bigint) "
+        "from (select substr(h, 1, %s) as p, h from (select {h} as h from {t}{where}) s{within}) b "
+        "group by p"
+    ).format(h=pg_row_hash(cols), t=rel, where=where, within=within)
+    args: list[Any] = [k, *params] + ([k - 2, prefixes] if prefixes else [])
+    return {
+        p: Fingerprint(int(n), (int(hi) << 32) + int(lo))
+        for p, n, hi, lo in conn.execute(query, args).fetchall()
+    }
+
+
+def _bq_rows(
+    clients: BigQueryClients, path: str, cols: list[Col], where: str, k: int, prefixes: list[str]
+) -> list[tuple[str, ...]]:
+    texts = ", ".join(f"{bq_text(c)} as c{i}" for i, c in enumerate(cols))
+    query = (
+        f"select * from (select {bq_row_hash(cols)} as h, {texts} from {path}"
+        + (f" where {where}" if where else "")
+        + f"){_bq_prefix_filter(k, prefixes)}"
+    )
+    return [tuple(r.values()) for r in clients.rest.query(query, job_config=clients.query_config()).result()]
+
+
+def _pg_rows(
+    conn: psycopg.Connection,
+    rel: sql.Composable,
+    cols: list[Col],
+    cursor: Col | None,
+    window: Slice | None,
+    k: int,
+    prefixes: list[str],
+) -> list[tuple[str, ...]]:
+    where, params = _pg_where(cursor, window)
+    texts = sql.SQL(", ").join(
+        sql.SQL("{} as {}").format(pg_text(c), sql.Identifier(f"c{i}")) for i, c in enumerate(cols)
+    )
+    query = sql.SQL(
+        "select * from (select {h} as h, {texts} from {t}{where}) s where substr(h, 1, %s) = any(%s)"
+    ).format(h=pg_row_hash(cols), texts=texts, t=rel, where=where)
+    return [tuple(r) for r in conn.execute(query, [*params, k, prefixes]).fetchall()]
+
+
+def _display(col: Col, text: str | None) -> Any:
+    """A normal-form value made readable for the report (timestamps back to ISO)."""
+    if text is None:
+        return None
+    if col.kind in ("TIMESTAMP", "DATETIME"):
+        return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(text))).isoformat()
+    return text
+
+
+def _pair(
+    cols: list[Col], key_idx: list[int], bq_only: list[tuple[str, ...]], pg_only: list[tuple[str, ...]]
+) -> Differences:
+    diff = Differences()
+
+    def key(row: tuple[str, ...]) -> dict[str, Any]:
+        idx = key_idx or range(len(cols))
+        return {cols[i].name: _display(cols[i], row[i + 1]) for i in idx}
+
+    pg_by_key: dict[tuple[Any, ...], list[tuple[str, ...]]] = {}
+    if key_idx:
+        for row in pg_only:
+            pg_by_key.setdefault(tuple(row[i + 1] for i in key_idx), []).append(row)
+    for row in bq_only:
+        match = pg_by_key.get(tuple(row[i + 1] for i in key_idx)) if key_idx else None
+        if match:
+            other = match.pop()
+            changed = [i for i in range(len(cols)) if row[i + 1] != other[i + 1]]
+            diff.different.append(
+                {
+                    "key": key(row),
+                    "columns": [cols[i].name for i in changed],
+                    "bigquery": {cols[i].name: _display(cols[i], row[i + 1]) for i in changed},
+                    "postgres": {cols[i].name: _display(cols[i], other[i + 1]) for i in changed},
+                }
+            )
+        else:
+            diff.missing_in_postgres.append({"key": key(row)})
+    leftover = [r for rows in pg_by_key.values() for r in rows] if key_idx else pg_only
+    diff.extra_in_postgres.extend({"key": key(r)} for r in leftover)
+    return diff
+
+
+def bisect(
+    clients: BigQueryClients,
+    conn: psycopg.Connection,
+    cfg: TableConfig,
+    schema: str,
+    cols: list[Col],
+    cursor: Col | None,
+    period: Slice | None,
+    key_columns: list[str],
+) -> Differences:
+    """Rows that differ in one period: hash-prefix buckets, narrowed until small, then fetched."""
+    path = bq_table_path(clients.project, clients.dataset, cfg.source_table)
+    rel = sql.Identifier(schema, cfg.table_name)
+    where = row_restriction(cursor.source, period) if cursor and period and period.start else ""
+    key_idx = [i for i, c in enumerate(cols) if c.source.name in key_columns or c.name in key_columns]
+    fetch: list[str] = []
+    prefixes: list[str] = []
+    k = 2
+    try:
+        while True:
+            bq = _bq_buckets(clients, path, cols, where, k, prefixes)
+            pg = _pg_buckets(conn, rel, cols, cursor, period, k, prefixes)
+            differing = sorted(p for p in set(bq) | set(pg) if bq.get(p, EMPTY) != pg.get(p, EMPTY))
+            small = [p for p in differing if max(bq.get(p, EMPTY).rows, pg.get(p, EMPTY).rows) <= FETCH_ROWS]
+            fetch += small
+            prefixes = [p for p in differing if p not in small]
+            if not prefixes or k >= 16:
+                fetch += prefixes  # k = 16: identical 64-bit prefixes, duplicates; fetch anyway
+                break
+            k += 2
+        by_len: dict[int, list[str]] = {}
+        for p in fetch:
+            by_len.setdefault(len(p), []).append(p)
+        bq_rows: list[tuple[str, ...]] = []
+        pg_rows: list[tuple[str, ...]] = []
+        for n, ps in by_len.items():
+            bq_rows += _bq_rows(clients, path, cols, where, n, ps)
+            pg_rows += _pg_rows(conn, rel, cols, cursor, period, n, ps)
+    except psycopg.Error:
+        raise  # Postgres errors go up as they are; only BigQuery's are classified
+    except Exception as exc:
+        raise classify(exc, f"{cfg.table_name}: bisecting a differing period") from exc
+    bq_count, pg_count = Counter(bq_rows), Counter(pg_rows)
+    bq_only = list((bq_count - pg_count).elements())
+    pg_only = list((pg_count - bq_count).elements())
+    truncated = len(bq_only) + len(pg_only) > 2 * MAX_REPORTED
+    diff = _pair(cols, key_idx, sorted(bq_only)[: 2 * MAX_REPORTED], sorted(pg_only)[: 2 * MAX_REPORTED])
+    diff.truncated = truncated
+    return diff
+
+
+# --- one table ------------------------------------------------------------------------------
+
+
+@dataclass
+class PeriodResult:
+    table_name: str
+    period_start: date | None
+    period_end: date | None
+    bigquery: Fingerprint
+    postgres: Fingerprint
+    schema: str
+    unchecked_columns: list[str]
+    differences: Differences | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.bigquery == self.postgres
+
+    @property
+    def status(self) -> str:
+        return "pass" if self.passed else "fail"
+
+    def details(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "schema": self.schema,
+            "period_end": self.period_end.isoformat() if self.period_end else None,
+            "bigquery": {"rows": self.bigquery.rows, "checksum": str(self.bigquery.checksum)},
+            "postgres": {"rows": self.postgres.rows, "checksum": str(self.postgres.checksum)},
+        }
+        if self.unchecked_columns:
+            d["unchecked_columns"] = self.unchecked_columns
+        if self.differences is not None:
+            d.update(self.differences.to_dict())
+        return d
+
+
+def key_columns(cfg: TableConfig) -> list[str]:
+    keys = cfg.custom_params.get("key_columns") or []
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ConfigError(
+            f"{cfg.table_name}: custom_params.key_columns must be a list of source column names"
+        )
+    return keys
+
+
+def validate_table(
+    clients: BigQueryClients,
+    conn: psycopg.Connection,
+    cfg: TableConfig,
+    schema: str,
+    first: date | None = None,
+    last: date | None = None,
+) -> list[PeriodResult]:
+    """Compare one table period by period (days `first`..`last` inclusive; default: all)."""
+    source = describe(clients, cfg.source_table)
+    cols = columns_of(source, clients.settings.uses_emulator)
+    keys = key_columns(cfg)
+    unknown = [k for k in keys if not any(k in (c.source.name, c.name) for c in cols)]
+    if unknown:
+        raise ConfigError(f"{cfg.table_name}: key_columns {unknown} are not columns of the source")
+    cursor = None
+    size: SliceSize | None = None
+    if cfg.write_strategy is WriteStrategy.SLICE_REPLACE and cfg.cursor_column:
+        src = source.column(cfg.cursor_column)
+        cursor = next(c for c in cols if c.source.name == src.name)
+        size = cfg.slice_size
+    window = None
+    if cursor is not None and (first or last):
+        lo = align(first, size) if first and size else date(1, 1, 1)
+        hi = next_boundary(align(last, size), size) if last and size else date(9999, 12, 31)
+        window = Slice(lo, hi)
+    # Both engines work at once: the BigQuery job runs while Postgres computes its side.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        bq_days = pool.submit(fingerprint_bq, clients, cfg.source_table, cols, cursor, window)
+        pg = by_period(fingerprint_pg(conn, schema, cfg.table_name, cols, cursor, window), size)
+        bq = by_period(bq_days.result(), size)
+    unchecked = [c.name for c in cols if c.kind == "UNCHECKED"]
+    results = []
+    for start in sorted(set(bq) | set(pg), key=lambda d: d or date.min):
+        end = next_boundary(start, size) if start and size else None
+        r = PeriodResult(
+            cfg.table_name, start, end, bq.get(start, EMPTY), pg.get(start, EMPTY), schema, unchecked
+        )
+        if not r.passed:
+            period = Slice(start, end) if start and end else None
+            r.differences = bisect(clients, conn, cfg, schema, cols, cursor, period, keys)
+        results.append(r)
+    return results
+
+
+def record_results(
+    conn: psycopg.Connection,
+    control_schema: str,
+    cfg: TableConfig,
+    results: list[PeriodResult],
+    run_id: UUID | None = None,
+) -> None:
+    """One transaction: a dq_results row per period, and `validation.failed` if any differ."""
+    rows = [
+        dq.DqRow(
+            r.table_name,
+            CHECK_NAME,
+            to_ts(r.period_start) if r.period_start else None,
+            r.status,
+            r.bigquery.rows,
+            r.postgres.rows,
+            r.details(),
+        )
+        for r in results
+    ]
+    failed = [r for r in results if not r.passed]
+    with conn.transaction():
+        dq.record(conn, control_schema, rows, run_id)
+        if failed:
+            dq.emit_event(
+                conn,
+                control_schema,
+                dq.VALIDATION_FAILED,
+                cfg.table_name,
+                {
+                    "schema": failed[0].schema,
+                    "periods_failed": [str(r.period_start) if r.period_start else "full" for r in failed],
+                    "periods_checked": len(results),
+                    "rows_missing_in_postgres": sum(
+                        len(r.differences.missing_in_postgres) for r in failed if r.differences
+                    ),
+                    "rows_extra_in_postgres": sum(
+                        len(r.differences.extra_in_postgres) for r in failed if r.differences
+                    ),
+                    "rows_different": sum(len(r.differences.different) for r in failed if r.differences),
+                },
+                run_id,
+            )
+
+
+def check_raw_table(
+    conn: psycopg.Connection, schema: str, cfg: TableConfig, clients: BigQueryClients
+) -> None:
+    existing = relation_columns(conn, schema, cfg.table_name)
+    if not existing:
+        raise ConfigError(
+            f"{schema}.{cfg.table_name} does not exist: nothing has been loaded for this table "
+            f"yet (run `refresh run --tables {cfg.table_name}` first)"
+        )
+    cols = columns_of(describe(clients, cfg.source_table), clients.settings.uses_emulator)
+    missing = [c.name for c in cols if c.name not in existing]
+    if missing:
+        raise ConfigError(
+            f"{schema}.{cfg.table_name} lacks source columns {missing}: the next refresh adds them; "
+            "validate after it"
+        )
+
+
+def validate(
+    settings: Settings,
+    clients: BigQueryClients,
+    tables: list[str] | None = None,
+    first: date | None = None,
+    last: date | None = None,
+    run_id: UUID | None = None,
+) -> dict[str, list[PeriodResult]]:
+    """Validate and record the named tables (default: every enabled shadow or live table)."""
+    from flows.refresh import target_schema
+
+    if first and last and first > last:
+        raise ConfigError(f"--from {first} is after --to {last}")
+    with connect(settings, autocommit=True) as conn:
+        configs = registry.load_all(conn, settings.control_schema)
+        by_name = {c.table_name: c for c in configs}
+        if tables:
+            unknown = [t for t in tables if t not in by_name]
+            if unknown:
+                raise ConfigError(
+                    f"unknown table(s) {', '.join(unknown)}: registered are {', '.join(sorted(by_name))}"
+                )
+            chosen = [by_name[t] for t in tables]
+        else:
+            chosen = [c for c in configs if c.enabled and c.mode in (Mode.SHADOW, Mode.LIVE)]
+        out: dict[str, list[PeriodResult]] = {}
+        for cfg in chosen:
+            schema = target_schema(settings, cfg)
+            check_raw_table(conn, schema, cfg, clients)
+            results = validate_table(clients, conn, cfg, schema, first, last)
+            record_results(conn, settings.control_schema, cfg, results, run_id)
+            out[cfg.table_name] = results
+        return out
+
+
+# --- the dbt layer against raw --------------------------------------------------------------
+
+SUMMARY_SCHEMA = "summaries"
+SUMMARY_PERIODS = {
+    "week": "weekly_summary",
+    "month": "monthly_summary",
+    "quarter": "quarterly_summary",
+    "year": "yearly_summary",
+}
+# raw column -> its sum's column in every summary
+SUMMARY_MEASURES = {
+    "asin_impression_count": "impressions",
+    "asin_click_count": "clicks",
+    "asin_cart_add_count": "cart_adds",
+    "asin_purchase_count": "purchases",
+}
+
+
+@dataclass(frozen=True)
+class SummaryCheck:
+    summary: str
+    period_start: date
+    raw: tuple[int, ...]
+    summary_sums: tuple[int, ...]
+
+    @property
+    def passed(self) -> bool:
+        return self.raw == self.summary_sums
+
+
+def check_summaries(
+    conn: psycopg.Connection, raw_schema: str, sqp_table: str = "search_query_performance"
+) -> list[SummaryCheck]:
+    """Per summary and period: the sums of the ASIN counts in the summary equal those of raw
+    for the SQP weeks in that period (a week belongs to the period of its UTC start date)."""
+    week = sql.SQL("({} at time zone 'UTC')::date").format(sql.Identifier("date"))
+    raw_sums, summary_sums = (
+        sql.SQL(", ").join(
+            sql.SQL("sum({}) as {}").format(sql.Identifier(c), sql.Identifier(f"m{i}"))
+            for i, c in enumerate(names)
+        )
+        for names in (list(SUMMARY_MEASURES), list(SUMMARY_MEASURES.values()))
+    )
+    n = len(SUMMARY_MEASURES)
+    pick = sql.SQL(", ").join(
+        sql.SQL("{}.{}").format(sql.Identifier(side), sql.Identifier(f"m{i}"))
+        for side in "rs"
+        for i in range(n)
+    )
+    out: list[SummaryCheck] = []
+    for period, summary in SUMMARY_PERIODS.items():
+        bucket = (
+            week
+            if period == "week"
+            else sql.SQL("date_trunc({}, {})::date").format(sql.Literal(period), week)
+        )
+        rows = conn.execute(
+            sql.SQL(
+                "with r as (select {bucket} as p, {raw_sums} from {raw} group by 1), "
+                "s as (select period_start as p, {summary_sums} from {summary} group by 1) "
+                "select coalesce(r.p, s.p), {pick} from r full join s on r.p = s.p order by 1"
+            ).format(
+                bucket=bucket,
+                raw_sums=raw_sums,
+                summary_sums=summary_sums,
+                raw=sql.Identifier(raw_schema, sqp_table),
+                summary=sql.Identifier(SUMMARY_SCHEMA, summary),
+                pick=pick,
+            )
+        ).fetchall()
+        for r in rows:
+            values = [int(x or 0) for x in r[1:]]
+            out.append(SummaryCheck(summary, r[0], tuple(values[:n]), tuple(values[n:])))
+    return out
+
+
+def record_summary_checks(
+    conn: psycopg.Connection, control_schema: str, checks: list[SummaryCheck], run_id: UUID | None = None
+) -> None:
+    """One dq_results row per summary period (check `matches_raw`; expected/observed: the
+    purchase sums of raw / the summary); `validation.failed` when any differs."""
+    rows = [
+        dq.DqRow(
+            c.summary,
+            "matches_raw",
+            to_ts(c.period_start),
+            "pass" if c.passed else "fail",
+            c.raw[-1],
+            c.summary_sums[-1],
+            {
+                "raw": dict(zip(SUMMARY_MEASURES, c.raw, strict=True)),
+                "summary": dict(zip(SUMMARY_MEASURES.values(), c.summary_sums, strict=True)),
+            },
+        )
+        for c in checks
+    ]
+    failed = [c for c in checks if not c.passed]
+    with conn.transaction():
+        dq.record(conn, control_schema, rows, run_id)
+        for name in sorted({c.summary for c in failed}):
+            dq.emit_event(
+                conn,
+                control_schema,
+                dq.VALIDATION_FAILED,
+                name,
+                {
+                    "check": "matches_raw",
+                    "periods_failed": [str(c.period_start) for c in failed if c.summary == name],
+                },
+                run_id,
+            )
