@@ -29,7 +29,7 @@ api: $(STAMP)  ## the API and dashboard on 127.0.0.1:8000, reads without a token
 # The dashboard test drives a real headless Chromium; a fresh CI machine gets it from apt.
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get update && apt-get install -y chromium chromium-driver)
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 test: $(STAMP) browser  ## the whole suite against real Postgres, the emulator, dbt and Prefect
 	$(BIN)/pytest
@@ -51,6 +51,10 @@ bench: $(STAMP)  ## benchmarks (figures in docs/benchmarks.md)
 	$(BIN)/python bench/generate_sample.py
 	$(BIN)/python bench/load_throughput.py
 	$(BIN)/python bench/incremental_scaling.py
+	$(BIN)/python bench/webhooks.py
+	$(BIN)/python bench/validate.py
+	$(BIN)/python bench/api_latency.py
+	$(BIN)/python bench/emulator_memory.py
 
 format: $(STAMP)
 	$(BIN)/ruff format flows tests bench scripts
