@@ -37,6 +37,7 @@ def refresh_lock(settings: Settings, wait_s: float = 0.0) -> Iterator[psycopg.Co
     The lock dies with the session, so a killed process never leaves it behind.
     """
     conn = connect(settings, autocommit=True)
+    held = False
     try:
         if wait_s > 0:
             conn.execute("select set_config('lock_timeout', %s, false)", (f"{int(wait_s * 1000)}ms",))
@@ -51,8 +52,14 @@ def refresh_lock(settings: Settings, wait_s: float = 0.0) -> Iterator[psycopg.Co
                     f"another refresh is running{_describe_running(conn, settings.control_schema)}: "
                     "this run did nothing; start it again when that one ends (see `refresh status`)"
                 )
+        held = True
         yield conn
     finally:
+        if held and not conn.broken:
+            # Released before close returns: the server ends a closed session asynchronously,
+            # and a run started right after this one must not find the lock still held.
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("select pg_advisory_unlock(%s)", (REFRESH_LOCK_KEY,))
         conn.close()
 
 
