@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,10 +29,10 @@ from psycopg import sql
 from typer.testing import CliRunner
 
 from flows.bigquery import make_clients
-from flows.local_stack import free_port
 from flows.sample_data import PRODUCTS_TABLE, SampleSpec, generate
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 from tests.integration.conftest import pg_scalar
+from tests.prefect_server import prefect_server, stop, tail
 
 ORCH_SPEC = SampleSpec(sqp_rows=200, weeks=4, asins=8, daily_rows=280)
 DAILY = "daily-refresh/daily"
@@ -55,61 +54,13 @@ tables:
 TABLES = ["orch_products", "orch_daily"]
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def prefect_api() -> Iterator[str]:
     """`prefect server start` on a free port with its own PREFECT_HOME; stopped at the end."""
     home = Path(tempfile.mkdtemp(prefix="sqp-prefect-"))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        # Runs start only when the tests create them (no cron runs at an unlucky minute).
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-        # A run waiting for the deployment's concurrency slot asks again after 1 s, not 30 s.
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-    }
-    env.pop("PREFECT_API_URL", None)
-    log = home / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not start:\n{_tail(log)}")
-            time.sleep(0.5)
+    # A run waiting for the deployment's concurrency slot asks again after 1 s, not 30 s.
+    with prefect_server(home, PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1") as url:
         yield url
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +123,11 @@ def served(orch: Settings, prefect_api: str) -> Iterator[None]:
         deadline = time.monotonic() + 120
         while not asyncio.run(registered()):
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"`refresh serve` did not register the deployments:\n{_tail(log)}")
+                pytest.fail(f"`refresh serve` did not register the deployments:\n{tail(log)}")
             time.sleep(1)
         yield
     finally:
-        _stop(proc, signal.SIGINT)
+        stop(proc, signal.SIGINT)
 
 
 def _run_deployment(parameters: dict[str, Any], timeout: float = 240) -> Any:

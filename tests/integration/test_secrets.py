@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import pytest
 from psycopg import sql
 
 from flows.bigquery import make_clients
-from flows.local_stack import free_port
 from flows.sample_data import SampleSpec, generate
 from flows.settings import Settings, get_settings
 from tests.integration.pg_password import SECRET_PASSWORD, SECRET_USER, password_dsn
+from tests.prefect_server import prefect_server
 
 REFRESH = str(Path(sys.executable).parent / "refresh")
 DATASET, RAW, CONTROL = "secrets", "raw_secrets", "secrets_control"
@@ -48,36 +47,11 @@ tables:
 
 
 @pytest.fixture(scope="module")
-def prefect_server() -> Iterator[tuple[str, Path]]:
+def prefect_home() -> Iterator[tuple[str, Path]]:
     """A `prefect server start` with its own home (and SQLite database): (api url, home)."""
     home = Path(tempfile.mkdtemp(prefix="sqp-secrets-prefect-"))
-    url = f"http://127.0.0.1:{free_port()}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
-    env["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
-    env.pop("PREFECT_API_URL", None)
-    port = url.split(":")[2].split("/")[0]
-    with (home / "server.log").open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+    with prefect_server(home) as url:
         yield url, home
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _run(
@@ -104,9 +78,9 @@ def _hits(data: bytes) -> int:
 
 
 def test_password_is_nowhere_after_successful_and_failing_runs(
-    settings: Settings, prefect_server: tuple[str, Path], tmp_path: Path
+    settings: Settings, prefect_home: tuple[str, Path], tmp_path: Path
 ) -> None:
-    api, home = prefect_server
+    api, home = prefect_home
     clients = make_clients(get_settings(bq_dataset=DATASET))
     try:
         generate(clients, SampleSpec(sqp_rows=100, weeks=2, asins=5, daily_rows=70))
