@@ -242,6 +242,9 @@ def daily_refresh(
             outcomes: list[TableOutcome] = []
             try:
                 outcomes = extract(settings, clients, chosen, run.run_id, params.options)
+                checks = runbook.validate_after_refresh(
+                    settings, clients, chosen, outcomes, run.run_id, params.dry_run
+                )
                 if not params.dry_run:
                     _check_lock(settings, run.run_id, "before dbt")
                 runbook.advance_due_times(
@@ -257,6 +260,7 @@ def daily_refresh(
                     params.dry_run,
                     flow_run_id=_flow_run_id(),
                     duration_s=time.monotonic() - t0,
+                    validation=checks,
                 )
             except BaseException as exc:
                 message = redact(_failure_message(exc, outcomes))

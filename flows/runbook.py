@@ -16,7 +16,7 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from flows import audit, registry, webhooks
+from flows import audit, registry, validation, webhooks
 from flows.bigquery import BigQueryClients
 from flows.db import connect, migrate
 from flows.errors import ConfigError
@@ -27,6 +27,7 @@ from flows.refresh import RefreshOptions, TableOutcome
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings
 from flows.transform import DbtOutcome, NodeRun
+from flows.validation import AfterRefresh
 
 DBT_SOURCE = "sqp"
 CONTROL_SOURCE = "refresh_control"
@@ -283,6 +284,8 @@ class RunSummary:
     dry_run: bool = False
     flow_run_id: str | None = None
     duration_s: float = 0.0
+    # The after-refresh validation of each live table (flows.validation.AfterRefresh.to_dict).
+    validation: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -354,6 +357,35 @@ def overall_status(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> tupl
     return "success", f"{len(outcomes)} table(s) refreshed"
 
 
+def validate_after_refresh(
+    settings: Settings,
+    clients: BigQueryClients,
+    chosen: list[TableConfig],
+    outcomes: list[TableOutcome],
+    run_id: UUID,
+    dry_run: bool,
+) -> list[AfterRefresh]:
+    """The run's validation step: each live table's committed periods against BigQuery."""
+    status = {o.table_name: o.status for o in outcomes}
+    return [
+        validation.validate_touched(
+            settings, clients, c, status.get(c.table_name, "skipped"), run_id, dry_run
+        )
+        for c in chosen
+    ]
+
+
+def with_validation(status: str, message: str, checks: list[AfterRefresh]) -> tuple[str, str]:
+    """A period that differs from BigQuery (or a validation that could not run) makes a
+    successful run a `warning` naming the table and period; a failed run stays failed."""
+    problems = [f"{v.table_name} differs from BigQuery in {', '.join(v.failed)}" for v in checks if v.failed]
+    problems += [f"{v.table_name}: validation could not run: {v.error}" for v in checks if v.error]
+    if not problems:
+        return status, message
+    note = "validation: " + " | ".join(problems) + " (`refresh validate-data` shows the rows)"
+    return ("warning" if status == "success" else status), f"{message} | {note}"
+
+
 def summarise(
     run_id: UUID,
     outcomes: list[TableOutcome],
@@ -362,9 +394,12 @@ def summarise(
     *,
     flow_run_id: UUID | None = None,
     duration_s: float = 0.0,
+    validation: list[AfterRefresh] | None = None,
 ) -> RunSummary:
     status, message = overall_status(outcomes, dbt)
+    status, message = with_validation(status, message, validation or [])
     return RunSummary(
+        validation=[v.to_dict() for v in validation or []],
         run_id=str(run_id),
         status=status,
         message=message,
