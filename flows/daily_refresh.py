@@ -253,6 +253,11 @@ def daily_refresh(
                 dbt = (
                     None if params.dry_run else transform(settings, outcomes, run.run_id, params.full_refresh)
                 )
+                shadow = (
+                    None
+                    if params.dry_run
+                    else runbook.shadow_step(settings, outcomes, run.run_id, params.full_refresh)
+                )
                 summary = runbook.summarise(
                     run.run_id,
                     outcomes,
@@ -261,6 +266,7 @@ def daily_refresh(
                     flow_run_id=_flow_run_id(),
                     duration_s=time.monotonic() - t0,
                     validation=checks,
+                    shadow=shadow,
                 )
             except BaseException as exc:
                 message = redact(_failure_message(exc, outcomes))

@@ -16,7 +16,7 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from flows import audit, registry, validation, webhooks
+from flows import audit, registry, transform, validation, webhooks
 from flows.bigquery import BigQueryClients
 from flows.db import connect, migrate
 from flows.errors import ConfigError
@@ -286,6 +286,8 @@ class RunSummary:
     duration_s: float = 0.0
     # The after-refresh validation of each live table (flows.validation.AfterRefresh.to_dict).
     validation: list[dict[str, Any]] = field(default_factory=list)
+    # The shadow build and its comparison with live (None: no shadow table loaded).
+    shadow: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -386,6 +388,58 @@ def with_validation(status: str, message: str, checks: list[AfterRefresh]) -> tu
     return ("warning" if status == "success" else status), f"{message} | {note}"
 
 
+def shadow_step(
+    settings: Settings, outcomes: list[TableOutcome], run_id: UUID, full_refresh: bool
+) -> dict[str, Any] | None:
+    """When shadow tables loaded: dbt builds every model from the shadow raw schema into the
+    `*_shadow` schemas, then each mart and summary is compared with live, period by period,
+    and recorded (dq_results `shadow_match`, `validation.failed` per model that differs).
+    Readers never see shadow data, so the run's status is left as it is."""
+    sources = dbt_sources(settings.dbt_project_dir)
+    loaded = [
+        o
+        for o in outcomes
+        if o.status == "success" and o.mode == Mode.SHADOW.value and o.slices_done and o.table_name in sources
+    ]
+    if not loaded:
+        return None
+    starts = [o.window.first for o in loaded if o.window is not None]
+    start = None if full_refresh or not starts else min(starts).isoformat()
+    args = transform.shadow_build_args(settings, start) + (["--full-refresh"] if full_refresh else [])
+    began = datetime.now(UTC)
+    with connect(settings, autocommit=True) as conn:
+        # Compared while the stand-ins exist: views over them (asin_performance) go with them.
+        with transform.live_stand_ins(conn, settings, sources):
+            dbt = transform.run_dbt(settings, args)
+            results = validation.compare_shadow(conn, transform.SHADOW_SUFFIX)
+        transform.record_dbt(conn, settings.control_schema, dbt, run_id, None, began, datetime.now(UTC))
+        validation.record_shadow(conn, settings.control_schema, results, run_id)
+    return {
+        "tables": [o.table_name for o in loaded],
+        "dbt_success": dbt.success,
+        "dbt_failed": [n["unique_id"] for n in dbt.failed_nodes],
+        "periods_compared": len(results),
+        "differs": [f"{r.model} {r.period_start or 'full'}" for r in results if not r.passed],
+    }
+
+
+def with_shadow(message: str, shadow: dict[str, Any] | None) -> str:
+    if not shadow or (shadow["dbt_success"] and not shadow["differs"]):
+        return message
+    notes = []
+    if not shadow["dbt_success"]:
+        notes.append(
+            f"shadow dbt build failed ({', '.join(shadow['dbt_failed'][:5]) or 'see dbt_invocations'})"
+        )
+    if shadow["differs"]:
+        shown = shadow["differs"][:MAX_NAMES_IN_MESSAGE]
+        more = len(shadow["differs"]) - len(shown)
+        notes.append(
+            "shadow differs from live in " + ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+        )
+    return f"{message} | " + "; ".join(notes)
+
+
 def summarise(
     run_id: UUID,
     outcomes: list[TableOutcome],
@@ -395,14 +449,16 @@ def summarise(
     flow_run_id: UUID | None = None,
     duration_s: float = 0.0,
     validation: list[AfterRefresh] | None = None,
+    shadow: dict[str, Any] | None = None,
 ) -> RunSummary:
     status, message = overall_status(outcomes, dbt)
     status, message = with_validation(status, message, validation or [])
     return RunSummary(
+        shadow=shadow,
+        message=with_shadow(message, shadow),
         validation=[v.to_dict() for v in validation or []],
         run_id=str(run_id),
         status=status,
-        message=message,
         dry_run=dry_run,
         flow_run_id=str(flow_run_id) if flow_run_id else None,
         duration_s=round(duration_s, 2),
