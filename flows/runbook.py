@@ -559,6 +559,25 @@ def markdown_report(summary: RunSummary, settings: Settings) -> str:
                 )
                 + (f", and {more} more" if more > 0 else "")
             )
+    checked = [v for v in summary.validation if not v["skipped"]]
+    if checked:
+        lines += ["", "## Validation against BigQuery (the periods this run loaded)", ""]
+        lines += [
+            f"- **{v['table']}**: {v['periods']} period(s), "
+            + (f"differ: {', '.join(v['failed'])}" if v["failed"] else (v["error"] or "all equal"))
+            + f" ({v['duration_s']}s, {v['bytes_processed']} B)"
+            for v in checked
+        ]
+    if summary.shadow:
+        sh = summary.shadow
+        lines += [
+            "",
+            "## Shadow",
+            "",
+            f"{', '.join(sh['tables'])}: shadow dbt build {'ok' if sh['dbt_success'] else 'failed'}; "
+            f"{sh['periods_compared']} model period(s) compared with live, "
+            + (f"differ: {', '.join(sh['differs'][:MAX_PLAN_LINES])}" if sh["differs"] else "all equal"),
+        ]
     lines += [
         "",
         "## dbt",
