@@ -23,6 +23,7 @@ from flows.errors import ConfigError
 from flows.extract import list_source_tables
 from flows.identifiers import validate_pg_identifier
 from flows.planning import is_due, next_due
+from flows.redact import error_text
 from flows.refresh import RefreshOptions, TableOutcome
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings
@@ -407,15 +408,29 @@ def shadow_step(
     start = None if full_refresh or not starts else min(starts).isoformat()
     args = transform.shadow_build_args(settings, start) + (["--full-refresh"] if full_refresh else [])
     began = datetime.now(UTC)
+    out: dict[str, Any] = {"tables": [o.table_name for o in loaded], "error": None}
     with connect(settings, autocommit=True) as conn:
-        # Compared while the stand-ins exist: views over them (asin_performance) go with them.
-        with transform.live_stand_ins(conn, settings, sources):
-            dbt = transform.run_dbt(settings, args)
-            results = validation.compare_shadow(conn, transform.SHADOW_SUFFIX)
-        transform.record_dbt(conn, settings.control_schema, dbt, run_id, None, began, datetime.now(UTC))
-        validation.record_shadow(conn, settings.control_schema, results, run_id)
+        try:
+            # Compared while the stand-ins exist: views over them (asin_performance) go with them.
+            with transform.live_stand_ins(conn, settings, sources):
+                dbt = transform.run_dbt(settings, args)
+                results = validation.compare_shadow(conn, transform.SHADOW_SUFFIX)
+            transform.record_dbt(conn, settings.control_schema, dbt, run_id, None, began, datetime.now(UTC))
+            validation.record_shadow(conn, settings.control_schema, results, run_id)
+        except psycopg.OperationalError:
+            raise  # Postgres lost: the run's own handling applies
+        except psycopg.Error as exc:
+            # A shadow problem never fails the live run; it is named in its message.
+            return {
+                **out,
+                "dbt_success": False,
+                "dbt_failed": [],
+                "periods_compared": 0,
+                "differs": [],
+                "error": error_text(exc),
+            }
     return {
-        "tables": [o.table_name for o in loaded],
+        **out,
         "dbt_success": dbt.success,
         "dbt_failed": [n["unique_id"] for n in dbt.failed_nodes],
         "periods_compared": len(results),
@@ -427,7 +442,9 @@ def with_shadow(message: str, shadow: dict[str, Any] | None) -> str:
     if not shadow or (shadow["dbt_success"] and not shadow["differs"]):
         return message
     notes = []
-    if not shadow["dbt_success"]:
+    if shadow.get("error"):
+        notes.append(f"shadow comparison could not run: {shadow['error']}")
+    elif not shadow["dbt_success"]:
         notes.append(
             f"shadow dbt build failed ({', '.join(shadow['dbt_failed'][:5]) or 'see dbt_invocations'})"
         )

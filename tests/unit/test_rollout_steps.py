@@ -60,3 +60,21 @@ def test_model_columns_compared_without_lineage_and_by_type() -> None:
         ("share", "NUMERIC", 6),
         ("q", "STRING", 9),
     ]
+
+
+def test_a_shadow_problem_is_named_but_never_fails_the_run() -> None:
+    broken = {
+        "tables": ["sqp"],
+        "dbt_success": False,
+        "dbt_failed": [],
+        "periods_compared": 0,
+        "differs": [],
+        "error": "relation does not exist",
+    }
+    assert runbook.with_shadow("1 table(s) refreshed", broken) == (
+        "1 table(s) refreshed | shadow comparison could not run: relation does not exist"
+    )
+    summary = runbook.summarise(
+        uuid4(), [TableOutcome("sqp", "success", "shadow")], None, False, shadow=broken
+    )
+    assert summary.status == "success"
