@@ -242,6 +242,9 @@ def daily_refresh(
             outcomes: list[TableOutcome] = []
             try:
                 outcomes = extract(settings, clients, chosen, run.run_id, params.options)
+                checks = runbook.validate_after_refresh(
+                    settings, clients, chosen, outcomes, run.run_id, params.dry_run
+                )
                 if not params.dry_run:
                     _check_lock(settings, run.run_id, "before dbt")
                 runbook.advance_due_times(
@@ -250,6 +253,11 @@ def daily_refresh(
                 dbt = (
                     None if params.dry_run else transform(settings, outcomes, run.run_id, params.full_refresh)
                 )
+                shadow = (
+                    None
+                    if params.dry_run
+                    else runbook.shadow_step(settings, outcomes, run.run_id, params.full_refresh)
+                )
                 summary = runbook.summarise(
                     run.run_id,
                     outcomes,
@@ -257,6 +265,8 @@ def daily_refresh(
                     params.dry_run,
                     flow_run_id=_flow_run_id(),
                     duration_s=time.monotonic() - t0,
+                    validation=checks,
+                    shadow=shadow,
                 )
             except BaseException as exc:
                 message = redact(_failure_message(exc, outcomes))

@@ -16,17 +16,19 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from flows import audit, registry, webhooks
+from flows import audit, registry, transform, validation, webhooks
 from flows.bigquery import BigQueryClients
 from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.extract import list_source_tables
 from flows.identifiers import validate_pg_identifier
 from flows.planning import is_due, next_due
+from flows.redact import error_text
 from flows.refresh import RefreshOptions, TableOutcome
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings
 from flows.transform import DbtOutcome, NodeRun
+from flows.validation import AfterRefresh
 
 DBT_SOURCE = "sqp"
 CONTROL_SOURCE = "refresh_control"
@@ -283,6 +285,10 @@ class RunSummary:
     dry_run: bool = False
     flow_run_id: str | None = None
     duration_s: float = 0.0
+    # The after-refresh validation of each live table (flows.validation.AfterRefresh.to_dict).
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    # The shadow build and its comparison with live (None: no shadow table loaded).
+    shadow: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -354,6 +360,103 @@ def overall_status(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> tupl
     return "success", f"{len(outcomes)} table(s) refreshed"
 
 
+def validate_after_refresh(
+    settings: Settings,
+    clients: BigQueryClients,
+    chosen: list[TableConfig],
+    outcomes: list[TableOutcome],
+    run_id: UUID,
+    dry_run: bool,
+) -> list[AfterRefresh]:
+    """The run's validation step: each live table's committed periods against BigQuery."""
+    status = {o.table_name: o.status for o in outcomes}
+    return [
+        validation.validate_touched(
+            settings, clients, c, status.get(c.table_name, "skipped"), run_id, dry_run
+        )
+        for c in chosen
+    ]
+
+
+def with_validation(status: str, message: str, checks: list[AfterRefresh]) -> tuple[str, str]:
+    """A period that differs from BigQuery (or a validation that could not run) makes a
+    successful run a `warning` naming the table and period; a failed run stays failed."""
+    problems = [f"{v.table_name} differs from BigQuery in {', '.join(v.failed)}" for v in checks if v.failed]
+    problems += [f"{v.table_name}: validation could not run: {v.error}" for v in checks if v.error]
+    if not problems:
+        return status, message
+    note = "validation: " + " | ".join(problems) + " (`refresh validate-data` shows the rows)"
+    return ("warning" if status == "success" else status), f"{message} | {note}"
+
+
+def shadow_step(
+    settings: Settings, outcomes: list[TableOutcome], run_id: UUID, full_refresh: bool
+) -> dict[str, Any] | None:
+    """When shadow tables loaded: dbt builds every model from the shadow raw schema into the
+    `*_shadow` schemas, then each mart and summary is compared with live, period by period,
+    and recorded (dq_results `shadow_match`, `validation.failed` per model that differs).
+    Readers never see shadow data, so the run's status is left as it is."""
+    sources = dbt_sources(settings.dbt_project_dir)
+    loaded = [
+        o
+        for o in outcomes
+        if o.status == "success" and o.mode == Mode.SHADOW.value and o.slices_done and o.table_name in sources
+    ]
+    if not loaded:
+        return None
+    starts = [o.window.first for o in loaded if o.window is not None]
+    start = None if full_refresh or not starts else min(starts).isoformat()
+    args = transform.shadow_build_args(settings, start) + (["--full-refresh"] if full_refresh else [])
+    began = datetime.now(UTC)
+    out: dict[str, Any] = {"tables": [o.table_name for o in loaded], "error": None}
+    with connect(settings, autocommit=True) as conn:
+        try:
+            # Compared while the stand-ins exist: views over them (asin_performance) go with them.
+            with transform.live_stand_ins(conn, settings, sources):
+                dbt = transform.run_dbt(settings, args)
+                results = validation.compare_shadow(conn, transform.SHADOW_SUFFIX)
+            transform.record_dbt(conn, settings.control_schema, dbt, run_id, None, began, datetime.now(UTC))
+            validation.record_shadow(conn, settings.control_schema, results, run_id)
+        except psycopg.OperationalError:
+            raise  # Postgres lost: the run's own handling applies
+        except psycopg.Error as exc:
+            # A shadow problem never fails the live run; it is named in its message.
+            return {
+                **out,
+                "dbt_success": False,
+                "dbt_failed": [],
+                "periods_compared": 0,
+                "differs": [],
+                "error": error_text(exc),
+            }
+    return {
+        **out,
+        "dbt_success": dbt.success,
+        "dbt_failed": [n["unique_id"] for n in dbt.failed_nodes],
+        "periods_compared": len(results),
+        "differs": [f"{r.model} {r.period_start or 'full'}" for r in results if not r.passed],
+    }
+
+
+def with_shadow(message: str, shadow: dict[str, Any] | None) -> str:
+    if not shadow or (shadow["dbt_success"] and not shadow["differs"]):
+        return message
+    notes = []
+    if shadow.get("error"):
+        notes.append(f"shadow comparison could not run: {shadow['error']}")
+    elif not shadow["dbt_success"]:
+        notes.append(
+            f"shadow dbt build failed ({', '.join(shadow['dbt_failed'][:5]) or 'see dbt_invocations'})"
+        )
+    if shadow["differs"]:
+        shown = shadow["differs"][:MAX_NAMES_IN_MESSAGE]
+        more = len(shadow["differs"]) - len(shown)
+        notes.append(
+            "shadow differs from live in " + ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+        )
+    return f"{message} | " + "; ".join(notes)
+
+
 def summarise(
     run_id: UUID,
     outcomes: list[TableOutcome],
@@ -362,12 +465,17 @@ def summarise(
     *,
     flow_run_id: UUID | None = None,
     duration_s: float = 0.0,
+    validation: list[AfterRefresh] | None = None,
+    shadow: dict[str, Any] | None = None,
 ) -> RunSummary:
     status, message = overall_status(outcomes, dbt)
+    status, message = with_validation(status, message, validation or [])
     return RunSummary(
+        shadow=shadow,
+        message=with_shadow(message, shadow),
+        validation=[v.to_dict() for v in validation or []],
         run_id=str(run_id),
         status=status,
-        message=message,
         dry_run=dry_run,
         flow_run_id=str(flow_run_id) if flow_run_id else None,
         duration_s=round(duration_s, 2),
@@ -468,6 +576,25 @@ def markdown_report(summary: RunSummary, settings: Settings) -> str:
                 )
                 + (f", and {more} more" if more > 0 else "")
             )
+    checked = [v for v in summary.validation if not v["skipped"]]
+    if checked:
+        lines += ["", "## Validation against BigQuery (the periods this run loaded)", ""]
+        lines += [
+            f"- **{v['table']}**: {v['periods']} period(s), "
+            + (f"differ: {', '.join(v['failed'])}" if v["failed"] else (v["error"] or "all equal"))
+            + f" ({v['duration_s']}s, {v['bytes_processed']} B)"
+            for v in checked
+        ]
+    if summary.shadow:
+        sh = summary.shadow
+        lines += [
+            "",
+            "## Shadow",
+            "",
+            f"{', '.join(sh['tables'])}: shadow dbt build {'ok' if sh['dbt_success'] else 'failed'}; "
+            f"{sh['periods_compared']} model period(s) compared with live, "
+            + (f"differ: {', '.join(sh['differs'][:MAX_PLAN_LINES])}" if sh["differs"] else "all equal"),
+        ]
     lines += [
         "",
         "## dbt",

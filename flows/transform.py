@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from flows.db import relation_columns
 from flows.settings import Settings
 
 # Resource types whose adapter_response counts rows written. A test's response counts the
@@ -313,3 +314,47 @@ def record_dbt(
                         n["failures"],
                     )
                 )
+
+
+# The shadow build: every model downstream of the dbt sources (not the monitoring views), from
+# the shadow raw schema, into `<schema>_shadow` schemas (macros/generate_schema_name.sql).
+SHADOW_SUFFIX = "_shadow"
+
+
+def shadow_build_args(settings: Settings, refresh_start_date: str | None) -> list[str]:
+    dbt_vars = {"raw_schema": f"{settings.raw_schema}{SHADOW_SUFFIX}", "schema_suffix": SHADOW_SUFFIX}
+    if refresh_start_date:
+        dbt_vars["refresh_start_date"] = refresh_start_date
+    return [
+        "build",
+        "--select",
+        "source:sqp+",
+        "--exclude",
+        "source:refresh_control+",
+        "--vars",
+        json.dumps(dbt_vars),
+    ]
+
+
+@contextmanager
+def live_stand_ins(conn: psycopg.Connection, settings: Settings, sources: set[str]) -> Iterator[list[str]]:
+    """For the shadow build, a view in the shadow raw schema over each live raw table that has no
+    shadow copy (the shadow tables' models also read the others); dropped afterwards with the
+    shadow staging views over them (the next shadow build makes both again), so a table put
+    into shadow mode later gets its own real table there."""
+    shadow = f"{settings.raw_schema}{SHADOW_SUFFIX}"
+    made: list[str] = []
+    conn.execute(sql.SQL("create schema if not exists {}").format(sql.Identifier(shadow)))
+    for name in sorted(sources):
+        if relation_columns(conn, settings.raw_schema, name) and not relation_columns(conn, shadow, name):
+            conn.execute(
+                sql.SQL("create view {} as select * from {}").format(
+                    sql.Identifier(shadow, name), sql.Identifier(settings.raw_schema, name)
+                )
+            )
+            made.append(name)
+    try:
+        yield made
+    finally:
+        for name in made:
+            conn.execute(sql.SQL("drop view if exists {} cascade").format(sql.Identifier(shadow, name)))

@@ -36,6 +36,7 @@ differ), rows missing in Postgres and rows extra in Postgres.
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,10 +52,11 @@ from flows import registry
 from flows.bigquery import BigQueryClients, classify
 from flows.control import dq
 from flows.db import connect, relation_columns
-from flows.errors import ConfigError
+from flows.errors import ConfigError, RefreshError
 from flows.extract import SourceColumn, SourceTable, describe, row_restriction
 from flows.identifiers import bq_quote, bq_table_path
 from flows.planning import Slice, align, next_boundary, to_ts
+from flows.redact import error_text
 from flows.registry import Mode, SliceSize, TableConfig, WriteStrategy
 from flows.settings import Settings
 from flows.type_mapping import pg_column_name
@@ -239,8 +241,20 @@ def _rows_to_fp(rows: Iterable[tuple[Any, Any, Any, Any]]) -> dict[date | None, 
     return {day: Fingerprint(int(n), (int(hi or 0) << 32) + int(lo or 0)) for day, n, hi, lo in rows}
 
 
+@dataclass
+class QueryStats:
+    """BigQuery bytes processed by the fingerprint queries (what validation adds to a run)."""
+
+    bytes: int = 0
+
+
 def fingerprint_bq(
-    clients: BigQueryClients, source_table: str, cols: list[Col], cursor: Col | None, window: Slice | None
+    clients: BigQueryClients,
+    source_table: str,
+    cols: list[Col],
+    cursor: Col | None,
+    window: Slice | None,
+    stats: QueryStats | None = None,
 ) -> dict[date | None, Fingerprint]:
     """Per-day (or one `None` key without a cursor) row count and checksum, inside BigQuery."""
     path = bq_table_path(clients.project, clients.dataset, source_table)
@@ -257,7 +271,10 @@ def fingerprint_bq(
         + ") group by d"
     )
     try:
-        rows = clients.rest.query(query, job_config=clients.query_config()).result()
+        job = clients.rest.query(query, job_config=clients.query_config())
+        rows = job.result()
+        if stats is not None:
+            stats.bytes += int(job.total_bytes_processed or 0)
         return _rows_to_fp((r[0], r[1], r[2], r[3]) for r in rows)
     except Exception as exc:
         raise classify(exc, f"{source_table}: validation checksums") from exc
@@ -543,6 +560,7 @@ def validate_table(
     schema: str,
     first: date | None = None,
     last: date | None = None,
+    stats: QueryStats | None = None,
 ) -> list[PeriodResult]:
     """Compare one table period by period (days `first`..`last` inclusive; default: all)."""
     source = describe(clients, cfg.source_table)
@@ -564,7 +582,7 @@ def validate_table(
         window = Slice(lo, hi)
     # Both engines work at once: the BigQuery job runs while Postgres computes its side.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        bq_days = pool.submit(fingerprint_bq, clients, cfg.source_table, cols, cursor, window)
+        bq_days = pool.submit(fingerprint_bq, clients, cfg.source_table, cols, cursor, window, stats)
         pg = by_period(fingerprint_pg(conn, schema, cfg.table_name, cols, cursor, window), size)
         bq = by_period(bq_days.result(), size)
     unchecked = [c.name for c in cols if c.kind == "UNCHECKED"]
@@ -677,6 +695,230 @@ def validate(
             record_results(conn, settings.control_schema, cfg, results, run_id)
             out[cfg.table_name] = results
         return out
+
+
+# --- after a live refresh -------------------------------------------------------------------
+
+# A registry table opts out of the after-refresh step with custom_params {"validate_after_refresh": false}.
+AFTER_REFRESH_PARAM = "validate_after_refresh"
+# A full_replace slice is recorded from 0001-01-01 (Slice.start_ts): the whole table.
+_WHOLE_TABLE_BEFORE = date(1, 1, 2)
+
+
+@dataclass
+class AfterRefresh:
+    """What validating one table's touched periods added to a run."""
+
+    table_name: str
+    periods: int = 0
+    failed: list[str] = field(default_factory=list)
+    bytes_processed: int = 0
+    duration_s: float = 0.0
+    skipped: str | None = None  # why it was not validated
+    error: str | None = None  # why validation could not run
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table_name,
+            "periods": self.periods,
+            "failed": self.failed,
+            "bytes_processed": self.bytes_processed,
+            "duration_s": round(self.duration_s, 2),
+            "skipped": self.skipped,
+            "error": self.error,
+        }
+
+
+def touched_slices(
+    conn: psycopg.Connection, control_schema: str, run_id: UUID, table: str
+) -> list[tuple[date, date]]:
+    """The slices (first day, end day exclusive) this run committed for the table."""
+    rows = conn.execute(
+        sql.SQL(
+            "select distinct slice_start, slice_end from {} where run_id = %s and table_name = %s "
+            "and status = 'success' order by 1"
+        ).format(sql.Identifier(control_schema, "slice_refreshes")),
+        (run_id, table),
+    ).fetchall()
+    return [(a.astimezone(UTC).date(), b.astimezone(UTC).date()) for a, b in rows]
+
+
+def _skip_reason(cfg: TableConfig, status: str, dry_run: bool) -> str | None:
+    if dry_run or cfg.mode is not Mode.LIVE:
+        return f"mode {'dry_run' if dry_run else cfg.mode.value}: not live"
+    if status != "success":
+        return f"refresh {status}"
+    if cfg.custom_params.get(AFTER_REFRESH_PARAM, True) is False:
+        return f"custom_params.{AFTER_REFRESH_PARAM} is false"
+    return None
+
+
+def validate_touched(
+    settings: Settings,
+    clients: BigQueryClients,
+    cfg: TableConfig,
+    status: str,
+    run_id: UUID,
+    dry_run: bool = False,
+) -> AfterRefresh:
+    """Validate exactly the periods the run committed for one live table and record them with
+    the run id (`validation.failed` on a difference). Never raises: a validation that cannot
+    run (BigQuery down, a bad key_columns) comes back in `error`."""
+    out = AfterRefresh(cfg.table_name, skipped=_skip_reason(cfg, status, dry_run))
+    if out.skipped:
+        return out
+    started = time.monotonic()
+    stats = QueryStats()
+    try:
+        with connect(settings, autocommit=True) as conn:
+            touched = touched_slices(conn, settings.control_schema, run_id, cfg.table_name)
+            if not touched:
+                out.skipped = "no slice committed (unchanged)"
+                return out
+            whole = any(a < _WHOLE_TABLE_BEFORE for a, _ in touched)
+            first = None if whole else touched[0][0]
+            last = None if whole else max(b for _, b in touched) - timedelta(days=1)
+            results = validate_table(clients, conn, cfg, settings.raw_schema, first, last, stats)
+            if not whole:
+                starts = {a for a, _ in touched}
+                results = [r for r in results if r.period_start in starts]
+            record_results(conn, settings.control_schema, cfg, results, run_id)
+        out.periods = len(results)
+        out.failed = [str(r.period_start) if r.period_start else "full" for r in results if not r.passed]
+    except (RefreshError, ConfigError, psycopg.Error) as exc:
+        out.error = error_text(exc)
+    finally:
+        out.bytes_processed = stats.bytes
+        out.duration_s = time.monotonic() - started
+    return out
+
+
+# --- shadow models against live ------------------------------------------------------------
+
+SHADOW_CHECK = "shadow_match"
+SHADOW_LAYERS = ("marts", "summaries")
+# The column a model's rows are compared by, first found; a model without one is one period.
+PERIOD_COLUMNS = ("period_start", "week_start", "date", "start_date")
+_PG_KINDS = {
+    "text": "STRING",
+    "character varying": "STRING",
+    "bigint": "INT64",
+    "integer": "INT64",
+    "smallint": "INT64",
+    "boolean": "BOOL",
+    "double precision": "FLOAT64",
+    "real": "FLOAT64",
+    "timestamp with time zone": "TIMESTAMP",
+    "timestamp without time zone": "DATETIME",
+    "date": "DATE",
+    "bytea": "BYTES",
+}
+
+
+def _pg_col(name: str, pg_type: str) -> Col:
+    base = pg_type.split("(")[0].strip()
+    if base == "numeric":
+        # Both sides are Postgres: compare numerics at their declared scale, else at 20 places.
+        scale = int(pg_type.split(",")[1].rstrip(")")) if "," in pg_type else 20
+        return Col(SourceColumn(name, "NUMERIC", "NULLABLE", None, scale), name)
+    return Col(SourceColumn(name, _PG_KINDS.get(base, "JSON"), "NULLABLE", None, None), name)
+
+
+def compared_columns(columns: dict[str, str]) -> list[Col]:
+    """A model's columns as normal forms; lineage columns (`_loaded_at`, `_run_id` ...) differ
+    by construction between two builds and are left out."""
+    return [_pg_col(n, t) for n, t in columns.items() if not n.startswith("_")]
+
+
+@dataclass(frozen=True)
+class ShadowResult:
+    model: str
+    layer: str
+    period_start: date | None
+    live: Fingerprint
+    shadow: Fingerprint
+
+    @property
+    def passed(self) -> bool:
+        return self.live == self.shadow
+
+
+def compare_shadow(conn: psycopg.Connection, suffix: str) -> list[ShadowResult]:
+    """Each mart and summary against its shadow build (`<layer><suffix>`), period by period,
+    with the same row checksums as validation; a model missing on one side fails whole."""
+    out: list[ShadowResult] = []
+    for layer in SHADOW_LAYERS:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+                "where n.nspname in (%s, %s) and c.relkind in ('r', 'v', 'm', 'p') "
+                "group by c.relname order by 1",
+                (layer, layer + suffix),
+            ).fetchall()
+        ]
+        for name in names:
+            live_cols = relation_columns(conn, layer, name)
+            shadow_cols = relation_columns(conn, layer + suffix, name)
+            if not live_cols or not shadow_cols or live_cols != shadow_cols:
+                out.append(
+                    ShadowResult(
+                        name, layer, None, _rows(conn, layer, name), _rows(conn, layer + suffix, name)
+                    )
+                )
+                continue
+            cols = compared_columns(live_cols)
+            cursor = next((c for p in PERIOD_COLUMNS for c in cols if c.name == p), None)
+            live = fingerprint_pg(conn, layer, name, cols, cursor, None)
+            shadow = fingerprint_pg(conn, layer + suffix, name, cols, cursor, None)
+            for start in sorted(set(live) | set(shadow), key=lambda d: d or date.min):
+                out.append(ShadowResult(name, layer, start, live.get(start, EMPTY), shadow.get(start, EMPTY)))
+    return out
+
+
+def _rows(conn: psycopg.Connection, schema: str, name: str) -> Fingerprint:
+    if not relation_columns(conn, schema, name):
+        return Fingerprint(-1, 0)  # absent: differs from any table, even an empty one
+    row = conn.execute(sql.SQL("select count(*) from {}").format(sql.Identifier(schema, name))).fetchone()
+    return Fingerprint(int(row[0]) if row else 0, 0)
+
+
+def record_shadow(
+    conn: psycopg.Connection, control_schema: str, results: list[ShadowResult], run_id: UUID | None = None
+) -> None:
+    """A dq_results row per model and period (check `shadow_match`; expected/observed: live /
+    shadow rows) and `validation.failed` per model that differs, in one transaction."""
+    rows = [
+        dq.DqRow(
+            r.model,
+            SHADOW_CHECK,
+            to_ts(r.period_start) if r.period_start else None,
+            "pass" if r.passed else "fail",
+            r.live.rows,
+            r.shadow.rows,
+            {
+                "layer": r.layer,
+                "live": {"rows": r.live.rows, "checksum": str(r.live.checksum)},
+                "shadow": {"rows": r.shadow.rows, "checksum": str(r.shadow.checksum)},
+            },
+        )
+        for r in results
+    ]
+    failed = [r for r in results if not r.passed]
+    with conn.transaction():
+        dq.record(conn, control_schema, rows, run_id)
+        for model in sorted({r.model for r in failed}):
+            dq.emit_event(
+                conn,
+                control_schema,
+                dq.VALIDATION_FAILED,
+                model,
+                {
+                    "check": SHADOW_CHECK,
+                    "periods_failed": [str(r.period_start or "full") for r in failed if r.model == model],
+                },
+                run_id,
+            )
 
 
 # --- the dbt layer against raw --------------------------------------------------------------

@@ -27,7 +27,7 @@ from flows.refresh import RefreshOptions, refresh_table
 from flows.registry import SliceSize, TableConfig
 from flows.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.settings import Settings, get_settings
-from tests.integration.test_extraction_engine import end_run, new_run
+from tests.integration.test_extraction_engine import locked_run
 
 S = bigquery.SchemaField
 ROWS = int(os.environ.get("SQP_VALIDATION_ROWS", "100000"))
@@ -46,13 +46,10 @@ class Env:
     def load(self, cfg: TableConfig) -> None:
         with self.pg() as conn:
             registry.sync_from_file(conn, self.settings.control_schema, [cfg])
-        run_id = new_run(self.settings)
-        try:
+        with locked_run(self.settings) as run_id:
             outcome = refresh_table(
                 self.settings, self.clients, cfg, run_id, RefreshOptions(full_refresh=True)
             )
-        finally:
-            end_run(self.settings, run_id)
         assert outcome.status == "success", outcome.error
 
 
@@ -68,7 +65,7 @@ def env(stack: object) -> Iterator[Env]:
     clients = make_clients(settings)
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         conn.execute("drop schema if exists vd_raw cascade")
-        conn.execute("truncate vd_control.checkpoints, vd_control.dq_results, vd_control.events")
+        conn.execute("truncate vd_control.checkpoints, vd_control.dq_results, vd_control.events cascade")
     try:
         yield Env(settings, clients)
     finally:

@@ -1,0 +1,199 @@
+"""Validation as a step of every live refresh (issue 12): exactly the periods a run committed.
+
+The session's daily refresh (the `refreshed` fixture, a real flow run) is checked first; the rest
+runs in its own dataset, raw and control schemas (`va_*`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from flows import registry, runbook, validation
+from flows.bigquery import BigQueryClients, make_clients
+from flows.db import migrate
+from flows.refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.registry import TableConfig
+from flows.sample_data import SQP_TABLE, SampleSpec, generate
+from flows.settings import Settings, get_settings
+from tests.integration.test_extraction_engine import locked_run
+
+
+def _dq(conn: psycopg.Connection, schema: str, run_id: str | UUID) -> list[tuple[str, date, str]]:
+    rows = conn.execute(
+        f"select table_name, period_start, status from {schema}.dq_results "
+        "where run_id = %s and check_name = 'source_match' order by 1, 2",
+        (run_id,),
+    ).fetchall()
+    return [(t, p.astimezone(UTC).date() if p else None, s) for t, p, s in rows]
+
+
+def test_a_real_refresh_records_a_pass_for_each_period_it_loaded(
+    refreshed: Any, settings: Settings, pg: psycopg.Connection
+) -> None:
+    summary = refreshed
+    assert summary["status"] == "success", summary["message"]
+    checks = {v["table"]: v for v in summary["validation"]}
+    assert set(checks) == {"search_query_performance", "daily_search_terms", "products"}
+    assert all(v["failed"] == [] and v["error"] is None and v["periods"] > 0 for v in checks.values())
+    rows = _dq(pg, settings.control_schema, summary["run_id"])
+    assert {s for _, _, s in rows} == {"pass"}
+    # One row per committed slice of the run, no more.
+    slices = pg.execute(
+        f"select table_name, count(*) from {settings.control_schema}.slice_refreshes "
+        "where run_id = %s and status = 'success' group by 1",
+        (summary["run_id"],),
+    ).fetchall()
+    per_table: dict[str, int] = {}
+    for t, _, _ in rows:
+        per_table[t] = per_table.get(t, 0) + 1
+    assert per_table == dict(slices)
+    assert per_table == {t: v["periods"] for t, v in checks.items()}
+
+
+@dataclass
+class Env:
+    settings: Settings
+    clients: BigQueryClients
+
+    def pg(self) -> psycopg.Connection:
+        return psycopg.connect(self.settings.dsn(), autocommit=True)
+
+    def refresh(self, cfg: TableConfig, options: RefreshOptions) -> tuple[UUID, TableOutcome]:
+        with self.pg() as conn:
+            registry.sync_from_file(conn, self.settings.control_schema, [cfg])
+        with locked_run(self.settings) as run_id:
+            outcome = refresh_table(self.settings, self.clients, cfg, run_id, options)
+        assert outcome.status == "success", outcome.error
+        return run_id, outcome
+
+
+@pytest.fixture(scope="module")
+def env(stack: object) -> Iterator[Env]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("REFRESH_BQ_DATASET", "va_source")
+    mp.setenv("REFRESH_RAW_SCHEMA", "va_raw")
+    mp.setenv("REFRESH_CONTROL_SCHEMA", "va_control")
+    settings = get_settings()
+    migrate(settings)
+    clients = make_clients(settings)
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        conn.execute("drop schema if exists va_raw cascade")
+        conn.execute("truncate va_control.checkpoints, va_control.dq_results, va_control.events cascade")
+    generate(clients, SampleSpec(sqp_rows=3_000, weeks=8, asins=10, daily_rows=0))
+    try:
+        yield Env(settings, clients)
+    finally:
+        clients.close()
+        mp.undo()
+
+
+def _cfg(mode: str = "live", **custom: Any) -> TableConfig:
+    return TableConfig(
+        mode=mode,
+        table_name="search_query_performance",
+        source_table=SQP_TABLE,
+        cursor_column="Date",
+        slice_size="week",
+        lookback_days=14,
+        custom_params={"key_columns": ["Date", "ASIN", "Search Query"], **custom},
+    )
+
+
+def test_a_difference_loaded_by_a_refresh_is_caught_in_that_run(env: Env) -> None:
+    cfg = _cfg()
+    run_id, _ = env.refresh(cfg, RefreshOptions(full_refresh=True))
+    first = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [_ok(cfg)], run_id, False)
+    assert first[0].failed == [] and first[0].periods >= 8 and first[0].error is None
+    with env.pg() as conn:
+        loaded = _dq(conn, "va_control", run_id)
+        assert len(loaded) == first[0].periods and {s for *_, s in loaded} == {"pass"}
+        old_week = min(p for _, p, _ in loaded)
+        # Outside the lookback window: the next refresh does not touch (nor validate) it.
+        conn.execute(
+            "update va_raw.search_query_performance set asin_click_count = asin_click_count + 1 "
+            "where ctid = (select ctid from va_raw.search_query_performance "
+            "where (date at time zone 'UTC')::date >= %s order by date, asin, search_query limit 1)",
+            (old_week,),
+        )
+        # Inside it: a loader that alters one row on its way in (a stand-in for a conversion bug)
+        # is what the step exists to catch. A real trigger on the real COPY of the next refresh.
+        row = conn.execute(
+            "select date, asin, search_query from va_raw.search_query_performance "
+            "order by date desc, asin, search_query limit 1"
+        ).fetchone()
+        assert row is not None
+        conn.execute(
+            sql.SQL(
+                "create function va_raw.tamper() returns trigger language plpgsql as $$ begin "
+                "if new.date = {} and new.asin = {} and new.search_query = {} then "
+                "new.asin_click_count := new.asin_click_count + 7; end if; return new; end $$"
+            ).format(*(sql.Literal(v) for v in row))
+        )
+        conn.execute(
+            "create trigger tamper before insert on va_raw.search_query_performance "
+            "for each row execute function va_raw.tamper()"
+        )
+    try:
+        run_id, outcome = env.refresh(cfg, RefreshOptions())
+    finally:
+        with env.pg() as conn:
+            conn.execute("drop trigger tamper on va_raw.search_query_performance")
+    checks = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+    newest_week = max(p for _, p, _ in loaded)
+    assert checks[0].failed == [str(newest_week)], checks
+    assert 0 < checks[0].periods < first[0].periods
+    with env.pg() as conn:
+        rows = _dq(conn, "va_control", run_id)
+        assert old_week not in {p for _, p, _ in rows}
+        assert [(p, s) for _, p, s in rows if s == "fail"] == [(newest_week, "fail")]
+        details = conn.execute(
+            "select details from va_control.dq_results where run_id = %s and status = 'fail'", (run_id,)
+        ).fetchone()
+        assert details is not None
+        assert [d["columns"] for d in details[0]["different"]] == [["asin_click_count"]]
+        event = conn.execute(
+            "select table_name, payload from va_control.events where event = 'validation.failed' "
+            "and run_id = %s",
+            (run_id,),
+        ).fetchall()
+        assert event == [("search_query_performance", event[0][1])]
+        assert event[0][1]["periods_failed"] == [str(newest_week)]
+    status, message = runbook.with_validation("success", "1 table(s) refreshed", checks)
+    assert status == "warning"
+    assert f"search_query_performance differs from BigQuery in {newest_week}" in message
+    # validate-data (all periods) still finds the row changed outside the window.
+    whole = validation.validate(env.settings, env.clients, ["search_query_performance"])
+    assert {r.period_start for r in whole["search_query_performance"] if not r.passed} == {
+        old_week,
+        newest_week,
+    }
+
+
+def _ok(cfg: TableConfig) -> TableOutcome:
+    return TableOutcome(cfg.table_name, "success", cfg.mode.value)
+
+
+def test_opted_out_unchanged_and_dry_run_tables_are_not_validated(env: Env) -> None:
+    with locked_run(env.settings) as run_id:
+        pass
+    cfg = _cfg()
+    (unchanged,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [_ok(cfg)], run_id, False)
+    assert unchanged.skipped == "no slice committed (unchanged)"
+    opted = _cfg(validate_after_refresh=False)
+    (off,) = runbook.validate_after_refresh(env.settings, env.clients, [opted], [_ok(opted)], run_id, False)
+    assert off.skipped == "custom_params.validate_after_refresh is false"
+    (dry,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [_ok(cfg)], run_id, True)
+    assert dry.skipped is not None and "not live" in dry.skipped
+    shadow = _cfg("shadow")
+    (sh,) = runbook.validate_after_refresh(env.settings, env.clients, [shadow], [_ok(shadow)], run_id, False)
+    assert sh.skipped == "mode shadow: not live"
+    with env.pg() as conn:
+        assert _dq(conn, "va_control", run_id) == []
