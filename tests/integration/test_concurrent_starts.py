@@ -15,7 +15,9 @@ import threading
 import time
 from pathlib import Path
 
+from flows.db import REFRESH_LOCK_KEY
 from flows.local_stack import free_port
+from flows.settings import Settings
 
 REFRESH = str(Path(sys.executable).parent / "refresh")
 
@@ -111,3 +113,20 @@ def test_three_runs_started_together_on_a_stack_that_is_down() -> None:
     for out in outs:
         out.close()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_flow_run_adopts_the_lock_its_command_took(settings: Settings) -> None:
+    """`refresh run` takes the refresh lock before Prefect starts; the flow run in that process
+    uses that lock (another session's try-lock would refuse it) and releases it when it ends."""
+    from flows.audit import refresh_lock
+    from flows.daily_refresh import _refresh_lock, lock_taken_by_caller
+    from flows.db import connect
+
+    with refresh_lock(settings) as taken, lock_taken_by_caller(taken):
+        with _refresh_lock(settings) as conn:
+            assert conn is taken
+        assert taken.closed, "the lock outlived the run"
+    with _refresh_lock(settings) as own, connect(settings, autocommit=True) as other:
+        assert own is not taken
+        row = other.execute("select pg_try_advisory_lock(%s)", (REFRESH_LOCK_KEY,)).fetchone()
+        assert row == (False,), "the flow ran without the lock"
