@@ -462,15 +462,18 @@ def _run_refresh(
         _errors("see `refresh status`, `refresh history` and the Prefect logs", settings),
         _stack(settings, with_stack),
     ):
-        from flows.daily_refresh import daily_refresh
-        from flows.db import connect
+        from flows.audit import refresh_lock
 
-        # Postgres unreachable or the DSN refused: one line now, not a flow run that fails.
-        connect(settings, autocommit=True).close()
-        _start_ephemeral_prefect(settings)
-        _quiet_console()
-        with _RunProgress(settings):
-            summary: dict[str, Any] = daily_refresh(**params, trigger=trigger)  # type: ignore[assignment]
+        # The refresh lock before Prefect: Postgres unreachable, or another refresh running, is
+        # one line now; the refused command has started nothing (no Prefect server, no flow
+        # run, not even Prefect's import) and exits at once. The flow run adopts this lock.
+        with refresh_lock(settings) as lock_conn:
+            from flows.daily_refresh import daily_refresh, lock_taken_by_caller
+
+            _start_ephemeral_prefect(settings)
+            _quiet_console()
+            with lock_taken_by_caller(lock_conn), _RunProgress(settings):
+                summary: dict[str, Any] = daily_refresh(**params, trigger=trigger)  # type: ignore[assignment]
     _print_summary(summary, settings, time.monotonic() - t0)
     return summary
 

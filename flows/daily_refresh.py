@@ -6,8 +6,10 @@ only wires them into Prefect tasks so each table and each dbt node shows up in t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any
@@ -44,6 +46,9 @@ TABLE_RETRY_DELAYS_S: list[float] = [30, 120]
 log = logging.getLogger(__name__)
 # (run_id, table) -> the table's retry deadline, set by its first attempt in this process.
 _deadlines: dict[tuple[UUID, str], float] = {}
+# The refresh lock that the command line took before starting Prefect (a run refused as busy
+# then starts nothing and exits at once); the flow run in that process adopts it.
+_caller_lock: psycopg.Connection | None = None
 
 
 class RefreshFailed(RefreshError):
@@ -102,6 +107,32 @@ def _failure_message(exc: BaseException, outcomes: list[TableOutcome]) -> str:
         head = f"run crashed: {exc!r}"
     failed = [f"{o.table_name}: {o.error}" for o in outcomes if o.status == "failed" and o.error]
     return " | ".join([head, *failed])
+
+
+@contextlib.contextmanager
+def lock_taken_by_caller(lock_conn: psycopg.Connection) -> Iterator[None]:
+    """The next daily_refresh run in this process uses `lock_conn`'s refresh lock and closes it
+    when the run ends, as it does with a lock it takes itself."""
+    global _caller_lock
+    _caller_lock = lock_conn
+    try:
+        yield
+    finally:
+        _caller_lock = None
+
+
+@contextlib.contextmanager
+def _refresh_lock(settings: Settings) -> Iterator[psycopg.Connection]:
+    global _caller_lock
+    conn, _caller_lock = _caller_lock, None
+    if conn is None:
+        with refresh_lock(settings) as conn:
+            yield conn
+        return
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 def _check_lock(settings: Settings, run_id: UUID, doing: str) -> None:
@@ -237,7 +268,7 @@ def daily_refresh(
         chosen = runbook.plan_tables(settings, clients, params, now=anchor)
         logger.info("plan: %s", ", ".join(c.table_name for c in chosen) or "no table is due")
         # One refresh at a time: a second run fails here at once, having changed nothing.
-        with refresh_lock(settings) as lock_conn:
+        with _refresh_lock(settings) as lock_conn:
             run = runbook.begin_run(lock_conn, settings, flow_run_id=_flow_run_id(), params=params)
             outcomes: list[TableOutcome] = []
             try:

@@ -25,6 +25,7 @@ import urllib.request
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -493,6 +494,14 @@ class LocalStack:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def _record(self, event: str) -> None:
+        """One line in <state_dir>/logs/stack.log: which command started or stopped which part."""
+        path = self.settings.state_dir / "logs" / "stack.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        with path.open("a") as f:
+            f.write(f"{stamp} pid {os.getpid()} {event}\n")
+
     def _other_users(self) -> int:
         """Commands that hold a lease now (a lease whose lock is free belonged to a dead one)."""
         alive = 0
@@ -516,6 +525,8 @@ class LocalStack:
                 for name, part in self._parts().items():
                     was_ready = part.is_ready()
                     part.start()
+                    if not was_ready:
+                        self._record(f"started {name}")
                     if self.keep_running:
                         self._marker(name).unlink(missing_ok=True)
                     elif not was_ready:
@@ -533,6 +544,7 @@ class LocalStack:
         for name, part in reversed(self._parts().items()):
             if part in self._started:
                 part.stop()
+                self._record(f"stopped {name} (start-up failed)")
                 self._marker(name).unlink(missing_ok=True)
         self._started.clear()
 
@@ -543,13 +555,16 @@ class LocalStack:
             if lease is not None:
                 Path(lease.name).unlink(missing_ok=True)
                 lease.close()
-            if self._other_users():
+            others = self._other_users()
+            if others:
                 log.info("the embedded stack stays up: other commands use it")
+                self._record(f"left; the stack stays up for {others} other command(s)")
                 self._started.clear()
                 return
             for name, part in reversed(self._parts().items()):
                 if self._marker(name).exists():
                     part.stop()
+                    self._record(f"stopped {name} (last command out)")
                     self._marker(name).unlink(missing_ok=True)
             self._started.clear()
 
@@ -565,6 +580,8 @@ class LocalStack:
         """Stop both parts even if another process started them (`refresh stack down`)."""
         with self._exclusive():
             for name, part in reversed(self._parts().items()):
+                if part.is_ready():
+                    self._record(f"stopped {name} (stack down)")
                 part.stop()
                 self._marker(name).unlink(missing_ok=True)
 

@@ -33,6 +33,9 @@ os.environ.update(
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
     }
 )
+# The session's emulator keeps Storage read sessions up to this cap (flows.local_stack's
+# BoundedReadSessions): the fault tests abandon many, and several sessions share the machine.
+os.environ.setdefault("SQP_EMULATOR_SESSION_CAP_MB", "256")
 if os.environ.get("SQP_TEST_PG_DSN"):
     os.environ["REFRESH_PG_DSN"] = os.environ["SQP_TEST_PG_DSN"]
 

@@ -1,6 +1,7 @@
 """Three `refresh run` started together on a state directory whose embedded stack is down:
-none fails starting the stack, runs that overlap the one refreshing are refused in one line,
-and the stack is stopped afterwards (no lease or marker left)."""
+the stack is started once, runs that overlap the one refreshing are refused in one line and
+exit at once, nobody stops a part another command uses, and the stack is stopped afterwards
+(no lease or marker left)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
+from flows.db import REFRESH_LOCK_KEY
 from flows.local_stack import free_port
+from flows.settings import Settings
 
 REFRESH = str(Path(sys.executable).parent / "refresh")
 
@@ -39,26 +44,89 @@ def test_three_runs_started_together_on_a_stack_that_is_down() -> None:
     assert refresh("generate", *sample).returncode == 0
     assert refresh("stack", "down").returncode == 0
 
+    t0 = time.monotonic()
+    outs = [(tmp_path / f"run-{i}.out").open("w+") for i in range(3)]
     procs = [
-        subprocess.Popen(
-            [REFRESH, "run", "--force"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(3)
+        subprocess.Popen([REFRESH, "run", "--force"], env=env, stdout=out, stderr=subprocess.PIPE, text=True)
+        for out in outs
     ]
-    results = [(p.wait(timeout=900), *p.communicate()) for p in procs]
+    # When each one printed its error line and when its process ended (seconds from the start).
+    error_at: dict[int, float] = {}
+    exited_at: dict[int, float] = {}
+    stderr: dict[int, str] = {}
+
+    def follow(i: int, p: subprocess.Popen[str]) -> None:
+        assert p.stderr is not None
+        lines = []
+        for line in p.stderr:
+            if line.startswith("error:"):
+                error_at.setdefault(i, time.monotonic() - t0)
+            lines.append(line)
+        p.wait(timeout=900)
+        exited_at[i] = time.monotonic() - t0
+        stderr[i] = "".join(lines)
+
+    threads = [threading.Thread(target=follow, args=(i, p)) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    stdout = [(out.seek(0), out.read())[1] for out in outs]
+    results = [(p.returncode, stdout[i], stderr[i]) for i, p in enumerate(procs)]
 
     # Runs that overlap the winner are refused; one that reaches the lock after the winner
-    # ended (the machine is slow, Prefect start-ups are serialised) refreshes after it.
+    # ended (a very slow machine) refreshes after it.
     winners = [r for r in results if r[0] == 0]
-    refused = [r for r in results if r[0] != 0]
+    refused = [i for i, r in enumerate(results) if r[0] != 0]
     assert winners and all("refresh success" in out for _rc, out, _err in winners), results
-    for rc, _out, err in refused:
+    for i in refused:
+        rc, _out, err = results[i]
         lines = [
             line for line in err.strip().splitlines() if "Warning" not in line and "return Path" not in line
         ]
         assert rc == 1 and "another refresh is running" in err and "Traceback" not in err, err
         assert len(lines) <= 3 and lines[0].startswith("error:"), err
+        # Refused before it started Prefect: its process ends with its message, not with the
+        # winner (it used to take 8-26 s more, tearing down what it had started).
+        assert exited_at[i] - error_at[i] < 5, (error_at, exited_at)
+        assert exited_at[i] < max(exited_at[w] for w, r in enumerate(results) if r[0] == 0), exited_at
+
+    print(
+        "refused runs: error line, exit (s from the start):",
+        {i: (error_at[i], exited_at[i]) for i in refused},
+    )
+
+    # Each part started once (by one command, the others waited and reused it) and stopped once,
+    # by the last command out: a command that left stopped nothing another one used.
+    events = (tmp_path / "logs" / "stack.log").read_text().splitlines()
+    during = events[max(i for i, e in enumerate(events) if "(stack down)" in e) + 1 :]
+    starts = [e for e in during if " started " in e]
+    stops = [i for i, e in enumerate(during) if " stopped " in e]
+    left = [i for i, e in enumerate(during) if " left;" in e]
+    assert sorted(e.split()[-1] for e in starts) == ["bigquery-emulator", "postgres"], events
+    assert len({e.split()[2] for e in starts}) == 1, "the parts were started by different commands"
+    assert len(stops) == 2 and all("last command out" in during[i] for i in stops), events
+    assert min(stops) > max(left, default=-1), events
     status = json.loads(refresh("stack", "status").stdout.strip().splitlines()[-1])
     assert status == {"postgres": "down", "bigquery-emulator": "down"}, "left running"
     assert not list((tmp_path / "stack-users").glob("*")), "a lease or marker was left behind"
+    for out in outs:
+        out.close()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_the_flow_run_adopts_the_lock_its_command_took(settings: Settings) -> None:
+    """`refresh run` takes the refresh lock before Prefect starts; the flow run in that process
+    uses that lock (another session's try-lock would refuse it) and releases it when it ends."""
+    from flows.audit import refresh_lock
+    from flows.daily_refresh import _refresh_lock, lock_taken_by_caller
+    from flows.db import connect
+
+    with refresh_lock(settings) as taken, lock_taken_by_caller(taken):
+        with _refresh_lock(settings) as conn:
+            assert conn is taken
+        assert taken.closed, "the lock outlived the run"
+    with _refresh_lock(settings) as own, connect(settings, autocommit=True) as other:
+        assert own is not taken
+        row = other.execute("select pg_try_advisory_lock(%s)", (REFRESH_LOCK_KEY,)).fetchone()
+        assert row == (False,), "the flow ran without the lock"

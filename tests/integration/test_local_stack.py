@@ -127,3 +127,19 @@ def test_parts_started_by_stack_up_outlive_every_command(tmp_path: Path) -> None
         assert command.postgres is not None and command.postgres.is_ready()
     finally:
         LocalStack(settings).stop_all()
+
+
+def test_the_emulators_we_start_bound_their_read_sessions(stack: object, settings: Settings) -> None:
+    """Every path starts the emulator through BigQueryEmulator.start (the test session's stack
+    too): `python -m flows.local_stack`, which swaps in BoundedReadSessions."""
+    emu = BigQueryEmulator(
+        rest_port=settings.local_bq_rest_port,
+        grpc_port=settings.local_bq_grpc_port,
+        data_dir=None,
+        log_file=settings.state_dir / "logs" / "bqemulator.log",
+    )
+    pid = int(emu.pid_file.read_text())
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[1:4] == [b"-m", b"flows.local_stack", b"start"], argv
+    env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+    assert env.get(b"SQP_EMULATOR_SESSION_CAP_MB") == b"256", "the test session's cap did not reach it"
