@@ -316,6 +316,12 @@ def send_test(
     waiting at most the attempt timeout); the attempt is recorded like any other."""
     ws = ws or WebhookSettings()
     with connect(settings) as conn, conn.transaction():
+        endpoint = store.get_endpoint(conn, settings.control_schema, endpoint_id)
+        if not endpoint["enabled"]:
+            raise ConfigError(
+                f"webhook endpoint {endpoint_id} is disabled ({endpoint['disabled_reason'] or 'disabled'}): "
+                "enable it first"
+            )
         delivery = store.queue_test(
             conn, settings.control_schema, endpoint_id, {"message": "test event", "by": who}
         )

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 
 from flows import runbook
-from flows.api import dashboard, problems, routes
+from flows.api import dashboard, problems, routes, webhook_routes
 from flows.api.responses import FastJSONResponse
 from flows.api.settings import ApiSettings
 from flows.settings import Settings, get_settings
@@ -58,5 +58,6 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     app.state.children = dict[UUID, subprocess.Popen[bytes]]()
     problems.install(app)
     app.include_router(routes.router)
+    app.include_router(webhook_routes.router)
     app.include_router(dashboard.router)
     return app

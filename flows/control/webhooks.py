@@ -353,8 +353,9 @@ def list_deliveries(
     status: str | None = None,
     limit: int = 20,
     offset: int = 0,
+    delivery_id: int | None = None,
 ) -> list[dict[str, Any]]:
-    cond, params = _delivery_filter(endpoint_id, status)
+    cond, params = _delivery_filter(endpoint_id, status, delivery_id)
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             sql.SQL(
@@ -378,9 +379,14 @@ def count_deliveries(
     return int(row[0]) if row else 0
 
 
-def _delivery_filter(endpoint_id: int | None, status: str | None) -> tuple[sql.Composable, list[Any]]:
+def _delivery_filter(
+    endpoint_id: int | None, status: str | None, delivery_id: int | None = None
+) -> tuple[sql.Composable, list[Any]]:
     where: list[sql.Composable] = []
     params: list[Any] = []
+    if delivery_id is not None:
+        where.append(sql.SQL("d.id = %s"))
+        params.append(delivery_id)
     if endpoint_id is not None:
         where.append(sql.SQL("d.endpoint_id = %s"))
         params.append(endpoint_id)
