@@ -228,9 +228,10 @@ def add_endpoint(
     ws: WebhookSettings | None = None,
 ) -> NewEndpoint:
     ws = ws or WebhookSettings()
-    url = validate_url(url, ws.webhook_allow_private)
+    # The cheap checks first: the URL's resolves the host.
     types = validate_event_types(event_types)
     validate_description(description)
+    url = validate_url(url, ws.webhook_allow_private)
     secret = new_secret()
     with connect(settings) as conn, conn.transaction():
         eid = store.create_endpoint(

@@ -170,9 +170,9 @@ def test_bad_input_names_the_field_and_changes_nothing(
                 {"url": "http://example.com:99999/x"},
                 {"url": "x" * 2001},
             ],
-            "event_types": [{"url": "https://example.com/x", "event_types": ["refresh.done"]}],
-            "description": [{"url": "https://example.com/x", "description": "d" * 501}],
-            "extra": [{"url": "https://example.com/x", "extra": 1}],
+            "event_types": [{"url": "https://192.0.2.1/x", "event_types": ["refresh.done"]}],
+            "description": [{"url": "https://192.0.2.1/x", "description": "d" * 501}],
+            "extra": [{"url": "https://192.0.2.1/x", "extra": 1}],
         }
         for field, bodies in bad_creates.items():
             for body in bodies:
