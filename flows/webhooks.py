@@ -141,6 +141,8 @@ def validate_event_types(values: list[str] | None) -> list[str]:
 
 
 def validate_description(text: str) -> str:
+    if "\x00" in text:
+        raise WebhookInputError("description", "description must not contain a NUL character (\\x00)")
     if len(text) > MAX_DESCRIPTION_CHARS:
         raise WebhookInputError(
             "description", f"description is longer than {MAX_DESCRIPTION_CHARS} characters"
@@ -189,6 +191,10 @@ def check_destination(url: str, allow_private: bool) -> None:
 
 def validate_url(url: str, allow_private: bool) -> str:
     url = url.strip()
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise WebhookInputError(
+            "url", "webhook URL must not contain spaces or control characters: encode them"
+        )
     try:
         parts = urlsplit(url)
         _port = parts.port  # raises on a port that is not a number in range

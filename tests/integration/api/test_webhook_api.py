@@ -169,9 +169,14 @@ def test_bad_input_names_the_field_and_changes_nothing(
                 {"url": "http://host.invalid/x"},
                 {"url": "http://example.com:99999/x"},
                 {"url": "x" * 2001},
+                {"url": "https://192.0.2.1/a\x00b"},  # Postgres text cannot hold NUL: a 422, not a 500
+                {"url": "https://192.0.2.1/a b"},
             ],
             "event_types": [{"url": "https://192.0.2.1/x", "event_types": ["refresh.done"]}],
-            "description": [{"url": "https://192.0.2.1/x", "description": "d" * 501}],
+            "description": [
+                {"url": "https://192.0.2.1/x", "description": "d" * 501},
+                {"url": "https://192.0.2.1/x", "description": "a\x00b"},
+            ],
             "extra": [{"url": "https://192.0.2.1/x", "extra": 1}],
         }
         for field, bodies in bad_creates.items():
