@@ -27,7 +27,7 @@ def settings(stack: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Setting
     s = get_settings()
     migrate(s)
     with psycopg.connect(s.dsn(), autocommit=True) as conn:
-        conn.execute(f"truncate {CONTROL}.mode_changes, {CONTROL}.dq_results, {CONTROL}.events")
+        conn.execute(f"truncate {CONTROL}.mode_changes, {CONTROL}.dq_results, {CONTROL}.events cascade")
         conn.execute(f"delete from {CONTROL}.refresh_config")
         registry.sync_from_file(
             conn,

@@ -68,7 +68,7 @@ def env(stack: object) -> Iterator[Env]:
     clients = make_clients(settings)
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         conn.execute("drop schema if exists vd_raw cascade")
-        conn.execute("truncate vd_control.checkpoints, vd_control.dq_results, vd_control.events")
+        conn.execute("truncate vd_control.checkpoints, vd_control.dq_results, vd_control.events cascade")
     try:
         yield Env(settings, clients)
     finally:
