@@ -53,16 +53,19 @@ EVENT_TYPES = (
     "table.failed",
     "table.registered",
     "schema.drift",
+    "validation.failed",
+    "table.cutover",
+    "table.rollback",
     "delivery.exhausted",
 )
 RUN_EVENTS = {"success": "refresh.completed", "warning": "refresh.warning", "failed": "refresh.failed"}
 # Delays after the 1st, 2nd, ... failed attempt (the spec's schedule; the last one repeats).
 RETRY_DELAYS_S = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600)
 JITTER = 0.1
-MAX_DATA_BYTES = 19_000  # the whole body stays under 20 KB
 MAX_ERROR_CHARS = 500
 MAX_RESPONSE_CHARS = 1024
 MAX_URL_CHARS = 2000
+MAX_DESCRIPTION_CHARS = 500
 SECRET_BYTES = 32
 KEY_FILE = "webhook-secrets.key"
 USER_AGENT = "sqp-refresh-webhooks/1"
@@ -117,14 +120,40 @@ def cipher(settings: Settings, ws: WebhookSettings) -> Fernet:
 # --- validation ----------------------------------------------------------------------------
 
 
+class WebhookInputError(ConfigError):
+    """Bad input for an endpoint; `field` names it (the API reports it per field)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def validate_event_types(values: list[str] | None) -> list[str]:
     names = [v.strip() for raw in values or [] for v in raw.split(",") if v.strip()]
     if not names:
         return list(EVENT_TYPES)
     unknown = [n for n in names if n not in EVENT_TYPES]
     if unknown:
-        raise ConfigError(f"unknown event type(s) {', '.join(unknown)}: use {', '.join(EVENT_TYPES)}")
+        raise WebhookInputError(
+            "event_types", f"unknown event type(s) {', '.join(unknown)}: use {', '.join(EVENT_TYPES)}"
+        )
     return list(dict.fromkeys(names))
+
+
+def validate_description(text: str) -> str:
+    if "\x00" in text:
+        raise WebhookInputError("description", "description must not contain a NUL character (\\x00)")
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        raise WebhookInputError(
+            "description", f"description is longer than {MAX_DESCRIPTION_CHARS} characters"
+        )
+    return text
+
+
+def validate_grace_hours(grace: float) -> float:
+    if not 0 <= grace <= 24 * 30:
+        raise WebhookInputError("grace_hours", f"grace period must be between 0 and 720 hours, got {grace}")
+    return grace
 
 
 def _blocked(addr: str) -> bool:
@@ -148,34 +177,41 @@ def check_destination(url: str, allow_private: bool) -> None:
     try:
         infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
     except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigError(f"webhook host {host!r} does not resolve ({exc})") from exc
+        raise WebhookInputError("url", f"webhook host {host!r} does not resolve ({exc})") from exc
     if allow_private:
         return
     bad = sorted({str(i[4][0]) for i in infos if _blocked(str(i[4][0]))})
     if bad:
-        raise ConfigError(
+        raise WebhookInputError(
+            "url",
             f"webhook host {host!r} resolves to a loopback, link-local or private address "
-            f"({', '.join(bad)}): refused; set REFRESH_WEBHOOK_ALLOW_PRIVATE=true to allow it"
+            f"({', '.join(bad)}): refused; set REFRESH_WEBHOOK_ALLOW_PRIVATE=true to allow it",
         )
 
 
 def validate_url(url: str, allow_private: bool) -> str:
     url = url.strip()
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise WebhookInputError(
+            "url", "webhook URL must not contain spaces or control characters: encode them"
+        )
     try:
         parts = urlsplit(url)
         _port = parts.port  # raises on a port that is not a number in range
     except ValueError as exc:
-        raise ConfigError(f"webhook URL is malformed ({exc})") from exc
+        raise WebhookInputError("url", f"webhook URL is malformed ({exc})") from exc
     if parts.scheme not in ("http", "https"):
-        raise ConfigError(f"webhook URL must start with http:// or https://, got {parts.scheme or 'none'!r}")
+        raise WebhookInputError(
+            "url", f"webhook URL must start with http:// or https://, got {parts.scheme or 'none'!r}"
+        )
     if not parts.hostname:
-        raise ConfigError("webhook URL has no host")
+        raise WebhookInputError("url", "webhook URL has no host")
     if parts.username or parts.password:
-        raise ConfigError(
-            "webhook URL must not carry credentials (user:password@): the signature authenticates"
+        raise WebhookInputError(
+            "url", "webhook URL must not carry credentials (user:password@): the signature authenticates"
         )
     if len(url) > MAX_URL_CHARS:
-        raise ConfigError(f"webhook URL is longer than {MAX_URL_CHARS} characters")
+        raise WebhookInputError("url", f"webhook URL is longer than {MAX_URL_CHARS} characters")
     check_destination(url, allow_private)
     return url
 
@@ -198,10 +234,10 @@ def add_endpoint(
     ws: WebhookSettings | None = None,
 ) -> NewEndpoint:
     ws = ws or WebhookSettings()
-    url = validate_url(url, ws.webhook_allow_private)
+    # The cheap checks first: the URL's resolves the host.
     types = validate_event_types(event_types)
-    if len(description) > 500:
-        raise ConfigError("description is longer than 500 characters")
+    validate_description(description)
+    url = validate_url(url, ws.webhook_allow_private)
     secret = new_secret()
     with connect(settings) as conn, conn.transaction():
         eid = store.create_endpoint(
@@ -225,9 +261,7 @@ def rotate_secret(
 ) -> str:
     """A new secret (returned, shown once); the old one signs too for the grace period."""
     ws = ws or WebhookSettings()
-    grace = ws.webhook_rotation_grace_hours if grace_hours is None else grace_hours
-    if not 0 <= grace <= 24 * 30:
-        raise ConfigError(f"grace period must be between 0 and 720 hours, got {grace}")
+    grace = validate_grace_hours(ws.webhook_rotation_grace_hours if grace_hours is None else grace_hours)
     secret = new_secret()
     with connect(settings) as conn, conn.transaction():
         store.rotate_secret(
@@ -239,6 +273,67 @@ def rotate_secret(
             who=who,
         )
     return secret
+
+
+def update_endpoint(
+    settings: Settings,
+    endpoint_id: int,
+    *,
+    url: str | None = None,
+    description: str | None = None,
+    event_types: list[str] | None = None,
+    enabled: bool | None = None,
+    who: str = "cli",
+    ws: WebhookSettings | None = None,
+) -> dict[str, Any]:
+    """Change the given fields (None = keep), validated as `add` validates them; the endpoint
+    as it is now (never its secret)."""
+    ws = ws or WebhookSettings()
+    if url is not None:
+        url = validate_url(url, ws.webhook_allow_private)
+    if event_types is not None:
+        if not [v for raw in event_types for v in raw.split(",") if v.strip()]:
+            raise WebhookInputError("event_types", "subscribe to at least one event type")
+        event_types = validate_event_types(event_types)
+    if description is not None:
+        validate_description(description)
+    with connect(settings) as conn, conn.transaction():
+        return store.update_endpoint(
+            conn,
+            settings.control_schema,
+            endpoint_id,
+            who=who,
+            url=url,
+            description=description,
+            event_types=event_types,
+            enabled=enabled,
+        )
+
+
+@dataclass
+class SentTestEvent:
+    delivery_id: int
+    result: DispatchResult
+
+
+def send_test(
+    settings: Settings, endpoint_id: int, who: str = "cli", ws: WebhookSettings | None = None
+) -> SentTestEvent:
+    """Queue a signed `webhook.test` event for one endpoint and send it now (one attempt,
+    waiting at most the attempt timeout); the attempt is recorded like any other."""
+    ws = ws or WebhookSettings()
+    with connect(settings) as conn, conn.transaction():
+        endpoint = store.get_endpoint(conn, settings.control_schema, endpoint_id)
+        if not endpoint["enabled"]:
+            raise ConfigError(
+                f"webhook endpoint {endpoint_id} is disabled ({endpoint['disabled_reason'] or 'disabled'}): "
+                "enable it first"
+            )
+        delivery = store.queue_test(
+            conn, settings.control_schema, endpoint_id, {"message": "test event", "by": who}
+        )
+    result = dispatch(settings, deadline_s=ws.webhook_timeout_s + 5, delivery_ids=[delivery], ws=ws)
+    return SentTestEvent(delivery, result)
 
 
 # --- events --------------------------------------------------------------------------------
@@ -258,17 +353,6 @@ def links(flow_run_id: str | None, ws: WebhookSettings) -> dict[str, str]:
     if ui and flow_run_id:
         out["prefect_flow_run"] = f"{ui}/runs/flow-run/{flow_run_id}"
     return out
-
-
-def fit(data: dict[str, Any]) -> dict[str, Any]:
-    """Keep the body under 20 KB: drop per-table entries from the end, saying how many."""
-    tables = data.get("tables")
-    omitted = 0
-    while len(json.dumps(data, default=str).encode()) > MAX_DATA_BYTES and tables:
-        tables.pop()
-        omitted += 1
-        data["tables_omitted"] = omitted
-    return data
 
 
 def run_finished(conn: psycopg.Connection, settings: Settings, summary: RunSummary) -> str | None:
@@ -306,9 +390,7 @@ def run_finished(conn: psycopg.Connection, settings: Settings, summary: RunSumma
         },
         "links": links(summary.flow_run_id, ws),
     }
-    return store.emit(
-        conn, settings.control_schema, RUN_EVENTS[summary.status], fit(data), run_id=summary.run_id
-    )
+    return store.emit(conn, settings.control_schema, RUN_EVENTS[summary.status], data, run_id=summary.run_id)
 
 
 def runs_abandoned(conn: psycopg.Connection, settings: Settings) -> int:
@@ -517,10 +599,16 @@ def _settle(
                 "endpoint_id": row["endpoint_id"],
                 "event_id": row["event_id"],
                 "event_type": row["event"],
+                "run_id": str(row["run_id"]) if row["run_id"] else None,
+                "table": row["table_name"],
                 "attempts": attempt,
+                "first_attempt_at": row["retry_from"].isoformat(),
                 "last_status_code": res.status_code,
                 "last_error": res.error,
+                "links": links(None, ws),
             },
+            table_name=row["table_name"],
+            run_id=row["run_id"],
         )
 
 

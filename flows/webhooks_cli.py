@@ -98,6 +98,36 @@ def list_() -> None:
     out.print(grid if rows else "no webhook endpoint (add one with `refresh webhooks add URL`)")
 
 
+@webhooks_app.command("update")
+def update(
+    endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list`)")],
+    url: Annotated[str | None, typer.Option(help="New http(s) URL")] = None,
+    events: Annotated[
+        list[str] | None,
+        typer.Option("--event", "-e", help="Replace the subscribed event types (repeat or comma-separated)"),
+    ] = None,
+    description: Annotated[str | None, typer.Option("--description", "-d")] = None,
+    enabled: Annotated[
+        bool | None, typer.Option("--enable/--disable", help="Disabling cancels its pending deliveries")
+    ] = None,
+) -> None:
+    """Change an endpoint's URL, events, description or enabled state (the secret stays)."""
+    from flows import webhooks
+
+    settings = _ready()
+    with _errors("see `refresh webhooks update --help`"):
+        webhooks.update_endpoint(
+            settings,
+            endpoint_id,
+            url=url,
+            description=description,
+            event_types=events,
+            enabled=enabled,
+            who=_who(),
+        )
+    out.print(f"endpoint {endpoint_id} updated")
+
+
 @webhooks_app.command("remove")
 def remove(endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list`)")]) -> None:
     """Remove an endpoint: nothing more is sent to it; its delivery history stays."""
@@ -151,21 +181,13 @@ def _print_attempts(settings: Settings, delivery_id: int) -> None:
 def test(endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list`)")]) -> None:
     """Send a signed `webhook.test` event to one endpoint now and show the answer."""
     from flows import webhooks
-    from flows.db import connect
 
     settings = _ready()
     with _errors(PG_HINT):
-        with connect(settings) as conn, conn.transaction():
-            delivery = store.queue_test(
-                conn, settings.control_schema, endpoint_id, {"message": "test event", "by": _who()}
-            )
-        ws = webhooks.WebhookSettings()
-        result = webhooks.dispatch(
-            settings, deadline_s=ws.webhook_timeout_s + 5, delivery_ids=[delivery], ws=ws
-        )
-        _print_attempts(settings, delivery)
-    if not result.succeeded:
-        _fail(f"test delivery {delivery} failed", "see the error above; the receiver must answer 2xx")
+        sent = webhooks.send_test(settings, endpoint_id, who=_who())
+        _print_attempts(settings, sent.delivery_id)
+    if not sent.result.succeeded:
+        _fail(f"test delivery {sent.delivery_id} failed", "see the error above; the receiver must answer 2xx")
 
 
 @webhooks_app.command("replay")

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 
 from flows import runbook
-from flows.api import dashboard, problems, rollout_routes, routes
+from flows.api import dashboard, problems, rollout_routes, routes, webhook_routes
 from flows.api.responses import FastJSONResponse
 from flows.api.settings import ApiSettings
 from flows.settings import Settings, get_settings
@@ -59,5 +59,6 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     problems.install(app)
     app.include_router(routes.router)
     app.include_router(rollout_routes.router)
+    app.include_router(webhook_routes.router)
     app.include_router(dashboard.router)
     return app

@@ -1,4 +1,4 @@
-"""Data-quality results (`dq_results`) and the `validation.failed` event.
+"""Data-quality results (`dq_results`) and the `validation.failed` event (webhook outbox).
 
 One validation of one table is recorded in one transaction: a row per period and, when a period
 differs, the event. Every row of that transaction shares `checked_at` (now()), which is what
@@ -15,6 +15,8 @@ from uuid import UUID
 
 import psycopg
 from psycopg import sql
+
+from flows.control import webhooks
 
 VALIDATION_FAILED = "validation.failed"
 
@@ -62,13 +64,9 @@ def emit_event(
     payload: dict[str, Any],
     run_id: UUID | None = None,
 ) -> None:
-    """The one place validation raises an event (the webhook outbox can take it from here)."""
-    conn.execute(
-        sql.SQL("insert into {} (event, table_name, run_id, payload) values (%s, %s, %s, %s)").format(
-            sql.Identifier(schema, "events")
-        ),
-        (event, table_name, run_id, json.dumps(payload, default=str)),
-    )
+    """The one place validation and rollout raise an event: into the webhook outbox, in the
+    caller's transaction (with the dq or mode-change rows), queued for subscribed endpoints."""
+    webhooks.emit(conn, schema, event, {"table": table_name, **payload}, table_name=table_name, run_id=run_id)
 
 
 @dataclass(frozen=True)

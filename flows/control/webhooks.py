@@ -16,9 +16,32 @@ from psycopg.rows import dict_row
 
 from flows.errors import ConfigError
 
+MAX_DATA_BYTES = 19_000  # the whole body ({type, timestamp, data}) stays under 20 KB
+
+
+class EndpointNotFound(ConfigError):
+    """No (or a removed) endpoint with that id."""
+
 
 def _t(schema: str, name: str) -> sql.Composable:
     return sql.Identifier(schema, name)
+
+
+def fit(data: dict[str, Any]) -> dict[str, Any]:
+    """Keep the body under 20 KB: drop entries from the end of `tables`, then of the longest
+    other list, saying how many (`<list>_omitted`); cut strings of more than 2,000 characters."""
+    for key, value in data.items():
+        if isinstance(value, str) and len(value) > 2000:
+            data[key] = value[:1980] + f"... ({len(value)} chars)"
+    while len(json.dumps(data, default=str).encode()) > MAX_DATA_BYTES:
+        lists = [k for k, v in data.items() if isinstance(v, list) and v]
+        if not lists:
+            break
+        size = {k: len(json.dumps(data[k], default=str)) for k in lists}
+        key = "tables" if "tables" in lists else max(lists, key=size.__getitem__)
+        data[key].pop()
+        data[f"{key}_omitted"] = data.get(f"{key}_omitted", 0) + 1
+    return data
 
 
 def emit(
@@ -33,8 +56,10 @@ def emit(
     """Write one event to the outbox and queue a delivery per subscribed endpoint; its event id.
 
     One statement, so it is atomic even on an autocommit connection; inside the caller's
-    transaction it commits (or not) with the audit row that caused it.
+    transaction it commits (or not) with the audit row that caused it. Every event goes through
+    here (runs, tables, registration, validation, rollout, exhaustion), so `fit` bounds them all.
     """
+    data = fit(data)
     row = conn.execute(
         sql.SQL(
             "with e as (insert into {ev} (event, table_name, run_id, payload) values (%s, %s, %s, %s) "
@@ -110,8 +135,37 @@ def get_endpoint(conn: psycopg.Connection, schema: str, endpoint_id: int) -> dic
         )
         row = cur.fetchone()
     if row is None:
-        raise ConfigError(f"no webhook endpoint {endpoint_id}: `refresh webhooks list` shows the ids")
+        raise EndpointNotFound(f"no webhook endpoint {endpoint_id}: `refresh webhooks list` shows the ids")
     return row
+
+
+def update_endpoint(
+    conn: psycopg.Connection,
+    schema: str,
+    endpoint_id: int,
+    *,
+    who: str,
+    url: str | None = None,
+    description: str | None = None,
+    event_types: list[str] | None = None,
+    enabled: bool | None = None,
+) -> dict[str, Any]:
+    """Change the given fields (None = keep). Disabling cancels the pending deliveries;
+    enabling clears the reason it was disabled (e.g. a 410)."""
+    get_endpoint(conn, schema, endpoint_id)
+    reason = None if enabled is not False else f"disabled by {who}"
+    conn.execute(
+        sql.SQL(
+            "update {w} set url = coalesce(%s, url), description = coalesce(%s, description), "
+            "event_types = coalesce(%s, event_types), enabled = coalesce(%s, enabled), "
+            "disabled_reason = case when %s::boolean is null then disabled_reason else %s end, "
+            "updated_at = now(), updated_by = %s where id = %s"
+        ).format(w=_t(schema, "webhook_endpoints")),
+        (url, description, event_types, enabled, enabled, reason, who, endpoint_id),
+    )
+    if enabled is False:
+        _cancel_pending(conn, schema, endpoint_id, reason or "disabled")
+    return get_endpoint(conn, schema, endpoint_id)
 
 
 def _cancel_pending(conn: psycopg.Connection, schema: str, endpoint_id: int, why: str) -> None:
@@ -184,7 +238,8 @@ def claim_due(
         cur.execute(
             sql.SQL(
                 "select d.id, d.attempts, d.retry_from, d.endpoint_id, e.id as event_pk, e.event_id, "
-                "e.event, e.payload, e.created_at as event_created_at, w.url, w.secret_enc, "
+                "e.event, e.payload, e.run_id, e.table_name, e.created_at as event_created_at, "
+                "w.url, w.secret_enc, "
                 "case when w.previous_secret_expires_at > %s then w.previous_secret_enc end "
                 "  as previous_secret_enc "
                 "from {d} d join {e} e on e.id = d.event_id join {w} w on w.id = d.endpoint_id "
@@ -297,9 +352,41 @@ def list_deliveries(
     endpoint_id: int | None = None,
     status: str | None = None,
     limit: int = 20,
+    offset: int = 0,
+    delivery_id: int | None = None,
 ) -> list[dict[str, Any]]:
+    cond, params = _delivery_filter(endpoint_id, status, delivery_id)
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            sql.SQL(
+                "select d.id, d.endpoint_id, e.event_id, e.event, d.status, d.attempts, d.created_at, "
+                "d.last_attempt_at, d.next_attempt_at, d.last_status_code, d.last_error "
+                "from {d} d join {e} e on e.id = d.event_id{cond} order by d.id desc limit %s offset %s"
+            ).format(d=_t(schema, "webhook_deliveries"), e=_t(schema, "events"), cond=cond),
+            [*params, limit, offset],
+        )
+        return cur.fetchall()
+
+
+def count_deliveries(
+    conn: psycopg.Connection, schema: str, *, endpoint_id: int | None = None, status: str | None = None
+) -> int:
+    cond, params = _delivery_filter(endpoint_id, status)
+    row = conn.execute(
+        sql.SQL("select count(*) from {d} d{cond}").format(d=_t(schema, "webhook_deliveries"), cond=cond),
+        params,
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _delivery_filter(
+    endpoint_id: int | None, status: str | None, delivery_id: int | None = None
+) -> tuple[sql.Composable, list[Any]]:
     where: list[sql.Composable] = []
     params: list[Any] = []
+    if delivery_id is not None:
+        where.append(sql.SQL("d.id = %s"))
+        params.append(delivery_id)
     if endpoint_id is not None:
         where.append(sql.SQL("d.endpoint_id = %s"))
         params.append(endpoint_id)
@@ -307,16 +394,7 @@ def list_deliveries(
         where.append(sql.SQL("d.status = %s"))
         params.append(status)
     cond = sql.SQL(" where ") + sql.SQL(" and ").join(where) if where else sql.SQL("")
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            sql.SQL(
-                "select d.id, d.endpoint_id, e.event_id, e.event, d.status, d.attempts, d.created_at, "
-                "d.last_attempt_at, d.next_attempt_at, d.last_status_code, d.last_error "
-                "from {d} d join {e} e on e.id = d.event_id{cond} order by d.id desc limit %s"
-            ).format(d=_t(schema, "webhook_deliveries"), e=_t(schema, "events"), cond=cond),
-            [*params, limit],
-        )
-        return cur.fetchall()
+    return cond, params
 
 
 def list_attempts(conn: psycopg.Connection, schema: str, delivery_id: int) -> list[dict[str, Any]]:
@@ -329,3 +407,21 @@ def list_attempts(conn: psycopg.Connection, schema: str, delivery_id: int) -> li
             (delivery_id,),
         )
         return cur.fetchall()
+
+
+def attempts_of(
+    conn: psycopg.Connection, schema: str, delivery_ids: list[int]
+) -> dict[int, list[dict[str, Any]]]:
+    """Every attempt of each delivery, in order (one query for a page of deliveries)."""
+    out: dict[int, list[dict[str, Any]]] = {i: [] for i in delivery_ids}
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            sql.SQL(
+                "select delivery_id, attempt, attempted_at, success, status_code, latency_ms, "
+                "response_body, error from {a} where delivery_id = any(%s) order by delivery_id, attempt, id"
+            ).format(a=_t(schema, "webhook_attempts")),
+            (delivery_ids,),
+        )
+        for row in cur.fetchall():
+            out[row.pop("delivery_id")].append(row)
+    return out

@@ -208,6 +208,7 @@ def test_sqp_identical_then_each_difference_found_with_key_and_column(sqp: Env) 
         (
             "search_query_performance",
             {
+                "table": "search_query_performance",
                 "schema": "vd_raw",
                 "periods_failed": [str(_period(w)) for w in weeks[1:5]],
                 "periods_checked": SPEC.weeks,

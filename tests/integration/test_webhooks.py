@@ -539,3 +539,45 @@ def test_dry_run_sends_nothing(wh: Settings, pg: psycopg.Connection) -> None:
         run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
         runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "success", "x", dry_run=True))
     assert pg_scalar(pg, "select count(*) from refresh_control.events where run_id = %s", (run.run_id,)) == 0
+
+
+def test_cli_update_changes_an_endpoint_and_rejects_bad_input(wh: Settings, pg: psycopg.Connection) -> None:
+    runner = CliRunner(env={"COLUMNS": "250"})
+    ep = webhooks.add_endpoint(wh, "http://127.0.0.1:9/hook", ["refresh.failed"], "old")
+    row = "select url, event_types, description, enabled, disabled_reason from refresh_control.webhook_endpoints"
+    before = pg.execute(f"{row} where id = %s", (ep.id,)).fetchone()
+    for args, needle in (
+        (["--url", "gopher://x"], "must start with http:// or https://"),
+        (["-e", "refresh.bogus"], "unknown event type(s) refresh.bogus"),
+        (["-e", ","], "subscribe to at least one event type"),
+        (["-d", "x" * 501], "longer than 500 characters"),
+    ):
+        res = runner.invoke(app, ["webhooks", "update", str(ep.id), *args])
+        assert res.exit_code == 1 and needle in res.output, (args, res.output)
+    res = runner.invoke(app, ["webhooks", "update", "999999", "--disable"])
+    assert res.exit_code == 1 and "no webhook endpoint 999999" in res.output
+    assert pg.execute(f"{row} where id = %s", (ep.id,)).fetchone() == before, "bad input changed nothing"
+
+    res = runner.invoke(
+        app,
+        [
+            "webhooks",
+            "update",
+            str(ep.id),
+            "--url",
+            "http://127.0.0.1:10/new",
+            "-e",
+            "validation.failed",
+            "-d",
+            "new",
+            "--disable",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    url, types, desc, enabled, reason = pg.execute(f"{row} where id = %s", (ep.id,)).fetchone() or ()
+    assert (url, types, desc, enabled) == ("http://127.0.0.1:10/new", ["validation.failed"], "new", False)
+    assert reason.startswith("disabled by cli")
+    res = runner.invoke(app, ["webhooks", "test", str(ep.id)])
+    assert res.exit_code == 1 and "is disabled" in res.output
+    assert runner.invoke(app, ["webhooks", "update", str(ep.id), "--enable"]).exit_code == 0
+    assert pg.execute(f"{row} where id = %s", (ep.id,)).fetchone()[3:] == (True, None)  # type: ignore[index]

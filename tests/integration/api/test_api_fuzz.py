@@ -18,6 +18,7 @@ from psycopg import sql
 from schemathesis.generation.modes import GenerationMode
 
 from flows import audit
+from flows.control import webhooks as store
 from flows.settings import Settings
 from tests.integration.api.support import auth, control_fingerprint
 
@@ -47,8 +48,21 @@ def registry_restored(settings: Settings) -> Any:
             )
 
 
+@pytest.fixture
+def webhooks_removed(settings: Settings) -> Any:
+    """Endpoints an accepted POST created would receive the other tests' events: remove them."""
+    yield
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        for ep in store.list_endpoints(conn, settings.control_schema):
+            store.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
+
+
 def test_fuzz_from_the_openapi_document(
-    api_url: str, api_tokens: dict[str, str], settings: Settings, registry_restored: None
+    api_url: str,
+    api_tokens: dict[str, str],
+    settings: Settings,
+    registry_restored: None,
+    webhooks_removed: None,
 ) -> None:
     schema = schemathesis.openapi.from_url(f"{api_url}/api/openapi.json")
     headers = auth(api_tokens["admin"])
