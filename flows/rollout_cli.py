@@ -7,9 +7,12 @@ runs, so this module and flows.cli can import each other in any order.
 from __future__ import annotations
 
 import getpass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from flows.settings import Settings
 
 TablesOption = Annotated[
     list[str] | None,
@@ -52,6 +55,7 @@ def validate_data(
             results = validate(settings, clients, _split(tables), first, last)
         finally:
             clients.close()
+    _notify(settings)
     grid = Table("table", "period", "bigquery rows", "postgres rows", "status", "differences")
     failed = 0
     for name, periods in results.items():
@@ -97,6 +101,7 @@ def _validate_summaries() -> None:
     with _errors("run a refresh first: the summaries are built by dbt from raw"), connect(settings) as conn:
         checks = check_summaries(conn, settings.raw_schema)
         record_summary_checks(conn, settings.control_schema, checks)
+    _notify(settings)
     failed = [c for c in checks if not c.passed]
     for c in failed:
         out.print(f"[red]fail[/] {c.summary} {c.period_start}: raw {c.raw} != summary {c.summary_sums}")
@@ -134,6 +139,7 @@ def cutover(
                 reason=reason,
                 force=force,
             )
+    _notify(settings)
     out.print(
         f"{table}: {change.from_mode} -> [bold]{change.to_mode}[/]" + (" (forced)" if change.forced else "")
     )
@@ -160,7 +166,16 @@ def rollback(
             change = rollout.rollback(
                 conn, settings.control_schema, table, who=by or getpass.getuser(), reason=reason
             )
+    _notify(settings)
     out.print(f"{table}: {change.from_mode} -> [bold]{change.to_mode}[/] (live data left in place)")
+
+
+def _notify(settings: Settings) -> None:
+    """Send the events just written (validation.failed, table.cutover, table.rollback) now rather
+    than at the next run or housekeeping pass; bounded, never raises (the outbox keeps the rest)."""
+    from flows.webhooks import dispatch_after_run
+
+    dispatch_after_run(settings)
 
 
 def register(app: typer.Typer) -> None:
