@@ -904,19 +904,32 @@ def record_shadow(
         )
         for r in results
     ]
-    failed = [r for r in results if not r.passed]
+    failed: dict[str, list[str]] = {}
+    for r in results:
+        if not r.passed:
+            failed.setdefault(r.model, []).append(str(r.period_start or "full"))
+    _record_per_relation(conn, control_schema, rows, SHADOW_CHECK, failed, run_id)
+
+
+def _record_per_relation(
+    conn: psycopg.Connection,
+    control_schema: str,
+    rows: list[dq.DqRow],
+    check: str,
+    failed: dict[str, list[str]],
+    run_id: UUID | None,
+) -> None:
+    """The dq rows and one `validation.failed` per relation with failed periods, in one
+    transaction."""
     with conn.transaction():
         dq.record(conn, control_schema, rows, run_id)
-        for model in sorted({r.model for r in failed}):
+        for name in sorted(failed):
             dq.emit_event(
                 conn,
                 control_schema,
                 dq.VALIDATION_FAILED,
-                model,
-                {
-                    "check": SHADOW_CHECK,
-                    "periods_failed": [str(r.period_start or "full") for r in failed if r.model == model],
-                },
+                name,
+                {"check": check, "periods_failed": failed[name]},
                 run_id,
             )
 
@@ -1017,18 +1030,8 @@ def record_summary_checks(
         )
         for c in checks
     ]
-    failed = [c for c in checks if not c.passed]
-    with conn.transaction():
-        dq.record(conn, control_schema, rows, run_id)
-        for name in sorted({c.summary for c in failed}):
-            dq.emit_event(
-                conn,
-                control_schema,
-                dq.VALIDATION_FAILED,
-                name,
-                {
-                    "check": "matches_raw",
-                    "periods_failed": [str(c.period_start) for c in failed if c.summary == name],
-                },
-                run_id,
-            )
+    failed: dict[str, list[str]] = {}
+    for c in checks:
+        if not c.passed:
+            failed.setdefault(c.summary, []).append(str(c.period_start))
+    _record_per_relation(conn, control_schema, rows, "matches_raw", failed, run_id)
