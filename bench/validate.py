@@ -67,8 +67,9 @@ def run(state: str) -> None:
     )
     import psycopg
 
-    from flows import audit, registry, validation
+    from flows import registry, validation
     from flows.bigquery import make_clients
+    from flows.control import runs
     from flows.db import migrate
     from flows.local_stack import local_stack
     from flows.refresh import RefreshOptions, refresh_table
@@ -92,8 +93,8 @@ def run(state: str) -> None:
         )
         with psycopg.connect(settings.dsn(), autocommit=True) as conn:
             registry.sync_from_file(conn, settings.control_schema, [cfg])
-        with audit.refresh_lock(settings, wait_s=30) as lock:
-            run = audit.start_run(lock, settings.control_schema, flow_run_id=None, trigger="bench", params={})
+        with runs.refresh_lock(settings, wait_s=30) as lock:
+            run = runs.start_run(lock, settings.control_schema, flow_run_id=None, trigger="bench", params={})
             t0 = time.perf_counter()
             outcome = refresh_table(settings, clients, cfg, run.run_id, RefreshOptions(full_refresh=True))
             loaded = time.perf_counter() - t0

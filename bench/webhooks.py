@@ -23,8 +23,9 @@ from pathlib import Path
 
 import psycopg
 
-from flows import audit, runbook, webhooks
+from flows import runbook, webhooks
 from flows.control import webhooks as store
+from flows.control.runs import start_run
 from flows.db import migrate
 from flows.local_stack import EmbeddedPostgres, free_port
 from flows.settings import PROJECT_ROOT, Settings, get_settings
@@ -68,9 +69,7 @@ def run_cost(settings: Settings, label: str, runs: int, delay_s: float | None) -
         delivered = 0
         for _ in range(runs):
             with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-                run = audit.start_run(
-                    conn, settings.control_schema, flow_run_id=None, trigger="bench", params={}
-                )
+                run = start_run(conn, settings.control_schema, flow_run_id=None, trigger="bench", params={})
                 runbook.finish_run(
                     conn, settings, run, runbook.RunSummary(str(run.run_id), "success", "bench")
                 )

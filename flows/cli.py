@@ -462,7 +462,7 @@ def _run_refresh(
         _errors("see `refresh status`, `refresh history` and the Prefect logs", settings),
         _stack(settings, with_stack),
     ):
-        from flows.audit import refresh_lock
+        from flows.control.runs import refresh_lock
 
         # The refresh lock before Prefect: Postgres unreachable, or another refresh running, is
         # one line now; the refused command has started nothing (no Prefect server, no flow
@@ -664,7 +664,8 @@ def status(
 ) -> None:
     """Is a refresh running, the latest runs, and per table: last refresh, last success, next due."""
     settings = _settings()
-    from flows import audit
+    from flows.control.history import HistoryQuery, read_history, table_status
+    from flows.control.runs import refresh_running
     from flows.db import connect
 
     with _errors(PG_HINT, settings), connect(settings, autocommit=True) as conn:
@@ -673,11 +674,11 @@ def status(
         ).fetchone()
         if not exists or exists[0] is None:
             _fail("no refresh has run against this database yet", "run `refresh run` (or `refresh migrate`)")
-        running = audit.refresh_running(conn)
+        running = refresh_running(conn)
         since = datetime.now(UTC) - timedelta(hours=hours)
-        latest = audit.history(conn, settings.control_schema, audit.HistoryQuery(page_size=20))
+        latest = read_history(conn, settings.control_schema, HistoryQuery(page_size=20))
         runs = [r for r in latest.rows if r["started_at"] >= since]
-        tables = audit.table_status(conn, settings.control_schema)
+        tables = table_status(conn, settings.control_schema)
     out.print(f"refresh running now: {'yes' if running else 'no'}")
     for r in runs:
         _print_run(r)
@@ -708,11 +709,11 @@ def history(
 ) -> None:
     """Past runs (or one table's refreshes), newest first, filtered and paged."""
     settings = _settings()
-    from flows import audit
+    from flows.control.history import HistoryQuery, read_history
     from flows.db import connect
 
     with _errors("see `refresh history --help`", settings):
-        q = audit.HistoryQuery(
+        q = HistoryQuery(
             table=table,
             status=status_,
             since=_parse_date(since, "--since"),
@@ -721,7 +722,7 @@ def history(
             page_size=page_size,
         )
         with connect(settings, autocommit=True) as conn:
-            result = audit.history(conn, settings.control_schema, q)
+            result = read_history(conn, settings.control_schema, q)
     for r in result.rows:
         if table:
             _print_table_refresh(r)

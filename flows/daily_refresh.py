@@ -25,14 +25,16 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import audit, runbook, webhooks
-from flows.audit import refresh_lock
+from flows import runbook, webhooks
 from flows.bigquery import BigQueryClients, make_clients
+from flows.control import runs
+from flows.control.runs import refresh_lock
+from flows.control.tables import TableOutcome, TableStatus
 from flows.db import connect
 from flows.errors import LockLostError, PostgresLostError, RefreshError, TransientError
 from flows.extract import check_reachable
 from flows.redact import redact
-from flows.refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.refresh import RefreshOptions, refresh_table
 from flows.registry import TableConfig
 from flows.settings import Settings, get_settings
 from flows.transform import DbtOutcome, record_dbt, run_dbt
@@ -138,10 +140,10 @@ def _refresh_lock(settings: Settings) -> Iterator[psycopg.Connection]:
 def _check_lock(settings: Settings, run_id: UUID, doing: str) -> None:
     """The fence outside slice transactions (the lock connection itself may be dead)."""
     with connect(settings, autocommit=True) as conn:
-        audit.check_lock(conn, run_id, doing)
+        runs.check_lock(conn, run_id, doing)
 
 
-def _end_run(settings: Settings, run: audit.RunRecord, summary: runbook.RunSummary) -> runbook.RunSummary:
+def _end_run(settings: Settings, run: runs.RunRecord, summary: runbook.RunSummary) -> runbook.RunSummary:
     """Record the run's end; the summary as recorded. Never raises.
 
     Postgres may be restarting: retried with backoff for REFRESH_PG_RETRY_BUDGET_S. A run that
@@ -153,7 +155,7 @@ def _end_run(settings: Settings, run: audit.RunRecord, summary: runbook.RunSumma
         try:
             with connect(settings, autocommit=True) as conn:
                 try:
-                    audit.check_lock(conn, run.run_id, "before recording the run's end")
+                    runs.check_lock(conn, run.run_id, "before recording the run's end")
                 except LockLostError as exc:
                     if "lost the refresh lock" not in summary.message:
                         summary = replace(summary, status="failed", message=f"{exc} | {summary.message}")
@@ -190,7 +192,7 @@ def _outcome(cfg: TableConfig, future: PrefectFuture[TableOutcome]) -> TableOutc
         return future.result()
     except Exception as exc:
         return TableOutcome(
-            cfg.table_name, "failed", cfg.mode.value, error=f"unexpected error: {redact(repr(exc))}"
+            cfg.table_name, TableStatus.FAILED, cfg.mode.value, error=f"unexpected error: {redact(repr(exc))}"
         )
 
 

@@ -14,7 +14,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATION_LOCK_KEY = 7_312_001
 REFRESH_LOCK_KEY = 7_312_002
 # Taken shared by each slice transaction around its lock check, exclusively by a run that
-# takes over: see flows.audit.check_lock.
+# takes over: see flows.control.runs.check_lock.
 FENCE_LOCK_KEY = 7_312_004
 
 

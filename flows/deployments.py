@@ -8,7 +8,7 @@ One refresh at a time, twice over:
 - the deployment's concurrency limit is 1 with collision strategy ENQUEUE: a run started
   while another is running waits in Prefect (state AwaitingConcurrencySlot) and starts when
   the first ends, so a manual run clicked during the nightly one is not lost;
-- the Postgres advisory lock (flows.audit.refresh_lock) covers every other way in (the CLI,
+- the Postgres advisory lock (flows.control.runs.refresh_lock) covers every other way in (the CLI,
   a second deployment or server): a run that finds the lock held fails at once, having
   changed nothing, with a message naming the run that holds it.
 Housekeeping has its own limit of 1 with CANCEL_NEW: an hourly run that finds the previous

@@ -13,7 +13,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 from psycopg import sql
 
-from flows import audit, webhooks
+from flows import webhooks
+from flows.control import runs
 from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.settings import Settings, get_settings
@@ -32,7 +33,7 @@ def mark_abandoned_runs(settings: Settings) -> int:
     """Runs still `running` while nobody holds the refresh lock become `abandoned`; each one's
     refresh.failed event commits with it."""
     with connect(settings) as conn, conn.transaction():
-        n = audit.mark_abandoned(conn, settings.control_schema)
+        n = runs.mark_abandoned(conn, settings.control_schema)
         webhooks.runs_abandoned(conn, settings)
         return n
 
@@ -68,54 +69,8 @@ def prune_audit(settings: Settings, retention_days: int = DEFAULT_AUDIT_RETENTIO
     the freshness views still know when every table was last refreshed.
     """
     _check_retention(retention_days, "audit")
-    s = settings.control_schema
-
-    def t(name: str) -> sql.Composable:
-        return sql.Identifier(s, name)
-
-    deleted: dict[str, int] = {}
-    with connect(settings) as conn, conn.transaction():
-        conn.execute(
-            sql.SQL(
-                "create temp table old_runs on commit drop as select run_id from {r} "
-                "where status <> 'running' and coalesce(finished_at, started_at) "
-                "  < now() - make_interval(days => %s) "
-                "and run_id not in (select distinct on (table_name) run_id from {tr} "
-                "  order by table_name, started_at desc)"
-            ).format(r=t("refresh_runs"), tr=t("table_refreshes")),
-            (retention_days,),
-        )
-        steps: list[tuple[str, sql.Composed]] = [
-            (
-                "dbt_node_runs",
-                sql.SQL(
-                    "delete from {n} where invocation_id in (select invocation_id from {i} "
-                    "where run_id in (select run_id from old_runs))"
-                ).format(n=t("dbt_node_runs"), i=t("dbt_invocations")),
-            ),
-            *(
-                (
-                    name,
-                    sql.SQL("delete from {} where run_id in (select run_id from old_runs)").format(t(name)),
-                )
-                for name in (
-                    "dbt_invocations",
-                    "dq_results",
-                    "slice_refreshes",
-                    "table_refreshes",
-                    "refresh_runs",
-                )
-            ),
-        ]
-        for name, stmt in steps:
-            deleted[name] = conn.execute(stmt).rowcount
-        deleted["events"] = conn.execute(
-            sql.SQL("delete from {} where created_at < now() - make_interval(days => %s)").format(
-                t("events")
-            ),
-            (retention_days,),
-        ).rowcount
-    return deleted
+    with connect(settings) as conn:
+        return runs.prune(conn, settings.control_schema, retention_days)
 
 
 @dataclass

@@ -8,16 +8,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 from uuid import UUID
 
 import psycopg
 from psycopg import sql
 
-from flows import audit, webhooks
+from flows import webhooks
 from flows.bigquery import BigQueryClients
+from flows.control import runs, tables
+from flows.control.tables import SliceStatus, TableOutcome, TableStatus
 from flows.db import connect
 from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
 from flows.extract import (
@@ -31,7 +33,7 @@ from flows.extract import (
     rows_per_day,
 )
 from flows.load import apply_slice, ensure_raw_table
-from flows.planning import Slice, Window, plan_slices, plan_window, resumable, to_ts
+from flows.planning import Slice, plan_slices, plan_window, resumable
 from flows.redact import error_text
 from flows.registry import Mode, TableConfig, WriteStrategy
 from flows.settings import Settings
@@ -56,27 +58,6 @@ class RefreshOptions:
     @property
     def explicit_range(self) -> bool:
         return self.start_date is not None or self.end_date is not None
-
-
-@dataclass
-class TableOutcome:
-    table_name: str
-    status: str  # success | failed | planned
-    mode: str
-    rows_read: int = 0
-    rows_inserted: int = 0
-    rows_deleted: int = 0
-    slices_done: int = 0
-    slices_skipped: int = 0
-    duration_s: float = 0.0
-    window: Window | None = None
-    error: str | None = None
-    retryable: bool = False
-    plan: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def changed_live_data(self) -> bool:
-        return self.status == "success" and self.mode == Mode.LIVE.value
 
 
 def target_schema(settings: Settings, cfg: TableConfig) -> str:
@@ -162,43 +143,45 @@ def refresh_table(
 ) -> TableOutcome:
     """Refresh one table; never raises for the table's own failures (they are in the outcome).
 
-    The run must hold the refresh lock (audit.check_lock fences every slice commit). Transient
+    The run must hold the refresh lock (runs.check_lock fences every slice commit). Transient
     failures are retried until `options.deadline` (time.monotonic(); default:
     REFRESH_TABLE_RETRY_BUDGET_S from now); then the table fails.
     """
     deadline = options.deadline or time.monotonic() + settings.table_retry_budget_s
     dry_run = options.dry_run or cfg.mode is Mode.DRY_RUN
-    outcome = TableOutcome(cfg.table_name, "running", cfg.mode.value)
-    rec = audit.TableAudit(run_id, cfg.table_name, cfg.mode.value, cfg.write_strategy.value)
+    outcome = TableOutcome(
+        cfg.table_name,
+        TableStatus.RUNNING,
+        cfg.mode.value,
+        run_id=run_id,
+        write_strategy=cfg.write_strategy.value,
+    )
     started = time.monotonic()
     failure: BaseException | None = None
     conn = connect(settings, autocommit=True)
     try:
         if not dry_run:
-            audit.check_lock(conn, run_id, f"before refreshing {cfg.table_name}")
-            audit.write_table_audit(conn, settings.control_schema, rec)
-        _refresh(settings, clients, cfg, run_id, options, dry_run, conn, rec, outcome, deadline)
+            runs.check_lock(conn, run_id, f"before refreshing {cfg.table_name}")
+            tables.write_table_audit(conn, settings.control_schema, outcome)
+        _refresh(settings, clients, cfg, run_id, options, dry_run, conn, outcome, deadline)
         # The next due time is set by the run (flows.runbook.advance_due_times), from its anchor.
-        rec.status = outcome.status = "planned" if dry_run else "success"
+        outcome.status = TableStatus.PLANNED if dry_run else TableStatus.SUCCESS
     except (RefreshError, psycopg.Error) as exc:
         failure = exc
-        rec.status = outcome.status = "failed"
-        rec.error = outcome.error = error_text(exc)
+        outcome.status = TableStatus.FAILED
+        outcome.error = error_text(exc)
         outcome.retryable = isinstance(exc, TransientError | psycopg.OperationalError)
         log.error("%s: refresh failed: %s", cfg.table_name, exc)
     finally:
-        rec.finished_at = datetime.now(UTC)
+        outcome.finished_at = datetime.now(UTC)
         outcome.duration_s = time.monotonic() - started
-        outcome.rows_read, outcome.rows_inserted = rec.rows_read, rec.rows_inserted
-        outcome.rows_deleted, outcome.slices_done = rec.rows_deleted, rec.slices_done
-        outcome.slices_skipped = rec.slices_skipped
         if not dry_run:
             try:
                 if conn.closed:
                     conn = connect(settings, autocommit=True)
                 with conn.transaction():  # the table.failed event commits with its audit row
-                    audit.write_table_audit(conn, settings.control_schema, rec)
-                    webhooks.table_finished(conn, settings, rec, failure)
+                    tables.write_table_audit(conn, settings.control_schema, outcome)
+                    webhooks.table_finished(conn, settings, outcome, failure)
             except psycopg.Error as exc:
                 log.error("%s: could not write the table audit row: %s", cfg.table_name, exc)
         conn.close()
@@ -213,7 +196,6 @@ def _refresh(
     options: RefreshOptions,
     dry_run: bool,
     conn: psycopg.Connection,
-    rec: audit.TableAudit,
     outcome: TableOutcome,
     deadline: float,
 ) -> None:
@@ -243,11 +225,9 @@ def _refresh(
         slices, skipped = resumable(
             slices, _committed_since_last_success(conn, settings, key, cfg.table_name)
         )
-        rec.slices_skipped = skipped
+        outcome.slices_skipped = skipped
     outcome.window = window
-    rec.slices_planned = len(slices)
-    if window is not None:
-        rec.window_start, rec.window_end = to_ts(window.first), to_ts(window.last)
+    outcome.slices_planned = len(slices)
 
     if dry_run:
         span = Slice(slices[0].start, slices[-1].end) if cursor_src and slices else None
@@ -290,12 +270,12 @@ def _refresh(
         except (RefreshError, psycopg.Error) as exc:
             _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
             raise
-        rec.slices_done += 1
-        rec.rows_read += stats.rows
-        rec.bytes_read += stats.bytes
-        rec.rows_inserted += inserted
-        rec.rows_deleted += deleted
-        audit.heartbeat(conn, settings.control_schema, run_id)
+        outcome.slices_done += 1
+        outcome.rows_read += stats.rows
+        outcome.bytes_read += stats.bytes
+        outcome.rows_inserted += inserted
+        outcome.rows_deleted += deleted
+        runs.heartbeat(conn, settings.control_schema, run_id)
     if bad_slices:
         raise BadSourceValueError(
             f"{len(bad_slices)} slice(s) not loaded, the others were: " + " | ".join(bad_slices)
@@ -323,18 +303,18 @@ class _SliceLoader:
         where = row_restriction(self.cursor_src, self.piece) if self.cursor_src else ""
 
         def record(c: psycopg.Connection, inserted: int, deleted: int) -> None:
-            # Last before the commit: the fence (see audit.check_lock).
-            audit.check_lock(
+            # Last before the commit: the fence (see runs.check_lock).
+            runs.check_lock(
                 c, self.run_id, f"before committing {self.cfg.table_name} slice {self.piece.label}"
             )
-            audit.write_slice_audit(
+            tables.write_slice_audit(
                 c,
                 self.settings.control_schema,
                 run_id=self.run_id,
                 table=self.cfg.table_name,
                 slice_start=self.piece.start_ts,
                 slice_end=self.piece.end_ts,
-                status="success",
+                status=SliceStatus.SUCCESS,
                 rows_read=stats.rows,
                 rows_inserted=inserted,
                 rows_deleted=deleted,
@@ -372,14 +352,14 @@ def _record_failed_slice(
 ) -> None:
     try:
         with connect(settings, autocommit=True) as c:
-            audit.write_slice_audit(
+            tables.write_slice_audit(
                 c,
                 settings.control_schema,
                 run_id=run_id,
                 table=table,
                 slice_start=piece.start_ts,
                 slice_end=piece.end_ts,
-                status="failed",
+                status=SliceStatus.FAILED,
                 rows_read=0,
                 rows_inserted=0,
                 rows_deleted=0,

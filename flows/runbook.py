@@ -14,17 +14,18 @@ from uuid import UUID
 
 import psycopg
 import yaml
-from psycopg import sql
 
-from flows import audit, registry, transform, validation, webhooks
+from flows import registry, transform, validation, webhooks
 from flows.bigquery import BigQueryClients
+from flows.control import runs
+from flows.control.tables import TableOutcome
 from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.extract import list_source_tables
 from flows.identifiers import validate_pg_identifier
 from flows.planning import is_due, next_due
 from flows.redact import error_text
-from flows.refresh import RefreshOptions, TableOutcome
+from flows.refresh import RefreshOptions
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings
 from flows.transform import DbtOutcome, NodeRun
@@ -221,11 +222,11 @@ def begin_run(
     *,
     flow_run_id: UUID | None,
     params: RunParams,
-) -> audit.RunRecord:
+) -> runs.RunRecord:
     with lock_conn.transaction():  # a killed run's refresh.failed event commits with its row
-        audit.mark_abandoned(lock_conn, settings.control_schema)
+        runs.mark_abandoned(lock_conn, settings.control_schema)
         webhooks.runs_abandoned(lock_conn, settings)
-    return audit.start_run(
+    return runs.start_run(
         lock_conn,
         settings.control_schema,
         flow_run_id=flow_run_id,
@@ -506,16 +507,16 @@ def summarise(
 
 
 def finish_run(
-    conn: psycopg.Connection, settings: Settings, run: audit.RunRecord, summary: RunSummary
+    conn: psycopg.Connection, settings: Settings, run: runs.RunRecord, summary: RunSummary
 ) -> None:
     ok = sum(1 for t in summary.tables if t["status"] in ("success", "planned"))
     # The webhook event commits with the run row or not at all (transactional outbox).
     with conn.transaction():
-        audit.finish_run(
+        runs.finish_run(
             conn,
             settings.control_schema,
             run.run_id,
-            status=summary.status,
+            status=runs.RunStatus(summary.status),
             message=summary.message,
             tables_planned=len(summary.tables),
             tables_succeeded=ok,
@@ -526,12 +527,7 @@ def finish_run(
         )
         webhooks.run_finished(conn, settings, summary)
     if summary.dry_run:
-        conn.execute(
-            sql.SQL("update {} set plan = %s where run_id = %s").format(
-                sql.Identifier(settings.control_schema, "refresh_runs")
-            ),
-            (json.dumps(summary.tables, default=str), run.run_id),
-        )
+        runs.set_plan(conn, settings.control_schema, run.run_id, summary.tables)
 
 
 MAX_PLAN_LINES = 12

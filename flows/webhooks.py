@@ -41,7 +41,7 @@ from flows.errors import ConfigError, SchemaDriftError
 from flows.settings import Settings
 
 if TYPE_CHECKING:
-    from flows.audit import TableAudit
+    from flows.control.tables import TableOutcome
     from flows.runbook import RunSummary
 
 log = logging.getLogger(__name__)
@@ -412,7 +412,7 @@ def runs_abandoned(conn: psycopg.Connection, settings: Settings) -> int:
 
 
 def table_finished(
-    conn: psycopg.Connection, settings: Settings, rec: TableAudit, failure: BaseException | None
+    conn: psycopg.Connection, settings: Settings, rec: TableOutcome, failure: BaseException | None
 ) -> None:
     """table.failed (and schema.drift when drift stopped it); call in the audit row's transaction."""
     if rec.status != "failed":

@@ -1,5 +1,5 @@
 """The /api/refresh endpoints: each parses its input, calls the plain functions the CLI and
-the flow call (flows.audit, flows.registry, flows.runbook, flows.control), and formats."""
+the flow call (flows.registry, flows.runbook, flows.control), and formats."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows import audit, registry, runbook
+from flows import registry, runbook
 from flows.api import launch
 from flows.api.auth import require
 from flows.api.problems import Problem
 from flows.api.responses import FastJSONResponse
 from flows.control import monitoring, triggers
+from flows.control.history import MAX_PAGE_SIZE, HistoryQuery, read_history
+from flows.control.runs import refresh_running
 from flows.control.tokens import Scope, TokenInfo
 from flows.registry import Mode, SliceSize, WriteStrategy
 
@@ -59,7 +61,7 @@ def status(
     now = _now()
     schema = _schema(request)
     with request.app.state.pool.connection() as conn:
-        running = audit.refresh_running(conn)
+        running = refresh_running(conn)
         runs = monitoring.runs_since(conn, schema, now - timedelta(hours=hours))
         tables = monitoring.table_overview(conn, schema, now)
     state, reasons = monitoring.health(tables, runs)
@@ -127,7 +129,7 @@ def _busy(request: Request, conn: Any) -> dict[str, Any] | None:
     alive = [tid for tid, proc in children.items() if proc.poll() is None]
     for tid in [tid for tid in children if tid not in alive]:
         children.pop(tid)
-    if not audit.refresh_running(conn) and not alive:
+    if not refresh_running(conn) and not alive:
         return None
     row = monitoring.running_run(conn, schema)
     if row is not None:
@@ -250,14 +252,14 @@ def get_trigger(request: Request, _: Reader, trigger_id: UUID) -> dict[str, Any]
 
 
 Page = Annotated[int, Query(ge=1, le=1_000_000, description="Page number, from 1")]
-PageSize = Annotated[int, Query(ge=1, le=audit.MAX_PAGE_SIZE, description="Rows per page")]
+PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Rows per page")]
 Since = Annotated[date | None, Query(description="Started on or after (YYYY-MM-DD)")]
 Until = Annotated[date | None, Query(description="Started on or before (YYYY-MM-DD)")]
 
 
-def _page(request: Request, q: audit.HistoryQuery) -> FastJSONResponse:
+def _page(request: Request, q: HistoryQuery) -> FastJSONResponse:
     with request.app.state.pool.connection() as conn:
-        result = audit.history(conn, _schema(request), q)
+        result = read_history(conn, _schema(request), q)
     return FastJSONResponse(
         {
             "page": q.page,
@@ -282,7 +284,7 @@ def runs(
     page_size: PageSize = 20,
 ) -> FastJSONResponse:
     """Runs, newest first, paged."""
-    q = audit.HistoryQuery(status=status, since=since, until=until, page=page, page_size=page_size)
+    q = HistoryQuery(status=status, since=since, until=until, page=page, page_size=page_size)
     return _page(request, q)
 
 
@@ -314,9 +316,7 @@ def history(
     page_size: PageSize = 20,
 ) -> FastJSONResponse:
     """Past runs, or one table's refreshes, filtered and paged (page_size <= 100)."""
-    q = audit.HistoryQuery(
-        table=table, status=status, since=since, until=until, page=page, page_size=page_size
-    )
+    q = HistoryQuery(table=table, status=status, since=since, until=until, page=page, page_size=page_size)
     return _page(request, q)
 
 

@@ -18,7 +18,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from flows import audit, registry
+from flows import registry
+from flows.control import history
 from flows.registry import Mode
 
 
@@ -129,7 +130,7 @@ def table_overview(conn: psycopg.Connection, schema: str, now: datetime) -> list
     """Per registered table: mode, last status, last success, freshness, next due."""
     configs = {c.table_name: c for c in registry.load_all(conn, schema)}
     out = []
-    for row in audit.table_status(conn, schema):
+    for row in history.table_status(conn, schema):
         cfg = configs.get(row["table_name"])
         if cfg is None:
             continue

@@ -118,7 +118,7 @@ def test_three_runs_started_together_on_a_stack_that_is_down() -> None:
 def test_the_flow_run_adopts_the_lock_its_command_took(settings: Settings) -> None:
     """`refresh run` takes the refresh lock before Prefect starts; the flow run in that process
     uses that lock (another session's try-lock would refuse it) and releases it when it ends."""
-    from flows.audit import refresh_lock
+    from flows.control.runs import refresh_lock
     from flows.daily_refresh import _refresh_lock, lock_taken_by_caller
     from flows.db import connect
 

@@ -34,8 +34,9 @@ import pytest
 from google.cloud import bigquery
 from psycopg import sql
 
-from flows import audit, runbook
+from flows import runbook
 from flows.bigquery import BigQueryClients, make_clients
+from flows.control import runs
 from flows.db import migrate, relation_columns
 from flows.extract import ReadStats, read_rest, read_storage
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
@@ -87,9 +88,9 @@ class Engine:
 def locked_run(settings: Settings) -> Iterator[UUID]:
     """A run as the flow makes one: under the lock (held throughout: slices commit only under
     it), after marking dead runs abandoned; its row ends `success`."""
-    with audit.refresh_lock(settings, wait_s=30) as conn:
-        audit.mark_abandoned(conn, settings.control_schema)
-        run = audit.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
+    with runs.refresh_lock(settings, wait_s=30) as conn:
+        runs.mark_abandoned(conn, settings.control_schema)
+        run = runs.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
         try:
             yield run.run_id
         finally:
@@ -98,7 +99,7 @@ def locked_run(settings: Settings) -> Iterator[UUID]:
 
 def end_run(settings: Settings, run_id: UUID) -> None:
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-        audit.finish_run(
+        runs.finish_run(
             conn,
             settings.control_schema,
             run_id,
@@ -268,7 +269,7 @@ from (
 # The child runs as the flow does: it takes the lock and starts its run, then refreshes.
 CRASH_CHILD = """
 import sys
-from flows import audit
+from flows.control import runs
 from flows.bigquery import make_clients
 from flows.refresh import RefreshOptions, refresh_table
 from flows.registry import TableConfig
@@ -276,9 +277,9 @@ from flows.settings import get_settings
 settings = get_settings()
 clients = make_clients(settings)
 cfg = TableConfig.model_validate_json(sys.argv[1])
-with audit.refresh_lock(settings, wait_s=30) as conn:
-    audit.mark_abandoned(conn, settings.control_schema)
-    run = audit.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
+with runs.refresh_lock(settings, wait_s=30) as conn:
+    runs.mark_abandoned(conn, settings.control_schema)
+    run = runs.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
     print("ready", run.run_id, flush=True)
     outcome = refresh_table(settings, clients, cfg, run.run_id, RefreshOptions())
     print(outcome.status, outcome.error, flush=True)

@@ -25,8 +25,8 @@ from uuid import UUID
 import psycopg
 import pytest
 
-from flows import audit
 from flows.bigquery import make_clients
+from flows.control import history, runs
 from flows.db import FENCE_LOCK_KEY
 from flows.errors import TransientError
 from flows.extract import ReadStats, read_storage
@@ -95,7 +95,7 @@ def test_lockloss_mid_run_first_run_commits_nothing_more_and_fails(engine: Engin
             killed = _scalar(
                 watch,
                 "select count(pg_terminate_backend(pid)) from pg_stat_activity where application_name = %s",
-                (f"{audit.LOCK_SESSION_PREFIX}{run_a}",),
+                (f"{runs.LOCK_SESSION_PREFIX}{run_a}",),
             )
             assert killed == 1
             # The barrier a taking-over run passes (mark_abandoned): a slice that checked the
@@ -215,7 +215,7 @@ def test_bqfault_mid_read_fails_the_table_within_budget_next_table_loads(engine:
                 proxy.resume()
                 loaded = refresh_table(settings, clients, other, run_id, RefreshOptions())
             # The lock is free the moment the run ends: a second run starts at once.
-            with audit.refresh_lock(settings):
+            with runs.refresh_lock(settings):
                 pass
         finally:
             clients.close()
@@ -386,22 +386,22 @@ def test_unreachable_bigquery_at_the_start_fails_within_the_call_deadline() -> N
 
 
 def test_lockstatus_a_running_run_whose_lock_is_gone_is_shown_as_such(engine: Engine) -> None:
-    """`refresh status` / `refresh history` read audit.history: the truth while a run is stuck."""
+    """`refresh status` / `refresh history` read flows.control.history.read_history: the truth while a run is stuck."""
     e = engine
 
     def shown(run_id: UUID) -> str:
         with e.pg() as c:
-            rows = audit.history(c, CONTROL, audit.HistoryQuery(page_size=100)).rows
+            rows = history.read_history(c, CONTROL, history.HistoryQuery(page_size=100)).rows
         return str(next(r for r in rows if r["run_id"] == run_id)["status"])
 
-    with audit.refresh_lock(e.settings, wait_s=30) as conn:
-        audit.mark_abandoned(conn, CONTROL)
-        run = audit.start_run(conn, CONTROL, flow_run_id=None, trigger="test", params={})
+    with runs.refresh_lock(e.settings, wait_s=30) as conn:
+        runs.mark_abandoned(conn, CONTROL)
+        run = runs.start_run(conn, CONTROL, flow_run_id=None, trigger="test", params={})
         assert shown(run.run_id) == "running"
     # The process "went on" without its lock session (as after a Postgres restart).
     assert shown(run.run_id).startswith("running (lock lost")
     with e.pg() as c:
-        assert audit.mark_abandoned(c, CONTROL) == 1
+        assert runs.mark_abandoned(c, CONTROL) == 1
 
 
 def test_firstbatch_is_read_before_the_slice_transaction_opens(engine: Engine) -> None:

@@ -352,7 +352,7 @@ def test_two_runs_triggered_together_never_refresh_at_the_same_time(
 
 
 def test_a_second_refresh_fails_fast_while_one_holds_the_lock(orch: Settings, pg: psycopg.Connection) -> None:
-    from flows.audit import RefreshBusyError, refresh_lock
+    from flows.control.runs import RefreshBusyError, refresh_lock
     from flows.daily_refresh import daily_refresh
 
     before = pg_scalar(pg, "select count(*) from orch_control.refresh_runs")
@@ -505,7 +505,7 @@ def test_transient_table_failures_retry_and_a_crash_stops_no_other_table(
 def test_abandoned_runs_are_marked_only_when_no_refresh_holds_the_lock(
     orch: Settings, pg: psycopg.Connection
 ) -> None:
-    from flows.audit import refresh_lock
+    from flows.control.runs import refresh_lock
     from flows.housekeeping import mark_abandoned_runs
     from flows.runbook import prepare
 

@@ -20,10 +20,11 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from typer.testing import CliRunner
 
-from flows import audit, runbook, webhooks
-from flows.audit import TableAudit
+from flows import runbook, webhooks
 from flows.cli import app
+from flows.control import runs, tables
 from flows.control import webhooks as store
+from flows.control.tables import TableOutcome, TableStatus
 from flows.db import migrate
 from flows.errors import ConfigError, SchemaDriftError
 from flows.local_stack import free_port
@@ -49,8 +50,8 @@ def finish_a_run(
 ) -> UUID:
     """A run row started and finished through runbook.finish_run (which writes the event)."""
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-        audit.mark_abandoned(conn, settings.control_schema)
-        run = audit.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
+        runs.mark_abandoned(conn, settings.control_schema)
+        run = runs.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
         summary = runbook.RunSummary(str(run.run_id), status, f"test run {status}", tables=tables or [])
         runbook.finish_run(conn, settings, run, summary)
     return run.run_id
@@ -110,13 +111,14 @@ KILLED_RUN = textwrap.dedent(
     """
     import sys, time
     import psycopg
-    from flows import audit, runbook
+    from flows import runbook
+    from flows.control import runs
     from flows.settings import get_settings
 
     s = get_settings()
     with psycopg.connect(s.dsn(), autocommit=True) as conn:
-        audit.mark_abandoned(conn, s.control_schema)
-        run = audit.start_run(conn, s.control_schema, flow_run_id=None, trigger="kill-test", params={})
+        runs.mark_abandoned(conn, s.control_schema)
+        run = runs.start_run(conn, s.control_schema, flow_run_id=None, trigger="kill-test", params={})
         summary = runbook.RunSummary(str(run.run_id), "failed", "every table failed: test")
         runbook.finish_run(conn, s, run, summary)
         print(run.run_id, flush=True)
@@ -307,19 +309,24 @@ def test_concurrent_dispatchers_never_send_the_same_attempt(wh: Settings, pg: ps
 
 def test_events_commit_with_their_audit_row_or_not_at_all(wh: Settings, pg: psycopg.Connection) -> None:
     with psycopg.connect(wh.dsn(), autocommit=True) as conn:
-        run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
-        rec = TableAudit(
-            run.run_id, "drifty", "live", "slice_replace", status="failed", error="column x changed"
+        run = runs.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
+        rec = TableOutcome(
+            "drifty",
+            TableStatus.FAILED,
+            "live",
+            run_id=run.run_id,
+            write_strategy="slice_replace",
+            error="column x changed",
         )
         with pytest.raises(RuntimeError), conn.transaction():
-            audit.write_table_audit(conn, wh.control_schema, rec)
+            tables.write_table_audit(conn, wh.control_schema, rec)
             webhooks.table_finished(conn, wh, rec, SchemaDriftError("x"))
             raise RuntimeError("crash before commit")
         assert (
             pg_scalar(pg, "select count(*) from refresh_control.events where run_id = %s", (run.run_id,)) == 0
         )
         with conn.transaction():
-            audit.write_table_audit(conn, wh.control_schema, rec)
+            tables.write_table_audit(conn, wh.control_schema, rec)
             webhooks.table_finished(conn, wh, rec, SchemaDriftError("x"))
         runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "failed", "x"))
     events = pg.execute(
@@ -475,8 +482,8 @@ def test_housekeeping_sends_leftovers_and_waits_for_a_retry_due_soon(
 
 def test_run_row_and_its_event_commit_together(wh: Settings, pg: psycopg.Connection) -> None:
     with psycopg.connect(wh.dsn(), autocommit=True) as conn:
-        audit.mark_abandoned(conn, wh.control_schema)
-        run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
+        runs.mark_abandoned(conn, wh.control_schema)
+        run = runs.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
         # No event type for this status: the event insert fails after the run row's update.
         with pytest.raises(KeyError):
             runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "abandoned", "x"))
@@ -497,8 +504,8 @@ def test_failed_table_writes_table_failed_with_its_audit_row(
         ep = webhooks.add_endpoint(wh, rx.url, ["table.failed"])
         rx.secrets = [ep.secret]
         with psycopg.connect(wh.dsn(), autocommit=True) as conn:
-            audit.mark_abandoned(conn, wh.control_schema)
-            run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
+            runs.mark_abandoned(conn, wh.control_schema)
+            run = runs.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
         cfg = TableConfig(table_name="ghost", source_table="ghost", write_strategy=WriteStrategy.FULL_REPLACE)
         outcome = refresh_table(wh, clients, cfg, run.run_id, RefreshOptions())
         with psycopg.connect(wh.dsn(), autocommit=True) as conn:
@@ -526,8 +533,8 @@ def test_abandoned_run_is_reported_as_refresh_failed(wh: Settings, pg: psycopg.C
     from flows.housekeeping import mark_abandoned_runs
 
     with psycopg.connect(wh.dsn(), autocommit=True) as conn:
-        audit.mark_abandoned(conn, wh.control_schema)
-        run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
+        runs.mark_abandoned(conn, wh.control_schema)
+        run = runs.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
     # Nobody holds the refresh lock: the process that started this run is gone.
     assert mark_abandoned_runs(wh) == 1
     assert mark_abandoned_runs(wh) == 0
@@ -540,8 +547,8 @@ def test_abandoned_run_is_reported_as_refresh_failed(wh: Settings, pg: psycopg.C
 
 def test_dry_run_sends_nothing(wh: Settings, pg: psycopg.Connection) -> None:
     with psycopg.connect(wh.dsn(), autocommit=True) as conn:
-        audit.mark_abandoned(conn, wh.control_schema)
-        run = audit.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
+        runs.mark_abandoned(conn, wh.control_schema)
+        run = runs.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
         runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "success", "x", dry_run=True))
     assert pg_scalar(pg, "select count(*) from refresh_control.events where run_id = %s", (run.run_id,)) == 0
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from flows import runbook
-from flows.audit import HistoryQuery
+from flows.control.history import HistoryQuery
 from flows.errors import ConfigError
 from flows.planning import Window
 from flows.refresh import TableOutcome

@@ -11,9 +11,9 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from flows import audit
 from flows.api.app import create_app
 from flows.api.settings import ApiSettings
+from flows.control import runs
 from flows.settings import Settings
 from tests.integration.api.support import auth, control_fingerprint
 
@@ -256,8 +256,8 @@ def test_trigger_409_while_the_refresh_lock_is_held(
     client: TestClient, api_tokens: dict[str, str], settings: Settings
 ) -> None:
     h = auth(api_tokens["trigger"])
-    with audit.refresh_lock(settings) as lock_conn:
-        run = audit.start_run(lock_conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
+    with runs.refresh_lock(settings) as lock_conn:
+        run = runs.start_run(lock_conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
         try:
             unchanged = control_fingerprint(settings)
             err = problem(client.post("/api/refresh/trigger", json={"force": True}, headers=h), 409)
@@ -272,7 +272,7 @@ def test_trigger_409_while_the_refresh_lock_is_held(
     # The lock goes with its session, which the server ends a moment after the client closes.
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         deadline = time.monotonic() + 30
-        while audit.refresh_running(conn) and time.monotonic() < deadline:
+        while runs.refresh_running(conn) and time.monotonic() < deadline:
             time.sleep(0.2)
 
 

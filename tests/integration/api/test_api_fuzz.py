@@ -17,7 +17,7 @@ import schemathesis
 from psycopg import sql
 from schemathesis.generation.modes import GenerationMode
 
-from flows import audit
+from flows.control import runs
 from flows.control import webhooks as store
 from flows.settings import Settings
 from tests.integration.api.support import auth, control_fingerprint
@@ -68,7 +68,7 @@ def test_fuzz_from_the_openapi_document(
     headers = auth(api_tokens["admin"])
     counts: dict[str, int] = {}
     seen_status: set[int] = set()
-    with audit.refresh_lock(settings):
+    with runs.refresh_lock(settings):
         state = {"fingerprint": control_fingerprint(settings)}
 
         def check(case: Any) -> None:

@@ -1,4 +1,9 @@
-"""Audit records: runs, per-table and per-slice results, and one-refresh-at-a-time locking."""
+"""Runs (`refresh_runs`) and the refresh lock that lets one run at a time write.
+
+A run holds a session-level advisory lock for its whole life, on a connection named after it,
+so any session can tell whether a `running` row still has a live process behind it (the fence
+of check_lock, mark_abandoned, and the `lock lost` note of the run history).
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,36 @@ import json
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
 from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from flows.db import FENCE_LOCK_KEY, REFRESH_LOCK_KEY, connect
-from flows.errors import ConfigError, LockLostError, TerminalError
+from flows.errors import LockLostError, TerminalError
 from flows.settings import Settings
 
 
-class RefreshBusyError(TerminalError):
-    """Another refresh holds the lock."""
+class RunStatus(StrEnum):
+    """`refresh_runs.status`."""
+
+    RUNNING = "running"
+    SUCCESS = "success"
+    WARNING = "warning"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
 
 
 def _t(schema: str, name: str) -> sql.Composable:
     return sql.Identifier(schema, name)
+
+
+class RefreshBusyError(TerminalError):
+    """Another refresh holds the lock."""
 
 
 @contextlib.contextmanager
@@ -100,7 +115,7 @@ def _lock_held_elsewhere() -> sql.Composable:
 LOCK_SESSION_PREFIX = "sqp-refresh lock "
 
 
-def _lock_held_for(run_id: sql.Composable) -> sql.Composable:
+def lock_held_for(run_id: sql.Composable) -> sql.Composable:
     return sql.SQL(
         "exists (select 1 from pg_locks l join pg_stat_activity a on a.pid = l.pid "
         "where {row} and a.application_name = {prefix} || ({run_id})::text)"
@@ -122,7 +137,7 @@ def check_lock(conn: psycopg.Connection, run_id: UUID, doing: str) -> None:
     """
     if not conn.autocommit:
         conn.execute("select pg_advisory_xact_lock_shared(%s)", (FENCE_LOCK_KEY,))
-    row = conn.execute(sql.SQL("select {}").format(_lock_held_for(sql.Literal(str(run_id))))).fetchone()
+    row = conn.execute(sql.SQL("select {}").format(lock_held_for(sql.Literal(str(run_id))))).fetchone()
     if not (row and row[0]):
         raise LockLostError(
             f"run {run_id} lost the refresh lock (Postgres restarted, failed over, or ended its "
@@ -204,7 +219,7 @@ def finish_run(
     schema: str,
     run_id: UUID,
     *,
-    status: str,
+    status: RunStatus,
     message: str,
     tables_planned: int,
     tables_succeeded: int,
@@ -233,210 +248,65 @@ def finish_run(
     )
 
 
-@dataclass
-class TableAudit:
-    """Counters of one table refresh, written at start and at the end."""
-
-    run_id: UUID
-    table_name: str
-    mode: str
-    write_strategy: str
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    status: str = "running"
-    window_start: datetime | None = None
-    window_end: datetime | None = None
-    slices_planned: int = 0
-    slices_done: int = 0
-    slices_skipped: int = 0
-    rows_read: int = 0
-    rows_inserted: int = 0
-    rows_deleted: int = 0
-    bytes_read: int = 0
-    error: str | None = None
-    finished_at: datetime | None = None
-
-    @property
-    def duration_s(self) -> float:
-        end = self.finished_at or datetime.now(UTC)
-        return (end - self.started_at).total_seconds()
-
-    @property
-    def rows_per_second(self) -> float | None:
-        d = self.duration_s
-        return round(self.rows_read / d, 1) if d > 0 and self.rows_read else None
-
-
-def write_table_audit(conn: psycopg.Connection, schema: str, a: TableAudit) -> None:
+def set_plan(conn: psycopg.Connection, schema: str, run_id: UUID, plan: list[dict[str, Any]]) -> None:
+    """A dry run keeps what it would have done (per table, per slice) on its run row."""
     conn.execute(
-        sql.SQL(
-            "insert into {t} (run_id, table_name, mode, status, write_strategy, window_start, "
-            "window_end, slices_planned, slices_done, slices_skipped, rows_read, rows_inserted, "
-            "rows_deleted, bytes_read, rows_per_second, started_at, finished_at, error) values "
-            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-            "on conflict (run_id, table_name) do update set status = excluded.status, "
-            "window_start = excluded.window_start, window_end = excluded.window_end, "
-            "slices_planned = excluded.slices_planned, slices_done = excluded.slices_done, "
-            "slices_skipped = excluded.slices_skipped, rows_read = excluded.rows_read, "
-            "rows_inserted = excluded.rows_inserted, rows_deleted = excluded.rows_deleted, "
-            "bytes_read = excluded.bytes_read, rows_per_second = excluded.rows_per_second, "
-            "finished_at = excluded.finished_at, error = excluded.error"
-        ).format(t=_t(schema, "table_refreshes")),
-        (
-            a.run_id,
-            a.table_name,
-            a.mode,
-            a.status,
-            a.write_strategy,
-            a.window_start,
-            a.window_end,
-            a.slices_planned,
-            a.slices_done,
-            a.slices_skipped,
-            a.rows_read,
-            a.rows_inserted,
-            a.rows_deleted,
-            a.bytes_read,
-            a.rows_per_second,
-            a.started_at,
-            a.finished_at,
-            a.error,
-        ),
+        sql.SQL("update {} set plan = %s where run_id = %s").format(_t(schema, "refresh_runs")),
+        (json.dumps(plan, default=str), run_id),
     )
 
 
-def write_slice_audit(
-    conn: psycopg.Connection,
-    schema: str,
-    *,
-    run_id: UUID,
-    table: str,
-    slice_start: datetime,
-    slice_end: datetime,
-    status: str,
-    rows_read: int,
-    rows_inserted: int,
-    rows_deleted: int,
-    bytes_read: int,
-    started_at: datetime,
-    error: str | None = None,
-) -> None:
-    conn.execute(
-        sql.SQL(
-            "insert into {s} (run_id, table_name, slice_start, slice_end, status, rows_read, "
-            "rows_inserted, rows_deleted, bytes_read, started_at, error) values "
-            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        ).format(s=_t(schema, "slice_refreshes")),
-        (
-            run_id,
-            table,
-            slice_start,
-            slice_end,
-            status,
-            rows_read,
-            rows_inserted,
-            rows_deleted,
-            bytes_read,
-            started_at,
-            error,
-        ),
-    )
+def prune(conn: psycopg.Connection, schema: str, retention_days: int) -> dict[str, int]:
+    """Delete runs (with their table, slice, dbt and data-quality rows) and events older than
+    `retention_days`, in one transaction; returns rows deleted per table.
 
+    Running runs are never deleted, nor the latest run of any table, so `refresh status` and
+    the freshness views still know when every table was last refreshed.
+    """
 
-RUN_STATUSES = ("running", "success", "warning", "failed", "abandoned")
-TABLE_STATUSES = ("running", "success", "failed", "skipped", "planned")
-MAX_PAGE_SIZE = 100
+    def t(name: str) -> sql.Composable:
+        return _t(schema, name)
 
-
-@dataclass(frozen=True)
-class HistoryQuery:
-    """Filters for run history: whole runs, or one table's refreshes when `table` is set."""
-
-    table: str | None = None
-    status: str | None = None
-    since: date | None = None
-    until: date | None = None  # inclusive
-    page: int = 1
-    page_size: int = 20
-
-    def __post_init__(self) -> None:
-        allowed = TABLE_STATUSES if self.table else RUN_STATUSES
-        if self.status is not None and self.status not in allowed:
-            raise ConfigError(f"unknown status {self.status!r}: use one of {', '.join(allowed)}")
-        if self.since and self.until and self.since > self.until:
-            raise ConfigError(f"since {self.since} is after until {self.until}")
-        if self.page < 1:
-            raise ConfigError("page starts at 1")
-        if not 1 <= self.page_size <= MAX_PAGE_SIZE:
-            raise ConfigError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
-
-
-@dataclass
-class HistoryPage:
-    total: int
-    rows: list[dict[str, Any]]
-
-
-def history(conn: psycopg.Connection, schema: str, q: HistoryQuery) -> HistoryPage:
-    """One page of runs (or of one table's refreshes), newest first, with the total count."""
-    if q.table:
-        source = sql.SQL(
-            "select t.run_id, r.flow_run_id, t.table_name, t.status, t.mode, t.started_at, "
-            "t.finished_at, extract(epoch from t.finished_at - t.started_at) as duration_s, "
-            "t.slices_done, t.rows_read, t.rows_inserted, t.rows_deleted, t.error as message "
-            # left join: every refresh has its run (foreign key), and Postgres can then drop the
-            # join from the count and page through the (table_name, started_at) index.
-            "from {t} t left join {r} r using (run_id)"
-        ).format(t=_t(schema, "table_refreshes"), r=_t(schema, "refresh_runs"))
-        prefix = sql.SQL("t.")
-    else:
-        source = sql.SQL(
-            "select r.run_id, r.flow_run_id, case when r.status = 'running' and not {held} "
-            "then 'running (lock lost: no process holds the refresh lock for it)' "
-            "else r.status end as status, r.trigger, r.started_at, r.finished_at, "
-            "extract(epoch from r.finished_at - r.started_at) as duration_s, r.tables_planned, "
-            "r.tables_failed, r.rows_read, r.rows_inserted, r.message from {r} r"
-        ).format(r=_t(schema, "refresh_runs"), held=_lock_held_for(sql.SQL("r.run_id")))
-        prefix = sql.SQL("r.")
-    where: list[sql.Composable] = []
-    params: list[Any] = []
-    if q.table:
-        where.append(sql.SQL("t.table_name = %s"))
-        params.append(q.table)
-    if q.status:
-        where.append(prefix + sql.SQL("status = %s"))
-        params.append(q.status)
-    if q.since:
-        where.append(prefix + sql.SQL("started_at >= %s"))
-        params.append(datetime(q.since.year, q.since.month, q.since.day, tzinfo=UTC))
-    if q.until:
-        where.append(prefix + sql.SQL("started_at < %s"))
-        params.append(datetime(q.until.year, q.until.month, q.until.day, tzinfo=UTC) + timedelta(days=1))
-    filtered = source + (sql.SQL(" where ") + sql.SQL(" and ").join(where) if where else sql.SQL(""))
-    total_row = conn.execute(sql.SQL("select count(*) from ({}) f").format(filtered), params).fetchone()
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            filtered + sql.SQL(" order by started_at desc limit %s offset %s"),
-            [*params, q.page_size, (q.page - 1) * q.page_size],
-        )
-        rows = cur.fetchall()
-    return HistoryPage(total=int(total_row[0]) if total_row else 0, rows=rows)
-
-
-def table_status(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:
-    """Per registered table: mode, next due time, latest refresh and latest success."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
+    deleted: dict[str, int] = {}
+    with conn.transaction():
+        conn.execute(
             sql.SQL(
-                "select c.table_name, c.enabled, c.mode, c.priority, c.next_refresh_at, "
-                "l.status as last_status, l.started_at as last_started_at, l.error as last_error, "
-                "s.finished_at as last_success_at, s.rows_inserted as last_success_rows "
-                "from {c} c "
-                "left join lateral (select status, started_at, error from {t} t "
-                "  where t.table_name = c.table_name order by started_at desc limit 1) l on true "
-                "left join lateral (select finished_at, rows_inserted from {t} t "
-                "  where t.table_name = c.table_name and t.status = 'success' "
-                "  order by finished_at desc limit 1) s on true "
-                "order by c.priority desc, c.table_name"
-            ).format(c=_t(schema, "refresh_config"), t=_t(schema, "table_refreshes"))
+                "create temp table old_runs on commit drop as select run_id from {r} "
+                "where status <> 'running' and coalesce(finished_at, started_at) "
+                "  < now() - make_interval(days => %s) "
+                "and run_id not in (select distinct on (table_name) run_id from {tr} "
+                "  order by table_name, started_at desc)"
+            ).format(r=t("refresh_runs"), tr=t("table_refreshes")),
+            (retention_days,),
         )
-        return cur.fetchall()
+        steps: list[tuple[str, sql.Composed]] = [
+            (
+                "dbt_node_runs",
+                sql.SQL(
+                    "delete from {n} where invocation_id in (select invocation_id from {i} "
+                    "where run_id in (select run_id from old_runs))"
+                ).format(n=t("dbt_node_runs"), i=t("dbt_invocations")),
+            ),
+            *(
+                (
+                    name,
+                    sql.SQL("delete from {} where run_id in (select run_id from old_runs)").format(t(name)),
+                )
+                for name in (
+                    "dbt_invocations",
+                    "dq_results",
+                    "slice_refreshes",
+                    "table_refreshes",
+                    "refresh_runs",
+                )
+            ),
+        ]
+        for name, stmt in steps:
+            deleted[name] = conn.execute(stmt).rowcount
+        deleted["events"] = conn.execute(
+            sql.SQL("delete from {} where created_at < now() - make_interval(days => %s)").format(
+                t("events")
+            ),
+            (retention_days,),
+        ).rowcount
+    return deleted

@@ -1,0 +1,172 @@
+"""Table and slice refreshes (`table_refreshes`, `slice_refreshes`) and the outcome of one table.
+
+TableOutcome is both what the engine returns for a table and what its audit row records: it is
+written when the table starts (status running) and again when it ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from flows.planning import Window, to_ts
+from flows.registry import Mode
+
+
+class TableStatus(StrEnum):
+    """`table_refreshes.status`: planned is a dry run's, skipped a table left out of a run."""
+
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    PLANNED = "planned"
+
+
+class SliceStatus(StrEnum):
+    """`slice_refreshes.status`."""
+
+    SUCCESS = "success"
+    FAILED = "failed"
+
+
+@dataclass
+class TableOutcome:
+    """One table's refresh in one run: its counters, window, error and (dry run) plan."""
+
+    table_name: str
+    status: TableStatus
+    mode: str
+    run_id: UUID | None = None
+    write_strategy: str | None = None
+    rows_read: int = 0
+    rows_inserted: int = 0
+    rows_deleted: int = 0
+    bytes_read: int = 0
+    slices_planned: int = 0
+    slices_done: int = 0
+    slices_skipped: int = 0
+    # Measured on the monotonic clock by the engine; started_at/finished_at are wall clock.
+    duration_s: float = 0.0
+    window: Window | None = None
+    error: str | None = None
+    retryable: bool = False
+    plan: list[dict[str, Any]] = field(default_factory=list)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    finished_at: datetime | None = None
+
+    @property
+    def changed_live_data(self) -> bool:
+        return self.status == TableStatus.SUCCESS and self.mode == Mode.LIVE.value
+
+    @property
+    def window_start(self) -> datetime | None:
+        return None if self.window is None else to_ts(self.window.first)
+
+    @property
+    def window_end(self) -> datetime | None:
+        return None if self.window is None else to_ts(self.window.last)
+
+    @property
+    def rows_per_second(self) -> float | None:
+        d = ((self.finished_at or datetime.now(UTC)) - self.started_at).total_seconds()
+        return round(self.rows_read / d, 1) if d > 0 and self.rows_read else None
+
+
+def write_table_audit(conn: psycopg.Connection, schema: str, a: TableOutcome) -> None:
+    """Insert or update the table's row of its run (by run_id and table name)."""
+    if a.run_id is None:
+        raise ValueError(f"{a.table_name}: a table outcome without a run cannot be recorded")
+    conn.execute(
+        sql.SQL(
+            "insert into {t} (run_id, table_name, mode, status, write_strategy, window_start, "
+            "window_end, slices_planned, slices_done, slices_skipped, rows_read, rows_inserted, "
+            "rows_deleted, bytes_read, rows_per_second, started_at, finished_at, error) values "
+            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "on conflict (run_id, table_name) do update set status = excluded.status, "
+            "window_start = excluded.window_start, window_end = excluded.window_end, "
+            "slices_planned = excluded.slices_planned, slices_done = excluded.slices_done, "
+            "slices_skipped = excluded.slices_skipped, rows_read = excluded.rows_read, "
+            "rows_inserted = excluded.rows_inserted, rows_deleted = excluded.rows_deleted, "
+            "bytes_read = excluded.bytes_read, rows_per_second = excluded.rows_per_second, "
+            "finished_at = excluded.finished_at, error = excluded.error"
+        ).format(t=sql.Identifier(schema, "table_refreshes")),
+        (
+            a.run_id,
+            a.table_name,
+            a.mode,
+            a.status,
+            a.write_strategy,
+            a.window_start,
+            a.window_end,
+            a.slices_planned,
+            a.slices_done,
+            a.slices_skipped,
+            a.rows_read,
+            a.rows_inserted,
+            a.rows_deleted,
+            a.bytes_read,
+            a.rows_per_second,
+            a.started_at,
+            a.finished_at,
+            a.error,
+        ),
+    )
+
+
+def write_slice_audit(
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    run_id: UUID,
+    table: str,
+    slice_start: datetime,
+    slice_end: datetime,
+    status: SliceStatus,
+    rows_read: int,
+    rows_inserted: int,
+    rows_deleted: int,
+    bytes_read: int,
+    started_at: datetime,
+    error: str | None = None,
+) -> None:
+    conn.execute(
+        sql.SQL(
+            "insert into {s} (run_id, table_name, slice_start, slice_end, status, rows_read, "
+            "rows_inserted, rows_deleted, bytes_read, started_at, error) values "
+            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(s=sql.Identifier(schema, "slice_refreshes")),
+        (
+            run_id,
+            table,
+            slice_start,
+            slice_end,
+            status,
+            rows_read,
+            rows_inserted,
+            rows_deleted,
+            bytes_read,
+            started_at,
+            error,
+        ),
+    )
+
+
+def touched_slices(
+    conn: psycopg.Connection, schema: str, run_id: UUID, table: str
+) -> list[tuple[date, date]]:
+    """The slices (first day, end day exclusive) this run committed for the table."""
+    rows = conn.execute(
+        sql.SQL(
+            "select distinct slice_start, slice_end from {} where run_id = %s and table_name = %s "
+            "and status = 'success' order by 1"
+        ).format(sql.Identifier(schema, "slice_refreshes")),
+        (run_id, table),
+    ).fetchall()
+    return [(a.astimezone(UTC).date(), b.astimezone(UTC).date()) for a, b in rows]
