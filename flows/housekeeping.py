@@ -11,10 +11,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger
-from psycopg import sql
 
 from flows import webhooks
-from flows.control import runs
+from flows.control import checkpoints, runs
 from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.settings import Settings, get_settings
@@ -46,19 +45,8 @@ def cleanup_checkpoints(settings: Settings, retention_days: int = DEFAULT_CHECKP
     full-replace checkpoints are kept apart, as the high-water mark only reads sliced ones.
     """
     _check_retention(retention_days, "checkpoint")
-    cp = sql.Identifier(settings.control_schema, "checkpoints")
     with connect(settings, autocommit=True) as conn:
-        cur = conn.execute(
-            sql.SQL(
-                "delete from {cp} c where c.committed_at < now() - make_interval(days => %s) "
-                "and (c.table_name, c.slice_start) not in ("
-                "  select distinct on (table_name, slice_start > '0001-01-02') table_name, slice_start "
-                "  from {cp} order by table_name, slice_start > '0001-01-02', slice_end desc, "
-                "  committed_at desc)"
-            ).format(cp=cp),
-            (retention_days,),
-        )
-        return cur.rowcount
+        return checkpoints.expire(conn, settings.control_schema, retention_days)
 
 
 def prune_audit(settings: Settings, retention_days: int = DEFAULT_AUDIT_RETENTION_DAYS) -> dict[str, int]:

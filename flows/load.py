@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
 
+from flows.control import checkpoints
 from flows.db import relation_columns
 from flows.errors import BadSourceValueError, SchemaDriftError
 from flows.planning import Slice
@@ -280,14 +281,8 @@ def apply_slice(
                 for rows, data in _encoded(itertools.chain([first], it), check):
                     copy.write(data)
                     inserted += rows
-        conn.execute(
-            sql.SQL(
-                "insert into {cp} (table_name, slice_start, slice_end, run_id, rows_loaded) "
-                "values (%s, %s, %s, %s, %s) on conflict (table_name, slice_start) do update set "
-                "slice_end = excluded.slice_end, run_id = excluded.run_id, "
-                "rows_loaded = excluded.rows_loaded, committed_at = now()"
-            ).format(cp=sql.Identifier(control_schema, "checkpoints")),
-            (checkpoint_key or table, piece.start_ts, piece.end_ts, run_id, inserted),
+        checkpoints.record(
+            conn, control_schema, checkpoint_key or table, piece.start_ts, piece.end_ts, run_id, inserted
         )
         if in_transaction is not None:
             in_transaction(conn, inserted, deleted)

@@ -14,11 +14,10 @@ from typing import TypeVar
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
 
 from flows import webhooks
 from flows.bigquery import BigQueryClients
-from flows.control import runs, tables
+from flows.control import checkpoints, runs, tables
 from flows.control.tables import SliceStatus, TableOutcome, TableStatus
 from flows.db import connect
 from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
@@ -105,35 +104,6 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
-def _high_water(conn: psycopg.Connection, settings: Settings, key: str) -> date | None:
-    row = conn.execute(
-        sql.SQL("select max(slice_end) from {} where table_name = %s and slice_start > '0001-01-02'").format(
-            sql.Identifier(settings.control_schema, "checkpoints")
-        ),
-        (key,),
-    ).fetchone()
-    return row[0].astimezone(UTC).date() if row and row[0] else None
-
-
-def _committed_since_last_success(
-    conn: psycopg.Connection, settings: Settings, key: str, table: str
-) -> set[date]:
-    """Slices an interrupted attempt already committed after the table's last success."""
-    rows = conn.execute(
-        sql.SQL(
-            "select c.slice_start from {cp} c where c.table_name = %s "
-            "and c.committed_at > now() - make_interval(hours => %s) "
-            "and c.committed_at > coalesce((select max(finished_at) from {tr} "
-            "  where table_name = %s and status = 'success'), '-infinity')"
-        ).format(
-            cp=sql.Identifier(settings.control_schema, "checkpoints"),
-            tr=sql.Identifier(settings.control_schema, "table_refreshes"),
-        ),
-        (key, RESUME_MAX_AGE_HOURS, table),
-    ).fetchall()
-    return {r[0].astimezone(UTC).date() for r in rows}
-
-
 def refresh_table(
     settings: Settings,
     clients: BigQueryClients,
@@ -213,7 +183,9 @@ def _refresh(
         cursor_src = source.column(cfg.cursor_column)
         cursor_map = next(c for c in columns if c.source_name == cursor_src.name)
         lo, hi = cursor_range(clients, cfg, cursor_src)
-        high_water = None if options.full_refresh else _high_water(conn, settings, key)
+        high_water = (
+            None if options.full_refresh else checkpoints.high_water(conn, settings.control_schema, key)
+        )
         try:
             window = plan_window(
                 cfg, lo, hi, high_water, options.start_date, options.end_date, options.full_refresh
@@ -223,7 +195,10 @@ def _refresh(
     slices = plan_slices(cfg, window)
     if not (options.full_refresh or options.explicit_range or dry_run):
         slices, skipped = resumable(
-            slices, _committed_since_last_success(conn, settings, key, cfg.table_name)
+            slices,
+            checkpoints.committed_since_last_success(
+                conn, settings.control_schema, key, cfg.table_name, RESUME_MAX_AGE_HOURS
+            ),
         )
         outcome.slices_skipped = skipped
     outcome.window = window

@@ -1,0 +1,87 @@
+"""Checkpoints (`checkpoints`): one row per committed slice, written in the slice's transaction.
+
+A table's checkpoints give its high-water mark (where the next incremental run starts) and the
+slices an interrupted attempt already committed (which a resumed attempt skips). Shadow tables
+checkpoint under their own key (`shadow:<table>`). Full-replace tables checkpoint one slice that
+starts at 0001-01-01; the high-water mark ignores it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+
+def _t(schema: str) -> sql.Composable:
+    return sql.Identifier(schema, "checkpoints")
+
+
+def record(
+    conn: psycopg.Connection,
+    schema: str,
+    key: str,
+    slice_start: datetime,
+    slice_end: datetime,
+    run_id: UUID,
+    rows_loaded: int,
+) -> None:
+    """Insert or replace the slice's checkpoint; call inside the slice's transaction."""
+    conn.execute(
+        sql.SQL(
+            "insert into {cp} (table_name, slice_start, slice_end, run_id, rows_loaded) "
+            "values (%s, %s, %s, %s, %s) on conflict (table_name, slice_start) do update set "
+            "slice_end = excluded.slice_end, run_id = excluded.run_id, "
+            "rows_loaded = excluded.rows_loaded, committed_at = now()"
+        ).format(cp=_t(schema)),
+        (key, slice_start, slice_end, run_id, rows_loaded),
+    )
+
+
+def high_water(conn: psycopg.Connection, schema: str, key: str) -> date | None:
+    """The end of the newest committed slice (sliced checkpoints only), or None."""
+    row = conn.execute(
+        sql.SQL("select max(slice_end) from {} where table_name = %s and slice_start > '0001-01-02'").format(
+            _t(schema)
+        ),
+        (key,),
+    ).fetchone()
+    return row[0].astimezone(UTC).date() if row and row[0] else None
+
+
+def committed_since_last_success(
+    conn: psycopg.Connection, schema: str, key: str, table: str, max_age_hours: int
+) -> set[date]:
+    """Slices an interrupted attempt already committed after the table's last success."""
+    rows = conn.execute(
+        sql.SQL(
+            "select c.slice_start from {cp} c where c.table_name = %s "
+            "and c.committed_at > now() - make_interval(hours => %s) "
+            "and c.committed_at > coalesce((select max(finished_at) from {tr} "
+            "  where table_name = %s and status = 'success'), '-infinity')"
+        ).format(cp=_t(schema), tr=sql.Identifier(schema, "table_refreshes")),
+        (key, max_age_hours, table),
+    ).fetchall()
+    return {r[0].astimezone(UTC).date() for r in rows}
+
+
+def expire(conn: psycopg.Connection, schema: str, retention_days: int) -> int:
+    """Delete checkpoints committed more than `retention_days` ago; returns how many.
+
+    The checkpoint with the newest slice end of each table is always kept: it is the table's
+    high-water mark, and without it the next run would reload the whole table. Sliced and
+    full-replace checkpoints are kept apart, as the high-water mark only reads sliced ones.
+    """
+    cur = conn.execute(
+        sql.SQL(
+            "delete from {cp} c where c.committed_at < now() - make_interval(days => %s) "
+            "and (c.table_name, c.slice_start) not in ("
+            "  select distinct on (table_name, slice_start > '0001-01-02') table_name, slice_start "
+            "  from {cp} order by table_name, slice_start > '0001-01-02', slice_end desc, "
+            "  committed_at desc)"
+        ).format(cp=_t(schema)),
+        (retention_days,),
+    )
+    return cur.rowcount
