@@ -67,9 +67,9 @@ def run(state: str) -> None:
     )
     import psycopg
 
-    from flows import registry, validation
+    from flows import validation
     from flows.bigquery import make_clients
-    from flows.control import runs
+    from flows.control import registry, runs
     from flows.db import migrate
     from flows.local_stack import local_stack
     from flows.refresh import RefreshOptions, refresh_table

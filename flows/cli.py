@@ -797,16 +797,17 @@ def config_set(
 ) -> None:
     """Change settings of one table; the row then keeps its edits when the registry file changes."""
     settings = _settings()
-    from flows import registry
+    from flows.control import registry as config_rows
     from flows.db import connect
+    from flows.registry import EDITABLE_FIELDS
 
     with _errors(
-        "`refresh config get TABLE` shows the current values; fields: " + ", ".join(registry.EDITABLE_FIELDS)
+        "`refresh config get TABLE` shows the current values; fields: " + ", ".join(EDITABLE_FIELDS)
     ):
         changes = parse_assignments(assignments)
         _registry(settings)
         with connect(settings) as conn:
-            new = registry.update(conn, settings.control_schema, table, changes, who="cli")
+            new = config_rows.update(conn, settings.control_schema, table, changes, who="cli")
     out.print(yaml.safe_dump({table: new.model_dump(mode="json", exclude={"table_name"})}, sort_keys=False))
 
 
@@ -817,6 +818,7 @@ def validate(with_stack: WithStackOption = True) -> None:
     settings = _settings()
     from flows import registry
     from flows.bigquery import make_clients
+    from flows.control import registry as config_rows
     from flows.db import connect
     from flows.extract import describe, list_source_tables
 
@@ -841,7 +843,7 @@ def validate(with_stack: WithStackOption = True) -> None:
                 ).fetchone()
                 if found and found[0] is not None:
                     # The registry in use: the file plus edits made with `refresh config set`.
-                    configs = registry.load_all(conn, settings.control_schema) or configs
+                    configs = config_rows.load_all(conn, settings.control_schema) or configs
             check("Postgres", True, "connected")
         except Exception as exc:
             check("Postgres", False, f"{str(exc).strip().splitlines()[0]} ({PG_HINT})")

@@ -15,9 +15,9 @@ from uuid import UUID
 import psycopg
 import yaml
 
-from flows import registry, transform, validation, webhooks
+from flows import transform, validation, webhooks
 from flows.bigquery import BigQueryClients
-from flows.control import runs
+from flows.control import registry, runs
 from flows.control.tables import TableOutcome
 from flows.db import connect, migrate
 from flows.errors import ConfigError
@@ -26,7 +26,7 @@ from flows.identifiers import validate_pg_identifier
 from flows.planning import is_due, next_due
 from flows.redact import error_text
 from flows.refresh import RefreshOptions
-from flows.registry import Mode, TableConfig
+from flows.registry import Mode, TableConfig, load_file
 from flows.settings import Settings
 from flows.transform import DbtOutcome, NodeRun
 from flows.validation import AfterRefresh
@@ -117,7 +117,7 @@ def validate_params(
 def prepare(settings: Settings) -> list[TableConfig]:
     """Migrate the control schema and sync the registry file; the registry as it now stands."""
     migrate(settings)
-    file_configs = registry.load_file(settings.tables_file)
+    file_configs = load_file(settings.tables_file)
     with connect(settings) as conn:
         with conn.transaction():
             registry.sync_from_file(conn, settings.control_schema, file_configs)

@@ -48,9 +48,8 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from flows import registry
 from flows.bigquery import BigQueryClients, classify
-from flows.control import dq
+from flows.control import dq, registry
 from flows.db import connect, relation_columns
 from flows.errors import ConfigError, RefreshError
 from flows.extract import SourceColumn, SourceTable, describe, row_restriction

@@ -16,16 +16,16 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows import registry, runbook
+from flows import runbook
 from flows.api import launch
 from flows.api.auth import require
 from flows.api.problems import Problem
 from flows.api.responses import FastJSONResponse
-from flows.control import monitoring, triggers
+from flows.control import monitoring, registry, triggers
 from flows.control.history import MAX_PAGE_SIZE, HistoryQuery, read_history
 from flows.control.runs import refresh_running
 from flows.control.tokens import Scope, TokenInfo
-from flows.registry import Mode, SliceSize, WriteStrategy
+from flows.registry import Mode, SliceSize, TableConfig, WriteStrategy
 
 router = APIRouter(prefix="/api/refresh")
 Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]
@@ -333,7 +333,7 @@ def metrics(
 TablePath = Annotated[str, Path(max_length=63, description="Registry table name")]
 
 
-def _config_json(cfg: registry.TableConfig) -> dict[str, Any]:
+def _config_json(cfg: TableConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
@@ -344,7 +344,7 @@ def config_list(request: Request, _: Reader) -> list[dict[str, Any]]:
         return [_config_json(c) for c in registry.load_all(conn, _schema(request))]
 
 
-def _find(request: Request, conn: Any, table: str) -> registry.TableConfig:
+def _find(request: Request, conn: Any, table: str) -> TableConfig:
     for cfg in registry.load_all(conn, _schema(request)):
         if cfg.table_name == table:
             return cfg

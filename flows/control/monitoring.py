@@ -18,8 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from flows import registry
-from flows.control import history
+from flows.control import history, registry
 from flows.registry import Mode
 
 

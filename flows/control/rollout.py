@@ -19,8 +19,7 @@ from datetime import datetime
 import psycopg
 from psycopg import sql
 
-from flows import registry
-from flows.control import dq
+from flows.control import dq, registry
 from flows.errors import ConfigError
 from flows.registry import Mode
 

@@ -399,8 +399,8 @@ def test_dry_run_changes_no_row_but_its_own_audit_record(
 def test_permanent_errors_fail_their_table_only_without_retries(
     api_run: Any, orch: Settings, pg: psycopg.Connection
 ) -> None:
-    from flows import registry
     from flows.cli import app
+    from flows.control import registry
     from flows.daily_refresh import daily_refresh
     from flows.registry import TableConfig
 
@@ -711,8 +711,8 @@ def test_cli_run_ending_warning_exits_2_and_names_what_failed(
 ) -> None:
     """One table fails, the other loads: `refresh run` must not exit 0, and the summary, the
     audit row and `refresh status` say what failed and the first error line."""
-    from flows import registry
     from flows.cli import app
+    from flows.control import registry
     from flows.registry import TableConfig
 
     with psycopg.connect(orch.dsn()) as conn:

@@ -6,8 +6,9 @@ import psycopg
 import pytest
 from google.cloud import bigquery
 
-from flows import registry, runbook
+from flows import runbook
 from flows.bigquery import BigQueryClients, make_clients
+from flows.control import registry
 from flows.errors import ConfigError
 from flows.settings import get_settings
 

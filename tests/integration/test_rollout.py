@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from flows import registry, validation
-from flows.control import rollout
+from flows import validation
+from flows.control import registry, rollout
 from flows.db import migrate
 from flows.errors import ConfigError
 from flows.registry import Mode, TableConfig

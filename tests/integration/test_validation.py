@@ -19,8 +19,9 @@ import pytest
 from google.cloud import bigquery
 from psycopg import sql
 
-from flows import registry, validation
+from flows import validation
 from flows.bigquery import BigQueryClients, make_clients
+from flows.control import registry
 from flows.db import migrate
 from flows.planning import align
 from flows.refresh import RefreshOptions, refresh_table

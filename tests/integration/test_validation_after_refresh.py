@@ -16,8 +16,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from flows import registry, runbook, validation
+from flows import runbook, validation
 from flows.bigquery import BigQueryClients, make_clients
+from flows.control import registry
 from flows.db import migrate
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import TableConfig

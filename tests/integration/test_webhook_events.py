@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from flows import registry, validation, webhooks
-from flows.control import rollout
+from flows import validation, webhooks
+from flows.control import registry, rollout
 from flows.db import migrate
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings, get_settings

@@ -425,14 +425,15 @@ def test_cli_manages_endpoints_and_rejects_bad_input(wh: Settings, pg: psycopg.C
 def test_daily_refresh_delivers_refresh_completed_with_its_run_id(
     refreshed: dict[str, Any], wh: Settings, pg: psycopg.Connection
 ) -> None:
-    from flows import registry
+    from flows.control import registry
     from flows.daily_refresh import daily_refresh
+    from flows.registry import TableConfig
     from flows.sample_data import PRODUCTS_TABLE
 
     # A table of its own (no dbt model reads it), so the session's shared raw tables stay as
     # the `refreshed` run left them.
     table = "wh_products"
-    cfg = registry.TableConfig(
+    cfg = TableConfig(
         table_name=table, source_table=PRODUCTS_TABLE, write_strategy="full_replace", origin="user"
     )
     with psycopg.connect(wh.dsn(), autocommit=True) as conn:

@@ -10,7 +10,8 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from flows import registry, validation
+from flows import validation
+from flows.control import registry
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings
 from flows.validation import Fingerprint, PeriodResult
