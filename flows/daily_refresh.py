@@ -28,6 +28,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import runbook, webhooks
 from flows.bigquery import BigQueryClients, make_clients
 from flows.control import runs
+from flows.control.dbt_audit import record_dbt
 from flows.control.runs import refresh_lock
 from flows.control.tables import TableOutcome, TableStatus
 from flows.db import connect
@@ -37,7 +38,7 @@ from flows.redact import redact
 from flows.refresh import RefreshOptions, refresh_table
 from flows.registry import TableConfig
 from flows.settings import Settings, get_settings
-from flows.transform import DbtOutcome, record_dbt, run_dbt
+from flows.transform import DbtOutcome, run_dbt
 
 # A table whose slices still fail transiently after refresh_table's own backoff (2, 4, 8 s)
 # is tried again later as a whole: its committed slices are kept and skipped. All of it within

@@ -17,7 +17,8 @@ import yaml
 
 from flows import transform, validation, webhooks
 from flows.bigquery import BigQueryClients
-from flows.control import registry, runs
+from flows.control import dbt_audit, registry, runs
+from flows.control.dbt_audit import NodeRun
 from flows.control.tables import TableOutcome
 from flows.db import connect, migrate
 from flows.errors import ConfigError
@@ -28,7 +29,7 @@ from flows.redact import error_text
 from flows.refresh import RefreshOptions
 from flows.registry import Mode, TableConfig, load_file
 from flows.settings import Settings
-from flows.transform import DbtOutcome, NodeRun
+from flows.transform import DbtOutcome
 from flows.validation import AfterRefresh
 
 DBT_SOURCE = "sqp"
@@ -416,7 +417,7 @@ def shadow_step(
             with transform.live_stand_ins(conn, settings, sources):
                 dbt = transform.run_dbt(settings, args)
                 results = validation.compare_shadow(conn, transform.SHADOW_SUFFIX)
-            transform.record_dbt(conn, settings.control_schema, dbt, run_id, None, began, datetime.now(UTC))
+            dbt_audit.record_dbt(conn, settings.control_schema, dbt, run_id, None, began, datetime.now(UTC))
             validation.record_shadow(conn, settings.control_schema, results, run_id)
         except psycopg.OperationalError:
             raise  # Postgres lost: the run's own handling applies

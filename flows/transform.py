@@ -19,38 +19,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypedDict
-from uuid import UUID
+from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from flows.control.dbt_audit import FAILED_NODE_STATUSES, NodeRun, NodeStatus
 from flows.db import relation_columns
 from flows.settings import Settings
 
 # Resource types whose adapter_response counts rows written. A test's response counts the
 # rows of its `select count(*)` (always 1): its result is `failures`, not rows affected.
 _WRITING_RESOURCE_TYPES = ("model", "seed", "snapshot")
-
-
-class NodeRun(TypedDict):
-    """One node of a dbt invocation, as recorded in dbt_node_runs."""
-
-    unique_id: str
-    resource_type: str
-    name: str
-    relation: str | None
-    status: str
-    started_at: datetime | None
-    finished_at: datetime | None
-    execution_time_s: float | None
-    rows_affected: int | None
-    message: str | None
-    failures: int | None
-
-
-NODE_RUN_COLUMNS: tuple[str, ...] = tuple(NodeRun.__annotations__)
 
 
 @dataclass
@@ -64,14 +45,14 @@ class DbtOutcome:
 
     @property
     def failed_nodes(self) -> list[NodeRun]:
-        return [n for n in self.nodes if n["status"] in ("error", "fail", "runtime error")]
+        return [n for n in self.nodes if n["status"] in FAILED_NODE_STATUSES]
 
     @property
     def models_built(self) -> int:
         return sum(
             1
             for n in self.nodes
-            if n["resource_type"] in ("model", "snapshot", "seed") and n["status"] == "success"
+            if n["resource_type"] in ("model", "snapshot", "seed") and n["status"] == NodeStatus.SUCCESS
         )
 
 
@@ -246,74 +227,6 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
             or "dbt reported failure"
         )
     return outcome
-
-
-def _text(value: str | None) -> str | None:
-    # Postgres text cannot hold NUL; dbt messages may quote binary data.
-    return value.replace("\x00", "") if value else value
-
-
-def record_dbt(
-    conn: psycopg.Connection,
-    schema: str,
-    outcome: DbtOutcome,
-    run_id: UUID | None,
-    flow_run_id: UUID | None,
-    started_at: datetime,
-    finished_at: datetime,
-) -> None:
-    """One invocation row and all its node rows (one COPY), in one transaction.
-
-    An invocation already recorded is left as it is.
-    """
-    if outcome.invocation_id is None:
-        return
-    with conn.transaction(), conn.cursor() as cur:
-        cur.execute(
-            sql.SQL(
-                "insert into {t} (invocation_id, run_id, flow_run_id, command, args, success, "
-                "started_at, finished_at, nodes_total, nodes_failed, message) values "
-                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) on conflict (invocation_id) do nothing "
-                "returning invocation_id"
-            ).format(t=sql.Identifier(schema, "dbt_invocations")),
-            (
-                outcome.invocation_id,
-                run_id,
-                flow_run_id,
-                outcome.command,
-                json.dumps(outcome.args),
-                outcome.success,
-                started_at,
-                finished_at,
-                len(outcome.nodes),
-                len(outcome.failed_nodes),
-                _text(outcome.message),
-            ),
-        )
-        if cur.fetchone() is None:
-            return
-        copy_sql = sql.SQL("copy {t} (invocation_id, {cols}) from stdin").format(
-            t=sql.Identifier(schema, "dbt_node_runs"),
-            cols=sql.SQL(", ").join(map(sql.Identifier, NODE_RUN_COLUMNS)),
-        )
-        with cur.copy(copy_sql) as copy:
-            for n in outcome.nodes:
-                copy.write_row(
-                    (
-                        outcome.invocation_id,
-                        n["unique_id"],
-                        n["resource_type"],
-                        n["name"],
-                        n["relation"],
-                        n["status"],
-                        n["started_at"],
-                        n["finished_at"],
-                        n["execution_time_s"],
-                        n["rows_affected"],
-                        _text(n["message"]),
-                        n["failures"],
-                    )
-                )
 
 
 # The shadow build: every model downstream of the dbt sources (not the monitoring views), from

@@ -49,7 +49,7 @@ import psycopg
 from psycopg import sql
 
 from flows.bigquery import BigQueryClients, classify
-from flows.control import dq, registry
+from flows.control import dq, registry, tables
 from flows.db import connect, relation_columns
 from flows.errors import ConfigError, RefreshError
 from flows.extract import SourceColumn, SourceTable, describe, row_restriction
@@ -728,20 +728,6 @@ class AfterRefresh:
         }
 
 
-def touched_slices(
-    conn: psycopg.Connection, control_schema: str, run_id: UUID, table: str
-) -> list[tuple[date, date]]:
-    """The slices (first day, end day exclusive) this run committed for the table."""
-    rows = conn.execute(
-        sql.SQL(
-            "select distinct slice_start, slice_end from {} where run_id = %s and table_name = %s "
-            "and status = 'success' order by 1"
-        ).format(sql.Identifier(control_schema, "slice_refreshes")),
-        (run_id, table),
-    ).fetchall()
-    return [(a.astimezone(UTC).date(), b.astimezone(UTC).date()) for a, b in rows]
-
-
 def _skip_reason(cfg: TableConfig, status: str, dry_run: bool) -> str | None:
     if dry_run or cfg.mode is not Mode.LIVE:
         return f"mode {'dry_run' if dry_run else cfg.mode.value}: not live"
@@ -770,7 +756,7 @@ def validate_touched(
     stats = QueryStats()
     try:
         with connect(settings, autocommit=True) as conn:
-            touched = touched_slices(conn, settings.control_schema, run_id, cfg.table_name)
+            touched = tables.touched_slices(conn, settings.control_schema, run_id, cfg.table_name)
             if not touched:
                 out.skipped = "no slice committed (unchanged)"
                 return out

@@ -29,10 +29,11 @@ import pyarrow.compute as pc
 import pytest
 
 from flows.bigquery import BigQueryClients
+from flows.control.dbt_audit import NodeRun, record_dbt
 from flows.db import migrate
 from flows.sample_data import SQP_TABLE
 from flows.settings import Settings
-from flows.transform import DbtOutcome, NodeRun, record_dbt, run_dbt, target_dir
+from flows.transform import DbtOutcome, run_dbt, target_dir
 from tests.integration.conftest import SPEC, pg_scalar
 
 SUMMARY_TABLES = {
