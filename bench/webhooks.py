@@ -26,7 +26,7 @@ import psycopg
 from flows import audit, runbook, webhooks
 from flows.control import webhooks as store
 from flows.db import migrate
-from flows.local_stack import EmbeddedPostgres, free_port
+from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
 sys.path.insert(0, str(PROJECT_ROOT))

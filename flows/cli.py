@@ -185,7 +185,7 @@ def _split(values: list[str] | None) -> list[str] | None:
 def _stack(settings: Settings, with_stack: bool) -> contextlib.AbstractContextManager[Any]:
     if not with_stack:
         return contextlib.nullcontext()
-    from flows.local_stack import local_stack
+    from flows.demo.local_stack import local_stack
 
     return local_stack(settings)
 
@@ -550,8 +550,8 @@ def demo(
             "unset REFRESH_BQ_PROJECT, or use `refresh run` against your BigQuery",
         )
     from flows.bigquery import make_clients
-    from flows.local_stack import local_stack
-    from flows.sample_data import SampleSpec, generate
+    from flows.demo.local_stack import local_stack
+    from flows.demo.sample_data import SampleSpec, generate
 
     t0 = time.monotonic()
     with _errors(), local_stack(settings):
@@ -584,8 +584,8 @@ def generate(
     """Fill the BigQuery dataset with deterministic sample data."""
     settings = _settings()
     from flows.bigquery import make_clients
-    from flows.sample_data import SampleSpec
-    from flows.sample_data import generate as gen
+    from flows.demo.sample_data import SampleSpec
+    from flows.demo.sample_data import generate as gen
 
     with _errors("is the BigQuery emulator up? (`refresh stack up`)"):
         clients = make_clients(settings)
@@ -599,7 +599,7 @@ def generate(
 @stack_app.command("up")
 def stack_up() -> None:
     """Start the embedded Postgres and BigQuery emulator and leave them running."""
-    from flows.local_stack import LocalStack
+    from flows.demo.local_stack import LocalStack
 
     settings = _settings()
     stack = LocalStack(settings, keep_running=True)
@@ -612,7 +612,7 @@ def stack_up() -> None:
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop the embedded parts (data is kept)."""
-    from flows.local_stack import LocalStack
+    from flows.demo.local_stack import LocalStack
 
     LocalStack(_settings()).stop_all()
     out.print("stopped")
@@ -621,7 +621,7 @@ def stack_down() -> None:
 @stack_app.command("status")
 def stack_status() -> None:
     """Whether the embedded parts are up."""
-    from flows.local_stack import LocalStack
+    from flows.demo.local_stack import LocalStack
 
     out.print(json.dumps(LocalStack(_settings()).status()))
 
