@@ -18,8 +18,6 @@ webhooks_app = typer.Typer(
     no_args_is_help=True,
 )
 
-DELIVERY_STATUSES = ("pending", "succeeded", "exhausted", "cancelled")
-
 
 def _who() -> str:
     try:
@@ -222,8 +220,8 @@ def deliveries(
     settings = _ready()
     from flows.db import connect
 
-    if status is not None and status not in DELIVERY_STATUSES:
-        fail(f"unknown status {status!r}", f"use one of {', '.join(DELIVERY_STATUSES)}")
+    if status is not None and status not in store.DELIVERY_STATUSES:
+        fail(f"unknown status {status!r}", f"use one of {', '.join(store.DELIVERY_STATUSES)}")
     with one_line_errors(PG_HINT):
         if delivery_id is not None:
             _print_attempts(settings, delivery_id)
