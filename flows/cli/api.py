@@ -94,7 +94,6 @@ def api(
     ] = True,
 ) -> None:
     """Serve the HTTP API (/api/refresh/..., OpenAPI at /api/openapi.json) and the dashboard (/)."""
-
     settings = load_settings(prefect_log_level="INFO")
     from flows.api.settings import ApiSettings
 
