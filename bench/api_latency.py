@@ -28,7 +28,7 @@ import psycopg
 
 from flows import runbook
 from flows.control import tokens
-from flows.local_stack import EmbeddedPostgres, free_port
+from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.settings import get_settings
 
 ENDPOINTS = {

@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 
 from flows.bigquery import make_clients
+from flows.demo.local_stack import BigQueryEmulator, free_port
+from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.extract import ReadStats, read_storage
-from flows.local_stack import BigQueryEmulator, free_port
-from flows.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.settings import Settings
 
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from flows.bigquery import make_clients
-from flows.local_stack import BigQueryEmulator, free_port
-from flows.sample_data import SQP_TABLE, SampleSpec, generate
+from flows.demo.local_stack import BigQueryEmulator, free_port
+from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.settings import Settings
 
 

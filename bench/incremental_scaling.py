@@ -32,10 +32,8 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from flows.load import ensure_raw_table
-from flows.local_stack import EmbeddedPostgres, free_port
-from flows.runbook import DBT_SOURCE
-from flows.sample_data import (
+from flows.demo.local_stack import EmbeddedPostgres, free_port
+from flows.demo.sample_data import (
     DAILY_TABLE,
     PRODUCTS_TABLE,
     SQP_TABLE,
@@ -43,6 +41,8 @@ from flows.sample_data import (
     products_schema,
     sqp_schema,
 )
+from flows.load import ensure_raw_table
+from flows.runbook import DBT_SOURCE
 from flows.settings import PROJECT_ROOT, get_settings
 from flows.transform import dbt_env, invoke_dbt, read_run_results
 from flows.type_mapping import ColumnMapping, map_schema

@@ -11,7 +11,7 @@ raw tables four ways, each timed on its own:
            --pandas-rows rows (the Arrow -> pandas conversion is not timed)
 
 `ours` and `copy` run --repeats times, alternating, best time kept. Then a 2M-row SQP table is
-generated in the BigQuery emulator (flows.sample_data) and a child process extracts it as ONE
+generated in the BigQuery emulator (flows.demo.sample_data) and a child process extracts it as ONE
 slice through flows.extract.read_slice + flows.load.apply_slice. Its peak RSS is the kernel's
 high-water mark of the child's own memory (VmHWM, read by the child as it ends), cross-checked
 by psutil sampling from here. Not wait4()/RUSAGE_CHILDREN: Linux charges a child spawned by
@@ -48,10 +48,10 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from flows.db import migrate
+from flows.demo.local_stack import free_port
+from flows.demo.sample_data import SQP_TABLE, sqp_schema
 from flows.load import apply_slice, ensure_raw_table
-from flows.local_stack import free_port
 from flows.planning import Slice
-from flows.sample_data import SQP_TABLE, sqp_schema
 from flows.settings import Settings, get_settings
 from flows.type_mapping import ColumnMapping, map_schema
 
@@ -157,7 +157,7 @@ def sqp_columns() -> list[ColumnMapping]:
 @contextmanager
 def local_services(state: Path, with_emulator: bool) -> Iterator[dict[str, str]]:
     """REFRESH_* variables pointing at this run's Postgres and emulator (started here)."""
-    from flows.local_stack import BigQueryEmulator, EmbeddedPostgres
+    from flows.demo.local_stack import BigQueryEmulator, EmbeddedPostgres
 
     env = {"REFRESH_STATE_DIR": str(state), "REFRESH_CONTROL_SCHEMA": CONTROL}
     with ExitStack() as stack:
@@ -377,7 +377,7 @@ def measure_extraction(env: dict[str, str], rows: int) -> tuple[int, float, floa
     import psutil
 
     from flows.bigquery import make_clients
-    from flows.sample_data import SampleSpec, generate
+    from flows.demo.sample_data import SampleSpec, generate
 
     settings = get_settings(**_settings_overrides(env))
     clients = make_clients(settings)

@@ -1,6 +1,6 @@
 """How long does exact validation take next to a bare `select count(*)`, and what does it ship?
 
-N identical SQP rows (flows.sample_data) are generated in a throwaway BigQuery emulator and
+N identical SQP rows (flows.demo.sample_data) are generated in a throwaway BigQuery emulator and
 loaded into a throwaway embedded Postgres by the real refresh (flows.refresh.refresh_table).
 Then, best of --repeats each:
 
@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from flows.local_stack import free_port
+from flows.demo.local_stack import free_port
 
 
 def best(fn: Callable[[], object], repeats: int) -> float:
@@ -71,10 +71,10 @@ def run(state: str) -> None:
     from flows.bigquery import make_clients
     from flows.control import registry, runs
     from flows.db import migrate
-    from flows.local_stack import local_stack
+    from flows.demo.local_stack import local_stack
+    from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
     from flows.refresh import RefreshOptions, refresh_table
     from flows.registry import TableConfig
-    from flows.sample_data import SQP_TABLE, SampleSpec, generate
     from flows.settings import get_settings
 
     settings = get_settings()

@@ -27,7 +27,7 @@ from flows import runbook, webhooks
 from flows.control import webhooks as store
 from flows.control.runs import start_run
 from flows.db import migrate
-from flows.local_stack import EmbeddedPostgres, free_port
+from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
 sys.path.insert(0, str(PROJECT_ROOT))

@@ -9,7 +9,8 @@ and the file; the rows (`refresh_config`) are read and written by flows.control.
 
 from __future__ import annotations
 
-from datetime import datetime
+import json
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,31 @@ class TableConfig(BaseModel):
         if self.write_strategy is WriteStrategy.SLICE_REPLACE and not self.cursor_column:
             raise ValueError("slice_replace needs a cursor_column (or use full_replace)")
         return self
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, Any]:
+    """`field=value` pairs (`refresh config set`) into registry changes: JSON for custom_params,
+    `null` for none, `now` for next_refresh_at; every other value is checked by TableConfig
+    when `update` applies it."""
+    changes: dict[str, Any] = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        field = field.strip()
+        if not sep or not field:
+            raise ConfigError(f"{pair!r} is not field=value (e.g. mode=live, priority=high)")
+        value = value.strip()
+        if value.lower() in ("null", "none"):
+            changes[field] = None
+        elif field == "custom_params":
+            try:
+                changes[field] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"custom_params must be a JSON object: {exc.msg}") from exc
+        elif field == "next_refresh_at" and value.lower() == "now":
+            changes[field] = datetime.now(UTC)
+        else:
+            changes[field] = value
+    return changes
 
 
 def describe_errors(exc: ValidationError) -> str:

@@ -30,8 +30,8 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
-from flows.local_stack import BigQueryEmulator, free_port
-from flows.sample_data import (
+from flows.demo.local_stack import BigQueryEmulator, free_port
+from flows.demo.sample_data import (
     DAILY_TABLE,
     PRODUCTS_TABLE,
     SQP_TABLE,

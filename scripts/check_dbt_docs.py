@@ -25,9 +25,8 @@ from typing import Any
 import psycopg
 
 from flows.db import migrate
-from flows.load import ensure_raw_table
-from flows.local_stack import EmbeddedPostgres, free_port
-from flows.sample_data import (
+from flows.demo.local_stack import EmbeddedPostgres, free_port
+from flows.demo.sample_data import (
     DAILY_TABLE,
     PRODUCTS_TABLE,
     SQP_TABLE,
@@ -35,6 +34,7 @@ from flows.sample_data import (
     products_schema,
     sqp_schema,
 )
+from flows.load import ensure_raw_table
 from flows.settings import PROJECT_ROOT, get_settings
 from flows.transform import dbt_env, invoke_dbt
 from flows.type_mapping import map_schema

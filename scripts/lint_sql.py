@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flows.local_stack import EmbeddedPostgres
+from flows.demo.local_stack import EmbeddedPostgres
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.local_stack import free_port
+from flows.demo.local_stack import free_port
 
 STATE_DIR = Path(tempfile.mkdtemp(prefix="sqp-refresh-test-"))
 for var in list(os.environ):
@@ -33,7 +33,7 @@ os.environ.update(
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
     }
 )
-# The session's emulator keeps Storage read sessions up to this cap (flows.local_stack's
+# The session's emulator keeps Storage read sessions up to this cap (flows.demo.local_stack's
 # BoundedReadSessions): the fault tests abandon many, and several sessions share the machine.
 os.environ.setdefault("SQP_EMULATOR_SESSION_CAP_MB", "256")
 if os.environ.get("SQP_TEST_PG_DSN"):
@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[object]:
-    from flows.local_stack import LocalStack
+    from flows.demo.local_stack import LocalStack
     from flows.settings import get_settings
 
     s = LocalStack(get_settings(), throwaway=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.local_stack import free_port
+from flows.demo.local_stack import free_port
 
 
 def tail(path: Path, lines: int = 40) -> str:

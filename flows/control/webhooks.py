@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from flows.errors import ConfigError
 
 MAX_DATA_BYTES = 19_000  # the whole body ({type, timestamp, data}) stays under 20 KB
+DELIVERY_STATUSES = ("pending", "succeeded", "exhausted", "cancelled")  # deliveries.status (0002)
 
 
 class EndpointNotFound(ConfigError):

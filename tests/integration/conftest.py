@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from flows.bigquery import BigQueryClients, make_clients
-from flows.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE, SampleSpec, generate
+from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE, SampleSpec, generate
 from flows.settings import Settings, get_settings
 
 # The flow starts Prefect's ephemeral API server; on a busy 2-core machine it needs more than

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.local_stack import free_port
+from flows.demo.local_stack import free_port
 from flows.settings import Settings
 from tests.integration.pg_password import SECRET_PASSWORD, SECRET_USER, password_dsn
 

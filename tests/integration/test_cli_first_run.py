@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flows.local_stack import free_port
+from flows.demo.local_stack import free_port
 
 TABLES = ("search_query_performance", "products", "daily_search_terms")
 

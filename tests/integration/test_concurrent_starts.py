@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from flows.db import REFRESH_LOCK_KEY
-from flows.local_stack import free_port
+from flows.demo.local_stack import free_port
 from flows.settings import Settings
 
 REFRESH = str(Path(sys.executable).parent / "refresh")

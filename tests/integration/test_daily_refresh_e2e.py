@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from flows.bigquery import BigQueryClients
-from flows.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
+from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
 from tests.integration.conftest import SPEC, bq_scalar, pg_scalar
 
 

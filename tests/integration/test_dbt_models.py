@@ -31,7 +31,7 @@ import pytest
 from flows.bigquery import BigQueryClients
 from flows.control.dbt_audit import NodeRun, record_dbt
 from flows.db import migrate
-from flows.sample_data import SQP_TABLE
+from flows.demo.sample_data import SQP_TABLE
 from flows.settings import Settings
 from flows.transform import DbtOutcome, run_dbt, target_dir
 from tests.integration.conftest import SPEC, pg_scalar
@@ -465,7 +465,7 @@ def test_long_search_queries_reach_every_model_with_their_full_text(
 ) -> None:
     from google.cloud import bigquery
 
-    from flows.sample_data import sqp_schema
+    from flows.demo.sample_data import sqp_schema
 
     week = restated_week
     queries = long_queries()

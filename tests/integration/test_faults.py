@@ -28,9 +28,9 @@ import pytest
 from flows.bigquery import make_clients
 from flows.control import history, runs
 from flows.db import FENCE_LOCK_KEY
+from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.errors import TransientError
 from flows.extract import ReadStats, read_storage
-from flows.local_stack import EmbeddedPostgres, free_port
 from flows.refresh import RefreshOptions, refresh_table
 from flows.settings import get_settings
 from tests.faults import FaultProxy

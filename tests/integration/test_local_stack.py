@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.demo.local_stack import BigQueryEmulator, EmbeddedPostgres
 from flows.errors import StackError
-from flows.local_stack import BigQueryEmulator, EmbeddedPostgres
 from flows.settings import Settings
 
 
@@ -70,8 +70,8 @@ def test_postgres_start_stop_and_restart_keeps_data(tmp_path: Path) -> None:
 def test_emulator_serves_storage_slices_larger_than_its_default_message_cap(tmp_path: Path) -> None:
     """60,000 SQP rows in one week: one Storage batch is far above the emulator's ~11 MB default."""
     from flows.bigquery import make_clients
+    from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
     from flows.extract import ReadStats, read_storage
-    from flows.sample_data import SQP_TABLE, SampleSpec, generate
 
     ports = []
     for _ in range(2):
@@ -97,7 +97,7 @@ def test_emulator_serves_storage_slices_larger_than_its_default_message_cap(tmp_
 def test_a_command_never_stops_a_part_another_command_still_uses(tmp_path: Path) -> None:
     """The first command starts Postgres; the second reuses it; the first leaving stops
     nothing, the last one out stops what commands started."""
-    from flows.local_stack import LocalStack, free_port
+    from flows.demo.local_stack import LocalStack, free_port
     from flows.settings import get_settings
 
     settings = get_settings(state_dir=tmp_path, local_pg_port=free_port(), bq_project="not-the-emulator")
@@ -115,7 +115,7 @@ def test_a_command_never_stops_a_part_another_command_still_uses(tmp_path: Path)
 
 
 def test_parts_started_by_stack_up_outlive_every_command(tmp_path: Path) -> None:
-    from flows.local_stack import LocalStack, free_port
+    from flows.demo.local_stack import LocalStack, free_port
     from flows.settings import get_settings
 
     settings = get_settings(state_dir=tmp_path, local_pg_port=free_port(), bq_project="not-the-emulator")
@@ -131,7 +131,7 @@ def test_parts_started_by_stack_up_outlive_every_command(tmp_path: Path) -> None
 
 def test_the_emulators_we_start_bound_their_read_sessions(stack: object, settings: Settings) -> None:
     """Every path starts the emulator through BigQueryEmulator.start (the test session's stack
-    too): `python -m flows.local_stack`, which swaps in BoundedReadSessions."""
+    too): `python -m flows.demo.local_stack`, which swaps in BoundedReadSessions."""
     emu = BigQueryEmulator(
         rest_port=settings.local_bq_rest_port,
         grpc_port=settings.local_bq_grpc_port,
@@ -140,6 +140,6 @@ def test_the_emulators_we_start_bound_their_read_sessions(stack: object, setting
     )
     pid = int(emu.pid_file.read_text())
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    assert argv[1:4] == [b"-m", b"flows.local_stack", b"start"], argv
+    assert argv[1:4] == [b"-m", b"flows.demo.local_stack", b"start"], argv
     env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
     assert env.get(b"SQP_EMULATOR_SESSION_CAP_MB") == b"256", "the test session's cap did not reach it"

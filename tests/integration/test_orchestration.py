@@ -29,7 +29,7 @@ from psycopg import sql
 from typer.testing import CliRunner
 
 from flows.bigquery import make_clients
-from flows.sample_data import PRODUCTS_TABLE, SampleSpec, generate
+from flows.demo.sample_data import PRODUCTS_TABLE, SampleSpec, generate
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 from tests.integration.conftest import pg_scalar
 from tests.prefect_server import prefect_server, stop, tail

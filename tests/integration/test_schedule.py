@@ -18,8 +18,8 @@ import pytest
 
 from flows import runbook
 from flows.bigquery import make_clients
+from flows.demo.sample_data import SampleSpec, generate
 from flows.refresh import TableOutcome
-from flows.sample_data import SampleSpec, generate
 from flows.settings import Settings, get_settings
 
 TABLES_FILE = """

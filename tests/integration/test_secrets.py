@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 
 from flows.bigquery import make_clients
-from flows.sample_data import SampleSpec, generate
+from flows.demo.sample_data import SampleSpec, generate
 from flows.settings import Settings, get_settings
 from tests.integration.pg_password import SECRET_PASSWORD, SECRET_USER, password_dsn
 from tests.prefect_server import prefect_server

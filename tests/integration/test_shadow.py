@@ -12,9 +12,9 @@ import psycopg
 import pytest
 
 from flows import runbook
+from flows.demo.sample_data import SQP_TABLE
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import Mode, TableConfig
-from flows.sample_data import SQP_TABLE
 from flows.settings import Settings
 from tests.integration.test_extraction_engine import locked_run
 

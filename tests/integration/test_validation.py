@@ -23,10 +23,10 @@ from flows import validation
 from flows.bigquery import BigQueryClients, make_clients
 from flows.control import registry
 from flows.db import migrate
+from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.planning import align
 from flows.refresh import RefreshOptions, refresh_table
 from flows.registry import SliceSize, TableConfig
-from flows.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.settings import Settings, get_settings
 from tests.integration.test_extraction_engine import locked_run
 

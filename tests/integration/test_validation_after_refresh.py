@@ -20,9 +20,9 @@ from flows import runbook, validation
 from flows.bigquery import BigQueryClients, make_clients
 from flows.control import registry
 from flows.db import migrate
+from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import TableConfig
-from flows.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.settings import Settings, get_settings
 from tests.integration.test_extraction_engine import locked_run
 

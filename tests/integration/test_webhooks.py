@@ -26,8 +26,8 @@ from flows.control import runs, tables
 from flows.control import webhooks as store
 from flows.control.tables import TableOutcome, TableStatus
 from flows.db import migrate
+from flows.demo.local_stack import free_port
 from flows.errors import ConfigError, SchemaDriftError
-from flows.local_stack import free_port
 from flows.settings import PROJECT_ROOT, Settings
 from tests.integration.conftest import SPEC, pg_scalar
 from tests.webhook_receiver import Receiver
@@ -427,8 +427,8 @@ def test_daily_refresh_delivers_refresh_completed_with_its_run_id(
 ) -> None:
     from flows.control import registry
     from flows.daily_refresh import daily_refresh
+    from flows.demo.sample_data import PRODUCTS_TABLE
     from flows.registry import TableConfig
-    from flows.sample_data import PRODUCTS_TABLE
 
     # A table of its own (no dbt model reads it), so the session's shared raw tables stay as
     # the `refreshed` run left them.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.cli import DbtLogProgress, _DbtLogTail
+from flows.cli.run import DbtLogProgress, _DbtLogTail
 
 ESC = "\x1b"
 LOG = [

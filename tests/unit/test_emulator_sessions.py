@@ -1,11 +1,11 @@
-"""The emulator's read sessions are bounded (flows.local_stack.BoundedReadSessions)."""
+"""The emulator's read sessions are bounded (flows.demo.local_stack.BoundedReadSessions)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from flows.local_stack import BoundedReadSessions
+from flows.demo.local_stack import BoundedReadSessions
 
 
 @dataclass

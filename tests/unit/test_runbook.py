@@ -296,7 +296,7 @@ def test_prefect_yaml_matches_the_served_deployments() -> None:
 
 
 def test_config_assignments_are_parsed() -> None:
-    from flows.cli import parse_assignments
+    from flows.registry import parse_assignments
 
     changes = parse_assignments(
         ["mode=live", "priority = high", 'custom_params={"a": 1}', "cursor_column=null"]

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from flows.api.app import create_app
 from flows.api.settings import ApiSettings
 from flows.control import tokens
-from flows.local_stack import free_port
+from flows.demo.local_stack import free_port
 from flows.settings import Settings
 
 

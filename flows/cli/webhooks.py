@@ -1,7 +1,4 @@
-"""`refresh webhooks ...`: endpoints, secrets, test and replay, delivery history.
-
-Loaded by flows.cli (whose helpers it reuses) and registered there as a sub-app.
-"""
+"""`refresh webhooks ...`: endpoints, secrets, test and replay, delivery history."""
 
 from __future__ import annotations
 
@@ -11,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from flows.cli.common import PG_HINT, fail, load_settings, new_grid, one_line_errors, out, ts
 from flows.control import webhooks as store
 from flows.errors import ConfigError
 from flows.settings import Settings
@@ -19,12 +17,6 @@ webhooks_app = typer.Typer(
     help="Webhooks (Standard Webhooks): endpoints, secrets, test, replay, deliveries.",
     no_args_is_help=True,
 )
-
-# After webhooks_app exists: flows.cli imports this module back to register it, also when it
-# runs as `python -m flows.cli` (a second copy of it imports this one half-way through).
-from flows.cli import PG_HINT, _errors, _fail, _grid, _settings, _ts, out  # noqa: E402
-
-DELIVERY_STATUSES = ("pending", "succeeded", "exhausted", "cancelled")
 
 
 def _who() -> str:
@@ -38,8 +30,8 @@ def _ready() -> Settings:
     """Settings, with the control schema migrated (the webhook tables exist)."""
     from flows.db import migrate
 
-    settings = _settings()
-    with _errors(PG_HINT):
+    settings = load_settings()
+    with one_line_errors(PG_HINT):
         migrate(settings)
     return settings
 
@@ -70,7 +62,7 @@ def add(
     from flows import webhooks
 
     settings = _ready()
-    with _errors("see `refresh webhooks add --help`"):
+    with one_line_errors("see `refresh webhooks add --help`"):
         new = webhooks.add_endpoint(settings, url, events, description, who=_who())
     out.print(f"endpoint {new.id} added")
     out.print(f"signing secret (shown once, keep it in the receiver): {new.secret}")
@@ -82,9 +74,9 @@ def list_() -> None:
     settings = _ready()
     from flows.db import connect
 
-    with _errors(PG_HINT), connect(settings) as conn:
+    with one_line_errors(PG_HINT), connect(settings) as conn:
         rows = store.list_endpoints(conn, settings.control_schema)
-    grid = _grid("id", "url", "events", "enabled", "description", "rotation grace until", "updated")
+    grid = new_grid("id", "url", "events", "enabled", "description", "rotation grace until", "updated")
     for r in rows:
         grid.add_row(
             str(r["id"]),
@@ -92,8 +84,8 @@ def list_() -> None:
             ", ".join(r["event_types"]),
             "yes" if r["enabled"] else f"no ({r['disabled_reason'] or 'disabled'})",
             r["description"],
-            _ts(r["previous_secret_expires_at"]),
-            f"{_ts(r['updated_at'])} by {r['updated_by']}",
+            ts(r["previous_secret_expires_at"]),
+            f"{ts(r['updated_at'])} by {r['updated_by']}",
         )
     out.print(grid if rows else "no webhook endpoint (add one with `refresh webhooks add URL`)")
 
@@ -115,7 +107,7 @@ def update(
     from flows import webhooks
 
     settings = _ready()
-    with _errors("see `refresh webhooks update --help`"):
+    with one_line_errors("see `refresh webhooks update --help`"):
         webhooks.update_endpoint(
             settings,
             endpoint_id,
@@ -134,7 +126,7 @@ def remove(endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `li
     settings = _ready()
     from flows.db import connect
 
-    with _errors(PG_HINT), connect(settings) as conn, conn.transaction():
+    with one_line_errors(PG_HINT), connect(settings) as conn, conn.transaction():
         store.remove_endpoint(conn, settings.control_schema, endpoint_id, _who())
     out.print(f"endpoint {endpoint_id} removed")
 
@@ -153,7 +145,7 @@ def rotate_secret(
     from flows import webhooks
 
     settings = _ready()
-    with _errors(PG_HINT):
+    with one_line_errors(PG_HINT):
         secret = webhooks.rotate_secret(settings, endpoint_id, grace_hours, who=_who())
     out.print(f"endpoint {endpoint_id}: new signing secret (shown once): {secret}")
 
@@ -163,11 +155,11 @@ def _print_attempts(settings: Settings, delivery_id: int) -> None:
 
     with connect(settings) as conn:
         rows = store.list_attempts(conn, settings.control_schema, delivery_id)
-    grid = _grid("attempt", "at", "ok", "status", "ms", "error", "response")
+    grid = new_grid("attempt", "at", "ok", "status", "ms", "error", "response")
     for a in rows:
         grid.add_row(
             str(a["attempt"]),
-            _ts(a["attempted_at"]),
+            ts(a["attempted_at"]),
             "yes" if a["success"] else "no",
             str(a["status_code"] or "-"),
             str(a["latency_ms"] or "-"),
@@ -183,11 +175,11 @@ def test(endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list
     from flows import webhooks
 
     settings = _ready()
-    with _errors(PG_HINT):
+    with one_line_errors(PG_HINT):
         sent = webhooks.send_test(settings, endpoint_id, who=_who())
         _print_attempts(settings, sent.delivery_id)
     if not sent.result.succeeded:
-        _fail(f"test delivery {sent.delivery_id} failed", "see the error above; the receiver must answer 2xx")
+        fail(f"test delivery {sent.delivery_id} failed", "see the error above; the receiver must answer 2xx")
 
 
 @webhooks_app.command("replay")
@@ -203,7 +195,7 @@ def replay(
     from flows.db import connect
 
     settings = _ready()
-    with _errors(PG_HINT):
+    with one_line_errors(PG_HINT):
         when = parse_since(since)
         with connect(settings) as conn, conn.transaction():
             if endpoint_id is not None:
@@ -228,9 +220,9 @@ def deliveries(
     settings = _ready()
     from flows.db import connect
 
-    if status is not None and status not in DELIVERY_STATUSES:
-        _fail(f"unknown status {status!r}", f"use one of {', '.join(DELIVERY_STATUSES)}")
-    with _errors(PG_HINT):
+    if status is not None and status not in store.DELIVERY_STATUSES:
+        fail(f"unknown status {status!r}", f"use one of {', '.join(store.DELIVERY_STATUSES)}")
+    with one_line_errors(PG_HINT):
         if delivery_id is not None:
             _print_attempts(settings, delivery_id)
             return
@@ -238,7 +230,9 @@ def deliveries(
             rows = store.list_deliveries(
                 conn, settings.control_schema, endpoint_id=endpoint_id, status=status, limit=limit
             )
-    grid = _grid("id", "endpoint", "event", "webhook-id", "status", "attempts", "last", "next", "last error")
+    grid = new_grid(
+        "id", "endpoint", "event", "webhook-id", "status", "attempts", "last", "next", "last error"
+    )
     for r in rows:
         grid.add_row(*_delivery_cells(r))
     out.print(grid if rows else "no delivery")
@@ -252,8 +246,8 @@ def _delivery_cells(r: dict[str, Any]) -> list[str]:
         r["event_id"],
         r["status"],
         str(r["attempts"]),
-        f"{_ts(r['last_attempt_at'])} {r['last_status_code'] or ''}".strip(),
-        _ts(r["next_attempt_at"]) if r["status"] == "pending" else "-",
+        f"{ts(r['last_attempt_at'])} {r['last_status_code'] or ''}".strip(),
+        ts(r["next_attempt_at"]) if r["status"] == "pending" else "-",
         r["last_error"] or "",
     ]
 
@@ -266,6 +260,6 @@ def dispatch(
     from flows import webhooks
 
     settings = _ready()
-    with _errors(PG_HINT):
+    with one_line_errors(PG_HINT):
         result = webhooks.dispatch(settings, deadline_s=deadline_s, wait=True)
     out.print(result.to_dict())

@@ -317,7 +317,7 @@ class BoundedReadSessions(OrderedDict[str, Any]):
 
 
 def _run_emulator(argv: list[str]) -> None:
-    """`python -m flows.local_stack ARGS`: bqemulator's command line with bounded read sessions."""
+    """`python -m flows.demo.local_stack ARGS`: bqemulator's command line with bounded read sessions."""
     from bqemulator.cli import main
     from bqemulator.streaming import read_session
 
@@ -364,7 +364,7 @@ class BigQueryEmulator:
         cmd = [
             sys.executable,
             "-m",
-            "flows.local_stack",  # bqemulator with bounded read sessions, see _run_emulator
+            "flows.demo.local_stack",  # bqemulator with bounded read sessions, see _run_emulator
             "start",
             "--project",
             self.project,

@@ -1,6 +1,4 @@
-"""`refresh api` (serve the HTTP API and dashboard) and `refresh token create|revoke|list`.
-
-The helpers come from flows.cli at call time: flows.cli registers these commands."""
+"""`refresh api` (serve the HTTP API and dashboard) and `refresh token create|revoke|list`."""
 
 from __future__ import annotations
 
@@ -8,6 +6,17 @@ import os
 from typing import Annotated
 
 import typer
+
+from flows.cli.common import (
+    PG_HINT,
+    embedded_stack,
+    fail,
+    load_settings,
+    new_grid,
+    one_line_errors,
+    out,
+    ts,
+)
 
 token_app = typer.Typer(help="API bearer tokens: create, list, revoke.", no_args_is_help=True)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -21,12 +30,11 @@ def token_create(
     ],
 ) -> None:
     """Create a token; it is shown once, only its hash is kept."""
-    from flows.cli import PG_HINT, _errors, _settings, out
     from flows.control import tokens
     from flows.db import connect, migrate
 
-    settings = _settings()
-    with _errors(PG_HINT):
+    settings = load_settings()
+    with one_line_errors(PG_HINT):
         migrate(settings)
         with connect(settings) as conn:
             secret, info = tokens.create(conn, settings.control_schema, name, scope, who="cli")
@@ -38,12 +46,11 @@ def token_create(
 @token_app.command("revoke")
 def token_revoke(name: Annotated[str, typer.Argument(help="Token name or id")]) -> None:
     """Revoke a token: requests with it are refused from now on."""
-    from flows.cli import PG_HINT, _errors, _settings, out
     from flows.control import tokens
     from flows.db import connect, migrate
 
-    settings = _settings()
-    with _errors(PG_HINT):
+    settings = load_settings()
+    with one_line_errors(PG_HINT):
         migrate(settings)
         with connect(settings) as conn:
             info = tokens.revoke(conn, settings.control_schema, name)
@@ -53,18 +60,17 @@ def token_revoke(name: Annotated[str, typer.Argument(help="Token name or id")]) 
 @token_app.command("list")
 def token_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked tokens")] = False) -> None:
     """Tokens: id, name, scopes, created, revoked (never the token itself)."""
-    from flows.cli import PG_HINT, _errors, _grid, _settings, _ts, out
     from flows.control import tokens
     from flows.db import connect, migrate
 
-    settings = _settings()
-    with _errors(PG_HINT):
+    settings = load_settings()
+    with one_line_errors(PG_HINT):
         migrate(settings)
         with connect(settings) as conn:
             found = tokens.list_tokens(conn, settings.control_schema, include_revoked=all_)
-    grid = _grid("id", "name", "scopes", "created (UTC)", "revoked (UTC)")
+    grid = new_grid("id", "name", "scopes", "created (UTC)", "revoked (UTC)")
     for t in found:
-        grid.add_row(t.token_id, t.name, ",".join(t.scopes), _ts(t.created_at), _ts(t.revoked_at))
+        grid.add_row(t.token_id, t.name, ",".join(t.scopes), ts(t.created_at), ts(t.revoked_at))
     out.print(grid if found else "no tokens (create one with `refresh token create NAME --scope read`)")
 
 
@@ -88,15 +94,13 @@ def api(
     ] = True,
 ) -> None:
     """Serve the HTTP API (/api/refresh/..., OpenAPI at /api/openapi.json) and the dashboard (/)."""
-    from flows.cli import PG_HINT, _errors, _fail, _settings, _stack, out
-
-    settings = _settings(prefect_log_level="INFO")
+    settings = load_settings(prefect_log_level="INFO")
     from flows.api.settings import ApiSettings
 
     try:
         base = ApiSettings()
     except Exception as exc:  # pydantic ValidationError -> one line
-        _fail(f"configuration error: {str(exc).splitlines()[0]}", "check the REFRESH_API_* variables")
+        fail(f"configuration error: {str(exc).splitlines()[0]}", "check the REFRESH_API_* variables")
     overrides = {
         k: v
         for k, v in {"host": host, "port": port, "anonymous_read": anonymous_read}.items()
@@ -104,7 +108,7 @@ def api(
     }
     api_settings = base.model_copy(update=overrides)
     if api_settings.anonymous_read and api_settings.host not in LOOPBACK:
-        _fail(
+        fail(
             f"anonymous reads are only allowed on a loopback address, not {api_settings.host}",
             "bind to 127.0.0.1, or give readers a token (`refresh token create NAME --scope read`)",
         )
@@ -112,7 +116,7 @@ def api(
 
     from flows.api.app import create_app
 
-    with _errors(PG_HINT), _stack(settings, with_stack):
+    with one_line_errors(PG_HINT), embedded_stack(settings, with_stack):
         reads = "anonymous reads allowed" if api_settings.anonymous_read else "reads need a token"
         out.print(
             f"dashboard: http://{api_settings.host}:{api_settings.port}/  "

@@ -1,8 +1,4 @@
-"""`refresh validate-data`, `refresh cutover`, `refresh rollback`: the safe-rollout commands.
-
-Registered on the main app by `register`; the helpers of flows.cli are imported when a command
-runs, so this module and flows.cli can import each other in any order.
-"""
+"""`refresh validate-data`, `refresh cutover`, `refresh rollback`: the safe-rollout commands."""
 
 from __future__ import annotations
 
@@ -10,6 +6,16 @@ import getpass
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from flows.cli.common import (
+    fail,
+    load_settings,
+    one_line_errors,
+    out,
+    parse_date,
+    split_names,
+    synced_registry,
+)
 
 if TYPE_CHECKING:
     from flows.settings import Settings
@@ -43,16 +49,17 @@ def validate_data(
         return
 
     from flows.bigquery import make_clients
-    from flows.cli import _errors, _fail, _parse_date, _registry, _settings, _split, out
     from flows.validation import validate
 
-    settings = _settings()
-    first, last = _parse_date(from_, "--from"), _parse_date(to, "--to")
-    with _errors("`refresh config get` lists the tables; validate a table after it has been refreshed"):
-        _registry(settings)
+    settings = load_settings()
+    first, last = parse_date(from_, "--from"), parse_date(to, "--to")
+    with one_line_errors(
+        "`refresh config get` lists the tables; validate a table after it has been refreshed"
+    ):
+        synced_registry(settings)
         clients = make_clients(settings)
         try:
-            results = validate(settings, clients, _split(tables), first, last)
+            results = validate(settings, clients, split_names(tables), first, last)
         finally:
             clients.close()
     _notify(settings)
@@ -84,7 +91,7 @@ def validate_data(
             )
     out.print(grid)
     if failed:
-        _fail(
+        fail(
             f"{failed} period(s) differ between BigQuery and Postgres",
             "the rows are in refresh_control.dq_results (details); reload them with "
             "`refresh backfill --tables TABLE --start ... --end ...`",
@@ -93,12 +100,14 @@ def validate_data(
 
 
 def _validate_summaries() -> None:
-    from flows.cli import _errors, _fail, _settings, out
     from flows.db import connect
     from flows.validation import check_summaries, record_summary_checks
 
-    settings = _settings()
-    with _errors("run a refresh first: the summaries are built by dbt from raw"), connect(settings) as conn:
+    settings = load_settings()
+    with (
+        one_line_errors("run a refresh first: the summaries are built by dbt from raw"),
+        connect(settings) as conn,
+    ):
         checks = check_summaries(conn, settings.raw_schema)
         record_summary_checks(conn, settings.control_schema, checks)
     _notify(settings)
@@ -106,9 +115,7 @@ def _validate_summaries() -> None:
     for c in failed:
         out.print(f"[red]fail[/] {c.summary} {c.period_start}: raw {c.raw} != summary {c.summary_sums}")
     if failed:
-        _fail(
-            f"{len(failed)} summary period(s) differ from raw", "rebuild them: `refresh run --full-refresh`"
-        )
+        fail(f"{len(failed)} summary period(s) differ from raw", "rebuild them: `refresh run --full-refresh`")
     out.print(f"[green]{len(checks)} summary periods equal the sums of raw[/]")
 
 
@@ -119,16 +126,15 @@ def cutover(
     by: ByOption = None,
 ) -> None:
     """Move a table one step: dry_run -> shadow -> live (live only after a passing validation)."""
-    from flows.cli import _errors, _registry, _settings, out
     from flows.control import rollout
     from flows.db import connect
     from flows.registry import Mode
 
-    settings = _settings()
-    with _errors(
+    settings = load_settings()
+    with one_line_errors(
         "`refresh config get TABLE` shows its mode; `refresh validate-data --tables TABLE` validates it"
     ):
-        _registry(settings)
+        synced_registry(settings)
         with connect(settings) as conn:
             change = rollout.cutover(
                 conn,
@@ -155,13 +161,12 @@ def rollback(
     by: ByOption = None,
 ) -> None:
     """Return a table to the mode it had before its last cutover; its data stays as it is."""
-    from flows.cli import _errors, _registry, _settings, out
     from flows.control import rollout
     from flows.db import connect
 
-    settings = _settings()
-    with _errors("`refresh config get TABLE` shows its mode"):
-        _registry(settings)
+    settings = load_settings()
+    with one_line_errors("`refresh config get TABLE` shows its mode"):
+        synced_registry(settings)
         with connect(settings) as conn:
             change = rollout.rollback(
                 conn, settings.control_schema, table, who=by or getpass.getuser(), reason=reason
@@ -176,9 +181,3 @@ def _notify(settings: Settings) -> None:
     from flows.webhooks import dispatch_after_run
 
     dispatch_after_run(settings)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("validate-data")(validate_data)
-    app.command("cutover")(cutover)
-    app.command("rollback")(rollback)

@@ -1,0 +1,43 @@
+"""`refresh stack up|down|status`: the embedded local stack (flows.demo, imported when a command
+runs)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from flows.cli.common import load_settings, one_line_errors, out
+from flows.redact import redact
+
+stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emulator).", no_args_is_help=True)
+
+
+@stack_app.command("up")
+def stack_up() -> None:
+    """Start the embedded Postgres and BigQuery emulator and leave them running."""
+    from flows.demo.local_stack import LocalStack
+
+    settings = load_settings()
+    stack = LocalStack(settings, keep_running=True)
+    with one_line_errors():
+        stack.start()
+    out.print(json.dumps(stack.status()))
+    out.print(f"Postgres: {redact(settings.dsn())}  BigQuery REST: {settings.rest_endpoint}")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the embedded parts (data is kept)."""
+    from flows.demo.local_stack import LocalStack
+
+    LocalStack(load_settings()).stop_all()
+    out.print("stopped")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Whether the embedded parts are up."""
+    from flows.demo.local_stack import LocalStack
+
+    out.print(json.dumps(LocalStack(load_settings()).status()))
