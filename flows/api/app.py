@@ -14,6 +14,7 @@ from flows import runbook
 from flows.api import dashboard, problems, rollout_routes, routes, webhook_routes
 from flows.api.responses import FastJSONResponse
 from flows.api.settings import ApiSettings
+from flows.api.status_cache import StatusCache
 from flows.settings import Settings, get_settings
 
 
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
     )
     app.state.settings = settings
     app.state.api_settings = api_settings
+    app.state.status_cache = StatusCache(api_settings.status_cache_seconds)
     # Background refreshes this process started (no Prefect API): trigger id -> process.
     app.state.children = dict[UUID, subprocess.Popen[bytes]]()
     problems.install(app)

@@ -16,5 +16,7 @@ class ApiSettings(BaseSettings):
     anonymous_read: bool = False
     # Postgres connections the API keeps open (one per concurrent request at most).
     pool_size: int = Field(default=8, ge=1, le=64)
+    # How long a computed status answer is served again (Age header); 0 = computed every time.
+    status_cache_seconds: float = Field(default=2.0, ge=0, le=60)
     # Deployment a trigger starts when a Prefect API is configured (PREFECT_API_URL).
     deployment: str = "daily-refresh/daily"
