@@ -218,7 +218,7 @@ def trigger(
         flow_run_id: UUID | None = None
         pid: int | None = None
         if launch.prefect_configured():
-            flow_run_id = launch.start_flow_run(state.api_settings.deployment, params, idempotency_key)
+            flow_run_id = launch.start_flow_run(state.settings.api_deployment, params, idempotency_key)
             via = "prefect"
         else:
             proc = launch.start_process(params, state.settings.state_dir / "logs")

@@ -22,10 +22,12 @@ BASE = "/api/refresh/webhooks"
 
 
 @pytest.fixture
-def private_ok(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The receiver is on 127.0.0.1; afterwards every endpoint is removed so the other tests'
-    runs deliver nothing."""
-    monkeypatch.setenv("REFRESH_WEBHOOK_ALLOW_PRIVATE", "true")
+def private_ok(client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The receiver is on 127.0.0.1 (the API allows private addresses for this test);
+    afterwards every endpoint is removed so the other tests' runs deliver nothing."""
+    monkeypatch.setattr(
+        client.app.state, "settings", settings.model_copy(update={"webhook_allow_private": True})
+    )
     yield
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         for ep in store.list_endpoints(conn, settings.control_schema):
@@ -144,9 +146,8 @@ def test_create_list_get_update_delete_and_the_secret_shown_once(
 
 
 def test_bad_input_names_the_field_and_changes_nothing(
-    client: TestClient, api_tokens: dict[str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, api_tokens: dict[str, str], settings: Settings
 ) -> None:
-    monkeypatch.setenv("REFRESH_WEBHOOK_ALLOW_PRIVATE", "false")
     h = auth(api_tokens["admin"])
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         eid = store.create_endpoint(
