@@ -263,7 +263,31 @@ Since = Annotated[date | None, Query(description="Started on or after (YYYY-MM-D
 Until = Annotated[date | None, Query(description="Started on or before (YYYY-MM-DD)")]
 
 
-def _page(request: Request, q: audit.HistoryQuery) -> FastJSONResponse:
+Cursor = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="next_cursor of the previous page: the page after it (keyset paging, no total); "
+        "instead of page",
+    ),
+]
+
+
+def _page(request: Request, q: audit.HistoryQuery, cursor: str | None = None) -> FastJSONResponse:
+    """A page by number (with the total), or the page after a cursor."""
+    if cursor is not None:
+        if q.page != 1:
+            raise Problem(
+                422,
+                "give page or cursor, not both",
+                errors=[{"field": "cursor", "problem": "cannot be combined with page"}],
+            )
+        after = audit.HistoryCursor.decode(cursor)
+        with request.app.state.pool.connection() as conn:
+            rows, next_cursor = audit.history_after(conn, _schema(request), q, after)
+        return FastJSONResponse(
+            {"page_size": q.page_size, "cursor": cursor, "next_cursor": next_cursor, "items": rows}
+        )
     with request.app.state.pool.connection() as conn:
         result = audit.history(conn, _schema(request), q)
     return FastJSONResponse(
@@ -289,10 +313,11 @@ def runs(
     until: Until = None,
     page: Page = 1,
     page_size: PageSize = 20,
+    cursor: Cursor = None,
 ) -> FastJSONResponse:
-    """Runs, newest first, paged."""
+    """Runs, newest first, paged by `page` or after a `cursor` (see /history)."""
     q = audit.HistoryQuery(status=status, since=since, until=until, page=page, page_size=page_size)
-    return _page(request, q)
+    return _page(request, q, cursor)
 
 
 @router.get(
@@ -321,14 +346,7 @@ def history(
     until: Until = None,
     page: Page = 1,
     page_size: PageSize = 20,
-    cursor: Annotated[
-        str | None,
-        Query(
-            max_length=200,
-            description="next_cursor of the previous page: the page after it (keyset paging, "
-            "no total); instead of page",
-        ),
-    ] = None,
+    cursor: Cursor = None,
 ) -> FastJSONResponse:
     """Past runs, or one table's refreshes, newest first, filtered and paged (page_size <= 100):
     by `page` (with the total), or after a `cursor` (every page as fast as the first). Each
@@ -336,20 +354,7 @@ def history(
     q = audit.HistoryQuery(
         table=table, status=status, since=since, until=until, page=page, page_size=page_size
     )
-    if cursor is None:
-        return _page(request, q)
-    if page != 1:
-        raise Problem(
-            422,
-            "give page or cursor, not both",
-            errors=[{"field": "cursor", "problem": "cannot be combined with page"}],
-        )
-    after = audit.HistoryCursor.decode(cursor)
-    with request.app.state.pool.connection() as conn:
-        rows, next_cursor = audit.history_after(conn, _schema(request), q, after)
-    return FastJSONResponse(
-        {"page_size": q.page_size, "cursor": cursor, "next_cursor": next_cursor, "items": rows}
-    )
+    return _page(request, q, cursor)
 
 
 @router.get("/metrics", response_model=None, responses=COMMON_ERRORS)

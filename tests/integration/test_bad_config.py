@@ -81,7 +81,7 @@ def test_registry_file_that_is_not_yaml_is_one_line_with_line_and_column(
         (["status"], "REFRESH_WEBHOOK_HORIZON_HOURS", "0"),
         (["api", "--no-stack"], "REFRESH_API_PORT", "70000"),
         (["api", "--no-stack"], "REFRESH_API_STATUS_CACHE_SECONDS", "-1"),
-        (["webhook", "list"], "REFRESH_API_POOL_SIZE", "0"),
+        (["webhooks", "list"], "REFRESH_API_POOL_SIZE", "0"),
     ],
 )
 def test_bad_webhook_and_api_settings_are_one_line_naming_the_variable(

@@ -144,6 +144,10 @@ def test_history_by_cursor(client: TestClient, api_tokens: dict[str, str]) -> No
         cursor = page["next_cursor"]
     assert len(rows) == first["total"]
     assert len({r["run_id"] for r in rows}) == len(rows)
+    runs = client.get("/api/refresh/runs?page_size=1", headers=h).json()
+    if runs["next_cursor"]:
+        after = client.get(f"/api/refresh/runs?page_size=1&cursor={runs['next_cursor']}", headers=h).json()
+        assert after["items"][0]["run_id"] != runs["items"][0]["run_id"]
     err = problem(client.get("/api/refresh/history?cursor=bogus", headers=h), 422)
     assert "cursor" in err["detail"]
     err = problem(
