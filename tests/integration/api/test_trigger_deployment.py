@@ -79,7 +79,8 @@ def api(deployed: tuple[str, Settings], tmp_path_factory: pytest.TempPathFactory
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        # Generous: the API's start (imports, migrations, the pool) on a loaded 2-core machine.
+        deadline = time.monotonic() + 300
         while True:
             try:
                 if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
