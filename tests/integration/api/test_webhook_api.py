@@ -22,13 +22,18 @@ BASE = "/api/refresh/webhooks"
 
 
 @pytest.fixture
-def private_ok(client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def private_ok(client: TestClient, settings: Settings) -> Iterator[None]:
     """The receiver is on 127.0.0.1 (the API allows private addresses for this test);
     afterwards every endpoint is removed so the other tests' runs deliver nothing."""
-    monkeypatch.setattr(
-        client.app.state, "settings", settings.model_copy(update={"webhook_allow_private": True})
-    )
-    yield
+    # Set and put back by hand: monkeypatch would delete the attribute afterwards (State keeps
+    # its values outside the instance __dict__).
+    state = client.app.state
+    before = state.settings
+    state.settings = before.model_copy(update={"webhook_allow_private": True})
+    try:
+        yield
+    finally:
+        state.settings = before
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         for ep in store.list_endpoints(conn, settings.control_schema):
             store.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
