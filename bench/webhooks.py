@@ -101,7 +101,7 @@ def main() -> None:
         os.environ.update(env)
         settings = get_settings()
         migrate(settings)
-        deadline = webhooks.WebhookSettings().webhook_run_deadline_s
+        deadline = settings.webhook_run_deadline_s
         print(f"machine: {os.cpu_count()} cores; run deadline {deadline} s")
         throughput(settings, args.events)
         run_cost(settings, "answering in 100 ms", args.runs, 0.1)

@@ -75,9 +75,8 @@ class HousekeepingResult:
 def dispatch_webhooks(settings: Settings) -> dict[str, int]:
     """Deliver the webhook events left over (receiver down, run killed before dispatch) and the
     retries that fall due within REFRESH_WEBHOOK_HOUSEKEEPING_DEADLINE_S."""
-    ws = webhooks.WebhookSettings()
     return webhooks.dispatch(
-        settings, deadline_s=ws.webhook_housekeeping_deadline_s, wait=True, ws=ws
+        settings, deadline_s=settings.webhook_housekeeping_deadline_s, wait=True
     ).to_dict()
 
 

@@ -78,6 +78,33 @@ class Settings(BaseSettings):
     schedule_cron: str = "0 2 * * *"
     schedule_timezone: str = "UTC"
 
+    # --- Webhooks -------------------------------------------------------------------------
+    secret_key: SecretStr | None = Field(
+        default=None, description="encrypts webhook secrets at rest; unset = a key file in the state dir"
+    )
+    webhook_allow_private: bool = Field(
+        default=False, description="allow endpoints on loopback, link-local and private addresses"
+    )
+    webhook_horizon_hours: float = Field(default=24.0, gt=0, le=24 * 14)
+    webhook_rotation_grace_hours: float = Field(default=24.0, ge=0, le=24 * 30)
+    webhook_timeout_s: float = Field(default=15.0, gt=0, le=60)
+    webhook_run_deadline_s: float = Field(default=0.8, gt=0, le=60)
+    webhook_housekeeping_deadline_s: float = Field(default=300.0, gt=0, le=3000)
+    dashboard_url: str | None = None
+
+    # --- HTTP API (`refresh api`) ---------------------------------------------------------
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    # Reads (status, history, metrics, config, the dashboard) without a token. Off unless the
+    # operator turns it on; the local demo does, bound to 127.0.0.1. Changes always need one.
+    api_anonymous_read: bool = False
+    # Postgres connections the API keeps open (one per concurrent request at most).
+    api_pool_size: int = Field(default=8, ge=1, le=64)
+    # Deployment a trigger starts when a Prefect API is configured (PREFECT_API_URL).
+    api_deployment: str = "daily-refresh/daily"
+    # How long a computed status answer is served again (Age header); 0 = computed every time.
+    api_status_cache_seconds: float = Field(default=2.0, ge=0, le=60)
+
     @field_validator("raw_schema", "control_schema")
     @classmethod
     def _pg_name(cls, v: str) -> str:
@@ -98,7 +125,7 @@ class Settings(BaseSettings):
     def _dsn(cls, v: SecretStr | None) -> SecretStr | None:
         return None if v is None else SecretStr(validate_dsn(v.get_secret_value()))
 
-    @field_validator("bq_credentials_json")
+    @field_validator("bq_credentials_json", "secret_key")
     @classmethod
     def _credentials(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None:

@@ -31,8 +31,6 @@ from urllib.parse import urlsplit
 import httpx
 import psycopg
 from cryptography.fernet import Fernet, InvalidToken
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from standardwebhooks.webhooks import Webhook
 
 from flows.control import webhooks as store
@@ -71,25 +69,6 @@ KEY_FILE = "webhook-secrets.key"
 USER_AGENT = "sqp-refresh-webhooks/1"
 
 
-class WebhookSettings(BaseSettings):
-    """Webhook settings (environment variables prefixed ``REFRESH_``, or the .env file)."""
-
-    model_config = SettingsConfigDict(env_prefix="REFRESH_", env_file=".env", extra="ignore", frozen=True)
-
-    secret_key: SecretStr | None = Field(
-        default=None, description="encrypts webhook secrets at rest; unset = a key file in the state dir"
-    )
-    webhook_allow_private: bool = Field(
-        default=False, description="allow endpoints on loopback, link-local and private addresses"
-    )
-    webhook_horizon_hours: float = Field(default=24.0, gt=0, le=24 * 14)
-    webhook_rotation_grace_hours: float = Field(default=24.0, ge=0, le=24 * 30)
-    webhook_timeout_s: float = Field(default=15.0, gt=0, le=60)
-    webhook_run_deadline_s: float = Field(default=0.8, gt=0, le=60)
-    webhook_housekeeping_deadline_s: float = Field(default=300.0, gt=0, le=3000)
-    dashboard_url: str | None = None
-
-
 # --- secrets -------------------------------------------------------------------------------
 
 
@@ -109,10 +88,10 @@ def _key_file(path: Path) -> bytes:
     return path.read_bytes().strip()
 
 
-def cipher(settings: Settings, ws: WebhookSettings) -> Fernet:
+def cipher(settings: Settings) -> Fernet:
     """Secrets must be recoverable to sign (HMAC needs the raw key), so they are encrypted."""
-    if ws.secret_key is not None:
-        digest = hashlib.sha256(ws.secret_key.get_secret_value().encode()).digest()
+    if settings.secret_key is not None:
+        digest = hashlib.sha256(settings.secret_key.get_secret_value().encode()).digest()
         return Fernet(base64.urlsafe_b64encode(digest))
     return Fernet(_key_file(settings.state_dir / KEY_FILE))
 
@@ -231,13 +210,11 @@ def add_endpoint(
     event_types: list[str] | None,
     description: str = "",
     who: str = "cli",
-    ws: WebhookSettings | None = None,
 ) -> NewEndpoint:
-    ws = ws or WebhookSettings()
     # The cheap checks first: the URL's resolves the host.
     types = validate_event_types(event_types)
     validate_description(description)
-    url = validate_url(url, ws.webhook_allow_private)
+    url = validate_url(url, settings.webhook_allow_private)
     secret = new_secret()
     with connect(settings) as conn, conn.transaction():
         eid = store.create_endpoint(
@@ -246,7 +223,7 @@ def add_endpoint(
             url=url,
             description=description,
             event_types=types,
-            secret_enc=cipher(settings, ws).encrypt(secret.encode()).decode(),
+            secret_enc=cipher(settings).encrypt(secret.encode()).decode(),
             who=who,
         )
     return NewEndpoint(eid, secret)
@@ -257,18 +234,17 @@ def rotate_secret(
     endpoint_id: int,
     grace_hours: float | None = None,
     who: str = "cli",
-    ws: WebhookSettings | None = None,
 ) -> str:
     """A new secret (returned, shown once); the old one signs too for the grace period."""
-    ws = ws or WebhookSettings()
-    grace = validate_grace_hours(ws.webhook_rotation_grace_hours if grace_hours is None else grace_hours)
+    default = settings.webhook_rotation_grace_hours
+    grace = validate_grace_hours(default if grace_hours is None else grace_hours)
     secret = new_secret()
     with connect(settings) as conn, conn.transaction():
         store.rotate_secret(
             conn,
             settings.control_schema,
             endpoint_id,
-            new_secret_enc=cipher(settings, ws).encrypt(secret.encode()).decode(),
+            new_secret_enc=cipher(settings).encrypt(secret.encode()).decode(),
             grace_hours=grace,
             who=who,
         )
@@ -284,13 +260,11 @@ def update_endpoint(
     event_types: list[str] | None = None,
     enabled: bool | None = None,
     who: str = "cli",
-    ws: WebhookSettings | None = None,
 ) -> dict[str, Any]:
     """Change the given fields (None = keep), validated as `add` validates them; the endpoint
     as it is now (never its secret)."""
-    ws = ws or WebhookSettings()
     if url is not None:
-        url = validate_url(url, ws.webhook_allow_private)
+        url = validate_url(url, settings.webhook_allow_private)
     if event_types is not None:
         if not [v for raw in event_types for v in raw.split(",") if v.strip()]:
             raise WebhookInputError("event_types", "subscribe to at least one event type")
@@ -316,12 +290,9 @@ class SentTestEvent:
     result: DispatchResult
 
 
-def send_test(
-    settings: Settings, endpoint_id: int, who: str = "cli", ws: WebhookSettings | None = None
-) -> SentTestEvent:
+def send_test(settings: Settings, endpoint_id: int, who: str = "cli") -> SentTestEvent:
     """Queue a signed `webhook.test` event for one endpoint and send it now (one attempt,
     waiting at most the attempt timeout); the attempt is recorded like any other."""
-    ws = ws or WebhookSettings()
     with connect(settings) as conn, conn.transaction():
         endpoint = store.get_endpoint(conn, settings.control_schema, endpoint_id)
         if not endpoint["enabled"]:
@@ -332,7 +303,7 @@ def send_test(
         delivery = store.queue_test(
             conn, settings.control_schema, endpoint_id, {"message": "test event", "by": who}
         )
-    result = dispatch(settings, deadline_s=ws.webhook_timeout_s + 5, delivery_ids=[delivery], ws=ws)
+    result = dispatch(settings, deadline_s=settings.webhook_timeout_s + 5, delivery_ids=[delivery])
     return SentTestEvent(delivery, result)
 
 
@@ -345,10 +316,10 @@ def _short(text: str | None, limit: int = MAX_ERROR_CHARS) -> str | None:
     return text[: limit - 20] + f"... ({len(text)} chars)"
 
 
-def links(flow_run_id: str | None, ws: WebhookSettings) -> dict[str, str]:
+def links(flow_run_id: str | None, settings: Settings) -> dict[str, str]:
     out: dict[str, str] = {}
-    if ws.dashboard_url:
-        out["dashboard"] = ws.dashboard_url
+    if settings.dashboard_url:
+        out["dashboard"] = settings.dashboard_url
     ui = os.environ.get("PREFECT_UI_URL", "").rstrip("/")
     if ui and flow_run_id:
         out["prefect_flow_run"] = f"{ui}/runs/flow-run/{flow_run_id}"
@@ -362,7 +333,6 @@ def run_finished(conn: psycopg.Connection, settings: Settings, summary: RunSumma
     """
     if summary.dry_run:
         return None
-    ws = WebhookSettings()
     data = {
         "run_id": summary.run_id,
         "flow_run_id": summary.flow_run_id,
@@ -388,14 +358,13 @@ def run_finished(conn: psycopg.Connection, settings: Settings, summary: RunSumma
             "models_built": summary.dbt_models_built,
             "failed": summary.dbt_failed[:20],
         },
-        "links": links(summary.flow_run_id, ws),
+        "links": links(summary.flow_run_id, settings),
     }
     return store.emit(conn, settings.control_schema, RUN_EVENTS[summary.status], data, run_id=summary.run_id)
 
 
 def runs_abandoned(conn: psycopg.Connection, settings: Settings) -> int:
     """refresh.failed for each run this transaction marked abandoned (a killed process)."""
-    ws = WebhookSettings()
     rows = store.abandoned_now(conn, settings.control_schema)
     for r in rows:
         flow_run_id = str(r["flow_run_id"]) if r["flow_run_id"] else None
@@ -405,7 +374,7 @@ def runs_abandoned(conn: psycopg.Connection, settings: Settings) -> int:
             "status": "abandoned",
             "message": _short(r["message"], 2000),
             "started_at": r["started_at"].isoformat(),
-            "links": links(flow_run_id, ws),
+            "links": links(flow_run_id, settings),
         }
         store.emit(conn, settings.control_schema, "refresh.failed", data, run_id=r["run_id"])
     return len(rows)
@@ -424,7 +393,7 @@ def table_finished(
         "error": _short(rec.error),
         "slices_done": rec.slices_done,
         "rows_inserted": rec.rows_inserted,
-        "links": links(None, WebhookSettings()),
+        "links": links(None, settings),
     }
     schema = settings.control_schema
     store.emit(conn, schema, "table.failed", data, table_name=rec.table_name, run_id=rec.run_id)
@@ -484,11 +453,11 @@ class AttemptResult:
 
 
 def send(
-    client: httpx.Client, row: dict[str, Any], fernet: Fernet, ws: WebhookSettings, timeout_s: float
+    client: httpx.Client, row: dict[str, Any], fernet: Fernet, allow_private: bool, timeout_s: float
 ) -> AttemptResult:
     """One HTTP attempt; never raises. Only 2xx is success; redirects are not followed."""
     try:
-        check_destination(row["url"], ws.webhook_allow_private)
+        check_destination(row["url"], allow_private)
         keys = [fernet.decrypt(row["secret_enc"].encode()).decode()]
         if row["previous_secret_enc"]:
             keys.append(fernet.decrypt(row["previous_secret_enc"].encode()).decode())
@@ -544,14 +513,14 @@ class DispatchResult:
 
 def _settle(
     conn: psycopg.Connection,
-    schema: str,
-    ws: WebhookSettings,
+    settings: Settings,
     row: dict[str, Any],
     res: AttemptResult,
     now: datetime,
     result: DispatchResult,
     disabled: set[int],
 ) -> None:
+    schema = settings.control_schema
     attempt = row["attempts"] + 1
     store.record_attempt(
         conn,
@@ -584,7 +553,7 @@ def _settle(
     if res.retry_after_s is not None:
         delay = max(delay, res.retry_after_s)
     nxt = now + timedelta(seconds=delay)
-    if nxt <= row["retry_from"] + timedelta(hours=ws.webhook_horizon_hours):
+    if nxt <= row["retry_from"] + timedelta(hours=settings.webhook_horizon_hours):
         store.update_delivery(conn, schema, row["id"], status="pending", next_attempt_at=nxt, **common)
         return
     result.exhausted += 1
@@ -605,7 +574,7 @@ def _settle(
                 "first_attempt_at": row["retry_from"].isoformat(),
                 "last_status_code": res.status_code,
                 "last_error": res.error,
-                "links": links(None, ws),
+                "links": links(None, settings),
             },
             table_name=row["table_name"],
             run_id=row["run_id"],
@@ -625,7 +594,6 @@ def dispatch(
     clock: Callable[[], datetime] | None = None,
     delivery_ids: list[int] | None = None,
     batch_size: int = 32,
-    ws: WebhookSettings | None = None,
 ) -> DispatchResult:
     """Deliver what is due, for at most `deadline_s` seconds (each attempt's timeout is cut to
     what is left). With `wait`, also wait for retries that fall due before the deadline.
@@ -634,7 +602,6 @@ def dispatch(
     dispatchers never send the same attempt; a crash before the commit leaves them pending and
     they are sent again, with the same webhook-id (at-least-once).
     """
-    ws = ws or WebhookSettings()
     clock = clock or (lambda: datetime.now(UTC))
     schema = settings.control_schema
     start = time.monotonic()
@@ -651,12 +618,18 @@ def dispatch(
             with conn.transaction():
                 rows = store.claim_due(conn, schema, clock(), batch_size, delivery_ids)
                 if rows:
-                    fernet = fernet or cipher(settings, ws)
-                    timeout = min(ws.webhook_timeout_s, left)
-                    one = partial(send, client, fernet=fernet, ws=ws, timeout_s=timeout)
+                    fernet = fernet or cipher(settings)
+                    timeout = min(settings.webhook_timeout_s, left)
+                    one = partial(
+                        send,
+                        client,
+                        fernet=fernet,
+                        allow_private=settings.webhook_allow_private,
+                        timeout_s=timeout,
+                    )
                     results = list(_pool().map(one, rows))
                     for row, res in zip(rows, results, strict=True):
-                        _settle(conn, schema, ws, row, res, clock(), result, disabled)
+                        _settle(conn, settings, row, res, clock(), result, disabled)
                     continue
             if not wait:
                 break
@@ -672,8 +645,7 @@ def dispatch_after_run(settings: Settings) -> DispatchResult | None:
     """One short pass after a run; never raises and never takes long: what is left over goes
     out from the hourly housekeeping flow."""
     try:
-        ws = WebhookSettings()
-        return dispatch(settings, deadline_s=ws.webhook_run_deadline_s, ws=ws)
+        return dispatch(settings, deadline_s=settings.webhook_run_deadline_s)
     except Exception as exc:
         log.warning("webhook dispatch after the run failed; the events stay in the outbox: %s", exc)
         return None

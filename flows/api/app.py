@@ -13,13 +13,12 @@ from psycopg_pool import ConnectionPool
 from flows import runbook
 from flows.api import dashboard, problems, rollout_routes, routes, webhook_routes
 from flows.api.responses import FastJSONResponse
-from flows.api.settings import ApiSettings
+from flows.api.status_cache import StatusCache
 from flows.settings import Settings, get_settings
 
 
-def create_app(settings: Settings | None = None, api_settings: ApiSettings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    api_settings = api_settings or ApiSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -29,8 +28,8 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         pool: ConnectionPool = ConnectionPool(
             settings.dsn(),
             # Opened up front: a burst of requests does not wait for new connections.
-            min_size=api_settings.pool_size,
-            max_size=api_settings.pool_size,
+            min_size=settings.api_pool_size,
+            max_size=settings.api_pool_size,
             kwargs={"autocommit": True, "application_name": "sqp-refresh-api"},
             open=False,
         )
@@ -53,7 +52,7 @@ def create_app(settings: Settings | None = None, api_settings: ApiSettings | Non
         default_response_class=FastJSONResponse,
     )
     app.state.settings = settings
-    app.state.api_settings = api_settings
+    app.state.status_cache = StatusCache(settings.api_status_cache_seconds)
     # Background refreshes this process started (no Prefect API): trigger id -> process.
     app.state.children = dict[UUID, subprocess.Popen[bytes]]()
     problems.install(app)

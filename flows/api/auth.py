@@ -26,7 +26,7 @@ def require(scope: Scope) -> Callable[..., TokenInfo | None]:
     ) -> TokenInfo | None:
         state = request.app.state
         if creds is None:
-            if scope is Scope.READ and state.api_settings.anonymous_read:
+            if scope is Scope.READ and state.settings.api_anonymous_read:
                 return None
             raise Problem(401, f"this needs a bearer token with scope {scope.value!r}", headers=CHALLENGE)
         with state.pool.connection() as conn:

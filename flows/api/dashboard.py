@@ -21,7 +21,7 @@ PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
 @router.get("/", response_class=HTMLResponse)
 def page(request: Request) -> HTMLResponse:
     html = TEMPLATES.get_template("dashboard.html").render(
-        anonymous_read=request.app.state.api_settings.anonymous_read,
+        anonymous_read=request.app.state.settings.api_anonymous_read,
         plotly_version=plotly.__version__,
     )
     return HTMLResponse(html)

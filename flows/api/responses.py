@@ -18,5 +18,9 @@ def _default(value: Any) -> Any:
 
 
 class FastJSONResponse(JSONResponse):
-    def render(self, content: Any) -> bytes:
+    @staticmethod
+    def dumps(content: Any) -> bytes:
         return orjson.dumps(content, default=_default, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
+
+    def render(self, content: Any) -> bytes:
+        return self.dumps(content)

@@ -13,7 +13,7 @@ from uuid import UUID, uuid4
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows import runbook
@@ -22,7 +22,7 @@ from flows.api.auth import require
 from flows.api.problems import Problem
 from flows.api.responses import FastJSONResponse
 from flows.control import monitoring, registry, triggers
-from flows.control.history import MAX_PAGE_SIZE, HistoryQuery, read_history
+from flows.control.history import MAX_PAGE_SIZE, HistoryCursor, HistoryQuery, history_after, read_history
 from flows.control.runs import refresh_running
 from flows.control.tokens import Scope, TokenInfo
 from flows.registry import Mode, SliceSize, TableConfig, WriteStrategy
@@ -55,27 +55,34 @@ def status(
     request: Request,
     _: Reader,
     hours: Annotated[int, Query(ge=1, le=720, description="Runs of the last N hours")] = 24,
-) -> FastJSONResponse:
+) -> Response:
     """healthy / degraded / failing, why, and per table: mode, last status, last success,
-    freshness (fresh, aging > 1x frequency, stale > 2x, never) and next due."""
-    now = _now()
-    schema = _schema(request)
-    with request.app.state.pool.connection() as conn:
-        running = refresh_running(conn)
-        runs = monitoring.runs_since(conn, schema, now - timedelta(hours=hours))
-        tables = monitoring.table_overview(conn, schema, now)
-    state, reasons = monitoring.health(tables, runs)
-    return FastJSONResponse(
-        {
-            "status": state.value,
-            "reasons": reasons,
-            "refresh_running": running,
-            "generated_at": now,
-            "hours": hours,
-            "runs": runs,
-            "tables": tables,
-        }
-    )
+    freshness (fresh, aging > 1x frequency, stale > 2x, never) and next due. The answer may be
+    up to REFRESH_API_STATUS_CACHE_SECONDS old: the Age header says how old (seconds), and
+    `generated_at` when it was computed."""
+
+    def compute() -> bytes:
+        now = _now()
+        schema = _schema(request)
+        with request.app.state.pool.connection() as conn:
+            running = refresh_running(conn)
+            runs = monitoring.runs_since(conn, schema, now - timedelta(hours=hours))
+            tables = monitoring.table_overview(conn, schema, now)
+        state, reasons = monitoring.health(tables, runs)
+        return FastJSONResponse.dumps(
+            {
+                "status": state.value,
+                "reasons": reasons,
+                "refresh_running": running,
+                "generated_at": now,
+                "hours": hours,
+                "runs": runs,
+                "tables": tables,
+            }
+        )
+
+    cached = request.app.state.status_cache.get(hours, compute)
+    return Response(cached.body, media_type="application/json", headers={"Age": str(int(cached.age_s()))})
 
 
 class TriggerRequest(BaseModel):
@@ -213,7 +220,7 @@ def trigger(
         flow_run_id: UUID | None = None
         pid: int | None = None
         if launch.prefect_configured():
-            flow_run_id = launch.start_flow_run(state.api_settings.deployment, params, idempotency_key)
+            flow_run_id = launch.start_flow_run(state.settings.api_deployment, params, idempotency_key)
             via = "prefect"
         else:
             proc = launch.start_process(params, state.settings.state_dir / "logs")
@@ -233,6 +240,7 @@ def trigger(
             token_id=token.token_id if token else None,
         )
         recorded = triggers.get(conn, schema, trigger_id)
+    state.status_cache.clear()
     assert recorded is not None
     return _accepted(recorded, replayed=False)
 
@@ -257,7 +265,31 @@ Since = Annotated[date | None, Query(description="Started on or after (YYYY-MM-D
 Until = Annotated[date | None, Query(description="Started on or before (YYYY-MM-DD)")]
 
 
-def _page(request: Request, q: HistoryQuery) -> FastJSONResponse:
+Cursor = Annotated[
+    str | None,
+    Query(
+        max_length=200,
+        description="next_cursor of the previous page: the page after it (keyset paging, no total); "
+        "instead of page",
+    ),
+]
+
+
+def _page(request: Request, q: HistoryQuery, cursor: str | None = None) -> FastJSONResponse:
+    """A page by number (with the total), or the page after a cursor."""
+    if cursor is not None:
+        if q.page != 1:
+            raise Problem(
+                422,
+                "give page or cursor, not both",
+                errors=[{"field": "cursor", "problem": "cannot be combined with page"}],
+            )
+        after = HistoryCursor.decode(cursor)
+        with request.app.state.pool.connection() as conn:
+            rows, next_cursor = history_after(conn, _schema(request), q, after)
+        return FastJSONResponse(
+            {"page_size": q.page_size, "cursor": cursor, "next_cursor": next_cursor, "items": rows}
+        )
     with request.app.state.pool.connection() as conn:
         result = read_history(conn, _schema(request), q)
     return FastJSONResponse(
@@ -266,6 +298,7 @@ def _page(request: Request, q: HistoryQuery) -> FastJSONResponse:
             "page_size": q.page_size,
             "total": result.total,
             "pages": max(1, -(-result.total // q.page_size)),
+            "next_cursor": result.next_cursor,
             "items": result.rows,
         }
     )
@@ -282,10 +315,11 @@ def runs(
     until: Until = None,
     page: Page = 1,
     page_size: PageSize = 20,
+    cursor: Cursor = None,
 ) -> FastJSONResponse:
-    """Runs, newest first, paged."""
+    """Runs, newest first, paged by `page` or after a `cursor` (see /history)."""
     q = HistoryQuery(status=status, since=since, until=until, page=page, page_size=page_size)
-    return _page(request, q)
+    return _page(request, q, cursor)
 
 
 @router.get(
@@ -314,10 +348,13 @@ def history(
     until: Until = None,
     page: Page = 1,
     page_size: PageSize = 20,
+    cursor: Cursor = None,
 ) -> FastJSONResponse:
-    """Past runs, or one table's refreshes, filtered and paged (page_size <= 100)."""
+    """Past runs, or one table's refreshes, newest first, filtered and paged (page_size <= 100):
+    by `page` (with the total), or after a `cursor` (every page as fast as the first). Each
+    page has `next_cursor` (null on the last)."""
     q = HistoryQuery(table=table, status=status, since=since, until=until, page=page, page_size=page_size)
-    return _page(request, q)
+    return _page(request, q, cursor)
 
 
 @router.get("/metrics", response_model=None, responses=COMMON_ERRORS)
@@ -397,6 +434,7 @@ def config_put(request: Request, token: Admin, table: TablePath, body: ConfigCha
     with request.app.state.pool.connection() as conn, conn.transaction():
         _find(request, conn, table)
         new = registry.update(conn, _schema(request), table, changes, who=who)
+    request.app.state.status_cache.clear()
     return _config_json(new)
 
 

@@ -94,22 +94,15 @@ def api(
     ] = True,
 ) -> None:
     """Serve the HTTP API (/api/refresh/..., OpenAPI at /api/openapi.json) and the dashboard (/)."""
-    settings = load_settings(prefect_log_level="INFO")
-    from flows.api.settings import ApiSettings
-
-    try:
-        base = ApiSettings()
-    except Exception as exc:  # pydantic ValidationError -> one line
-        fail(f"configuration error: {str(exc).splitlines()[0]}", "check the REFRESH_API_* variables")
     overrides = {
         k: v
-        for k, v in {"host": host, "port": port, "anonymous_read": anonymous_read}.items()
+        for k, v in {"api_host": host, "api_port": port, "api_anonymous_read": anonymous_read}.items()
         if v is not None
     }
-    api_settings = base.model_copy(update=overrides)
-    if api_settings.anonymous_read and api_settings.host not in LOOPBACK:
+    settings = load_settings(prefect_log_level="INFO").model_copy(update=overrides)
+    if settings.api_anonymous_read and settings.api_host not in LOOPBACK:
         fail(
-            f"anonymous reads are only allowed on a loopback address, not {api_settings.host}",
+            f"anonymous reads are only allowed on a loopback address, not {settings.api_host}",
             "bind to 127.0.0.1, or give readers a token (`refresh token create NAME --scope read`)",
         )
     import uvicorn
@@ -117,20 +110,20 @@ def api(
     from flows.api.app import create_app
 
     with one_line_errors(PG_HINT), embedded_stack(settings, with_stack):
-        reads = "anonymous reads allowed" if api_settings.anonymous_read else "reads need a token"
+        reads = "anonymous reads allowed" if settings.api_anonymous_read else "reads need a token"
         out.print(
-            f"dashboard: http://{api_settings.host}:{api_settings.port}/  "
-            f"API docs: http://{api_settings.host}:{api_settings.port}/api/docs  ({reads})"
+            f"dashboard: http://{settings.api_host}:{settings.api_port}/  "
+            f"API docs: http://{settings.api_host}:{settings.api_port}/api/docs  ({reads})"
         )
         if workers == 1:
-            uvicorn.run(create_app(settings, api_settings), host=api_settings.host, port=api_settings.port)
+            uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
             return
         # Worker processes build their own app from the environment: pass the options on.
-        os.environ["REFRESH_API_ANONYMOUS_READ"] = str(api_settings.anonymous_read).lower()
+        os.environ["REFRESH_API_ANONYMOUS_READ"] = str(settings.api_anonymous_read).lower()
         uvicorn.run(
             "flows.api.app:create_app",
             factory=True,
             workers=workers,
-            host=api_settings.host,
-            port=api_settings.port,
+            host=settings.api_host,
+            port=settings.api_port,
         )

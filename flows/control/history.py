@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from psycopg import sql
@@ -49,19 +52,49 @@ class HistoryQuery:
 class HistoryPage:
     total: int
     rows: list[dict[str, Any]]
+    # Where the next page starts (keyset), whatever way this page was asked for.
+    next_cursor: str | None = None
 
 
-def read_history(conn: psycopg.Connection, schema: str, q: HistoryQuery) -> HistoryPage:
-    """One page of runs (or of one table's refreshes), newest first, with the total count."""
+@dataclass(frozen=True)
+class HistoryCursor:
+    """The last row of a page: the next one starts strictly after it in (started_at, run_id)
+    order, so a page costs the same wherever it is and rows added meanwhile shift nothing."""
+
+    started_at: datetime
+    run_id: UUID
+
+    def encode(self) -> str:
+        raw = json.dumps([self.started_at.isoformat(), str(self.run_id)]).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> HistoryCursor:
+        try:
+            started_at, run_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            at = datetime.fromisoformat(started_at)
+            if at.tzinfo is None:
+                raise ValueError("no time zone")
+            return cls(at, UUID(run_id))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(
+                "cursor is not one this API gave out: pass next_cursor from the previous page unchanged"
+            ) from exc
+
+
+def _history_source(
+    schema: str, q: HistoryQuery, after: HistoryCursor | None = None
+) -> tuple[sql.Composed, list[Any]]:
+    """The rows `q` filters (after `after` if given), unordered and unpaged; their parameters.
+    One table's refreshes come without their run's flow_run_id: _fetch_page joins it to the
+    page's rows only."""
     if q.table:
         source = sql.SQL(
-            "select t.run_id, r.flow_run_id, t.table_name, t.status, t.mode, t.started_at, "
+            "select t.run_id, t.table_name, t.status, t.mode, t.started_at, "
             "t.finished_at, extract(epoch from t.finished_at - t.started_at) as duration_s, "
             "t.slices_done, t.rows_read, t.rows_inserted, t.rows_deleted, t.error as message "
-            # left join: every refresh has its run (foreign key), and Postgres can then drop the
-            # join from the count and page through the (table_name, started_at) index.
-            "from {t} t left join {r} r using (run_id)"
-        ).format(t=_t(schema, "table_refreshes"), r=_t(schema, "refresh_runs"))
+            "from {t} t"
+        ).format(t=_t(schema, "table_refreshes"))
         prefix = sql.SQL("t.")
     else:
         source = sql.SQL(
@@ -86,15 +119,58 @@ def read_history(conn: psycopg.Connection, schema: str, q: HistoryQuery) -> Hist
     if q.until:
         where.append(prefix + sql.SQL("started_at < %s"))
         params.append(datetime(q.until.year, q.until.month, q.until.day, tzinfo=UTC) + timedelta(days=1))
+    if after:
+        where.append(sql.SQL("({p}started_at, {p}run_id) < (%s, %s)").format(p=prefix))
+        params += [after.started_at, after.run_id]
     filtered = source + (sql.SQL(" where ") + sql.SQL(" and ").join(where) if where else sql.SQL(""))
-    total_row = conn.execute(sql.SQL("select count(*) from ({}) f").format(filtered), params).fetchone()
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            filtered + sql.SQL(" order by started_at desc limit %s offset %s"),
-            [*params, q.page_size, (q.page - 1) * q.page_size],
+    return filtered, params
+
+
+def _fetch_page(
+    conn: psycopg.Connection,
+    schema: str,
+    q: HistoryQuery,
+    filtered: sql.Composed,
+    params: list[Any],
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Up to page_size rows, newest first, and the cursor after them if more follow."""
+    page_size = q.page_size
+    # run_id breaks ties between equal start times: the order is total, so pages are stable.
+    newest_first = sql.SQL(" order by started_at desc, run_id desc")
+    query = filtered + newest_first + sql.SQL(" limit %s offset %s")
+    if q.table:
+        # The run's flow_run_id joined after paging: an offset skips index entries, not joins.
+        query = (
+            sql.SQL("select p.*, r.flow_run_id from ({}) p left join {} r using (run_id)").format(
+                query, _t(schema, "refresh_runs")
+            )
+            + newest_first
         )
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, [*params, page_size + 1, offset])
         rows = cur.fetchall()
-    return HistoryPage(total=int(total_row[0]) if total_row else 0, rows=rows)
+    if len(rows) <= page_size:
+        return rows, None
+    rows = rows[:page_size]
+    return rows, HistoryCursor(rows[-1]["started_at"], rows[-1]["run_id"]).encode()
+
+
+def read_history(conn: psycopg.Connection, schema: str, q: HistoryQuery) -> HistoryPage:
+    """One page of runs (or of one table's refreshes), newest first, with the total count."""
+    filtered, params = _history_source(schema, q)
+    total_row = conn.execute(sql.SQL("select count(*) from ({}) f").format(filtered), params).fetchone()
+    rows, next_cursor = _fetch_page(conn, schema, q, filtered, params, (q.page - 1) * q.page_size)
+    return HistoryPage(total=int(total_row[0]) if total_row else 0, rows=rows, next_cursor=next_cursor)
+
+
+def history_after(
+    conn: psycopg.Connection, schema: str, q: HistoryQuery, cursor: HistoryCursor
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The page after `cursor` and the cursor after it: keyset paging, an index range scan
+    with neither offset nor count, so every page costs what the first one does."""
+    filtered, params = _history_source(schema, q, after=cursor)
+    return _fetch_page(conn, schema, q, filtered, params)
 
 
 def table_status(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:

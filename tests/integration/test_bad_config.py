@@ -72,3 +72,25 @@ def test_registry_file_that_is_not_yaml_is_one_line_with_line_and_column(
     assert len(lines) <= 2 and "Traceback" not in result.stderr, result.stderr
     assert str(bad) in lines[0] and "line 4, column 9" in lines[0], lines
     assert "Postgres" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        (["status"], "REFRESH_WEBHOOK_TIMEOUT_S", "soon"),
+        (["status"], "REFRESH_WEBHOOK_HORIZON_HOURS", "0"),
+        (["api", "--no-stack"], "REFRESH_API_PORT", "70000"),
+        (["api", "--no-stack"], "REFRESH_API_STATUS_CACHE_SECONDS", "-1"),
+        (["webhooks", "list"], "REFRESH_API_POOL_SIZE", "0"),
+    ],
+)
+def test_bad_webhook_and_api_settings_are_one_line_naming_the_variable(
+    settings: Settings, command: list[str], variable: str, value: str
+) -> None:
+    """Every setting lives in flows.settings: a bad one stops any command at start, named as
+    the user sets it, whether or not that command uses it."""
+    result = _refresh(*command, **{variable: value})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert len(lines) <= 3 and "Traceback" not in result.stderr, result.stderr
+    assert variable in lines[0], lines

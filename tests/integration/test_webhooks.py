@@ -37,9 +37,10 @@ from tests.webhook_receiver import Receiver
 def wh(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """The control schema migrated, private addresses allowed (the receiver is on 127.0.0.1);
     afterwards every endpoint is removed so other tests' runs deliver nothing."""
+    # For the settings given to each call, and for the flows that load their own.
     monkeypatch.setenv("REFRESH_WEBHOOK_ALLOW_PRIVATE", "true")
     migrate(settings)
-    yield settings
+    yield settings.model_copy(update={"webhook_allow_private": True})
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         for ep in store.list_endpoints(conn, settings.control_schema):
             store.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
@@ -257,6 +258,7 @@ def test_private_addresses_refused_by_default(
     with Receiver() as rx:
         ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])  # allowed while the setting is on
         monkeypatch.delenv("REFRESH_WEBHOOK_ALLOW_PRIVATE")
+        wh = wh.model_copy(update={"webhook_allow_private": False})
         before = pg_scalar(pg, "select count(*) from refresh_control.webhook_endpoints")
         for url in (
             "http://127.0.0.1:9/x",
@@ -467,7 +469,7 @@ def test_housekeeping_sends_leftovers_and_waits_for_a_retry_due_soon(
 ) -> None:
     from flows.housekeeping import dispatch_webhooks
 
-    monkeypatch.setenv("REFRESH_WEBHOOK_HOUSEKEEPING_DEADLINE_S", "15")
+    wh = wh.model_copy(update={"webhook_housekeeping_deadline_s": 15})
     with Receiver(script=[503]) as rx:
         rx.headers_out = {"Retry-After": "1"}
         ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])

@@ -16,7 +16,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from flows.api.app import create_app
-from flows.api.settings import ApiSettings
 from flows.control import tokens
 from flows.demo.local_stack import free_port
 from flows.settings import Settings
@@ -39,7 +38,7 @@ def api_tokens(refreshed: dict[str, Any], settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def client(refreshed: dict[str, Any], settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, ApiSettings(anonymous_read=False))) as c:
+    with TestClient(create_app(settings.model_copy(update={"api_anonymous_read": False}))) as c:
         yield c
 
 

@@ -12,7 +12,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from flows.api.app import create_app
-from flows.api.settings import ApiSettings
 from flows.control import runs
 from flows.settings import Settings
 from tests.integration.api.support import auth, control_fingerprint
@@ -61,7 +60,7 @@ def test_reads_need_a_token_unless_anonymous_reads_are_on(
     revoked = problem(client.get("/api/refresh/status", headers=auth(api_tokens["revoked"])), 401)
     assert "revoked" in revoked["detail"]
     assert api_tokens["revoked"] not in revoked["detail"]
-    with TestClient(create_app(settings, ApiSettings(anonymous_read=True))) as anon:
+    with TestClient(create_app(settings.model_copy(update={"api_anonymous_read": True}))) as anon:
         assert anon.get("/api/refresh/status").status_code == 200
         # a wrong token is refused even when anonymous reads are on
         problem(anon.get("/api/refresh/status", headers=auth(api_tokens["revoked"])), 401)
@@ -129,6 +128,60 @@ def test_history_filters_and_pages(client: TestClient, api_tokens: dict[str, str
         == "since"
     )
     problem(client.get("/api/refresh/history?page=0", headers=h), 422)
+
+
+def test_history_by_cursor(client: TestClient, api_tokens: dict[str, str]) -> None:
+    h = auth(api_tokens["read"])
+    first = client.get("/api/refresh/history?table=products&page_size=1", headers=h).json()
+    rows = [*first["items"]]
+    cursor = first["next_cursor"]
+    while cursor:
+        page = client.get(
+            f"/api/refresh/history?table=products&page_size=1&cursor={cursor}", headers=h
+        ).json()
+        assert page["items"] and "total" not in page
+        rows += page["items"]
+        cursor = page["next_cursor"]
+    assert len(rows) == first["total"]
+    assert len({r["run_id"] for r in rows}) == len(rows)
+    runs = client.get("/api/refresh/runs?page_size=1", headers=h).json()
+    if runs["next_cursor"]:
+        after = client.get(f"/api/refresh/runs?page_size=1&cursor={runs['next_cursor']}", headers=h).json()
+        assert after["items"][0]["run_id"] != runs["items"][0]["run_id"]
+    err = problem(client.get("/api/refresh/history?cursor=bogus", headers=h), 422)
+    assert "cursor" in err["detail"]
+    err = problem(
+        client.get(f"/api/refresh/history?page=2&cursor={first['next_cursor'] or 'x'}", headers=h), 422
+    )
+    assert err["errors"][0]["field"] == "cursor"
+
+
+def test_status_is_served_again_for_a_few_seconds_and_says_how_old(
+    api_tokens: dict[str, str], settings: Settings
+) -> None:
+    h, admin = auth(api_tokens["read"]), auth(api_tokens["admin"])
+    with TestClient(create_app(settings.model_copy(update={"api_status_cache_seconds": 60}))) as c:
+        first = c.get("/api/refresh/status?hours=5", headers=h)
+        again = c.get("/api/refresh/status?hours=5", headers=h)
+        assert first.headers["age"] == "0" and again.headers["age"] in ("0", "1")
+        assert again.json()["generated_at"] == first.json()["generated_at"]
+        assert c.get("/api/refresh/status?hours=6", headers=h).json()["hours"] == 6
+        # A change made through this API is seen at once.
+        priority = c.get("/api/refresh/config/products", headers=admin).json()["priority"]
+        try:
+            changed = c.put("/api/refresh/config/products", json={"priority": priority}, headers=admin)
+            assert changed.status_code == 200
+            after = c.get("/api/refresh/status?hours=5", headers=h).json()
+            assert after["generated_at"] != first.json()["generated_at"]
+        finally:
+            with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+                conn.execute(
+                    f"update {settings.control_schema}.refresh_config set origin = 'file', "
+                    "updated_by = null where table_name = 'products'"
+                )
+    with TestClient(create_app(settings.model_copy(update={"api_status_cache_seconds": 0}))) as c:
+        one, two = (c.get("/api/refresh/status?hours=5", headers=h).json() for _ in range(2))
+        assert one["generated_at"] != two["generated_at"]
 
 
 def test_metrics_per_table_and_dbt_model(client: TestClient, api_tokens: dict[str, str]) -> None:
@@ -356,7 +409,7 @@ def test_token_cli_creates_lists_and_revokes_without_showing_secrets(settings: S
     assert "cli-test" in listed.output and secret not in listed.output
     bad = runner.invoke(app, ["token", "create", "x", "--scope", "root"])
     assert bad.exit_code == 1 and "unknown scope" in bad.output
-    with TestClient(create_app(settings, ApiSettings())) as c:
+    with TestClient(create_app(settings)) as c:
         assert c.get("/api/refresh/config", headers=auth(secret)).status_code == 200
         assert runner.invoke(app, ["token", "revoke", "cli-test"]).exit_code == 0
         problem(c.get("/api/refresh/config", headers=auth(secret)), 401)

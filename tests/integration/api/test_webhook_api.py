@@ -22,11 +22,18 @@ BASE = "/api/refresh/webhooks"
 
 
 @pytest.fixture
-def private_ok(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The receiver is on 127.0.0.1; afterwards every endpoint is removed so the other tests'
-    runs deliver nothing."""
-    monkeypatch.setenv("REFRESH_WEBHOOK_ALLOW_PRIVATE", "true")
-    yield
+def private_ok(client: TestClient, settings: Settings) -> Iterator[None]:
+    """The receiver is on 127.0.0.1 (the API allows private addresses for this test);
+    afterwards every endpoint is removed so the other tests' runs deliver nothing."""
+    # Set and put back by hand: monkeypatch would delete the attribute afterwards (State keeps
+    # its values outside the instance __dict__).
+    state = client.app.state
+    before = state.settings
+    state.settings = before.model_copy(update={"webhook_allow_private": True})
+    try:
+        yield
+    finally:
+        state.settings = before
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         for ep in store.list_endpoints(conn, settings.control_schema):
             store.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
@@ -144,9 +151,8 @@ def test_create_list_get_update_delete_and_the_secret_shown_once(
 
 
 def test_bad_input_names_the_field_and_changes_nothing(
-    client: TestClient, api_tokens: dict[str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, api_tokens: dict[str, str], settings: Settings
 ) -> None:
-    monkeypatch.setenv("REFRESH_WEBHOOK_ALLOW_PRIVATE", "false")
     h = auth(api_tokens["admin"])
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         eid = store.create_endpoint(
