@@ -43,6 +43,14 @@ class WriteStrategy(StrEnum):
     FULL_REPLACE = "full_replace"
 
 
+class ChangeDetection(StrEnum):
+    """checksum: fingerprint each slice in BigQuery first and skip the unchanged ones
+    (flows.change_detection); off: read every slice of the window."""
+
+    CHECKSUM = "checksum"
+    OFF = "off"
+
+
 PRIORITY_NAMES = {"critical": 100, "high": 90, "medium": 80, "low": 70, "background": 60}
 
 EDITABLE_FIELDS = (
@@ -56,6 +64,7 @@ EDITABLE_FIELDS = (
     "lookback_days",
     "write_strategy",
     "custom_params",
+    "change_detection",
 )
 
 
@@ -84,6 +93,7 @@ class TableConfig(BaseModel):
     lookback_days: int = Field(default=60, ge=0, le=3650)
     write_strategy: WriteStrategy = WriteStrategy.SLICE_REPLACE
     custom_params: dict[str, Any] = Field(default_factory=dict)
+    change_detection: ChangeDetection = ChangeDetection.CHECKSUM
     origin: str = "file"
 
     @field_validator("table_name")
@@ -184,7 +194,7 @@ def load_all(conn: psycopg.Connection, schema: str) -> list[TableConfig]:
             sql.SQL(
                 "select table_name, source_table, enabled, mode, priority, refresh_frequency_hours,"
                 " next_refresh_at, cursor_column, slice_size, lookback_days, write_strategy,"
-                " custom_params, origin from {t} order by priority desc, table_name"
+                " custom_params, change_detection, origin from {t} order by priority desc, table_name"
             ).format(t=_table(schema))
         )
         return [TableConfig(**row) for row in cur.fetchall()]

@@ -23,7 +23,7 @@ from flows.api.problems import Problem
 from flows.api.responses import FastJSONResponse
 from flows.control import monitoring, triggers
 from flows.control.tokens import Scope, TokenInfo
-from flows.registry import Mode, SliceSize, WriteStrategy
+from flows.registry import ChangeDetection, Mode, SliceSize, WriteStrategy
 
 router = APIRouter(prefix="/api/refresh")
 Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]
@@ -379,6 +379,7 @@ class ConfigChanges(BaseModel):
     lookback_days: int | None = None
     write_strategy: WriteStrategy | None = None
     custom_params: dict[str, Any] | None = None
+    change_detection: ChangeDetection | None = None
 
 
 @router.put(
