@@ -496,10 +496,21 @@ def run(
             "--scheduled", help="Run as the schedule (for cron): due times count from this run's start"
         ),
     ] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Print which slices are new, changed or unchanged (and why) and what dbt would "
+            "rebuild; write nothing",
+        ),
+    ] = False,
     with_stack: WithStackOption = True,
 ) -> None:
     """Run the daily refresh once, now, in this process. Exit code 0 success, 1 failed,
     2 warning (some table or dbt node failed)."""
+    if explain:
+        _explain(_settings(), with_stack, tables, start_date, end_date, full_refresh, force)
+        return
     summary = _run_refresh(
         _settings(),
         with_stack,
@@ -512,6 +523,36 @@ def run(
         force=force,
     )
     _exit_for(summary)
+
+
+def _explain(
+    settings: Settings,
+    with_stack: bool,
+    tables: list[str] | None,
+    start_date: str | None,
+    end_date: str | None,
+    full_refresh: bool,
+    force: bool,
+) -> None:
+    from flows import runbook
+    from flows.bigquery import make_clients
+    from flows.explain import explain, render
+
+    with _errors(settings=settings), _stack(settings, with_stack):
+        params = runbook.validate_params(
+            _split(tables),
+            _parse_date(start_date, "--start-date"),
+            _parse_date(end_date, "--end-date"),
+            full_refresh,
+            force=force,
+        )
+        clients = make_clients(settings)
+        try:
+            ex = explain(settings, clients, params, datetime.now(UTC))
+        finally:
+            clients.close()
+    for line in render(ex):
+        out.print(line, markup=False)
 
 
 @app.command()
