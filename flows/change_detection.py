@@ -278,8 +278,10 @@ def store_loaded(
     det: Detection,
     piece: Slice,
 ) -> None:
-    """In the load's transaction, after its checkpoint: the fingerprint of what it committed."""
+    """In the load's transaction, after its checkpoint: the fingerprint of what it committed
+    (with change detection off: none, so an older one never outlives the rows it described)."""
     if not det.enabled:
+        fingerprints.store(conn, control_schema, key, piece.start_ts, None, None, None)
         return
     fp = loaded_fingerprint(conn, schema, table, det, piece)
     fingerprints.store(conn, control_schema, key, piece.start_ts, fp.rows, fp.checksum, det.as_of)
