@@ -287,6 +287,15 @@ def store_loaded(
     fingerprints.store(conn, control_schema, key, piece.start_ts, fp.rows, fp.checksum, det.as_of)
 
 
+def note_read(
+    conn: psycopg.Connection, control_schema: str, run_id: UUID, table: str, det: Detection, piece: Slice
+) -> None:
+    """Why the slice was read, on its audit row (written in the same transaction)."""
+    reason = next((f"{d.change.value}: {d.reason}" for d in det.decisions if d.piece == piece), None)
+    if reason is not None:
+        fingerprints.note_reason(conn, control_schema, run_id, table, piece.start_ts, reason)
+
+
 def record(
     conn: psycopg.Connection,
     control_schema: str,

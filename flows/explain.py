@@ -8,7 +8,9 @@ asked which models its selection holds (`dbt ls`, no database write).
 from __future__ import annotations
 
 import importlib
+import io
 import tempfile
+from contextlib import redirect_stdout
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from pathlib import Path
@@ -76,7 +78,8 @@ def rebuild_periods(changed: list[tuple[date, date]]) -> dict[str, list[str]] | 
 
 def dbt_models(settings: Settings, select: str) -> list[str]:
     """The models of a selection (`dbt ls`; artifacts in a temporary directory)."""
-    with tempfile.TemporaryDirectory(prefix="sqp-explain-") as tmp:
+    # `dbt ls` prints the names itself (even with --quiet): they are printed in the report.
+    with tempfile.TemporaryDirectory(prefix="sqp-explain-") as tmp, redirect_stdout(io.StringIO()):
         res = invoke_dbt(
             settings.dbt_project_dir,
             ["ls", "--select", select, "--resource-type", "model", "--output", "name"],

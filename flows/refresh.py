@@ -380,6 +380,15 @@ class _SliceLoader:
                 bytes_read=stats.bytes,
                 started_at=self.started_at,
             )
+            if self.detection is not None:
+                change_detection.note_read(
+                    c,
+                    self.settings.control_schema,
+                    self.run_id,
+                    self.cfg.table_name,
+                    self.detection,
+                    self.piece,
+                )
 
         # A fresh connection per attempt: a retry after a dropped connection starts clean.
         with connect(self.settings) as conn:

@@ -105,6 +105,18 @@ def record_unchanged(
         )
 
 
+def note_reason(
+    conn: psycopg.Connection, schema: str, run_id: UUID, table: str, slice_start: datetime, reason: str
+) -> None:
+    conn.execute(
+        sql.SQL(
+            "update {} set change_reason = %s where run_id = %s and table_name = %s and slice_start = %s "
+            "and status = 'success'"
+        ).format(sql.Identifier(schema, "slice_refreshes")),
+        (reason, run_id, table, slice_start),
+    )
+
+
 def record_cost(
     conn: psycopg.Connection, schema: str, run_id: UUID, table: str, fingerprint_bytes: int, unchanged: int
 ) -> None:

@@ -16,9 +16,11 @@ from uuid import UUID
 
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
 from flows import change_detection, refresh, registry, validation
 from flows.bigquery import BigQueryClients, make_clients
+from flows.cli import app
 from flows.db import migrate
 from flows.explain import explain, render
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
@@ -165,10 +167,15 @@ def test_only_new_and_changed_slices_are_read(env: Env) -> None:
     assert read == {slice_of(RESTATED), slice_of(DELETED), slice_of(NEW)}
     assert len(audit) == 6
     assert {s for s, (status, *_) in audit.items() if status == "unchanged"} == set(audit) - read
-    assert audit[slice_of(RESTATED)][2] == f"fingerprint differs: checksum differs ({restated_rows} rows)"
+    assert (
+        audit[slice_of(RESTATED)][2]
+        == f"changed: fingerprint differs: checksum differs ({restated_rows} rows)"
+    )
     deleted_rows = env.source_rows([DELETED])
-    assert audit[slice_of(DELETED)][2] == f"fingerprint differs: rows {restated_rows}->{deleted_rows}"
-    assert audit[slice_of(NEW)][2] == "no checkpoint"
+    assert (
+        audit[slice_of(DELETED)][2] == f"changed: fingerprint differs: rows {restated_rows}->{deleted_rows}"
+    )
+    assert audit[slice_of(NEW)][2] == "new: no checkpoint"
     assert all(n == 0 for status, n, _ in audit.values() if status == "unchanged")
     assert changed.rows_read == env.source_rows([RESTATED, DELETED, NEW])
     assert sum(n for _, n, _ in audit.values()) == changed.rows_read
@@ -191,8 +198,9 @@ def test_off_and_full_refresh_read_every_slice(env: Env) -> None:
     with env.pg() as conn:
         registry.update(conn, "fp_control", TABLE, {"change_detection": "off"})
     try:
-        _, audit = env.run()
+        off, audit = env.run()
         assert len(audit) == 6 and {s for s, *_ in audit.values()} == {"success"}
+        print(f"rows read with change_detection off: {off.rows_read}")
         # A load without detection leaves its checkpoint without fingerprint (read next time).
         window = sorted(audit)
         assert all(_checkpoints(env)[w.split("..")[0]][1] is None for w in window)
@@ -231,6 +239,13 @@ def test_explain_names_the_slices_and_writes_nothing(env: Env) -> None:
     lines = render(ex)
     assert any(slice_of(DELETED) in line and "changed" in line for line in lines)
     print("\n".join(lines))
+
+    # The command: the same report.
+    res = CliRunner().invoke(app, ["run", "--explain", "--tables", TABLE, "--no-stack"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == lines
+    with env.pg() as conn:
+        assert snapshot(conn) == before
 
     full = explain(env.settings, env.clients, RunParams(tables=[TABLE], full_refresh=True), datetime.now(UTC))
     assert {p["change"] for p in full.tables[0].plan} == {"reload"} and len(full.tables[0].plan) == 13
