@@ -88,6 +88,18 @@ def bypass_reason(cfg: TableConfig, *, full_refresh: bool, explicit_range: bool)
     return None
 
 
+def blind_reason(cols: list[Col]) -> str | None:
+    """The checksum sees only NULL or not of JSON, RECORD, ARRAY, GEOGRAPHY... columns (no normal
+    form is canonical on both engines): a change in one would go unseen, so such a table is read
+    whole every time."""
+    blind = [c.source.name for c in cols if c.kind == "UNCHECKED"]
+    if not blind:
+        return None
+    return (
+        f"columns {', '.join(blind)} are outside the checksum (JSON, RECORD, ARRAY...): every slice is read"
+    )
+
+
 def decide(
     slices: list[Slice],
     stored: dict[date | None, Stored],
@@ -227,9 +239,14 @@ def detect(
         src = source.column(cfg.cursor_column)
         cursor = next(c for c in cols if c.source.name == src.name)
         size = cfg.slice_size
+    blind = blind_reason(cols)
     det = Detection(
-        cols=cols, cursor=cursor, size=size, enabled=cfg.change_detection is ChangeDetection.CHECKSUM
+        cols=cols,
+        cursor=cursor,
+        size=size,
+        enabled=cfg.change_detection is ChangeDetection.CHECKSUM and blind is None,
     )
+    bypass = bypass or blind
     if bypass is not None or not slices:
         det.decisions = decide(slices, {}, {}, bypass=bypass)
         return det

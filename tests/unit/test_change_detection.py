@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
-from flows.change_detection import Change, Partition, bypass_reason, decide, partitions_unchanged
+from flows.change_detection import (
+    Change,
+    Partition,
+    blind_reason,
+    bypass_reason,
+    decide,
+    partitions_unchanged,
+)
 from flows.control.fingerprints import Stored
+from flows.extract import SourceColumn, SourceTable
 from flows.planning import Slice, slices_between
 from flows.registry import ChangeDetection, SliceSize, TableConfig
-from flows.validation import Fingerprint
+from flows.validation import Fingerprint, columns_of
 
 W = slices_between(date(2026, 3, 2), date(2026, 3, 29), SliceSize.WEEK)  # four ISO weeks
 AS_OF = datetime(2026, 3, 30, 6, tzinfo=UTC)
@@ -115,3 +123,19 @@ def test_hourly_partitions() -> None:
     day = Slice(date(2026, 3, 2), date(2026, 3, 3))
     parts = [Partition(f"20260302{h:02d}", 1, AS_OF - timedelta(days=1)) for h in range(24)]
     assert partitions_unchanged([day], {day.start: _stored(24, 1)}, parts, "HOUR") == {day.start}
+
+
+def test_a_table_with_columns_outside_the_checksum_is_read_whole() -> None:
+    def table(*types: tuple[str, str]) -> SourceTable:
+        return SourceTable(
+            "t",
+            [SourceColumn(n, t, m, None, None) for n, (t, m) in zip("abc", types, strict=True)],
+            None,
+            None,
+        )
+
+    plain = table(("DATE", "NULLABLE"), ("NUMERIC", "NULLABLE"), ("STRING", "NULLABLE"))
+    assert blind_reason(columns_of(plain, False)) is None
+    nested = table(("DATE", "NULLABLE"), ("JSON", "NULLABLE"), ("STRING", "REPEATED"))
+    reason = blind_reason(columns_of(nested, False))
+    assert reason is not None and "columns b, c are outside the checksum" in reason
