@@ -189,6 +189,12 @@ def test_only_new_and_changed_slices_are_read(env: Env) -> None:
             "where table_name = %s order by started_at desc limit 1",
             (TABLE,),
         ).fetchone()
+        # Slices found equal carry the fingerprint query's start (BigQuery's clock) as `as_of`.
+        confirmed = conn.execute(
+            "select count(*) from fp_control.checkpoints where table_name = %s and source_as_of is not null",
+            (TABLE,),
+        ).fetchone()
+    assert confirmed is not None and confirmed[0] >= len(audit)
     # BigQuery's dry-run estimate of the fingerprint query; the emulator reports 0.
     assert cost is not None and cost[0] is not None and cost[0] >= 0 and cost[1] == len(audit)
     print(f"rows read after the changes {changed.rows_read}; fingerprint bytes (dry run) {cost[0]}")
