@@ -32,6 +32,7 @@ from google.cloud import bigquery
 from flows.bigquery import BigQueryClients, classify
 from flows.control import fingerprints
 from flows.control.fingerprints import Stored, UnchangedSlice
+from flows.db import relation_columns
 from flows.extract import SourceTable
 from flows.identifiers import bq_quote
 from flows.planning import Slice
@@ -227,6 +228,7 @@ def detect(
     conn: psycopg.Connection,
     cfg: TableConfig,
     source: SourceTable,
+    raw_schema: str,
     key: str,
     slices: list[Slice],
     bypass: str | None,
@@ -246,7 +248,9 @@ def detect(
         size=size,
         enabled=cfg.change_detection is ChangeDetection.CHECKSUM and blind is None,
     )
-    bypass = bypass or blind
+    # Checkpoints without their raw table (dropped by hand): nothing they describe is there.
+    missing = None if relation_columns(conn, raw_schema, cfg.table_name) else "the raw table does not exist"
+    bypass = bypass or blind or missing
     if bypass is not None or not slices:
         det.decisions = decide(slices, {}, {}, bypass=bypass)
         return det

@@ -256,7 +256,7 @@ def _refresh(
         bypass = change_detection.bypass_reason(
             cfg, full_refresh=options.full_refresh, explicit_range=options.explicit_range
         )
-        detection = change_detection.detect(settings, clients, conn, cfg, source, key, slices, bypass)
+        detection = change_detection.detect(settings, clients, conn, cfg, source, schema, key, slices, bypass)
         slices = detection.to_read
 
     if dry_run and detection is not None:

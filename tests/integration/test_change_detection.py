@@ -292,6 +292,15 @@ def test_a_row_changed_between_fingerprint_and_read_is_not_claimed(
     env.assert_raw_equals_source()
 
 
+def test_a_dropped_raw_table_is_read_whole(env: Env) -> None:
+    env.run()
+    with env.pg() as conn:
+        conn.execute("drop table fp_raw.search_query_performance")
+    _, audit = env.run()
+    assert len(audit) == 6 and {s for s, *_ in audit.values()} == {"success"}
+    assert {reason for *_, reason in audit.values()} == {"reload: the raw table does not exist"}
+
+
 def _slice(sunday: date) -> Any:
     from flows.planning import Slice
 
@@ -304,4 +313,6 @@ def _detection(env: Env) -> change_detection.Detection:
 
     source = describe(env.clients, SQP_TABLE)
     with env.pg() as conn:
-        return change_detection.detect(env.settings, env.clients, conn, env.cfg(), source, TABLE, [], None)
+        return change_detection.detect(
+            env.settings, env.clients, conn, env.cfg(), source, "fp_raw", TABLE, [], None
+        )
