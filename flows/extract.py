@@ -42,6 +42,8 @@ class SourceTable:
     columns: list[SourceColumn]
     num_rows: int | None
     num_bytes: int | None
+    # Time partitioning (column, DAY|HOUR|MONTH|YEAR); None: not time-partitioned on a column.
+    partitioning: tuple[str, str] | None = None
 
     def column(self, name: str) -> SourceColumn:
         for c in self.columns:
@@ -59,7 +61,9 @@ def describe(clients: BigQueryClients, table: str) -> SourceTable:
     except Exception as exc:
         raise classify(exc, f"{table}: reading the table schema from {clients.rest_where}") from exc
     cols = [SourceColumn(f.name, f.field_type, f.mode or "NULLABLE", f.precision, f.scale) for f in t.schema]
-    return SourceTable(table, cols, t.num_rows, t.num_bytes)
+    tp = t.time_partitioning
+    partitioning = (tp.field, str(tp.type_)) if tp is not None and tp.field else None
+    return SourceTable(table, cols, t.num_rows, t.num_bytes, partitioning)
 
 
 def check_reachable(clients: BigQueryClients) -> None:

@@ -15,7 +15,7 @@ from uuid import UUID
 
 import psycopg
 
-from flows import webhooks
+from flows import change_detection, webhooks
 from flows.bigquery import BigQueryClients
 from flows.control import checkpoints, runs, tables
 from flows.control.tables import SliceStatus, TableOutcome, TableStatus
@@ -51,6 +51,8 @@ class RefreshOptions:
     end_date: date | None = None
     full_refresh: bool = False
     dry_run: bool = False
+    # Plan and fingerprint only (with dry_run): which slices are new, changed or unchanged.
+    explain: bool = False
     # time.monotonic() after which no retry of the table starts (set per table by the flow)
     deadline: float | None = None
 
@@ -203,7 +205,18 @@ def _refresh(
         outcome.slices_skipped = skipped
     outcome.window = window
     outcome.slices_planned = len(slices)
+    detection = None
+    detected_at = datetime.now(UTC)
+    if not dry_run or options.explain:
+        bypass = change_detection.bypass_reason(
+            cfg, full_refresh=options.full_refresh, explicit_range=options.explicit_range
+        )
+        detection = change_detection.detect(settings, clients, conn, cfg, source, schema, key, slices, bypass)
+        slices = detection.to_read
 
+    if dry_run and detection is not None:
+        outcome.plan = [d.to_dict() for d in detection.decisions]
+        return
     if dry_run:
         span = Slice(slices[0].start, slices[-1].end) if cursor_src and slices else None
         per_day = rows_per_day(clients, cfg, cursor_src, span) if slices else {}
@@ -225,12 +238,27 @@ def _refresh(
 
     with conn.transaction():
         ensure_raw_table(conn, schema, cfg.table_name, columns, cursor_map.name if cursor_map else None)
+    assert detection is not None
+    change_detection.record(
+        conn, settings.control_schema, run_id, cfg.table_name, key, detection, detected_at
+    )
 
     bad_slices: list[str] = []
     for piece in slices:
         slice_started = datetime.now(UTC)
         loader = _SliceLoader(
-            settings, clients, cfg, run_id, schema, key, columns, cursor_map, cursor_src, piece, slice_started
+            settings,
+            clients,
+            cfg,
+            run_id,
+            schema,
+            key,
+            columns,
+            cursor_map,
+            cursor_src,
+            piece,
+            slice_started,
+            detection,
         )
         try:
             inserted, deleted, stats = with_retries(
@@ -272,12 +300,23 @@ class _SliceLoader:
     cursor_src: SourceColumn | None
     piece: Slice
     started_at: datetime
+    detection: change_detection.Detection | None = None
 
     def attempt(self) -> tuple[int, int, ReadStats]:
         stats = ReadStats()
         where = row_restriction(self.cursor_src, self.piece) if self.cursor_src else ""
 
         def record(c: psycopg.Connection, inserted: int, deleted: int) -> None:
+            if self.detection is not None:
+                change_detection.store_loaded(
+                    c,
+                    self.settings.control_schema,
+                    self.schema,
+                    self.cfg.table_name,
+                    self.key,
+                    self.detection,
+                    self.piece,
+                )
             # Last before the commit: the fence (see runs.check_lock).
             runs.check_lock(
                 c, self.run_id, f"before committing {self.cfg.table_name} slice {self.piece.label}"
@@ -296,6 +335,15 @@ class _SliceLoader:
                 bytes_read=stats.bytes,
                 started_at=self.started_at,
             )
+            if self.detection is not None:
+                change_detection.note_read(
+                    c,
+                    self.settings.control_schema,
+                    self.run_id,
+                    self.cfg.table_name,
+                    self.detection,
+                    self.piece,
+                )
 
         # A fresh connection per attempt: a retry after a dropped connection starts clean.
         with connect(self.settings) as conn:

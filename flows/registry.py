@@ -40,6 +40,14 @@ class WriteStrategy(StrEnum):
     FULL_REPLACE = "full_replace"
 
 
+class ChangeDetection(StrEnum):
+    """checksum: fingerprint each slice in BigQuery first and skip the unchanged ones
+    (flows.change_detection); off: read every slice of the window."""
+
+    CHECKSUM = "checksum"
+    OFF = "off"
+
+
 PRIORITY_NAMES = {"critical": 100, "high": 90, "medium": 80, "low": 70, "background": 60}
 
 EDITABLE_FIELDS = (
@@ -53,6 +61,7 @@ EDITABLE_FIELDS = (
     "lookback_days",
     "write_strategy",
     "custom_params",
+    "change_detection",
 )
 
 
@@ -81,6 +90,7 @@ class TableConfig(BaseModel):
     lookback_days: int = Field(default=60, ge=0, le=3650)
     write_strategy: WriteStrategy = WriteStrategy.SLICE_REPLACE
     custom_params: dict[str, Any] = Field(default_factory=dict)
+    change_detection: ChangeDetection = ChangeDetection.CHECKSUM
     origin: str = "file"
 
     @field_validator("table_name")

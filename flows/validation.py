@@ -242,9 +242,30 @@ def _rows_to_fp(rows: Iterable[tuple[Any, Any, Any, Any]]) -> dict[date | None, 
 
 @dataclass
 class QueryStats:
-    """BigQuery bytes processed by the fingerprint queries (what validation adds to a run)."""
+    """BigQuery bytes processed by the fingerprint queries (what validation adds to a run), and
+    BigQuery's start time of the first one (change detection's `source_as_of`)."""
 
     bytes: int = 0
+    started_at: datetime | None = None
+
+
+def fingerprint_bq_sql(
+    clients: BigQueryClients, source_table: str, cols: list[Col], cursor: Col | None, window: Slice | None
+) -> str:
+    """The query of `fingerprint_bq`: one row per day (d, n, hi, lo)."""
+    path = bq_table_path(clients.project, clients.dataset, source_table)
+    day = _bq_day(cursor.source) if cursor else "cast(null as date)"
+    where = row_restriction(cursor.source, window) if cursor and window else ""
+    # The emulator's SQL translation loses precedence inside nested calls, so each step is a
+    # column of its own subquery.
+    return (
+        "select d, count(*) as n, "
+        "sum(cast(concat('0x', substr(h, 1, 8)) as int64)) as hi, "
+        "sum(cast(concat('0x', substr(h, 9, 8)) as int64)) as lo "
+        f"from (select {day} as d, {bq_row_hash(cols)} as h from {path}"
+        + (f" where {where}" if where else "")
+        + ") group by d"
+    )
 
 
 def fingerprint_bq(
@@ -254,29 +275,32 @@ def fingerprint_bq(
     cursor: Col | None,
     window: Slice | None,
     stats: QueryStats | None = None,
+    what: str = "validation checksums",
 ) -> dict[date | None, Fingerprint]:
     """Per-day (or one `None` key without a cursor) row count and checksum, inside BigQuery."""
-    path = bq_table_path(clients.project, clients.dataset, source_table)
-    day = _bq_day(cursor.source) if cursor else "cast(null as date)"
-    where = row_restriction(cursor.source, window) if cursor and window else ""
-    # The emulator's SQL translation loses precedence inside nested calls, so each step is a
-    # column of its own subquery.
-    query = (
-        "select d, count(*) as n, "
-        "sum(cast(concat('0x', substr(h, 1, 8)) as int64)) as hi, "
-        "sum(cast(concat('0x', substr(h, 9, 8)) as int64)) as lo "
-        f"from (select {day} as d, {bq_row_hash(cols)} as h from {path}"
-        + (f" where {where}" if where else "")
-        + ") group by d"
-    )
+    query = fingerprint_bq_sql(clients, source_table, cols, cursor, window)
     try:
         job = clients.rest.query(query, job_config=clients.query_config())
         rows = job.result()
         if stats is not None:
             stats.bytes += int(job.total_bytes_processed or 0)
+            if stats.started_at is None:
+                stats.started_at = job.started
         return _rows_to_fp((r[0], r[1], r[2], r[3]) for r in rows)
     except Exception as exc:
-        raise classify(exc, f"{source_table}: validation checksums") from exc
+        raise classify(exc, f"{source_table}: {what}") from exc
+
+
+def estimate_fingerprint_bytes(
+    clients: BigQueryClients, source_table: str, cols: list[Col], cursor: Col | None, window: Slice | None
+) -> int:
+    """BigQuery's dry-run estimate of the bytes `fingerprint_bq` processes (bills)."""
+    query = fingerprint_bq_sql(clients, source_table, cols, cursor, window)
+    try:
+        job = clients.rest.query(query, job_config=clients.query_config(dry_run=True, use_query_cache=False))
+    except Exception as exc:
+        raise classify(exc, f"{source_table}: dry-run estimate of the fingerprint query") from exc
+    return int(job.total_bytes_processed or 0)
 
 
 def fingerprint_pg(

@@ -25,7 +25,7 @@ from flows.control import monitoring, registry, triggers
 from flows.control.history import MAX_PAGE_SIZE, HistoryCursor, HistoryQuery, history_after, read_history
 from flows.control.runs import refresh_running
 from flows.control.tokens import Scope, TokenInfo
-from flows.registry import Mode, SliceSize, TableConfig, WriteStrategy
+from flows.registry import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
 
 router = APIRouter(prefix="/api/refresh")
 Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]
@@ -416,6 +416,7 @@ class ConfigChanges(BaseModel):
     lookback_days: int | None = None
     write_strategy: WriteStrategy | None = None
     custom_params: dict[str, Any] | None = None
+    change_detection: ChangeDetection | None = None
 
 
 @router.put(

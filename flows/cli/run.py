@@ -331,10 +331,21 @@ def run(
             "--scheduled", help="Run as the schedule (for cron): due times count from this run's start"
         ),
     ] = False,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help="Print which slices are new, changed or unchanged (and why) and what dbt would "
+            "rebuild; write nothing",
+        ),
+    ] = False,
     with_stack: WithStackOption = True,
 ) -> None:
     """Run the daily refresh once, now, in this process. Exit code 0 success, 1 failed,
     2 warning (some table or dbt node failed)."""
+    if explain:
+        _explain(load_settings(), with_stack, tables, start_date, end_date, full_refresh, force)
+        return
     summary = run_refresh(
         load_settings(),
         with_stack,
@@ -347,6 +358,36 @@ def run(
         force=force,
     )
     exit_for(summary)
+
+
+def _explain(
+    settings: Settings,
+    with_stack: bool,
+    tables: list[str] | None,
+    start_date: str | None,
+    end_date: str | None,
+    full_refresh: bool,
+    force: bool,
+) -> None:
+    from flows import runbook
+    from flows.bigquery import make_clients
+    from flows.explain import explain, render
+
+    with one_line_errors(settings=settings), embedded_stack(settings, with_stack):
+        params = runbook.validate_params(
+            split_names(tables),
+            parse_date(start_date, "--start-date"),
+            parse_date(end_date, "--end-date"),
+            full_refresh,
+            force=force,
+        )
+        clients = make_clients(settings)
+        try:
+            ex = explain(settings, clients, params, datetime.now(UTC))
+        finally:
+            clients.close()
+    for line in render(ex):
+        out.print(line, markup=False)
 
 
 def backfill(

@@ -67,7 +67,7 @@ def load_all(conn: psycopg.Connection, schema: str) -> list[TableConfig]:
             sql.SQL(
                 "select table_name, source_table, enabled, mode, priority, refresh_frequency_hours,"
                 " next_refresh_at, cursor_column, slice_size, lookback_days, write_strategy,"
-                " custom_params, origin from {t} order by priority desc, table_name"
+                " custom_params, change_detection, origin from {t} order by priority desc, table_name"
             ).format(t=_table(schema))
         )
         return [TableConfig(**row) for row in cur.fetchall()]

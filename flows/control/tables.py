@@ -25,6 +25,7 @@ class TableStatus(StrEnum):
     RUNNING = "running"
     SUCCESS = "success"
     FAILED = "failed"
+    UNCHANGED = "unchanged"  # fingerprint equal to its checkpoint's: not read (flows.change_detection)
     SKIPPED = "skipped"
     PLANNED = "planned"
 

@@ -143,7 +143,15 @@ def test_second_run_duplicates_nothing(
     second = daily_refresh(force=True, trigger="test")
     assert second["status"] == "success", second["message"]
     sqp = next(t for t in second["tables"] if t["table"] == SQP_TABLE)
-    assert 0 < sqp["slices"] < SPEC.weeks  # only the lookback window is re-read
+    # Nothing changed in the source: the lookback window's slices are fingerprinted, found
+    # unchanged and not read (issue 14; tests/integration/test_change_detection.py re-reads).
+    assert sqp["slices"] == 0
+    unchanged = pg_scalar(
+        pg,
+        "select slices_unchanged from refresh_control.table_refreshes where run_id = %s and table_name = %s",
+        (second["run_id"], SQP_TABLE),
+    )
+    assert 0 < unchanged < SPEC.weeks  # only the lookback window
     assert pg_scalar(pg, "select count(*) from raw.search_query_performance") == before
     dupes = pg_scalar(
         pg,

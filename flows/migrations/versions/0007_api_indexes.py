@@ -9,7 +9,7 @@ Create Date: 2026-11-29
 from alembic import context, op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 

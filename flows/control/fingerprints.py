@@ -1,0 +1,130 @@
+"""Slice fingerprints in the control schema (change detection, flows.change_detection).
+
+`checkpoints.source_rows/source_checksum` hold the fingerprint of the rows a slice's load
+committed (written in the load's transaction); `source_as_of` the BigQuery time at which the
+source was last known to hold exactly those rows. Slices found unchanged get a
+`slice_refreshes` row with status `unchanged`, and the table's audit row the cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+# A full_replace table's one slice is checkpointed from 0001-01-01 (planning.Slice.start_ts).
+_WHOLE_TABLE_BEFORE = datetime(1, 1, 2, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A checkpoint's fingerprint; rows/checksum None: loaded without one."""
+
+    rows: int | None
+    checksum: int | None
+    as_of: datetime | None
+
+
+def _key(ts: datetime) -> date | None:
+    return None if ts < _WHOLE_TABLE_BEFORE else ts.astimezone(UTC).date()
+
+
+def stored(conn: psycopg.Connection, schema: str, key: str) -> dict[date | None, Stored]:
+    """Every checkpoint of `key` (a table, or `shadow:<table>`), by slice start (None: whole table)."""
+    rows = conn.execute(
+        sql.SQL(
+            "select slice_start, source_rows, source_checksum, source_as_of from {} where table_name = %s"
+        ).format(sql.Identifier(schema, "checkpoints")),
+        (key,),
+    ).fetchall()
+    return {
+        _key(start): Stored(n, None if checksum is None else int(checksum), as_of)
+        for start, n, checksum, as_of in rows
+    }
+
+
+def store(
+    conn: psycopg.Connection,
+    schema: str,
+    key: str,
+    slice_start: datetime,
+    rows: int | None,
+    checksum: int | None,
+    as_of: datetime | None,
+) -> None:
+    """Set the fingerprint of a checkpoint written in the same transaction (load.apply_slice)."""
+    conn.execute(
+        sql.SQL(
+            "update {} set source_rows = %s, source_checksum = %s, source_as_of = %s "
+            "where table_name = %s and slice_start = %s"
+        ).format(sql.Identifier(schema, "checkpoints")),
+        (rows, checksum, as_of, key, slice_start),
+    )
+
+
+def confirm(
+    conn: psycopg.Connection, schema: str, key: str, slice_starts: list[datetime], as_of: datetime
+) -> None:
+    """The source still held exactly the checkpointed rows at `as_of` (fingerprints equal)."""
+    if not slice_starts:
+        return
+    conn.execute(
+        sql.SQL(
+            "update {} set source_as_of = greatest(source_as_of, %s) "
+            "where table_name = %s and slice_start = any(%s)"
+        ).format(sql.Identifier(schema, "checkpoints")),
+        (as_of, key, slice_starts),
+    )
+
+
+@dataclass(frozen=True)
+class UnchangedSlice:
+    slice_start: datetime
+    slice_end: datetime
+    reason: str
+
+
+def record_unchanged(
+    conn: psycopg.Connection,
+    schema: str,
+    run_id: UUID,
+    table: str,
+    slices: list[UnchangedSlice],
+    started_at: datetime,
+) -> None:
+    with conn.cursor() as cur:
+        cur.executemany(
+            sql.SQL(
+                "insert into {} (run_id, table_name, slice_start, slice_end, status, change_reason, "
+                "started_at) values (%s, %s, %s, %s, 'unchanged', %s, %s)"
+            ).format(sql.Identifier(schema, "slice_refreshes")),
+            [(run_id, table, s.slice_start, s.slice_end, s.reason, started_at) for s in slices],
+        )
+
+
+def note_reason(
+    conn: psycopg.Connection, schema: str, run_id: UUID, table: str, slice_start: datetime, reason: str
+) -> None:
+    conn.execute(
+        sql.SQL(
+            "update {} set change_reason = %s where run_id = %s and table_name = %s and slice_start = %s "
+            "and status = 'success'"
+        ).format(sql.Identifier(schema, "slice_refreshes")),
+        (reason, run_id, table, slice_start),
+    )
+
+
+def record_cost(
+    conn: psycopg.Connection, schema: str, run_id: UUID, table: str, fingerprint_bytes: int, unchanged: int
+) -> None:
+    """On the table's audit row (written when its refresh started)."""
+    conn.execute(
+        sql.SQL(
+            "update {} set fingerprint_bytes = %s, slices_unchanged = %s "
+            "where run_id = %s and table_name = %s"
+        ).format(sql.Identifier(schema, "table_refreshes")),
+        (fingerprint_bytes, unchanged, run_id, table),
+    )
