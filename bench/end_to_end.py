@@ -9,10 +9,14 @@ first). Per stage, the flow's own functions are timed by wrappers installed in t
   plan     registry, due tables, source schema, cursor range, high-water mark, resume
   read     waiting for the next Arrow batch from the Storage Read API (emulator-bound here)
   load     apply_slice minus the read waits inside it: delete, CSV encoding, COPY, checkpoint
+  validate the validation after the refresh (runbook.validate_after_refresh: per-period row
+           counts and checksums of what the run committed, in BigQuery and in Postgres)
   dbt      dbt build of what is downstream of the changed sources (in process)
   vacuum   flows.maintenance.vacuum_after_run
-  audit    everything else in the run: Prefect start-up, run/table audit rows, lock, validation
-           after the refresh, due times, the run's end
+  prefect  starting Prefect's ephemeral API server (a child process), as `refresh run` does
+           without PREFECT_API_URL
+  audit    everything else in the flow: run/table/slice audit rows, lock, due times, Prefect's
+           task orchestration, the run's end
 
 Stage times are wall time (the union of its intervals over the flow's threads: two tables load
 at once). Peak RSS is sampled every 50 ms over the child and all its descendants (psutil; what
@@ -52,7 +56,7 @@ from psycopg import sql
 from flows.db import migrate
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 
-STAGES = ("plan", "read", "load", "dbt", "vacuum", "audit")
+STAGES = ("plan", "read", "load", "validate", "dbt", "vacuum", "prefect", "audit")
 SQP_RAW = "search_query_performance"
 
 # --------------------------------------------------------------------------------------
@@ -165,6 +169,10 @@ def child(out: Path) -> None:
     refresh.read_slice = rec.reading(refresh.read_slice)  # type: ignore[assignment]
     refresh.apply_slice = rec.loading(refresh.apply_slice)  # type: ignore[assignment]
     dr.run_dbt = rec.timed("dbt", dr.run_dbt)  # type: ignore[assignment]
+    runbook.validate_after_refresh = rec.timed("validate", runbook.validate_after_refresh)  # type: ignore[assignment]
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer.start = rec.timed("prefect", SubprocessASGIServer.start)  # type: ignore[method-assign]
     maintenance.vacuum_after_run = rec.timed("vacuum", maintenance.vacuum_after_run)  # type: ignore[assignment]
     imported = time.perf_counter()
     flow_start = time.perf_counter()
@@ -176,7 +184,9 @@ def child(out: Path) -> None:
         "read": rec.intervals["read"],
         "load": rec.load_intervals(),
         "dbt": rec.intervals["dbt"],
+        "validate": rec.intervals["validate"],
         "vacuum": rec.intervals["vacuum"],
+        "prefect": rec.intervals["prefect"],
     }
     busy = length([i for v in stages.values() for i in v])
     result = {
@@ -234,8 +244,8 @@ def report(what: str, res: dict[str, Any], wall: float, peak_tree: float, per_na
     )
     for stage in STAGES:
         s = res["seconds"][stage]
-        rows = res["rows"].get(stage, res["rows"]["load"] if stage in ("dbt", "vacuum") else 0)
-        rate = f"{rows / s:>11,.0f} rows/s" if rows and s > 0 and stage != "vacuum" else " " * 18
+        rows = res["rows"].get(stage, res["rows"]["load"] if stage in ("dbt", "validate") else 0)
+        rate = f"{rows / s:>11,.0f} rows/s" if rows and s > 0 else " " * 18
         print(f"  {stage:7s} {s:7.1f} s {rate}")
     print(
         f"  peak RSS: flow process {res['peak_rss_kib'] / 1024:.0f} MB (VmHWM); process tree "
