@@ -55,6 +55,9 @@ bench: $(STAMP)  ## benchmarks (figures in docs/benchmarks.md)
 	$(BIN)/python bench/validate.py
 	$(BIN)/python bench/api_latency.py
 	$(BIN)/python bench/emulator_memory.py
+	$(BIN)/python bench/bloat.py
+	$(BIN)/python bench/end_to_end.py --rows 1000000
+	$(BIN)/python bench/end_to_end.py --rows 10000000
 
 format: $(STAMP)
 	$(BIN)/ruff format flows tests bench scripts

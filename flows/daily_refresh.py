@@ -25,7 +25,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import runbook, webhooks
+from flows import maintenance, runbook, webhooks
 from flows.bigquery import BigQueryClients, make_clients
 from flows.control import runs
 from flows.control.dbt_audit import record_dbt
@@ -315,6 +315,11 @@ def daily_refresh(
                     raise RefreshFailed(message) from exc
                 raise
             summary = _end_run(settings, run, summary)
+            if not params.dry_run:
+                # Every slice and dbt transaction is over: the replaced rows are dead to all.
+                maintenance.vacuum_after_run(
+                    settings, [(o.table_name, o.mode, o.rows_deleted) for o in outcomes]
+                )
     except psycopg.OperationalError as exc:
         # Before the run row exists (planning) or while taking the lock: nothing was written.
         raise PostgresLostError(

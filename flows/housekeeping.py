@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows import webhooks
+from flows import maintenance, webhooks
 from flows.control import checkpoints, runs
 from flows.db import connect, migrate
 from flows.errors import ConfigError
@@ -67,6 +67,7 @@ class HousekeepingResult:
     checkpoints_deleted: int
     audit_rows_deleted: dict[str, int] = field(default_factory=dict)
     webhooks: dict[str, int] = field(default_factory=dict)
+    raw_tables_vacuumed: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,8 +86,8 @@ def housekeeping(
     checkpoint_retention_days: int = DEFAULT_CHECKPOINT_RETENTION_DAYS,
     audit_retention_days: int | None = DEFAULT_AUDIT_RETENTION_DAYS,
 ) -> dict[str, Any]:
-    """Mark abandoned runs, expire old checkpoints and (unless audit_retention_days is empty)
-    prune old audit rows.
+    """Mark abandoned runs, expire old checkpoints, (unless audit_retention_days is empty)
+    prune old audit rows, and vacuum raw tables holding many dead rows.
 
     Args:
         checkpoint_retention_days: Delete checkpoints committed more than this many days ago
@@ -108,13 +109,15 @@ def housekeeping(
             prune_audit(settings, audit_retention_days) if audit_retention_days is not None else {}
         ),
         webhooks=dispatch_webhooks(settings),
+        raw_tables_vacuumed=maintenance.vacuum_bloated_raw_tables(settings),
     )
     logger.info(
         "housekeeping: %d run(s) marked abandoned, %d checkpoint(s) expired, audit rows deleted: %s; "
-        "webhooks: %s",
+        "webhooks: %s; raw tables vacuumed: %s",
         result.runs_abandoned,
         result.checkpoints_deleted,
         result.audit_rows_deleted or "none (audit retention off)",
         result.webhooks,
+        result.raw_tables_vacuumed or "none",
     )
     return result.to_dict()
