@@ -73,6 +73,10 @@ class TableOutcome:
     error: str | None = None
     retryable: bool = False
     plan: list[dict[str, Any]] = field(default_factory=list)
+    # Half-open cursor ranges of the slices this run applied, plus those an interrupted
+    # earlier attempt applied and this run resumed after (their dbt build never ran): what
+    # dbt must rebuild (flows.periods). A full_replace table has none.
+    changed_slices: list[tuple[date, date]] = field(default_factory=list)
 
     @property
     def changed_live_data(self) -> bool:
@@ -240,10 +244,12 @@ def _refresh(
             raise TerminalError(f"{cfg.table_name}: {exc}") from exc
     slices = plan_slices(cfg, window)
     if not (options.full_refresh or options.explicit_range or dry_run):
+        planned = slices
         slices, skipped = resumable(
             slices, _committed_since_last_success(conn, settings, key, cfg.table_name)
         )
         rec.slices_skipped = skipped
+        outcome.changed_slices.extend(_dated(s) for s in planned if s not in slices and s.start)
     outcome.window = window
     rec.slices_planned = len(slices)
     if window is not None:
@@ -291,6 +297,8 @@ def _refresh(
             _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
             raise
         rec.slices_done += 1
+        if piece.start is not None:
+            outcome.changed_slices.append(_dated(piece))
         rec.rows_read += stats.rows
         rec.bytes_read += stats.bytes
         rec.rows_inserted += inserted
@@ -300,6 +308,11 @@ def _refresh(
         raise BadSourceValueError(
             f"{len(bad_slices)} slice(s) not loaded, the others were: " + " | ".join(bad_slices)
         )
+
+
+def _dated(piece: Slice) -> tuple[date, date]:
+    assert piece.start is not None and piece.end is not None
+    return piece.start, piece.end
 
 
 @dataclass
