@@ -302,6 +302,7 @@ def test_bad_schedules_fail_with_the_setting_to_fix() -> None:
 def test_prefect_yaml_matches_the_served_deployments() -> None:
     from flows.deployments import (
         DAILY_DEPLOYMENT,
+        FULL_DBT_TEST_CRON,
         HOUSEKEEPING_CONCURRENCY,
         HOUSEKEEPING_CRON,
         HOUSEKEEPING_DEPLOYMENT,
@@ -315,6 +316,11 @@ def test_prefect_yaml_matches_the_served_deployments() -> None:
     assert daily["schedules"][0]["cron"] == Settings.model_fields["schedule_cron"].default
     assert daily["schedules"][0]["timezone"] == Settings.model_fields["schedule_timezone"].default
     assert hourly["schedules"][0]["cron"] == HOUSEKEEPING_CRON
+    assert hourly["schedules"][1] == {
+        "cron": FULL_DBT_TEST_CRON,
+        "timezone": "UTC",
+        "parameters": {"full_dbt_test": True},
+    }
     for d, limit in ((daily, REFRESH_CONCURRENCY), (hourly, HOUSEKEEPING_CONCURRENCY)):
         assert d["concurrency_limit"] == {
             "limit": limit.limit,

@@ -1,0 +1,190 @@
+"""dbt rebuilds only the periods of the weeks a run changed (var refresh_weeks), and the result
+equals a full rebuild.
+
+On the session's data: one old week is restated, one ASIN's rows vanish from another week of
+the same month, and a new week arrives. Those three weeks are loaded by the real loader (the
+slices a change-aware daily run applies; every other slice unchanged), then dbt is built with
+the args the flow computes from the outcomes. Exactly the expected weeks, months, quarters and
+years carry the new dbt invocation; every incremental model and summary equals a
+`--full-refresh` build into `<schema>_cmp` (EXCEPT both ways). The source, the raw table and
+the models are put back afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import date, timedelta
+from typing import Any
+from uuid import uuid4
+
+import psycopg
+import pytest
+
+from flows import registry, runbook
+from flows.bigquery import BigQueryClients
+from flows.periods import periods_to_rebuild
+from flows.refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.sample_data import SQP_TABLE
+from flows.settings import Settings
+from flows.transform import run_dbt
+from tests.integration.conftest import SPEC
+from tests.integration.test_extraction_engine import locked_run
+
+# SQP weeks start on Sunday (the sample's last week is Sunday 2026-11-22). All changed weeks
+# lie in October and November: September, Q3 and the weeks not named here must be kept.
+RESTATED = date(2026, 10, 11)
+SHRUNK = date(2026, 10, 18)
+NEW = SPEC.last_week + timedelta(weeks=1)
+DROPPED_ASIN = "B000000004"
+CMP = "_cmp"
+
+# model -> its period column; the incremental models and the summaries
+MODELS = {
+    "marts.search_query_performance": "week_start",
+    "marts.search_performance_summary": "week_start",
+    "intermediate.int_asin_weekly_funnel": "week_start",
+    "summaries.weekly_summary": "period_start",
+    "summaries.monthly_summary": "period_start",
+    "summaries.quarterly_summary": "period_start",
+    "summaries.yearly_summary": "period_start",
+}
+SQP_BUILD = ["--select", "source:sqp+", "--exclude", "source:refresh_control+"]
+
+
+def _week_where(week: date) -> str:
+    return f"`Date` = timestamp '{week} 00:00:00+00'"
+
+
+def _load(settings: Settings, clients: BigQueryClients, weeks: list[date]) -> list[TableOutcome]:
+    """The given SQP weeks through the real loader, one slice each (as a run whose other
+    slices were unchanged applies them)."""
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        cfg = registry.get(conn, settings.control_schema, SQP_TABLE)
+    outcomes = []
+    with locked_run(settings) as run_id:
+        for week in weeks:
+            outcome = refresh_table(
+                settings, clients, cfg, run_id, RefreshOptions(start_date=week, end_date=week)
+            )
+            assert outcome.status == "success", outcome.error
+            outcomes.append(outcome)
+    return outcomes
+
+
+@pytest.fixture
+def changed_source(refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients) -> Iterator[None]:
+    """RESTATED and SHRUNK changed and NEW added in the source; all put back afterwards (source,
+    raw table, checkpoints, models rebuilt in full)."""
+    assert refreshed["status"] == "success", refreshed["message"]
+    table = f"`{clients.project}.{clients.dataset}.{SQP_TABLE}`"
+    backup_dataset = f"{clients.project}.changed_periods_{uuid4().hex[:8]}"
+    clients.rest.create_dataset(backup_dataset)
+    backup = f"`{backup_dataset}.{SQP_TABLE}`"
+
+    def run(statement: str) -> None:
+        clients.rest.query(statement).result()
+
+    old_weeks = f"({_week_where(RESTATED)} or {_week_where(SHRUNK)})"
+    try:
+        run(f"create table {backup} as select * from {table} where {old_weeks}")
+        run(
+            f"update {table} set `ASIN Impression Count` = `ASIN Impression Count` + 1000, "
+            f"`ASIN Click Count` = `ASIN Click Count` + 7 where {_week_where(RESTATED)}"
+        )
+        run(f"delete from {table} where {_week_where(SHRUNK)} and `ASIN` = '{DROPPED_ASIN}'")
+        run(
+            f"insert into {table} select * replace (timestamp_add(`Date`, interval 7 day) as `Date`) "
+            f"from {table} where {_week_where(SPEC.last_week)}"
+        )
+        yield
+    finally:
+        run(f"delete from {table} where {old_weeks} or {_week_where(NEW)}")
+        run(f"insert into {table} select * from {backup}")
+        clients.rest.delete_dataset(backup_dataset, delete_contents=True)
+        _load(settings, clients, [RESTATED, SHRUNK, NEW])
+        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+            conn.execute(
+                f"delete from {settings.control_schema}.checkpoints where table_name = %s and slice_start >= %s",
+                (SQP_TABLE, NEW - timedelta(days=6)),
+            )
+            for schema in ("staging", "intermediate", "marts", "summaries"):
+                conn.execute(f"drop schema if exists {schema}{CMP} cascade")
+        restored = run_dbt(settings, ["run", *SQP_BUILD, "--full-refresh"])
+        assert restored.success, restored.message
+
+
+def _invocations(pg: psycopg.Connection, model: str, column: str) -> dict[date, set[str]]:
+    out: dict[date, set[str]] = {}
+    for period, invocation in pg.execute(
+        f"select distinct {column}, _dbt_invocation_id from {model}"
+    ).fetchall():
+        out.setdefault(period, set()).add(invocation)
+    return out
+
+
+def _columns(pg: psycopg.Connection, model: str) -> list[str]:
+    schema, name = model.split(".")
+    rows = pg.execute(
+        "select column_name from information_schema.columns where table_schema = %s and table_name = %s "
+        "and column_name <> '_dbt_invocation_id' order by ordinal_position",
+        (schema, name),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
+    changed_source: None, settings: Settings, clients: BigQueryClients, pg: psycopg.Connection
+) -> None:
+    before = {m: _invocations(pg, m, c) for m, c in MODELS.items()}
+    outcomes = _load(settings, clients, [RESTATED, SHRUNK, NEW])
+    slices = [s for o in outcomes for s in o.changed_slices]
+    # Each week is the one ISO-week slice (Monday start) that holds its Sunday.
+    assert slices == [(w - timedelta(days=6), w + timedelta(days=1)) for w in (RESTATED, SHRUNK, NEW)]
+
+    args = runbook.dbt_build_args(outcomes, False, runbook.dbt_sources(settings.dbt_project_dir))
+    assert args is not None
+    assert json.loads(args[4]) == {
+        "refresh_weeks": [(w - timedelta(days=6)).isoformat() for w in (RESTATED, SHRUNK, NEW)]
+    }
+    dbt = run_dbt(settings, args)
+    assert dbt.success, dbt.message
+    tested = [n["name"] for n in dbt.nodes if n["resource_type"] == "test"]
+    assert any("matches_weekly" in name for name in tested), tested  # the windowed rollup tests passed
+
+    expected = periods_to_rebuild(slices)
+    assert expected.months == [date(2026, 10, 1), date(2026, 11, 1)]
+    assert expected.quarters == [date(2026, 10, 1)] and expected.years == [date(2026, 1, 1)]
+    rebuilt_for = {
+        "summaries.monthly_summary": set(expected.months),
+        "summaries.quarterly_summary": set(expected.quarters),
+        "summaries.yearly_summary": set(expected.years),
+    }
+    changed_weeks = {RESTATED, SHRUNK, NEW}
+    for model, column in MODELS.items():
+        after = _invocations(pg, model, column)
+        want = rebuilt_for.get(model, changed_weeks)
+        rebuilt = {p for p, inv in after.items() if inv == {dbt.invocation_id}}
+        assert rebuilt == want, f"{model}: rebuilt {sorted(rebuilt)}, expected {sorted(want)}"
+        kept = {p: inv for p, inv in after.items() if p not in want}
+        assert kept == {p: inv for p, inv in before[model].items() if p not in want}, model
+        assert kept or model == "summaries.yearly_summary", f"{model}: no kept period to check"
+
+    full = run_dbt(
+        settings, ["run", *SQP_BUILD, "--full-refresh", "--vars", json.dumps({"schema_suffix": CMP})]
+    )
+    assert full.success, full.message
+    for model in MODELS:
+        columns = ", ".join(_columns(pg, model))
+        assert columns
+        schema, name = model.split(".")
+        full_model = f"{schema}{CMP}.{name}"
+        for left, right in ((model, full_model), (full_model, model)):
+            diff = pg.execute(
+                f"select count(*) from (select {columns} from {left} except all select {columns} from {right}) d"
+            ).fetchone()
+            assert diff == (0,), f"{left} has {diff[0] if diff else '?'} rows not in {right}"
+    assert pg.execute(
+        "select count(*) from summaries.weekly_summary where period_start = %s and asin = %s",
+        (SHRUNK, DROPPED_ASIN),
+    ).fetchone() == (0,)
