@@ -1,10 +1,12 @@
 """The dbt stage as the flow runs it against plain `dbt build` of the same selection.
 
 One SQP history in a throwaway embedded Postgres (bench/incremental_scaling.py builds it: raw
-tables as the extractor makes them, a full `dbt build`, then the newest week reloaded as a
-slice replace would). Then the flow's daily dbt command for that one changed week
+tables as the extractor makes them; the control schema migrated for the monitoring views), a
+full `dbt build`, then before each timed run the newest week reloaded as a slice replace
+would. Then the flow's daily dbt command for that one changed week
 
-    dbt build --select source:sqp.<tables>+ --vars {refresh_weeks: [<newest ISO week>]}
+    dbt build --select source:sqp.<tables>+ source:refresh_control+ \
+        --vars {refresh_weeks: [<newest ISO week>]}
 
 is timed, `repeats` times each, alternating so that other load hits all alike:
 - plain: dbt's own runner in this process, no Prefect (flows.transform.invoke_dbt);
@@ -37,7 +39,8 @@ from typing import Any
 from incremental_scaling import LAST_WEEK, RAW_SCHEMA, Bench, History
 
 from flows.local_stack import EmbeddedPostgres, free_port
-from flows.runbook import DBT_SOURCE
+from flows.db import migrate
+from flows.runbook import CONTROL_SOURCE, DBT_SOURCE
 from flows.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 from flows.transform import dbt_env, run_dbt, scoped_environ, with_project_vars
@@ -45,7 +48,12 @@ from flows.transform import dbt_env, run_dbt, scoped_environ, with_project_vars
 
 def flow_args() -> list[str]:
     """The flow's dbt command for a day whose only change is the newest week."""
-    select = " ".join(f"source:{DBT_SOURCE}.{t}+" for t in (SQP_TABLE, PRODUCTS_TABLE, DAILY_TABLE))
+    select = " ".join(
+        [
+            *(f"source:{DBT_SOURCE}.{t}+" for t in (SQP_TABLE, PRODUCTS_TABLE, DAILY_TABLE)),
+            f"source:{CONTROL_SOURCE}+",
+        ]
+    )
     newest_iso_week = LAST_WEEK - timedelta(days=LAST_WEEK.weekday())
     return [
         "build",
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         pg.start()
         bench = Bench(args, pg, workdir)
         h = History("N", "bench_overhead", args.weeks)
-        bench.prepare(h)
+        bench.load_history(h)
         settings = get_settings(
             pg_dsn=bench.dsn(h.dbname),
             dbt_target="postgres",
@@ -112,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             state_dir=workdir / "state",
             dbt_project_dir=PROJECT_ROOT,
         )
+        migrate(settings)  # the monitoring views read the control schema
+        h.full_build_s, _ = bench.dbt(h, ["build", "--full-refresh"], {})
+        print(f"{h.rows} rows, full build {h.full_build_s:.1f}s", flush=True)
         dbt_args = flow_args()
         dbt_vars = json.loads(dbt_args[4])
 

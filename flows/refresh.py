@@ -18,6 +18,7 @@ from psycopg import sql
 
 from flows import audit, webhooks
 from flows.bigquery import BigQueryClients
+from flows.control import rebuilds
 from flows.db import connect
 from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
 from flows.extract import (
@@ -73,9 +74,9 @@ class TableOutcome:
     error: str | None = None
     retryable: bool = False
     plan: list[dict[str, Any]] = field(default_factory=list)
-    # Half-open cursor ranges of the slices this run applied, plus those an interrupted
-    # earlier attempt applied and this run resumed after (their dbt build never ran): what
-    # dbt must rebuild (flows.periods). A full_replace table has none.
+    # Half-open cursor ranges of the slices this run applied, plus those earlier runs applied
+    # without a successful dbt build since (flows.control.rebuilds): what dbt must rebuild
+    # (flows.periods). A full_replace table has none.
     changed_slices: list[tuple[date, date]] = field(default_factory=list)
 
     @property
@@ -244,12 +245,10 @@ def _refresh(
             raise TerminalError(f"{cfg.table_name}: {exc}") from exc
     slices = plan_slices(cfg, window)
     if not (options.full_refresh or options.explicit_range or dry_run):
-        planned = slices
         slices, skipped = resumable(
             slices, _committed_since_last_success(conn, settings, key, cfg.table_name)
         )
         rec.slices_skipped = skipped
-        outcome.changed_slices.extend(_dated(s) for s in planned if s not in slices and s.start)
     outcome.window = window
     rec.slices_planned = len(slices)
     if window is not None:
@@ -304,6 +303,13 @@ def _refresh(
         rec.rows_inserted += inserted
         rec.rows_deleted += deleted
         audit.heartbeat(conn, settings.control_schema, run_id)
+    if cfg.mode is Mode.LIVE and cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
+        # Slices an earlier run applied without a successful dbt build after it (it failed, or
+        # the run died: also the slices a resumed attempt skips above) are rebuilt now.
+        owed = rebuilds.slices_awaiting_dbt(
+            conn, settings.control_schema, cfg.table_name, run_id, cfg.lookback_days
+        )
+        outcome.changed_slices.extend(s for s in owed if s not in outcome.changed_slices)
     if bad_slices:
         raise BadSourceValueError(
             f"{len(bad_slices)} slice(s) not loaded, the others were: " + " | ".join(bad_slices)

@@ -23,6 +23,7 @@ import pytest
 
 from flows import registry, runbook
 from flows.bigquery import BigQueryClients
+from flows.control import rebuilds
 from flows.periods import periods_to_rebuild
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.sample_data import SQP_TABLE
@@ -110,8 +111,40 @@ def changed_source(refreshed: dict[str, Any], settings: Settings, clients: BigQu
             )
             for schema in ("staging", "intermediate", "marts", "summaries"):
                 conn.execute(f"drop schema if exists {schema}{CMP} cascade")
-        restored = run_dbt(settings, ["run", *SQP_BUILD, "--full-refresh"])
-        assert restored.success, restored.message
+        restored = _full_refresh()
+        assert restored["status"] == "success", restored["message"]
+
+
+def _full_refresh() -> dict[str, Any]:
+    """The SQP table reloaded and its models rebuilt in full by the flow (recorded, so no slice
+    is left awaiting a dbt build)."""
+    from flows.daily_refresh import daily_refresh
+
+    return daily_refresh(tables=[SQP_TABLE], full_refresh=True, trigger="test")  # type: ignore[no-any-return]
+
+
+def _slice(week: date) -> tuple[date, date]:
+    """The ISO-week slice (Monday start) that holds the SQP week starting on Sunday `week`."""
+    return week - timedelta(days=6), week + timedelta(days=1)
+
+
+def test_slices_without_a_successful_dbt_build_are_rebuilt_by_the_next_run(
+    refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients
+) -> None:
+    """A run that applied a slice but whose dbt build never succeeded (here: none ran) leaves
+    it owed: the next run rebuilds it too, and a successful build clears it."""
+    assert refreshed["status"] == "success", refreshed["message"]
+    [first] = _load(settings, clients, [RESTATED])
+    assert first.changed_slices == [_slice(RESTATED)]
+    [second] = _load(settings, clients, [SHRUNK])
+    assert second.changed_slices == [_slice(SHRUNK), _slice(RESTATED)]
+    args = runbook.dbt_build_args([second], False, runbook.dbt_sources(settings.dbt_project_dir))
+    assert args is not None and json.loads(args[4]) == {
+        "refresh_weeks": [_slice(w)[0].isoformat() for w in (RESTATED, SHRUNK)]
+    }
+    assert _full_refresh()["status"] == "success"
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        assert rebuilds.slices_awaiting_dbt(conn, settings.control_schema, SQP_TABLE, uuid4(), 60) == []
 
 
 def _invocations(pg: psycopg.Connection, model: str, column: str) -> dict[date, set[str]]:
@@ -139,13 +172,12 @@ def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
     before = {m: _invocations(pg, m, c) for m, c in MODELS.items()}
     outcomes = _load(settings, clients, [RESTATED, SHRUNK, NEW])
     slices = [s for o in outcomes for s in o.changed_slices]
-    # Each week is the one ISO-week slice (Monday start) that holds its Sunday.
-    assert slices == [(w - timedelta(days=6), w + timedelta(days=1)) for w in (RESTATED, SHRUNK, NEW)]
+    assert slices == [_slice(w) for w in (RESTATED, SHRUNK, NEW)]
 
     args = runbook.dbt_build_args(outcomes, False, runbook.dbt_sources(settings.dbt_project_dir))
     assert args is not None
     assert json.loads(args[4]) == {
-        "refresh_weeks": [(w - timedelta(days=6)).isoformat() for w in (RESTATED, SHRUNK, NEW)]
+        "refresh_weeks": [_slice(w)[0].isoformat() for w in (RESTATED, SHRUNK, NEW)]
     }
     dbt = run_dbt(settings, args)
     assert dbt.success, dbt.message
