@@ -220,3 +220,26 @@ def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
         "select count(*) from summaries.weekly_summary where period_start = %s and asin = %s",
         (SHRUNK, DROPPED_ASIN),
     ).fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("dbt_vars", "message"),
+    [
+        ({"refresh_weeks": ["2026-11-17"]}, "var refresh_weeks must be a list of Monday dates"),
+        ({"refresh_weeks": "2026-11-16"}, "var refresh_weeks must be a list of Monday dates"),
+        ({"refresh_weeks": ["2026-02-30"]}, "var refresh_weeks must be a list of Monday dates"),
+        (
+            {"refresh_weeks": ["2026-11-16"], "refresh_start_date": "2026-11-01"},
+            "vars refresh_weeks and refresh_start_date exclude each other",
+        ),
+    ],
+)
+def test_bad_refresh_weeks_stop_the_build_with_one_clear_error(
+    refreshed: dict[str, Any], settings: Settings, dbt_vars: dict[str, Any], message: str
+) -> None:
+    dbt = run_dbt(
+        settings, ["compile", "--select", "search_query_performance", "--vars", json.dumps(dbt_vars)]
+    )
+    assert not dbt.success
+    said = " ".join([dbt.message or "", *(n["message"] or "" for n in dbt.nodes)])
+    assert message in said, said
