@@ -160,12 +160,13 @@ def measure(conn: Any, schema: str, result: dict[str, Any]) -> dict[str, Any]:
     return {
         "rows_read": int(table.get("rows_read") or 0),
         "rows_written": int(table.get("rows_inserted") or 0) + int(table.get("rows_deleted") or 0),
-        "slices": int(table.get("slices_done") or 0),
+        "slices": int(table.get("slices") or 0),
         "dbt_models": int(summary.get("dbt_models_built") or 0),
         "periods": periods,
         "extract_s": extract_s,
         "dbt_s": dbt_s,
         "run_s": float(summary.get("duration_s") or 0.0),
+        "rest_s": max(float(summary.get("duration_s") or 0.0) - extract_s - dbt_s, 0.0),
         "wall_s": float(result["wall_s"]),
         "peak_rss_mb": float(result["peak_rss_mb"]),
     }
@@ -190,6 +191,7 @@ def report(figures: dict[str, dict[str, Any]], new_week_rows: int) -> tuple[floa
         print(f"  {model.split('.')[1][:32]:32}" + "".join(f"{c:>20}" for c in cells))
     line("extract + load (s)", ".1f", "extract_s")
     line("dbt (s)", ".1f", "dbt_s")
+    line("validation and the rest (s)", ".1f", "rest_s")
     line("run, flow's own measure (s)", ".1f", "run_s")
     line("wall incl. Prefect start (s)", ".1f", "wall_s")
     line("peak RSS (MB)", ".0f", "peak_rss_mb")

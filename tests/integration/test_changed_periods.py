@@ -237,9 +237,23 @@ def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
 def test_bad_refresh_weeks_stop_the_build_with_one_clear_error(
     refreshed: dict[str, Any], settings: Settings, dbt_vars: dict[str, Any], message: str
 ) -> None:
-    dbt = run_dbt(
-        settings, ["compile", "--select", "search_query_performance", "--vars", json.dumps(dbt_vars)]
-    )
-    assert not dbt.success
-    said = " ".join([dbt.message or "", *(n["message"] or "" for n in dbt.nodes)])
-    assert message in said, said
+    # PrefectDbtRunner raises on a compilation error (as for a bad refresh_start_date).
+    with pytest.raises(ValueError, match=r"Compilation Error in model search_query_performance") as raised:
+        run_dbt(settings, ["compile", "--select", "search_query_performance", "--vars", json.dumps(dbt_vars)])
+    assert message in str(raised.value), raised.value
+
+
+def test_weekly_full_dbt_test_checks_every_row_and_is_recorded(
+    refreshed: dict[str, Any], settings: Settings, pg: psycopg.Connection
+) -> None:
+    from flows.housekeeping import run_full_dbt_test
+
+    result = run_full_dbt_test(settings, wait_s=60, poll_s=1)
+    assert result["success"] and result["failed"] == [], result
+    assert result["tests"] > 100  # every test of the project, not a selection
+    row = pg.execute(
+        f"select command, success, run_id, nodes_total from {settings.control_schema}.dbt_invocations "
+        "where invocation_id = %s",
+        (result["invocation_id"],),
+    ).fetchone()
+    assert row == ("test", True, None, result["tests"])
