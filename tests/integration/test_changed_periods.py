@@ -28,7 +28,7 @@ from flows.periods import periods_to_rebuild
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.sample_data import SQP_TABLE
 from flows.settings import Settings
-from flows.transform import run_dbt
+from flows.transform import run_dbt, target_dir
 from tests.integration.conftest import SPEC
 from tests.integration.test_extraction_engine import locked_run
 
@@ -179,8 +179,16 @@ def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
     assert json.loads(args[4]) == {
         "refresh_weeks": [_slice(w)[0].isoformat() for w in (RESTATED, SHRUNK, NEW)]
     }
+    log = target_dir(settings).parent / "logs" / "dbt.log"
+    logged_before = log.stat().st_size if log.exists() else 0
     dbt = run_dbt(settings, args)
     assert dbt.success, dbt.message
+    # dbt's log file keeps the INFO lines (the CLI's progress reads them), with the periods
+    with log.open(errors="replace") as f:
+        f.seek(logged_before)
+        logged = f.read()
+    assert "monthly_summary: rebuilding periods 2026-10-01..2026-12-01 (refresh_weeks)" in logged
+    assert "OK created sql incremental model summaries.monthly_summary" in logged
     tested = [n["name"] for n in dbt.nodes if n["resource_type"] == "test"]
     assert any("matches_weekly" in name for name in tested), tested  # the windowed rollup tests passed
 
