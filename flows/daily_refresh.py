@@ -210,11 +210,15 @@ def extract(
 
 
 def transform(
-    settings: Settings, outcomes: list[TableOutcome], run_id: UUID, full_refresh: bool
+    settings: Settings,
+    outcomes: list[TableOutcome],
+    run_id: UUID,
+    full_refresh: bool,
+    explicit_range: bool = False,
 ) -> DbtOutcome | None:
     """dbt build (models and their tests) of what is downstream of the changed sources."""
     sources = runbook.dbt_sources(settings.dbt_project_dir)
-    args = runbook.dbt_build_args(outcomes, full_refresh, sources)
+    args = runbook.dbt_build_args(outcomes, full_refresh, sources, explicit_range=explicit_range)
     if args is None:
         return None
     started = datetime.now(UTC)
@@ -285,7 +289,15 @@ def daily_refresh(
                     lock_conn, settings, chosen, outcomes, anchor, scheduled=params.scheduled
                 )
                 dbt = (
-                    None if params.dry_run else transform(settings, outcomes, run.run_id, params.full_refresh)
+                    None
+                    if params.dry_run
+                    else transform(
+                        settings,
+                        outcomes,
+                        run.run_id,
+                        params.full_refresh,
+                        explicit_range=params.options.explicit_range,
+                    )
                 )
                 shadow = (
                     None

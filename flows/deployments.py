@@ -1,5 +1,8 @@
 """The Prefect deployments: the daily refresh on its cron, housekeeping every hour.
 
+Housekeeping's deployment has a second, weekly schedule that also runs the full `dbt test`
+(every test over every row: the daily runs test only the periods they rebuilt).
+
 `refresh serve` runs both on this machine with prefect's `serve`; prefect.yaml declares the
 same two deployments for a work pool (`prefect deploy --all`). The names are the same either
 way: `daily-refresh/daily` and `housekeeping/hourly`.
@@ -34,6 +37,10 @@ DAILY_DEPLOYMENT = "daily"
 HOUSEKEEPING_DEPLOYMENT = "hourly"
 # Half past every hour: away from the refresh's usual start on the hour.
 HOUSEKEEPING_CRON = "30 * * * *"
+# Weekly, the same deployment also runs the full `dbt test` (flows.housekeeping.run_full_dbt_test):
+# Sundays 04:45, a quarter of an hour after that hour's housekeeping run, which has ended by
+# then (a run finding the previous one still going is dropped, see below).
+FULL_DBT_TEST_CRON = "45 4 * * 0"
 TAGS = ["sqp-refresh"]
 
 REFRESH_CONCURRENCY = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
@@ -78,7 +85,14 @@ def housekeeping_deployment(settings: Settings) -> RunnerDeployment:
     validate_schedule(HOUSEKEEPING_CRON, settings.schedule_timezone)
     deployment = housekeeping.to_deployment(
         name=HOUSEKEEPING_DEPLOYMENT,
-        schedules=[Cron(HOUSEKEEPING_CRON, timezone=settings.schedule_timezone)],
+        schedules=[
+            Cron(HOUSEKEEPING_CRON, timezone=settings.schedule_timezone),
+            Cron(
+                FULL_DBT_TEST_CRON,
+                timezone=settings.schedule_timezone,
+                parameters={"full_dbt_test": True},
+            ),
+        ],
         concurrency_limit=HOUSEKEEPING_CONCURRENCY,
         tags=TAGS,
         entrypoint_type=EntrypointType.MODULE_PATH,

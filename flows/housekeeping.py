@@ -7,13 +7,18 @@ busy, and each is safe to run while a refresh is in progress.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
-from flows import maintenance, webhooks
+from flows import maintenance, transform, webhooks
 from flows.control import checkpoints, runs
+from flows.control.dbt_audit import record_dbt
 from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.settings import Settings, get_settings
@@ -61,6 +66,50 @@ def prune_audit(settings: Settings, retention_days: int = DEFAULT_AUDIT_RETENTIO
         return runs.prune(conn, settings.control_schema, retention_days)
 
 
+# The weekly full `dbt test` waits at most this long for a running refresh to end.
+FULL_TEST_WAIT_S = 3600.0
+
+
+def run_full_dbt_test(
+    settings: Settings, wait_s: float = FULL_TEST_WAIT_S, poll_s: float = 30.0
+) -> dict[str, Any]:
+    """`dbt test` of every node over every row (no refresh var): the safety net under the daily
+    runs, whose tests read only the periods they rebuilt. Recorded in dbt_invocations (no run).
+
+    Started while a refresh runs, it waits for it to end (a test reading a model mid-rebuild
+    could fail for nothing), up to `wait_s`.
+    """
+    waited = time.monotonic() + wait_s
+    with connect(settings, autocommit=True) as conn:
+        while runs.refresh_running(conn):
+            if time.monotonic() >= waited:
+                raise RuntimeError(
+                    f"full dbt test: a refresh was still running after {wait_s:.0f}s; not tested, "
+                    "the next weekly run tests again (or run `dbt test` by hand)"
+                )
+            time.sleep(poll_s)
+    started = datetime.now(UTC)
+    dbt = transform.run_dbt(settings, ["test"])
+    with connect(settings, autocommit=True) as conn:
+        flow_run_id = flow_run.id
+        record_dbt(
+            conn,
+            settings.control_schema,
+            dbt,
+            None,
+            None if flow_run_id is None else UUID(flow_run_id),
+            started,
+            datetime.now(UTC),
+        )
+    return {
+        "invocation_id": dbt.invocation_id,
+        "success": dbt.success,
+        "tests": len(dbt.nodes),
+        "failed": [n["name"] for n in dbt.failed_nodes],
+        "message": dbt.message,
+    }
+
+
 @dataclass
 class HousekeepingResult:
     runs_abandoned: int
@@ -68,6 +117,8 @@ class HousekeepingResult:
     audit_rows_deleted: dict[str, int] = field(default_factory=dict)
     webhooks: dict[str, int] = field(default_factory=dict)
     raw_tables_vacuumed: dict[str, float] = field(default_factory=dict)
+    # The weekly full `dbt test` (full_dbt_test), when this run did it.
+    dbt_test: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,9 +136,11 @@ def dispatch_webhooks(settings: Settings) -> dict[str, int]:
 def housekeeping(
     checkpoint_retention_days: int = DEFAULT_CHECKPOINT_RETENTION_DAYS,
     audit_retention_days: int | None = DEFAULT_AUDIT_RETENTION_DAYS,
+    full_dbt_test: bool = False,
 ) -> dict[str, Any]:
     """Mark abandoned runs, expire old checkpoints, (unless audit_retention_days is empty)
-    prune old audit rows, and vacuum raw tables holding many dead rows.
+    prune old audit rows, and vacuum raw tables holding many dead rows; on the weekly schedule
+    also run the full `dbt test`.
 
     Args:
         checkpoint_retention_days: Delete checkpoints committed more than this many days ago
@@ -95,6 +148,8 @@ def housekeeping(
         audit_retention_days: Delete runs and their table, slice, dbt and event rows older than
             this many days (1-36500, default 365); the latest run of every table is kept.
             Empty: keep the audit forever.
+        full_dbt_test: Also run `dbt test` over every row (the weekly schedule sets it); the
+            run fails when a test fails, after the other housekeeping is done.
     """
     logger = get_run_logger()
     _check_retention(checkpoint_retention_days, "checkpoint")
@@ -111,6 +166,8 @@ def housekeeping(
         webhooks=dispatch_webhooks(settings),
         raw_tables_vacuumed=maintenance.vacuum_bloated_raw_tables(settings),
     )
+    if full_dbt_test:
+        result.dbt_test = run_full_dbt_test(settings)
     logger.info(
         "housekeeping: %d run(s) marked abandoned, %d checkpoint(s) expired, audit rows deleted: %s; "
         "webhooks: %s; raw tables vacuumed: %s",
@@ -120,4 +177,9 @@ def housekeeping(
         result.webhooks,
         result.raw_tables_vacuumed or "none",
     )
+    if result.dbt_test is not None and not result.dbt_test["success"]:
+        raise RuntimeError(
+            f"full dbt test failed: {result.dbt_test['failed'] or result.dbt_test['message']} "
+            f"(dbt invocation {result.dbt_test['invocation_id']})"
+        )
     return result.to_dict()

@@ -17,7 +17,7 @@ import psycopg
 
 from flows import change_detection, webhooks
 from flows.bigquery import BigQueryClients
-from flows.control import checkpoints, runs, tables
+from flows.control import checkpoints, rebuilds, runs, tables
 from flows.control.tables import SliceStatus, TableOutcome, TableStatus
 from flows.db import connect
 from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
@@ -274,15 +274,29 @@ def _refresh(
             _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
             raise
         outcome.slices_done += 1
+        if piece.start is not None:
+            outcome.changed_slices.append(_dated(piece))
         outcome.rows_read += stats.rows
         outcome.bytes_read += stats.bytes
         outcome.rows_inserted += inserted
         outcome.rows_deleted += deleted
         runs.heartbeat(conn, settings.control_schema, run_id)
+    if cfg.mode is Mode.LIVE and cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
+        # Slices an earlier run applied without a successful dbt build after it (it failed, or
+        # the run died: also the slices a resumed attempt skips above) are rebuilt now.
+        owed = rebuilds.slices_awaiting_dbt(
+            conn, settings.control_schema, cfg.table_name, run_id, cfg.lookback_days
+        )
+        outcome.changed_slices.extend(s for s in owed if s not in outcome.changed_slices)
     if bad_slices:
         raise BadSourceValueError(
             f"{len(bad_slices)} slice(s) not loaded, the others were: " + " | ".join(bad_slices)
         )
+
+
+def _dated(piece: Slice) -> tuple[date, date]:
+    assert piece.start is not None and piece.end is not None
+    return piece.start, piece.end
 
 
 @dataclass

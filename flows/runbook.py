@@ -24,6 +24,7 @@ from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.extract import list_source_tables
 from flows.identifiers import validate_pg_identifier
+from flows.periods import weeks_touched
 from flows.planning import is_due, next_due
 from flows.redact import error_text
 from flows.refresh import RefreshOptions
@@ -247,13 +248,25 @@ def dbt_sources(project_dir: Path) -> set[str]:
     return names
 
 
-def dbt_build_args(outcomes: list[TableOutcome], full_refresh: bool, sources: set[str]) -> list[str] | None:
+def dbt_build_args(
+    outcomes: list[TableOutcome], full_refresh: bool, sources: set[str], explicit_range: bool = False
+) -> list[str] | None:
     """`dbt build` of what is downstream of the live dbt sources this run changed (None: nothing).
 
-    Tables without a dbt source (registered later, not modelled yet) change no model. The raw
+    A table changed when it applied a slice (TableOutcome.changed_slices) or was replaced whole
+    (no window). Tables without a dbt source (registered later, not modelled yet) change no
+    model. The incremental models rebuild:
+    - a daily run: the periods of the changed weeks only (var refresh_weeks, flows.periods);
+    - a requested date range (backfill): everything from its start (var refresh_start_date);
+    - --full-refresh: everything.
+    Only a full_replace table changed: no var, the models' lookback from their watermark. The raw
     schema the run loaded into is added to the vars by flows.transform.run_dbt.
     """
-    changed = [o for o in outcomes if o.changed_live_data and o.table_name in sources]
+    changed = [
+        o
+        for o in outcomes
+        if o.changed_live_data and o.table_name in sources and (o.changed_slices or o.window is None)
+    ]
     if not changed:
         return None
     # The monitoring views over the control schema (models/monitoring) are rebuilt too: views,
@@ -261,14 +274,20 @@ def dbt_build_args(outcomes: list[TableOutcome], full_refresh: bool, sources: se
     select = " ".join(
         [*(f"source:{DBT_SOURCE}.{o.table_name}+" for o in changed), f"source:{CONTROL_SOURCE}+"]
     )
-    starts = [o.window.first for o in changed if o.window is not None]
-    dbt_vars: dict[str, str] = {}
-    if starts and not full_refresh:
-        dbt_vars["refresh_start_date"] = min(starts).isoformat()
+    dbt_vars = {} if full_refresh else rebuild_vars(changed, explicit_range)
     args = ["build", "--select", select, "--vars", json.dumps(dbt_vars)]
     if full_refresh:
         args.append("--full-refresh")
     return args
+
+
+def rebuild_vars(changed: list[TableOutcome], explicit_range: bool) -> dict[str, Any]:
+    """The dbt vars saying which periods the incremental models rebuild (see dbt_build_args)."""
+    if explicit_range:
+        starts = [o.window.first for o in changed if o.window is not None]
+        return {"refresh_start_date": min(starts).isoformat()} if starts else {}
+    slices = [s for o in changed for s in o.changed_slices]
+    return {"refresh_weeks": [w.isoformat() for w in weeks_touched(slices)]} if slices else {}
 
 
 @dataclass

@@ -190,7 +190,13 @@ def invoke_dbt(
 
 
 def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
-    """Invoke dbt through PrefectDbtRunner: inside a flow, one Prefect task per dbt node."""
+    """Invoke dbt through PrefectDbtRunner: inside a flow, one Prefect task per dbt node.
+
+    dbt's warnings and errors go to Prefect (each node's task log); its INFO lines (one START
+    and one OK per node, the rebuilt periods) only to dbt's log file under the state dir:
+    forwarding them cost 3-4x plain dbt's CPU time (bench/dbt_overhead.py, docs/benchmarks.md).
+    Every node's result is recorded in the control schema either way (record_dbt).
+    """
     from dbt_common.events.base_types import EventLevel
     from prefect_dbt import PrefectDbtRunner, PrefectDbtSettings
 
@@ -206,11 +212,13 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
                 project_dir=project,
                 profiles_dir=profiles_dir(settings),
                 target_path=target_path,
-                log_level=EventLevel.INFO,
+                log_level=EventLevel.WARN,
             ),
             raise_on_failure=False,
         )
-        res = runner.invoke([*args, "--log-path", str(target_path.parent / "logs")])
+        res = runner.invoke(
+            [*args, "--log-path", str(target_path.parent / "logs")], log_level_file=EventLevel.INFO.value
+        )
     message = None
     if getattr(res, "exception", None) is not None:
         message = f"dbt failed: {res.exception}"

@@ -73,11 +73,19 @@
         {{ return(none) }}
     {%- endif -%}
     {%- set value = value | string | trim -%}
-    {%- set invalid_msg = "var refresh_start_date must be a date 'YYYY-MM-DD', got '" ~ value ~ "'" -%}
+    {%- do parse_iso_date(value, "var refresh_start_date must be a date 'YYYY-MM-DD', got '" ~ value ~ "'") -%}
+    {{ return(value) }}
+{%- endmacro %}
+
+
+{#
+    `value` ('YYYY-MM-DD') as a python date; anything else, including impossible dates such
+    as 2024-02-30, stops the run with `invalid_msg`.
+#}
+{% macro parse_iso_date(value, invalid_msg) -%}
     {%- if not modules.re.match('^[0-9]{4}-[0-9]{2}-[0-9]{2}$', value) -%}
         {{ exceptions.raise_compiler_error(invalid_msg) }}
     {%- endif -%}
-    {#- Reject impossible dates such as 2024-02-30 here, with the message above. -#}
     {%- set year, month, day = value.split('-') | map('int') | list -%}
     {%- if year < 1 or month < 1 or month > 12 or day < 1 -%}
         {{ exceptions.raise_compiler_error(invalid_msg) }}
@@ -88,7 +96,127 @@
     {%- if day > days_in_month -%}
         {{ exceptions.raise_compiler_error(invalid_msg) }}
     {%- endif -%}
-    {{ return(value) }}
+    {{ return(modules.datetime.date(year, month, day)) }}
+{%- endmacro %}
+
+
+{#
+    The var refresh_weeks: the ISO weeks (Monday starts) whose data this refresh changed, as a
+    sorted list of python dates; none when unset. Given as a list or a JSON list of
+    'YYYY-MM-DD' strings (flows.runbook.dbt_build_args); an empty list means no week changed.
+    It is templated into SQL, so anything else stops the run, as does setting it together
+    with refresh_start_date (one says "these weeks", the other "everything from this day").
+#}
+{% macro refresh_weeks() -%}
+    {%- set value = var('refresh_weeks', none) -%}
+    {%- if value is none or (value is string and value | trim == '') -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- if refresh_start_date() is not none -%}
+        {{ exceptions.raise_compiler_error(
+            "vars refresh_weeks and refresh_start_date exclude each other: set one of them"
+        ) }}
+    {%- endif -%}
+    {%- set invalid_msg = "var refresh_weeks must be a list of Monday dates 'YYYY-MM-DD', got '" ~ value ~ "'" -%}
+    {%- if value is string -%}
+        {%- set value = fromjson(value) -%}
+    {%- endif -%}
+    {%- if value is string or value is mapping or value is not iterable -%}
+        {{ exceptions.raise_compiler_error(invalid_msg) }}
+    {%- endif -%}
+    {%- set weeks = [] -%}
+    {%- for item in value -%}
+        {%- set week = parse_iso_date(item | string | trim, invalid_msg) -%}
+        {%- if week.weekday() != 0 -%}
+            {{ exceptions.raise_compiler_error(invalid_msg) }}
+        {%- endif -%}
+        {%- do weeks.append(week) -%}
+    {%- endfor -%}
+    {{ return(weeks | unique | sort) }}
+{%- endmacro %}
+
+
+{#
+    The first day of the `period` (month, quarter or year) after the one containing `day`.
+#}
+{% macro next_period_start(day, period) -%}
+    {%- set months = {'month': 1, 'quarter': 3, 'year': 12}[period] -%}
+    {%- set index = day.year * 12 + ((day.month - 1) // months) * months + months -%}
+    {{ return(modules.datetime.date(index // 12, index % 12 + 1, 1)) }}
+{%- endmacro %}
+
+
+{#
+    The half-open date ranges [start, end) a model windowed by `window` rebuilds for the
+    changed ISO weeks `weeks`, merged where they touch. A week's own days for weekly and daily
+    data (a row's period column is its cursor day); with a period, every month, quarter or
+    year overlapping the week (a week across a month end rebuilds both months: the slice
+    does not say which one its rows fall in). Same rule as flows/periods.py.
+#}
+{% macro refresh_week_ranges(weeks, window) -%}
+    {%- do check_window_grain(window.get('grain', 'week'), window.get('period')) -%}
+    {%- set period = window.get('period') -%}
+    {%- set ranges = [] -%}
+    {%- for week in weeks -%}
+        {%- set start = week -%}
+        {%- set end = week + modules.datetime.timedelta(days=7) -%}
+        {%- if period in ['month', 'quarter', 'year'] -%}
+            {%- set start = widen_window_start(start, 'day', period) -%}
+            {%- set end = next_period_start(end - modules.datetime.timedelta(days=1), period) -%}
+        {%- endif -%}
+        {%- if ranges and start <= ranges[-1][1] -%}
+            {%- set last = ranges.pop() -%}
+            {%- do ranges.append((last[0], [last[1], end] | max)) -%}
+        {%- else -%}
+            {%- do ranges.append((start, end)) -%}
+        {%- endif -%}
+    {%- endfor -%}
+    {{ return(ranges) }}
+{%- endmacro %}
+
+
+{#
+    SQL condition: `column` lies in one of `ranges` (half-open python date ranges); false for
+    none. as_utc_timestamp: `column` is a timestamp (compared with the UTC start of each day).
+#}
+{% macro ranges_condition(column, ranges, as_utc_timestamp=false) -%}
+    {%- if not ranges -%}
+        {{ return('1 = 0') }}
+    {%- endif -%}
+    {%- set parts = [] -%}
+    {%- for start, end in ranges -%}
+        {%- do parts.append(
+            '(' ~ column ~ ' >= ' ~ window_literal(start, as_utc_timestamp)
+            ~ ' and ' ~ column ~ ' < ' ~ window_literal(end, as_utc_timestamp) ~ ')'
+        ) -%}
+    {%- endfor -%}
+    {{ return('(' ~ parts | join(' or ') ~ ')') }}
+{%- endmacro %}
+
+
+{#
+    The rows an incremental run of the current model (configured with
+    period_incremental_config) reads from upstream, as a SQL condition on `filter_column`:
+    - var refresh_weeks set (the flow's daily run): the changed weeks, or the months,
+      quarters or years containing them (refresh_week_ranges);
+    - else `filter_column >= incremental_window_start(watermark_column)`: refresh_start_date
+      (a backfill or an explicit date range) or the lookback from the watermark.
+#}
+{% macro incremental_window_filter(filter_column, watermark_column, as_utc_timestamp=false) -%}
+    {%- set weeks = refresh_weeks() if execute else none -%}
+    {%- if weeks is none -%}
+        {{ return(filter_column ~ ' >= ' ~ incremental_window_start(watermark_column, as_utc_timestamp)) }}
+    {%- endif -%}
+    {%- set window = config.meta_get('incremental_window') -%}
+    {%- if not window -%}
+        {{ exceptions.raise_compiler_error(
+            "incremental_window_filter: configure " ~ this ~ " with period_incremental_config"
+        ) }}
+    {%- endif -%}
+    {%- set ranges = refresh_week_ranges(weeks, window) -%}
+    {{ log(this.identifier ~ ": rebuilding periods " ~ (ranges | map('join', '..') | join(', ') or 'none')
+        ~ " (refresh_weeks)", info=true) }}
+    {{ return(ranges_condition(filter_column, ranges, as_utc_timestamp)) }}
 {%- endmacro %}
 
 

@@ -1,9 +1,9 @@
 {#
-    During an incremental refresh (var refresh_start_date set, as the flow does), the tests of
-    a windowed model or source check only the periods that refresh rebuilt or reloaded: rows
-    outside the window were tested when they were built and have not changed since. So the
-    cost of `dbt build` follows the change, not the history. Without refresh_start_date (a
-    full refresh, a manual or CI run) every test checks every row.
+    During an incremental refresh (var refresh_weeks or refresh_start_date set, as the flow
+    does), the tests of a windowed model or source check only the periods that refresh
+    rebuilt or reloaded: rows outside them were tested when they were built and have not
+    changed since. So the cost of `dbt build` follows the change, not the history. Without
+    either var (a full refresh, a manual or CI run) every test checks every row.
 
     A model is windowed when its meta holds `incremental_window` (period_incremental_config
     sets it; views and sources declare it in YAML):
@@ -34,11 +34,11 @@
 
 
 {#
-    `<column> >= <first rebuilt period>` for the windowed node the current test reads
-    `relation` from, or none (no refresh_start_date, or the node is not windowed).
+    The window condition for the windowed node the current test reads `relation` from, or
+    none (neither refresh_weeks nor refresh_start_date set, or the node is not windowed).
 #}
 {% macro refresh_window_condition(relation) -%}
-    {%- if not execute or refresh_start_date() is none -%}
+    {%- if not execute -%}
         {{ return(none) }}
     {%- endif -%}
     {%- for unique_id in model.depends_on.nodes -%}
@@ -49,13 +49,31 @@
             and (identifier | lower) == (relation.identifier | lower) -%}
             {%- set window = node_incremental_window(node) -%}
             {%- if window -%}
-                {%- set start = refresh_window_start(window) -%}
-                {%- set literal = window_literal(start, window.get('column_type') == 'timestamp') -%}
-                {{ return(window.column ~ ' >= ' ~ literal) }}
+                {{ return(refresh_window_predicate(
+                    window, window.column, window.get('column_type') == 'timestamp'
+                )) }}
             {%- endif -%}
         {%- endif -%}
     {%- endfor -%}
     {{ return(none) }}
+{%- endmacro %}
+
+
+{#
+    The periods the current refresh rebuilt for data windowed by `window`, as a condition on
+    `column`: the ranges of refresh_weeks, else `column >= <first rebuilt period>` from
+    refresh_start_date; none when neither is set (every row is tested).
+#}
+{% macro refresh_window_predicate(window, column, as_utc_timestamp=false) -%}
+    {%- set weeks = refresh_weeks() -%}
+    {%- if weeks is not none -%}
+        {{ return(ranges_condition(column, refresh_week_ranges(weeks, window), as_utc_timestamp)) }}
+    {%- endif -%}
+    {%- set start = refresh_window_start(window) -%}
+    {%- if start is none -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {{ return(column ~ ' >= ' ~ window_literal(start, as_utc_timestamp)) }}
 {%- endmacro %}
 
 

@@ -38,7 +38,7 @@ sqp_weeks as (
 
     select * from {{ ref('search_query_performance') }}
     {%- if is_incremental() %}
-    where week_start >= {{ incremental_window_start('last_week_start') }}
+    where {{ incremental_window_filter('week_start', 'last_week_start') }}
     {%- endif %}
 
 ),

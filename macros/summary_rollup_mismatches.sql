@@ -12,10 +12,10 @@
     'total_query_impressions', 'total_query_clicks', 'total_query_cart_adds',
     'total_query_purchases', 'active_weeks',
 ] -%}
-{%- set window_start = refresh_window_start({'grain': 'week', 'period': period}) -%}
+{%- set window_condition = refresh_window_predicate({'grain': 'week', 'period': period}, 'period_start') if execute else none -%}
 {%- set in_window -%}
-    {%- if window_start is not none %}
-    where period_start >= {{ window_literal(window_start) }}
+    {%- if window_condition is not none %}
+    where {{ window_condition }}
     {%- endif -%}
 {%- endset -%}
 

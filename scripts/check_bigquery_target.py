@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
@@ -78,7 +79,7 @@ def create_raw_tables(endpoint: str) -> None:
 
 
 def dbt(
-    args: list[str], target: str, workdir: Path, env: dict[str, str], dbt_vars: dict[str, str] | None = None
+    args: list[str], target: str, workdir: Path, env: dict[str, str], dbt_vars: dict[str, Any] | None = None
 ) -> bool:
     started = time.perf_counter()
     all_vars = {"raw_schema": RAW_DATASET, **(dbt_vars or {})}
@@ -124,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.run:
             if not dbt(["run"], "bigquery_emulator", workdir, env):
                 return 1
-            # The models exist now: compile their incremental branches and window-scoped tests.
-            if not dbt(["compile"], "bigquery_emulator", workdir, env, {"refresh_start_date": "2026-11-01"}):
-                return 1
+            # The models exist now: compile their incremental branches and window-scoped tests,
+            # both for a backfill (refresh_start_date) and for a daily run's changed weeks.
+            for dbt_vars in (
+                {"refresh_start_date": "2026-11-01"},
+                {"refresh_weeks": ["2026-03-09", "2026-11-16"]},
+            ):
+                if not dbt(["compile"], "bigquery_emulator", workdir, env, dbt_vars):
+                    return 1
         return 0
     finally:
         emulator.stop()

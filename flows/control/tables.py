@@ -59,6 +59,10 @@ class TableOutcome:
     error: str | None = None
     retryable: bool = False
     plan: list[dict[str, Any]] = field(default_factory=list)
+    # Half-open cursor ranges of the slices this run applied, plus those earlier runs applied
+    # without a successful dbt build since (flows.control.rebuilds): what dbt must rebuild
+    # (flows.periods). A full_replace table has none.
+    changed_slices: list[tuple[date, date]] = field(default_factory=list)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
 

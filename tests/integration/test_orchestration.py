@@ -223,8 +223,11 @@ def test_deployments_register_with_cron_time_zone_and_limit(served: None) -> Non
     described = daily.parameter_openapi_schema["properties"]
     assert "YYYY-MM-DD" in described["start_date"]["description"]
     assert "every enabled table that is due" in described["tables"]["description"]
-    [hourly] = housekeeping.schedules
-    assert (hourly.schedule.cron, hourly.schedule.timezone) == ("30 * * * *", TIMEZONE)
+    schedules = {s.schedule.cron: s for s in housekeeping.schedules}
+    assert set(schedules) == {"30 * * * *", "45 4 * * 0"}
+    hourly, weekly = schedules["30 * * * *"], schedules["45 4 * * 0"]
+    assert hourly.schedule.timezone == weekly.schedule.timezone == TIMEZONE
+    assert not hourly.parameters and weekly.parameters == {"full_dbt_test": True}
     assert housekeeping.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
 
 

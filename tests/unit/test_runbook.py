@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -105,10 +106,12 @@ def test_dbt_sources_are_read_from_the_project() -> None:
 
 
 def test_dbt_builds_downstream_of_changed_live_sources_only() -> None:
-    sources = {"sqp", "products"}
+    sources = {"sqp", "products", "quiet"}
+    window = Window(date(2026, 9, 7), date(2026, 11, 22), "lookback")
     outcomes = [
-        outcome("sqp", window=Window(date(2026, 9, 7), date(2026, 11, 22), "lookback")),
+        outcome("sqp", window=window, changed_slices=[(date(2026, 11, 16), date(2026, 11, 23))]),
         outcome("products"),
+        outcome("quiet", window=window),  # every slice unchanged: nothing applied
         outcome("shadowed", mode="shadow"),
         outcome("not_modelled"),
         outcome("broken", status="failed", error="boom"),
@@ -116,13 +119,37 @@ def test_dbt_builds_downstream_of_changed_live_sources_only() -> None:
     args = runbook.dbt_build_args(outcomes, False, sources)
     assert args is not None
     assert args[:3] == ["build", "--select", "source:sqp.sqp+ source:sqp.products+ source:refresh_control+"]
-    assert args[3:] == ["--vars", '{"refresh_start_date": "2026-09-07"}']
+    assert args[3:] == ["--vars", '{"refresh_weeks": ["2026-11-16"]}']
     full = runbook.dbt_build_args(outcomes, True, sources)
-    assert full is not None and full[-1] == "--full-refresh" and "refresh_start_date" not in full[4]
+    assert full is not None and full[-1] == "--full-refresh" and full[4] == "{}"
     assert (
         runbook.dbt_build_args([outcome("not_modelled"), outcome("sqp", status="planned")], False, sources)
         is None
     )
+    assert runbook.dbt_build_args([outcome("quiet", window=window)], False, sources) is None
+
+
+def test_dbt_rebuilds_the_changed_weeks_or_from_a_requested_start() -> None:
+    sources = {"sqp", "daily"}
+    outcomes = [
+        outcome(
+            "sqp",
+            window=Window(date(2026, 9, 7), date(2026, 11, 22), "lookback"),
+            changed_slices=[(date(2026, 11, 16), date(2026, 11, 23)), (date(2026, 9, 7), date(2026, 9, 14))],
+        ),
+        outcome(
+            "daily",
+            window=Window(date(2026, 11, 8), date(2026, 11, 22), "lookback"),
+            changed_slices=[(date(2026, 11, 16), date(2026, 11, 23))],
+        ),
+    ]
+    args = runbook.dbt_build_args(outcomes, False, sources)
+    assert args is not None and json.loads(args[4]) == {"refresh_weeks": ["2026-09-07", "2026-11-16"]}
+    backfill = runbook.dbt_build_args(outcomes, False, sources, explicit_range=True)
+    assert backfill is not None and json.loads(backfill[4]) == {"refresh_start_date": "2026-09-07"}
+    # only a full_replace table changed: the models' own lookback
+    only_products = runbook.dbt_build_args([outcome("products")], False, {"products"})
+    assert only_products is not None and only_products[4] == "{}"
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -275,6 +302,7 @@ def test_bad_schedules_fail_with_the_setting_to_fix() -> None:
 def test_prefect_yaml_matches_the_served_deployments() -> None:
     from flows.deployments import (
         DAILY_DEPLOYMENT,
+        FULL_DBT_TEST_CRON,
         HOUSEKEEPING_CONCURRENCY,
         HOUSEKEEPING_CRON,
         HOUSEKEEPING_DEPLOYMENT,
@@ -288,6 +316,11 @@ def test_prefect_yaml_matches_the_served_deployments() -> None:
     assert daily["schedules"][0]["cron"] == Settings.model_fields["schedule_cron"].default
     assert daily["schedules"][0]["timezone"] == Settings.model_fields["schedule_timezone"].default
     assert hourly["schedules"][0]["cron"] == HOUSEKEEPING_CRON
+    assert hourly["schedules"][1] == {
+        "cron": FULL_DBT_TEST_CRON,
+        "timezone": "UTC",
+        "parameters": {"full_dbt_test": True},
+    }
     for d, limit in ((daily, REFRESH_CONCURRENCY), (hourly, HOUSEKEEPING_CONCURRENCY)):
         assert d["concurrency_limit"] == {
             "limit": limit.limit,

@@ -1,0 +1,284 @@
+"""A daily run on a year of history: what a quiet day, a restatement and today's full lookback cost.
+
+A throwaway stack (embedded Postgres, BigQuery emulator, Prefect's ephemeral server; free
+ports, a temp folder) holds `--weeks` weeks of SQP at `--rows-per-week` rows
+(flows.sample_data), loaded and built once by a first daily run. Then, each through the real
+`daily-refresh` flow in its own child process (so its peak RSS is its own):
+
+  (a) quiet day     one new week arrives in the source; the daily run (change-aware: skips
+                    unchanged slices by fingerprint where that is on, rebuilds the changed
+                    weeks' periods in dbt: var refresh_weeks)
+  (b) restatement   one old week inside the lookback window changes; the daily run
+  (c) full lookback one new week arrives; today's behaviour: every slice of the lookback
+                    window re-read and re-written, dbt rebuilding every period from the
+                    window start (an explicit date range from the lookback start: var
+                    refresh_start_date, no fingerprint skip)
+
+For each: rows read, rows written (inserted + deleted) in the raw table, dbt models built and
+the periods each incremental model rebuilt (distinct period values carrying the run's dbt
+invocation), wall time per stage (extract+load, dbt, validation and the rest, whole run) and
+peak RSS. The last line is `ratio_wall=X ratio_rows=Y`: (a) over (c) (goals: wall <= 0.3,
+(a) reads and writes <= 1.2x the new week's rows).
+
+    .venv/bin/python bench/daily_run.py [--weeks 52] [--rows-per-week 200000]
+    .venv/bin/python bench/daily_run.py --weeks 8 --rows-per-week 5000   # small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from flows.local_stack import free_port
+
+INCREMENTAL_MODELS = {
+    "marts.search_query_performance": "week_start",
+    "intermediate.int_asin_weekly_funnel": "week_start",
+    "marts.search_performance_summary": "week_start",
+    "summaries.weekly_summary": "period_start",
+    "summaries.monthly_summary": "period_start",
+    "summaries.quarterly_summary": "period_start",
+    "summaries.yearly_summary": "period_start",
+}
+SCENARIOS = {
+    "first": "first run",
+    "a": "(a) quiet day",
+    "b": "(b) restated week",
+    "c": "(c) full lookback",
+}
+
+
+def stack_env(state: Path) -> dict[str, str]:
+    return {
+        "REFRESH_STATE_DIR": str(state),
+        "REFRESH_LOCAL_PG_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
+        "REFRESH_BQ_DATASET": "bench_daily",
+        "PREFECT_HOME": str(state / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    }
+
+
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM): not charged with a parent's memory."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# --------------------------------------------------------------------------------------
+# The child: one daily run
+# --------------------------------------------------------------------------------------
+
+
+def child(scenario: str) -> None:
+    """Run the daily flow for `scenario` (the source is prepared by the parent); print one
+    JSON line with the run's figures."""
+    import psycopg
+    from flows.sample_data import SQP_TABLE
+
+    from flows.daily_refresh import daily_refresh
+    from flows.settings import get_settings
+
+    settings = get_settings()
+    kwargs: dict[str, Any] = {"tables": [SQP_TABLE], "trigger": "bench"}
+    if scenario == "first":  # every table: the models need them all
+        kwargs = {"force": True, "trigger": "bench"}
+    elif scenario == "c":
+        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+            row = conn.execute(
+                f"select max(slice_end), (select lookback_days from {settings.control_schema}.refresh_config "
+                f"where table_name = %s) from {settings.control_schema}.checkpoints "
+                "where table_name = %s and slice_start > '0001-01-02'",
+                (SQP_TABLE, SQP_TABLE),
+            ).fetchone()
+        assert row and row[0], "no high-water mark: the first run did not load"
+        kwargs["start_date"] = row[0].date() - timedelta(days=row[1])
+    else:
+        kwargs["force"] = True
+    started = time.perf_counter()
+    summary = daily_refresh(**kwargs)
+    wall = time.perf_counter() - started
+    figures = {"summary": summary, "wall_s": wall, "peak_rss_mb": _peak_rss_mb()}
+    print("RESULT " + json.dumps(figures, default=str))
+
+
+# --------------------------------------------------------------------------------------
+# The parent: the stack, the source changes, the report
+# --------------------------------------------------------------------------------------
+
+
+def run_child(scenario: str, env: dict[str, str]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", scenario],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=6 * 3600,
+    )
+    lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"scenario {scenario} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
+    if result["summary"]["status"] != "success":
+        raise SystemExit(
+            f"scenario {scenario}: run ended {result['summary']['status']}: {result['summary']['message']}"
+        )
+    return result
+
+
+def measure(conn: Any, schema: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The run's figures from its summary and the control schema."""
+    summary = result["summary"]
+    [table] = summary["tables"]
+    invocation = summary["dbt_invocation_id"]
+    row = conn.execute(
+        f"select extract(epoch from finished_at - started_at) from {schema}.dbt_invocations "
+        "where invocation_id = %s",
+        (invocation,),
+    ).fetchone()
+    dbt_s = float(row[0]) if row else 0.0
+    periods = {}
+    for model, column in INCREMENTAL_MODELS.items():
+        n = conn.execute(
+            f"select count(distinct {column}), count(*) from {model} where _dbt_invocation_id = %s",
+            (invocation,),
+        ).fetchone()
+        periods[model] = (int(n[0]), int(n[1])) if n else (0, 0)
+    extract_s = float(table.get("duration_s") or 0.0)
+    return {
+        "rows_read": int(table.get("rows_read") or 0),
+        "rows_written": int(table.get("rows_inserted") or 0) + int(table.get("rows_deleted") or 0),
+        "slices": int(table.get("slices") or 0),
+        "dbt_models": int(summary.get("dbt_models_built") or 0),
+        "periods": periods,
+        "extract_s": extract_s,
+        "dbt_s": dbt_s,
+        "run_s": float(summary.get("duration_s") or 0.0),
+        "rest_s": max(float(summary.get("duration_s") or 0.0) - extract_s - dbt_s, 0.0),
+        "wall_s": float(result["wall_s"]),
+        "peak_rss_mb": float(result["peak_rss_mb"]),
+    }
+
+
+def report(figures: dict[str, dict[str, Any]], new_week_rows: int) -> tuple[float, float]:
+    names = list(figures)
+    print(f"\n{'':34}" + "".join(f"{SCENARIOS[n]:>20}" for n in names))
+
+    def line(label: str, fmt: str, key: str) -> None:
+        print(f"{label:34}" + "".join(f"{format(figures[n][key], fmt):>20}" for n in names))
+
+    line("slices applied", "d", "slices")
+    line("rows read", ",d", "rows_read")
+    line("rows written (ins + del)", ",d", "rows_written")
+    line("dbt models built", "d", "dbt_models")
+    for model in INCREMENTAL_MODELS:
+        cells = []
+        for n in names:
+            rebuilt, rows = figures[n]["periods"][model]
+            cells.append(f"{rebuilt} p / {rows:,} r")
+        print(f"  {model.split('.')[1][:32]:32}" + "".join(f"{c:>20}" for c in cells))
+    line("extract + load (s)", ".1f", "extract_s")
+    line("dbt (s)", ".1f", "dbt_s")
+    line("validation and the rest (s)", ".1f", "rest_s")
+    line("run, flow's own measure (s)", ".1f", "run_s")
+    line("wall incl. Prefect start (s)", ".1f", "wall_s")
+    line("peak RSS (MB)", ".0f", "peak_rss_mb")
+    a, c = figures["a"], figures["c"]
+    ratio_wall = a["run_s"] / c["run_s"]
+    ratio_rows = (a["rows_read"] + a["rows_written"]) / max(c["rows_read"] + c["rows_written"], 1)
+    print(
+        f"\n(a) / (c): run time {ratio_wall:.2f}x, rows read + written {ratio_rows:.2f}x; "
+        f"(a) read {a['rows_read'] / new_week_rows:.2f}x and wrote {a['rows_written'] / new_week_rows:.2f}x "
+        f"the new week's {new_week_rows:,} rows"
+    )
+    print("(p: distinct periods the run's dbt invocation rebuilt; r: their rows)")
+    return ratio_wall, ratio_rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weeks", type=int, default=52, help="weeks of SQP history")
+    p.add_argument("--rows-per-week", type=int, default=200_000, help="SQP rows per week")
+    p.add_argument("--asins", type=int, default=200)
+    p.add_argument("--child", choices=list(SCENARIOS), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(args.child)
+        return 0
+
+    state = Path(tempfile.mkdtemp(prefix="sqp-bench-daily-"))
+    env = stack_env(state)
+    os.environ.update(env)
+    import psycopg
+    from flows.local_stack import local_stack
+    from flows.sample_data import SQP_TABLE, SampleSpec, generate
+
+    from flows.bigquery import make_clients
+    from flows.db import migrate
+    from flows.settings import get_settings
+
+    settings = get_settings()
+    spec = SampleSpec(
+        sqp_rows=args.weeks * args.rows_per_week,
+        weeks=args.weeks,
+        asins=args.asins,
+        daily_rows=args.weeks * 7,
+    )
+    try:
+        with local_stack(settings, throwaway=True):
+            migrate(settings)
+            clients = make_clients(settings)
+            t0 = time.perf_counter()
+            generate(clients, spec, force=True)
+            elapsed = time.perf_counter() - t0
+            print(f"generated {spec.sqp_rows:,} SQP rows ({args.weeks} weeks) in {elapsed:.0f}s")
+            table = f"`{clients.project}.{clients.dataset}.{SQP_TABLE}`"
+
+            def bq(statement: str) -> None:
+                clients.rest.query(statement).result()
+
+            def add_week(after: int) -> None:
+                """A new week: the newest week's rows, `after` weeks later."""
+                newest = spec.last_week + timedelta(weeks=after - 1)
+                bq(
+                    f"insert into {table} select * replace (timestamp_add(`Date`, interval 7 day) as `Date`) "
+                    f"from {table} where `Date` = timestamp '{newest} 00:00:00+00'"
+                )
+
+            first = run_child("first", env)
+            print(f"first run (full load + full dbt build): {first['wall_s']:.0f}s")
+
+            figures: dict[str, dict[str, Any]] = {}
+            with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+                add_week(1)
+                figures["a"] = measure(conn, settings.control_schema, run_child("a", env))
+                restated = spec.last_week - timedelta(weeks=3)
+                bq(
+                    f"update {table} set `ASIN Impression Count` = `ASIN Impression Count` + 1 "
+                    f"where `Date` = timestamp '{restated} 00:00:00+00'"
+                )
+                figures["b"] = measure(conn, settings.control_schema, run_child("b", env))
+                add_week(2)
+                figures["c"] = measure(conn, settings.control_schema, run_child("c", env))
+            clients.close()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    ratio_wall, ratio_rows = report(figures, spec.rows_per_week)
+    print(f"ratio_wall={ratio_wall:.2f} ratio_rows={ratio_rows:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Slices whose dbt rebuild is still owed: applied by an earlier run whose dbt build did not
+succeed (it failed, or the run died before it), and not covered by a successful build since.
+
+A daily run rebuilds only the periods of the slices it applied (flows.periods); a slice
+applied by a run whose dbt failed would otherwise never be rebuilt once the next run finds it
+unchanged and skips it. The run adds these slices to its own (TableOutcome.changed_slices).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+
+def slices_awaiting_dbt(
+    conn: psycopg.Connection, schema: str, table: str, run_id: UUID, within_days: int
+) -> list[tuple[date, date]]:
+    """Dated slices of `table` applied in the last `within_days` days by other runs than
+    `run_id` with no successful dbt build of a refresh run after them that selected the table
+    (the flow's selector `source:<dbt source>.<table>+`, see flows.runbook.dbt_build_args) or
+    was a --full-refresh."""
+    # `_` is a LIKE wildcard; `.` before and `+` after the name keep other tables' selectors out.
+    selector = "%source:%." + table.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "+%"
+    rows = conn.execute(
+        sql.SQL(
+            "select distinct s.slice_start, s.slice_end from {sr} s "
+            "where s.table_name = %s and s.status = 'success' and s.run_id <> %s "
+            "and s.slice_start > '0001-01-02' "
+            "and s.finished_at > now() - make_interval(days => %s) "
+            "and not exists (select 1 from {inv} i join {runs} r on r.dbt_invocation_id = i.invocation_id "
+            "  where i.success and i.started_at >= s.finished_at "
+            "  and (i.args @> '[\"--full-refresh\"]'::jsonb or i.args::text like %s)) "
+            "order by 1"
+        ).format(
+            sr=sql.Identifier(schema, "slice_refreshes"),
+            inv=sql.Identifier(schema, "dbt_invocations"),
+            runs=sql.Identifier(schema, "refresh_runs"),
+        ),
+        (table, run_id, within_days, selector),
+    ).fetchall()
+    return [(start.astimezone(UTC).date(), end.astimezone(UTC).date()) for start, end in rows]

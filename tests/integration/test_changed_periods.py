@@ -1,0 +1,267 @@
+"""dbt rebuilds only the periods of the weeks a run changed (var refresh_weeks), and the result
+equals a full rebuild.
+
+On the session's data: one old week is restated, one ASIN's rows vanish from another week of
+the same month, and a new week arrives. Those three weeks are loaded by the real loader (the
+slices a change-aware daily run applies; every other slice unchanged), then dbt is built with
+the args the flow computes from the outcomes. Exactly the expected weeks, months, quarters and
+years carry the new dbt invocation; every incremental model and summary equals a
+`--full-refresh` build into `<schema>_cmp` (EXCEPT both ways). The source, the raw table and
+the models are put back afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import date, timedelta
+from typing import Any
+from uuid import uuid4
+
+import psycopg
+import pytest
+from flows.sample_data import SQP_TABLE
+
+from flows import registry, runbook
+from flows.bigquery import BigQueryClients
+from flows.control import rebuilds
+from flows.periods import periods_to_rebuild
+from flows.refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.settings import Settings
+from flows.transform import run_dbt, target_dir
+from tests.integration.conftest import SPEC
+from tests.integration.test_extraction_engine import locked_run
+
+# SQP weeks start on Sunday (the sample's last week is Sunday 2026-11-22). All changed weeks
+# lie in October and November: September, Q3 and the weeks not named here must be kept.
+RESTATED = date(2026, 10, 11)
+SHRUNK = date(2026, 10, 18)
+NEW = SPEC.last_week + timedelta(weeks=1)
+DROPPED_ASIN = "B000000004"
+CMP = "_cmp"
+
+# model -> its period column; the incremental models and the summaries
+MODELS = {
+    "marts.search_query_performance": "week_start",
+    "marts.search_performance_summary": "week_start",
+    "intermediate.int_asin_weekly_funnel": "week_start",
+    "summaries.weekly_summary": "period_start",
+    "summaries.monthly_summary": "period_start",
+    "summaries.quarterly_summary": "period_start",
+    "summaries.yearly_summary": "period_start",
+}
+SQP_BUILD = ["--select", "source:sqp+", "--exclude", "source:refresh_control+"]
+
+
+def _week_where(week: date) -> str:
+    return f"`Date` = timestamp '{week} 00:00:00+00'"
+
+
+def _load(settings: Settings, clients: BigQueryClients, weeks: list[date]) -> list[TableOutcome]:
+    """The given SQP weeks through the real loader, one slice each (as a run whose other
+    slices were unchanged applies them)."""
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        cfg = registry.get(conn, settings.control_schema, SQP_TABLE)
+    outcomes = []
+    with locked_run(settings) as run_id:
+        for week in weeks:
+            outcome = refresh_table(
+                settings, clients, cfg, run_id, RefreshOptions(start_date=week, end_date=week)
+            )
+            assert outcome.status == "success", outcome.error
+            outcomes.append(outcome)
+    return outcomes
+
+
+@pytest.fixture
+def changed_source(refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients) -> Iterator[None]:
+    """RESTATED and SHRUNK changed and NEW added in the source; all put back afterwards (source,
+    raw table, checkpoints, models rebuilt in full)."""
+    assert refreshed["status"] == "success", refreshed["message"]
+    table = f"`{clients.project}.{clients.dataset}.{SQP_TABLE}`"
+    backup_dataset = f"{clients.project}.changed_periods_{uuid4().hex[:8]}"
+    clients.rest.create_dataset(backup_dataset)
+    backup = f"`{backup_dataset}.{SQP_TABLE}`"
+
+    def run(statement: str) -> None:
+        clients.rest.query(statement).result()
+
+    old_weeks = f"({_week_where(RESTATED)} or {_week_where(SHRUNK)})"
+    try:
+        run(f"create table {backup} as select * from {table} where {old_weeks}")
+        run(
+            f"update {table} set `ASIN Impression Count` = `ASIN Impression Count` + 1000, "
+            f"`ASIN Click Count` = `ASIN Click Count` + 7 where {_week_where(RESTATED)}"
+        )
+        run(f"delete from {table} where {_week_where(SHRUNK)} and `ASIN` = '{DROPPED_ASIN}'")
+        run(
+            f"insert into {table} select * replace (timestamp_add(`Date`, interval 7 day) as `Date`) "
+            f"from {table} where {_week_where(SPEC.last_week)}"
+        )
+        yield
+    finally:
+        run(f"delete from {table} where {old_weeks} or {_week_where(NEW)}")
+        run(f"insert into {table} select * from {backup}")
+        clients.rest.delete_dataset(backup_dataset, delete_contents=True)
+        _load(settings, clients, [RESTATED, SHRUNK, NEW])
+        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+            conn.execute(
+                f"delete from {settings.control_schema}.checkpoints where table_name = %s and slice_start >= %s",
+                (SQP_TABLE, NEW - timedelta(days=6)),
+            )
+            for schema in ("staging", "intermediate", "marts", "summaries"):
+                conn.execute(f"drop schema if exists {schema}{CMP} cascade")
+        restored = _full_refresh()
+        assert restored["status"] == "success", restored["message"]
+
+
+def _full_refresh() -> dict[str, Any]:
+    """The SQP table reloaded and its models rebuilt in full by the flow (recorded, so no slice
+    is left awaiting a dbt build)."""
+    from flows.daily_refresh import daily_refresh
+
+    return daily_refresh(tables=[SQP_TABLE], full_refresh=True, trigger="test")  # type: ignore[no-any-return]
+
+
+def _slice(week: date) -> tuple[date, date]:
+    """The ISO-week slice (Monday start) that holds the SQP week starting on Sunday `week`."""
+    return week - timedelta(days=6), week + timedelta(days=1)
+
+
+def test_slices_without_a_successful_dbt_build_are_rebuilt_by_the_next_run(
+    refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients
+) -> None:
+    """A run that applied a slice but whose dbt build never succeeded (here: none ran) leaves
+    it owed: the next run rebuilds it too, and a successful build clears it."""
+    assert refreshed["status"] == "success", refreshed["message"]
+    [first] = _load(settings, clients, [RESTATED])
+    assert first.changed_slices == [_slice(RESTATED)]
+    [second] = _load(settings, clients, [SHRUNK])
+    assert second.changed_slices == [_slice(SHRUNK), _slice(RESTATED)]
+    args = runbook.dbt_build_args([second], False, runbook.dbt_sources(settings.dbt_project_dir))
+    assert args is not None and json.loads(args[4]) == {
+        "refresh_weeks": [_slice(w)[0].isoformat() for w in (RESTATED, SHRUNK)]
+    }
+    assert _full_refresh()["status"] == "success"
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        assert rebuilds.slices_awaiting_dbt(conn, settings.control_schema, SQP_TABLE, uuid4(), 60) == []
+
+
+def _invocations(pg: psycopg.Connection, model: str, column: str) -> dict[date, set[str]]:
+    out: dict[date, set[str]] = {}
+    for period, invocation in pg.execute(
+        f"select distinct {column}, _dbt_invocation_id from {model}"
+    ).fetchall():
+        out.setdefault(period, set()).add(invocation)
+    return out
+
+
+def _columns(pg: psycopg.Connection, model: str) -> list[str]:
+    schema, name = model.split(".")
+    rows = pg.execute(
+        "select column_name from information_schema.columns where table_schema = %s and table_name = %s "
+        "and column_name <> '_dbt_invocation_id' order by ordinal_position",
+        (schema, name),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
+    changed_source: None, settings: Settings, clients: BigQueryClients, pg: psycopg.Connection
+) -> None:
+    before = {m: _invocations(pg, m, c) for m, c in MODELS.items()}
+    outcomes = _load(settings, clients, [RESTATED, SHRUNK, NEW])
+    slices = [s for o in outcomes for s in o.changed_slices]
+    assert slices == [_slice(w) for w in (RESTATED, SHRUNK, NEW)]
+
+    args = runbook.dbt_build_args(outcomes, False, runbook.dbt_sources(settings.dbt_project_dir))
+    assert args is not None
+    assert json.loads(args[4]) == {
+        "refresh_weeks": [_slice(w)[0].isoformat() for w in (RESTATED, SHRUNK, NEW)]
+    }
+    log = target_dir(settings).parent / "logs" / "dbt.log"
+    logged_before = log.stat().st_size if log.exists() else 0
+    dbt = run_dbt(settings, args)
+    assert dbt.success, dbt.message
+    # dbt's log file keeps the INFO lines (the CLI's progress reads them), with the periods
+    with log.open(errors="replace") as f:
+        f.seek(logged_before)
+        logged = f.read()
+    assert "monthly_summary: rebuilding periods 2026-10-01..2026-12-01 (refresh_weeks)" in logged
+    assert "OK created sql incremental model summaries.monthly_summary" in logged
+    tested = [n["name"] for n in dbt.nodes if n["resource_type"] == "test"]
+    assert any("matches_weekly" in name for name in tested), tested  # the windowed rollup tests passed
+
+    expected = periods_to_rebuild(slices)
+    assert expected.months == [date(2026, 10, 1), date(2026, 11, 1)]
+    assert expected.quarters == [date(2026, 10, 1)] and expected.years == [date(2026, 1, 1)]
+    rebuilt_for = {
+        "summaries.monthly_summary": set(expected.months),
+        "summaries.quarterly_summary": set(expected.quarters),
+        "summaries.yearly_summary": set(expected.years),
+    }
+    changed_weeks = {RESTATED, SHRUNK, NEW}
+    for model, column in MODELS.items():
+        after = _invocations(pg, model, column)
+        want = rebuilt_for.get(model, changed_weeks)
+        rebuilt = {p for p, inv in after.items() if inv == {dbt.invocation_id}}
+        assert rebuilt == want, f"{model}: rebuilt {sorted(rebuilt)}, expected {sorted(want)}"
+        kept = {p: inv for p, inv in after.items() if p not in want}
+        assert kept == {p: inv for p, inv in before[model].items() if p not in want}, model
+        assert kept or model == "summaries.yearly_summary", f"{model}: no kept period to check"
+
+    full = run_dbt(
+        settings, ["run", *SQP_BUILD, "--full-refresh", "--vars", json.dumps({"schema_suffix": CMP})]
+    )
+    assert full.success, full.message
+    for model in MODELS:
+        columns = ", ".join(_columns(pg, model))
+        assert columns
+        schema, name = model.split(".")
+        full_model = f"{schema}{CMP}.{name}"
+        for left, right in ((model, full_model), (full_model, model)):
+            diff = pg.execute(
+                f"select count(*) from (select {columns} from {left} except all select {columns} from {right}) d"
+            ).fetchone()
+            assert diff == (0,), f"{left} has {diff[0] if diff else '?'} rows not in {right}"
+    assert pg.execute(
+        "select count(*) from summaries.weekly_summary where period_start = %s and asin = %s",
+        (SHRUNK, DROPPED_ASIN),
+    ).fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    ("dbt_vars", "message"),
+    [
+        ({"refresh_weeks": ["2026-11-17"]}, "var refresh_weeks must be a list of Monday dates"),
+        ({"refresh_weeks": "2026-11-16"}, "var refresh_weeks must be a list of Monday dates"),
+        ({"refresh_weeks": ["2026-02-30"]}, "var refresh_weeks must be a list of Monday dates"),
+        (
+            {"refresh_weeks": ["2026-11-16"], "refresh_start_date": "2026-11-01"},
+            "vars refresh_weeks and refresh_start_date exclude each other",
+        ),
+    ],
+)
+def test_bad_refresh_weeks_stop_the_build_with_one_clear_error(
+    refreshed: dict[str, Any], settings: Settings, dbt_vars: dict[str, Any], message: str
+) -> None:
+    # PrefectDbtRunner raises on a compilation error (as for a bad refresh_start_date).
+    with pytest.raises(ValueError, match=r"Compilation Error in model search_query_performance") as raised:
+        run_dbt(settings, ["compile", "--select", "search_query_performance", "--vars", json.dumps(dbt_vars)])
+    assert message in str(raised.value), raised.value
+
+
+def test_weekly_full_dbt_test_checks_every_row_and_is_recorded(
+    refreshed: dict[str, Any], settings: Settings, pg: psycopg.Connection
+) -> None:
+    from flows.housekeeping import run_full_dbt_test
+
+    result = run_full_dbt_test(settings, wait_s=60, poll_s=1)
+    assert result["success"] and result["failed"] == [], result
+    assert result["tests"] > 100  # every test of the project, not a selection
+    row = pg.execute(
+        f"select command, success, run_id, nodes_total from {settings.control_schema}.dbt_invocations "
+        "where invocation_id = %s",
+        (result["invocation_id"],),
+    ).fetchone()
+    assert row == ("test", True, None, result["tests"])
