@@ -14,7 +14,7 @@ export DBT_SEND_ANONYMOUS_USAGE_STATS ?= false
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[local,dev,bigquery-dbt,bench]'
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[local,dev,bigquery-dbt,bench,dask]'
 	touch $(STAMP)
 
 install: $(STAMP)

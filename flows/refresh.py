@@ -5,6 +5,7 @@ Plain functions, called by the Prefect flow and directly by tests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from flows import audit, webhooks
+from flows import audit, distributed, webhooks
 from flows.bigquery import BigQueryClients
 from flows.db import connect
 from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
@@ -124,12 +125,23 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
-def _high_water(conn: psycopg.Connection, settings: Settings, key: str) -> date | None:
+def _high_water(conn: psycopg.Connection, settings: Settings, key: str, table: str) -> date | None:
+    """The newest slice end among slices last written by a run in which the table succeeded.
+
+    Slices of an unfinished attempt do not count: they may have committed out of order (Dask,
+    or a bad slice among good ones), so their newest end says nothing of the gaps below it.
+    Those slices are skipped one by one instead (_committed_since_last_success).
+    """
     row = conn.execute(
-        sql.SQL("select max(slice_end) from {} where table_name = %s and slice_start > '0001-01-02'").format(
-            sql.Identifier(settings.control_schema, "checkpoints")
+        sql.SQL(
+            "select max(c.slice_end) from {cp} c where c.table_name = %s and c.slice_start > '0001-01-02' "
+            "and exists (select 1 from {tr} t where t.run_id = c.run_id and t.table_name = %s "
+            "and t.status = 'success')"
+        ).format(
+            cp=sql.Identifier(settings.control_schema, "checkpoints"),
+            tr=sql.Identifier(settings.control_schema, "table_refreshes"),
         ),
-        (key,),
+        (key, table),
     ).fetchone()
     return row[0].astimezone(UTC).date() if row and row[0] else None
 
@@ -231,7 +243,7 @@ def _refresh(
         cursor_src = source.column(cfg.cursor_column)
         cursor_map = next(c for c in columns if c.source_name == cursor_src.name)
         lo, hi = cursor_range(clients, cfg, cursor_src)
-        high_water = None if options.full_refresh else _high_water(conn, settings, key)
+        high_water = None if options.full_refresh else _high_water(conn, settings, key, cfg.table_name)
         try:
             window = plan_window(
                 cfg, lo, hi, high_water, options.start_date, options.end_date, options.full_refresh
@@ -272,30 +284,33 @@ def _refresh(
         ensure_raw_table(conn, schema, cfg.table_name, columns, cursor_map.name if cursor_map else None)
 
     bad_slices: list[str] = []
-    for piece in slices:
-        slice_started = datetime.now(UTC)
-        loader = _SliceLoader(
-            settings, clients, cfg, run_id, schema, key, columns, cursor_map, cursor_src, piece, slice_started
+    loaders = [
+        _SliceLoader(
+            settings, clients, cfg, run_id, schema, key, columns, cursor_map, cursor_src, p, datetime.now(UTC)
         )
-        try:
-            inserted, deleted, stats = with_retries(
-                loader.attempt, f"{cfg.table_name} slice {piece.label}", deadline=deadline
-            )
-        except BadSourceValueError as exc:
-            # Only this slice's data is bad: the other slices still load, the table ends failed.
-            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
-            log.error("%s", exc)
-            bad_slices.append(str(exc))
-            continue
-        except (RefreshError, psycopg.Error) as exc:
-            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
-            raise
-        rec.slices_done += 1
-        rec.rows_read += stats.rows
-        rec.bytes_read += stats.bytes
-        rec.rows_inserted += inserted
-        rec.rows_deleted += deleted
-        audit.heartbeat(conn, settings.control_schema, run_id)
+        for p in slices
+    ]
+    # In order in this thread, or on Dask workers (flows.distributed) in completion order.
+    with contextlib.closing(distributed.run_slices(loaders, deadline)) as results:
+        for loader, result in results:
+            piece = loader.piece
+            try:
+                inserted, deleted, stats = result()
+            except BadSourceValueError as exc:
+                # Only this slice's data is bad: the other slices still load, the table ends failed.
+                _record_failed_slice(settings, run_id, cfg.table_name, piece, loader.started_at, exc)
+                log.error("%s", exc)
+                bad_slices.append(str(exc))
+                continue
+            except (RefreshError, psycopg.Error) as exc:
+                _record_failed_slice(settings, run_id, cfg.table_name, piece, loader.started_at, exc)
+                raise
+            rec.slices_done += 1
+            rec.rows_read += stats.rows
+            rec.bytes_read += stats.bytes
+            rec.rows_inserted += inserted
+            rec.rows_deleted += deleted
+            audit.heartbeat(conn, settings.control_schema, run_id)
     if bad_slices:
         raise BadSourceValueError(
             f"{len(bad_slices)} slice(s) not loaded, the others were: " + " | ".join(bad_slices)
@@ -307,7 +322,7 @@ class _SliceLoader:
     """One slice: read from BigQuery and apply atomically; `attempt` is safe to retry."""
 
     settings: Settings
-    clients: BigQueryClients
+    clients: BigQueryClients | None  # None on its way to a Dask worker (flows.distributed)
     cfg: TableConfig
     run_id: UUID
     schema: str
@@ -318,7 +333,14 @@ class _SliceLoader:
     piece: Slice
     started_at: datetime
 
+    def run(self, deadline: float) -> tuple[int, int, ReadStats]:
+        """Every attempt of the slice, retried until `deadline` (time.monotonic())."""
+        self.started_at = datetime.now(UTC)
+        what = f"{self.cfg.table_name} slice {self.piece.label}"
+        return with_retries(self.attempt, what, deadline=deadline)
+
     def attempt(self) -> tuple[int, int, ReadStats]:
+        assert self.clients is not None
         stats = ReadStats()
         where = row_restriction(self.cursor_src, self.piece) if self.cursor_src else ""
 

@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     schedule_cron: str = "0 2 * * *"
     schedule_timezone: str = "UTC"
 
+    # --- Scale-out: slices on Dask (flows/distributed.py, docs/scaling.md) -----------------
+    slice_workers: int = Field(
+        default=0, ge=0, le=256, description="0 = in the table's thread; N = a local Dask cluster of N"
+    )
+    dask_address: str | None = Field(default=None, description="an existing Dask scheduler, tcp://host:8786")
+
     @field_validator("raw_schema", "control_schema")
     @classmethod
     def _pg_name(cls, v: str) -> str:
