@@ -159,7 +159,7 @@ def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callabl
     deadline_epoch = time.time() + (deadline - time.monotonic())
     todo = deque(jobs)
     running: dict[Any, J] = {}
-    finished = as_completed()
+    finished = as_completed(loop=client.loop)
 
     def submit() -> None:
         job = todo.popleft()
