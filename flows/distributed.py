@@ -152,7 +152,7 @@ def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callabl
         for job in jobs:
             yield job, functools.partial(job.run, deadline)
         return
-    from distributed import as_completed, wait
+    from distributed import as_completed
 
     client = runner.client
     slots = max(1, sum(client.nthreads().values()))
@@ -179,9 +179,11 @@ def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callabl
         if running:
             # A running slice cannot be stopped from here: let it end (commit or roll back),
             # so the table's next attempt never loads the same slice alongside it.
-            left = list(running)
-            wait(left, timeout=max(0.0, deadline - time.monotonic()) + job_grace_s(jobs))
-            client.cancel(left)
+            until = max(deadline, time.monotonic()) + job_grace_s(jobs)
+            for future in running:
+                with contextlib.suppress(Exception):
+                    future.exception(timeout=max(0.0, until - time.monotonic()))
+            client.cancel(list(running))
 
 
 def job_grace_s(jobs: Sequence[SliceJob]) -> float:

@@ -51,8 +51,8 @@ from tests.integration.test_extraction_engine import (
 )
 
 S = bigquery.SchemaField
-DAYS = 28
-ROWS = 2_800
+DAYS = 14
+ROWS = 1_400
 SCHEMA = [S("Id", "INT64"), S("Day", "DATE"), S("Amount", "NUMERIC"), S("Note", "STRING")]
 FIRST = date(2026, 3, 2)  # a Monday
 INSERT = f"""
@@ -139,7 +139,7 @@ def test_resume_after_a_bad_slice_among_committed_ones_loads_exactly_that_slice(
     monkeypatch: pytest.MonkeyPatch,
     cluster: str,
 ) -> None:
-    """Day 2 fails, days 3..28 commit (out of order for a high-water mark): after the source
+    """Day 2 fails, days 3..14 commit (out of order for a high-water mark): after the source
     is fixed, the next run loads day 2 alone, though it is far below the lookback window."""
     e = engine
     bad_day = FIRST + timedelta(days=1)
@@ -165,7 +165,7 @@ def test_resume_after_a_bad_slice_among_committed_ones_loads_exactly_that_slice(
     _exact(e, cfg)
 
 
-# The flow's side, as the flow runs it: lock, run row, slices on its own LocalCluster.
+# The flow's side, as the flow runs it: lock, run row, slices on the Dask cluster it is given.
 CHILD = """
 import sys
 from flows import audit, distributed
@@ -202,19 +202,20 @@ def test_flow_killed_mid_run_workers_commit_nothing_more_and_resume_skips_exactl
     e.create_source("events", SCHEMA, INSERT)
     name = "xt_flow_events"
     cfg = _cfg(name)
-    env = {**os.environ, "REFRESH_SLICE_WORKERS": "2"}
+    # The flow's slices go to the module's cluster, whose workers outlive the flow.
+    env = {**os.environ, "REFRESH_DASK_ADDRESS": cluster}
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     in_flight_at_kill: list[int] = []
     with e.pg() as watch:
-        for trial in range(3):
+        for trial in range(2):
             before = checkpoint_starts(e, name)
             child = subprocess.Popen(
                 [sys.executable, str(script), cfg.model_dump_json()],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
-                start_new_session=True,  # the flow and its LocalCluster: one process group
+                start_new_session=True,
             )
             try:
                 assert child.stdout is not None
@@ -224,7 +225,7 @@ def test_flow_killed_mid_run_workers_commit_nothing_more_and_resume_skips_exactl
                 while len(checkpoint_starts(e, name) - before) < 2 + trial:
                     assert child.poll() is None and time.monotonic() < deadline, "no slice committed"
                     time.sleep(0.02)
-                # Only the flow process dies: its workers go on with the slices they hold.
+                # The flow process dies; the workers go on with the slices they hold.
                 child.send_signal(signal.SIGKILL)
                 child.wait(timeout=10)
                 deadline = time.monotonic() + 15
@@ -249,7 +250,7 @@ def test_flow_killed_mid_run_workers_commit_nothing_more_and_resume_skips_exactl
                 assert checkpoint_starts(e, name) == committed, "a slice committed after the lock was lost"
             finally:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.pid, signal.SIGKILL)  # the orphaned workers too
+                    os.killpg(child.pid, signal.SIGKILL)
                 child.wait(timeout=10)
     # Informative only: whether a worker held a slice at the kill is down to timing (the test
     # below loses the lock with slices certainly in flight).
