@@ -104,7 +104,7 @@ def slice_runner(settings: Settings) -> Iterator[Any]:
         return
     with runner:
         client = runner.client  # connects (or starts the LocalCluster) now, not in a table's thread
-        log.info("slices run on Dask: %s", client)
+        _logger().info("slices run on Dask: %s", client)
         with _active_lock:
             _active = runner
         try:
@@ -112,6 +112,17 @@ def slice_runner(settings: Settings) -> Iterator[Any]:
         finally:
             with _active_lock:
                 _active = None
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The flow run's logger (its lines reach the Prefect UI) inside a run, else the module's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
 
 
 def portable(job: J) -> J:
