@@ -25,7 +25,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import audit, distributed, runbook, webhooks
+from flows import audit, runbook, scale_out, webhooks
 from flows.audit import refresh_lock
 from flows.bigquery import BigQueryClients, make_clients
 from flows.db import connect
@@ -204,9 +204,9 @@ def extract(
     """Every chosen table, concurrently (bounded by the task runner); never raises.
 
     Their slices run on the Dask cluster that REFRESH_DASK_ADDRESS / REFRESH_SLICE_WORKERS
-    name, if any (flows.distributed); the refresh lock stays with this process.
+    name, if any (flows.scale_out); the refresh lock stays with this process.
     """
-    with distributed.slice_runner(settings):
+    with scale_out.slice_runner(settings):
         futures = [refresh_table_task.submit(settings, clients, c, run_id, options) for c in chosen]
         return [_outcome(c, f) for c, f in zip(chosen, futures, strict=True)]
 

@@ -17,7 +17,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from flows import audit, distributed, webhooks
+from flows import audit, scale_out, webhooks
 from flows.bigquery import BigQueryClients
 from flows.db import connect
 from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
@@ -290,8 +290,8 @@ def _refresh(
         )
         for p in slices
     ]
-    # In order in this thread, or on Dask workers (flows.distributed) in completion order.
-    with contextlib.closing(distributed.run_slices(loaders, deadline)) as results:
+    # In order in this thread, or on Dask workers (flows.scale_out) in completion order.
+    with contextlib.closing(scale_out.run_slices(loaders, deadline)) as results:
         for loader, result in results:
             piece = loader.piece
             try:
@@ -322,7 +322,7 @@ class _SliceLoader:
     """One slice: read from BigQuery and apply atomically; `attempt` is safe to retry."""
 
     settings: Settings
-    clients: BigQueryClients | None  # None on its way to a Dask worker (flows.distributed)
+    clients: BigQueryClients | None  # None on its way to a Dask worker (flows.scale_out)
     cfg: TableConfig
     run_id: UUID
     schema: str

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     schedule_cron: str = "0 2 * * *"
     schedule_timezone: str = "UTC"
 
-    # --- Scale-out: slices on Dask (flows/distributed.py, docs/scaling.md) -----------------
+    # --- Scale-out: slices on Dask (flows/scale_out.py, docs/scaling.md) -----------------
     slice_workers: int = Field(
         default=0, ge=0, le=256, description="0 = in the table's thread; N = a local Dask cluster of N"
     )

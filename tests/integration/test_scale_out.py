@@ -33,7 +33,7 @@ import pyarrow as pa
 import pytest
 from google.cloud import bigquery
 
-from flows import audit, distributed
+from flows import audit, scale_out
 from flows.load import apply_slice, ensure_raw_table
 from flows.planning import Slice
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
@@ -118,7 +118,7 @@ def test_local_cluster_of_two_worker_processes_loads_exact_data(
     settings = get_settings()
     e = Engine(settings, e.clients)
     cfg = _cfg("xt_local_events")
-    with distributed.slice_runner(settings) as runner:
+    with scale_out.slice_runner(settings) as runner:
         client = runner.client
         pids = client.run(os.getpid)
         assert len(pids) == 2 and os.getpid() not in pids.values(), pids
@@ -152,7 +152,7 @@ def test_resume_after_a_bad_slice_among_committed_ones_loads_exactly_that_slice(
     e = Engine(get_settings(), e.clients)
     name = "xt_resume_events"
     cfg = _cfg(name)
-    with distributed.slice_runner(e.settings):
+    with scale_out.slice_runner(e.settings):
         first, _ = _refresh(e, cfg)
         assert first.status == "failed" and "1 slice(s) not loaded" in (first.error or ""), first.error
         assert checkpoint_starts(e, name) == {FIRST + timedelta(days=i) for i in range(DAYS)} - {bad_day}
@@ -168,7 +168,7 @@ def test_resume_after_a_bad_slice_among_committed_ones_loads_exactly_that_slice(
 # The flow's side, as the flow runs it: lock, run row, slices on the Dask cluster it is given.
 CHILD = """
 import sys
-from flows import audit, distributed
+from flows import audit, scale_out
 from flows.bigquery import make_clients
 from flows.refresh import RefreshOptions, refresh_table
 from flows.registry import TableConfig
@@ -178,7 +178,7 @@ if __name__ == "__main__":
     settings = get_settings()
     clients = make_clients(settings)
     cfg = TableConfig.model_validate_json(sys.argv[1])
-    with distributed.slice_runner(settings), audit.refresh_lock(settings, wait_s=30) as conn:
+    with scale_out.slice_runner(settings), audit.refresh_lock(settings, wait_s=30) as conn:
         audit.mark_abandoned(conn, settings.control_schema)
         run = audit.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
         print("ready", run.run_id, flush=True)
@@ -260,7 +260,7 @@ def test_flow_killed_mid_run_workers_commit_nothing_more_and_resume_skips_exactl
     assert 0 < len(committed) < DAYS
     monkeypatch.setenv("REFRESH_DASK_ADDRESS", cluster)
     e = Engine(get_settings(), e.clients)
-    with distributed.slice_runner(e.settings):
+    with scale_out.slice_runner(e.settings):
         outcome, run_id = _refresh(e, cfg)
     assert outcome.status == "success", outcome.error
     everything = {FIRST + timedelta(days=i) for i in range(DAYS)}
@@ -283,7 +283,7 @@ def test_lock_lost_mid_table_slices_on_workers_stop_at_the_fence(
     name = "xt_lock_events"
     cfg = _cfg(name)
     outcome: list[TableOutcome] = []
-    with distributed.slice_runner(e.settings), e.pg() as watch:
+    with scale_out.slice_runner(e.settings), e.pg() as watch:
         with locked_run(e.settings) as run_id:
             worker = threading.Thread(
                 target=lambda: outcome.append(

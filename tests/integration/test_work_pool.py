@@ -106,7 +106,7 @@ def worker(pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
         "SQP_REFRESH_DIR": str(PROJECT_ROOT),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_LOGGING_LEVEL": "INFO",
-        # The flow run's slices: a LocalCluster of 2 worker processes (flows.distributed).
+        # The flow run's slices: a LocalCluster of 2 worker processes (flows.scale_out).
         "REFRESH_SLICE_WORKERS": "2",
     }
     with log.open("wb") as out:

@@ -1,5 +1,8 @@
 """Scale-out: the slices of one table on a Dask cluster (prefect-dask's DaskTaskRunner).
 
+(Not named `distributed`: Prefect puts flows/ on sys.path when it loads a flow by file path,
+and such a module would hide the `distributed` package.)
+
 Off by default: slices then run one after the other in the table's own thread, as always.
 `REFRESH_DASK_ADDRESS` sends them to an existing Dask scheduler; `REFRESH_SLICE_WORKERS=N`
 starts a `distributed.LocalCluster` of N worker processes for the run. One cluster serves
@@ -74,7 +77,7 @@ def task_runner(settings: Settings) -> Any:
     except ImportError as exc:
         raise ConfigError(
             "REFRESH_DASK_ADDRESS / REFRESH_SLICE_WORKERS need the `dask` extra: "
-            "pip install 'sqp-refresh[dask]' (prefect-dask and distributed)"
+            f"pip install 'sqp-refresh[dask]' (prefect-dask and distributed) ({exc})"
         ) from exc
     if settings.dask_address is not None:
         return DaskTaskRunner(address=settings.dask_address)
