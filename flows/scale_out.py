@@ -37,7 +37,7 @@ from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from flows.bigquery import BigQueryClients, make_clients
-from flows.errors import ConfigError
+from flows.errors import ConfigError, TransientError
 from flows.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def task_runner(settings: Settings) -> Any:
             "n_workers": settings.slice_workers,
             "threads_per_worker": 1,
             "processes": True,
-            "dashboard_address": None,
+            "dashboard_address": ":0",  # a free port: never :8787 of another cluster
         }
     )
 
@@ -186,7 +186,7 @@ def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callabl
     try:
         for future in finished:
             job = running.pop(future)
-            yield job, future.result
+            yield job, functools.partial(_result, future)
             if todo:
                 submit()
     finally:
@@ -198,6 +198,23 @@ def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callabl
                 with contextlib.suppress(Exception):
                     future.exception(timeout=max(0.0, until - time.monotonic()))
             client.cancel(list(running))
+
+
+def _result(future: Any) -> Any:
+    """The slice's result or its own error; losing the worker is a transient failure.
+
+    Dask runs the task of a worker that died again elsewhere by itself; KilledWorker comes
+    only after several such deaths (a slice that kills its worker). Whatever the lost worker
+    had not committed rolled back with its connection.
+    """
+    from distributed import KilledWorker
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+
+    try:
+        return future.result()
+    except (KilledWorker, FutureCancelledError, CommClosedError) as exc:
+        raise TransientError(f"the Dask worker of the slice was lost ({type(exc).__name__}: {exc})") from exc
 
 
 def job_grace_s(jobs: Sequence[SliceJob]) -> float:

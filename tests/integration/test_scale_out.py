@@ -102,7 +102,7 @@ def cluster() -> Iterator[str]:
     """A Dask LocalCluster of 2 worker processes for the module; its scheduler's address."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as c:
         yield c.scheduler_address
 
 
@@ -221,7 +221,7 @@ def test_flow_killed_mid_run_workers_commit_nothing_more_and_resume_skips_exactl
                 assert child.stdout is not None
                 ready, run_id = child.stdout.readline().decode().split()
                 assert ready == "ready", ready
-                deadline = time.monotonic() + 120
+                deadline = time.monotonic() + 240
                 while len(checkpoint_starts(e, name) - before) < 2 + trial:
                     assert child.poll() is None and time.monotonic() < deadline, "no slice committed"
                     time.sleep(0.02)
@@ -291,7 +291,7 @@ def test_lock_lost_mid_table_slices_on_workers_stop_at_the_fence(
                 )
             )
             worker.start()
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 240
             while len(checkpoint_starts(e, name)) < 2:
                 assert worker.is_alive() and time.monotonic() < deadline
                 time.sleep(0.01)
@@ -301,7 +301,7 @@ def test_lock_lost_mid_table_slices_on_workers_stop_at_the_fence(
             )
             audit.mark_abandoned(watch, CONTROL)  # the barrier a run taking over passes
             committed = checkpoint_starts(e, name)
-            worker.join(120)
+            worker.join(300)
         assert not worker.is_alive()
         [lost] = outcome
         assert lost.status == "failed" and "lost the refresh lock" in (lost.error or ""), lost.error
@@ -311,6 +311,40 @@ def test_lock_lost_mid_table_slices_on_workers_stop_at_the_fence(
         resumed, run_id = _refresh(e, cfg)
     assert resumed.status == "success", resumed.error
     assert _loaded_by(e, name, run_id) == {FIRST + timedelta(days=i) for i in range(DAYS)} - committed
+    _exact(e, cfg)
+
+
+def test_a_worker_killed_mid_run_its_slice_runs_again_elsewhere_and_data_is_exact(
+    engine: Engine,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    cluster: str,
+) -> None:
+    e = engine
+    e.create_source("events", SCHEMA, INSERT)
+    monkeypatch.setenv("REFRESH_DASK_ADDRESS", cluster)
+    e = Engine(get_settings(), e.clients)
+    name = "xt_a_events"
+    cfg = _cfg(name)
+    outcome: list[TableOutcome] = []
+    with scale_out.slice_runner(e.settings) as runner:
+        pids = runner.client.run(os.getpid)
+        with locked_run(e.settings) as run_id:
+            flow = threading.Thread(
+                target=lambda: outcome.append(
+                    refresh_table(e.settings, e.clients, cfg, run_id, RefreshOptions())
+                )
+            )
+            flow.start()
+            deadline = time.monotonic() + 240
+            while len(checkpoint_starts(e, name)) < 2:
+                assert flow.is_alive() and time.monotonic() < deadline
+                time.sleep(0.01)
+            os.kill(next(iter(pids.values())), signal.SIGKILL)  # its nanny starts a new one
+            flow.join(300)
+        assert not flow.is_alive()
+    [done] = outcome
+    assert done.status == "success", done.error
+    assert done.slices_done == DAYS
     _exact(e, cfg)
 
 

@@ -22,7 +22,7 @@ def test_off_by_default_and_a_local_cluster_or_an_address_when_set() -> None:
         "n_workers": 3,
         "threads_per_worker": 1,
         "processes": True,
-        "dashboard_address": None,
+        "dashboard_address": ":0",
     }
     remote = scale_out.task_runner(Settings(dask_address="tcp://scheduler:8786"))
     assert remote.address == "tcp://scheduler:8786" and not remote.cluster_kwargs
