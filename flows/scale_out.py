@@ -156,9 +156,9 @@ def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callabl
     """Each job with a callable that returns its result or raises its error, as they finish.
 
     Without Dask: in order, each run when its callable is called (today's sequential loop).
-    With Dask: at most as many in flight as the cluster has worker threads, in completion
-    order. Close the iterator when done (contextlib.closing): a consumer that stops early
-    (a slice failed for good) starts no new slice, and closing waits for those still running.
+    With Dask: at most two per cluster worker thread in flight, in completion order. Close
+    the iterator when done (contextlib.closing): a consumer that stops early (a slice failed
+    for good) starts no new slice, and closing waits for those already sent to the cluster.
     """
     with _active_lock:
         runner = _active
@@ -169,7 +169,9 @@ def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callabl
     from distributed import as_completed
 
     client = runner.client
-    slots = max(1, sum(client.nthreads().values()))
+    # Two per worker thread: one running, one waiting on the worker, so no worker idles for
+    # the round trip to this process between two slices.
+    slots = 2 * max(1, sum(client.nthreads().values()))
     deadline_epoch = time.time() + (deadline - time.monotonic())
     todo = deque(jobs)
     running: dict[Any, J] = {}
