@@ -55,6 +55,7 @@ bench: $(STAMP)  ## benchmarks (figures in docs/benchmarks.md)
 	$(BIN)/python bench/validate.py
 	$(BIN)/python bench/api_latency.py
 	$(BIN)/python bench/emulator_memory.py
+	$(BIN)/python bench/scale_out.py
 
 format: $(STAMP)
 	$(BIN)/ruff format flows tests bench scripts
