@@ -12,7 +12,8 @@ embedded Postgres receives them. Then, on this machine:
              (workers=0, today's default) and on a Dask LocalCluster of 1 and 2 worker
              processes (flows.scale_out; the cluster's start-up, workers importing the
              loader included, timed apart)
-  dbt        `dbt build` of everything downstream (full refresh), as the flow runs it
+  dbt        `dbt build` of everything downstream (full refresh), as the flow runs it;
+             outside a flow this wall time includes starting Prefect's ephemeral API
 
 Printed as `stage=... seconds=... rows_per_s=...` lines, then a model of extraction at 1, 4
 and 16 workers from the measured per-row costs (docs/scaling.md explains it):
