@@ -14,7 +14,7 @@ export DBT_SEND_ANONYMOUS_USAGE_STATS ?= false
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[local,dev,bigquery-dbt,bench]'
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[local,dev,bigquery-dbt,bench,dask]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,6 +58,7 @@ bench: $(STAMP)  ## benchmarks (figures in docs/benchmarks.md)
 	$(BIN)/python bench/bloat.py
 	$(BIN)/python bench/end_to_end.py --rows 1000000
 	$(BIN)/python bench/end_to_end.py --rows 10000000
+	$(BIN)/python bench/scale_out.py
 
 format: $(STAMP)
 	$(BIN)/ruff format flows tests bench scripts

@@ -38,7 +38,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flows.local_stack import free_port
+from flows.demo.local_stack import free_port
 
 INCREMENTAL_MODELS = {
     "marts.search_query_performance": "week_start",
@@ -86,9 +86,9 @@ def child(scenario: str) -> None:
     """Run the daily flow for `scenario` (the source is prepared by the parent); print one
     JSON line with the run's figures."""
     import psycopg
-    from flows.sample_data import SQP_TABLE
 
     from flows.daily_refresh import daily_refresh
+    from flows.demo.sample_data import SQP_TABLE
     from flows.settings import get_settings
 
     settings = get_settings()
@@ -222,11 +222,11 @@ def main() -> int:
     env = stack_env(state)
     os.environ.update(env)
     import psycopg
-    from flows.local_stack import local_stack
-    from flows.sample_data import SQP_TABLE, SampleSpec, generate
 
     from flows.bigquery import make_clients
     from flows.db import migrate
+    from flows.demo.local_stack import local_stack
+    from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
     from flows.settings import get_settings
 
     settings = get_settings()

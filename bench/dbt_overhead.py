@@ -37,11 +37,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flows.local_stack import EmbeddedPostgres, free_port
-from flows.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
 from incremental_scaling import LAST_WEEK, RAW_SCHEMA, Bench, History
 
 from flows.db import migrate
+from flows.demo.local_stack import EmbeddedPostgres, free_port
+from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
 from flows.runbook import CONTROL_SOURCE, DBT_SOURCE
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 from flows.transform import dbt_env, run_dbt, scoped_environ, with_project_vars

@@ -296,9 +296,8 @@ def raw_copy(settings: Settings, state: Path) -> tuple[int, float]:
 
 def restate(settings: Settings) -> str:
     """Change a value in the newest weeks of the source, as a late restatement does."""
-    from flows.sample_data import SQP_TABLE
-
     from flows.bigquery import make_clients
+    from flows.demo.sample_data import SQP_TABLE
 
     clients = make_clients(settings)
     try:
@@ -324,9 +323,8 @@ def main() -> None:
     if args.child:
         child(args.child)
         return
-    from flows.sample_data import SampleSpec, generate
-
     from flows.bigquery import make_clients
+    from flows.demo.sample_data import SampleSpec, generate
 
     state = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     try:

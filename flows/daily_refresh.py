@@ -25,7 +25,7 @@ from prefect.runtime import flow_run, task_run
 from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import maintenance, runbook, webhooks
+from flows import maintenance, runbook, scale_out, webhooks
 from flows.bigquery import BigQueryClients, make_clients
 from flows.control import runs
 from flows.control.dbt_audit import record_dbt
@@ -204,9 +204,14 @@ def extract(
     run_id: UUID,
     options: RefreshOptions,
 ) -> list[TableOutcome]:
-    """Every chosen table, concurrently (bounded by the task runner); never raises."""
-    futures = [refresh_table_task.submit(settings, clients, c, run_id, options) for c in chosen]
-    return [_outcome(c, f) for c, f in zip(chosen, futures, strict=True)]
+    """Every chosen table, concurrently (bounded by the task runner); never raises.
+
+    Their slices run on the Dask cluster that REFRESH_DASK_ADDRESS / REFRESH_SLICE_WORKERS
+    name, if any (flows.scale_out); the refresh lock stays with this process.
+    """
+    with scale_out.slice_runner(settings):
+        futures = [refresh_table_task.submit(settings, clients, c, run_id, options) for c in chosen]
+        return [_outcome(c, f) for c, f in zip(chosen, futures, strict=True)]
 
 
 def transform(

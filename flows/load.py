@@ -41,6 +41,9 @@ from flows.type_mapping import ColumnMapping, diff_schema, pg_column_name
 
 # Advisory lock (two-key form: key, hashtext(schema)) held while creating or altering raw tables.
 DDL_LOCK_KEY = 7_312_003
+# Advisory lock (two-key form: key, hashtext(checkpoint key and slice start)) held by a slice's
+# transaction: one writer per slice at a time (see apply_slice).
+SLICE_LOCK_KEY = 7_312_005
 RUN_SETTING = "sqp_refresh.run_id"
 SLICE_SETTING = "sqp_refresh.slice_start"
 
@@ -253,6 +256,13 @@ def apply_slice(
         keys.append(cursor.source_name)
     check = StorableCheck(table, piece.label, keys)
     with conn.transaction():
+        # Two transactions of one slice (a Dask task run again on another worker while the first
+        # still runs) would each delete only the rows committed before they started, and both
+        # insert: the second waits here, then deletes the first's rows.
+        conn.execute(
+            "select pg_advisory_xact_lock(%s, hashtext(%s))",
+            (SLICE_LOCK_KEY, f"{checkpoint_key or table}:{piece.start_ts.isoformat()}"),
+        )
         conn.execute(
             "select set_config('TimeZone', 'UTC', true), set_config(%s, %s, true), set_config(%s, %s, true)",
             (

@@ -5,6 +5,7 @@ Plain functions, called by the Prefect flow and directly by tests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from uuid import UUID
 
 import psycopg
 
-from flows import change_detection, webhooks
+from flows import change_detection, scale_out, webhooks
 from flows.bigquery import BigQueryClients
 from flows.control import checkpoints, rebuilds, runs, tables
 from flows.control.tables import SliceStatus, TableOutcome, TableStatus
@@ -186,7 +187,9 @@ def _refresh(
         cursor_map = next(c for c in columns if c.source_name == cursor_src.name)
         lo, hi = cursor_range(clients, cfg, cursor_src)
         high_water = (
-            None if options.full_refresh else checkpoints.high_water(conn, settings.control_schema, key)
+            None
+            if options.full_refresh
+            else checkpoints.high_water(conn, settings.control_schema, key, cfg.table_name)
         )
         try:
             window = plan_window(
@@ -244,9 +247,8 @@ def _refresh(
     )
 
     bad_slices: list[str] = []
-    for piece in slices:
-        slice_started = datetime.now(UTC)
-        loader = _SliceLoader(
+    loaders = [
+        _SliceLoader(
             settings,
             clients,
             cfg,
@@ -256,31 +258,35 @@ def _refresh(
             columns,
             cursor_map,
             cursor_src,
-            piece,
-            slice_started,
+            p,
+            datetime.now(UTC),
             detection,
         )
-        try:
-            inserted, deleted, stats = with_retries(
-                loader.attempt, f"{cfg.table_name} slice {piece.label}", deadline=deadline
-            )
-        except BadSourceValueError as exc:
-            # Only this slice's data is bad: the other slices still load, the table ends failed.
-            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
-            log.error("%s", exc)
-            bad_slices.append(str(exc))
-            continue
-        except (RefreshError, psycopg.Error) as exc:
-            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
-            raise
-        outcome.slices_done += 1
-        if piece.start is not None:
-            outcome.changed_slices.append(_dated(piece))
-        outcome.rows_read += stats.rows
-        outcome.bytes_read += stats.bytes
-        outcome.rows_inserted += inserted
-        outcome.rows_deleted += deleted
-        runs.heartbeat(conn, settings.control_schema, run_id)
+        for p in slices
+    ]
+    # In order in this thread, or on Dask workers (flows.scale_out) in completion order.
+    with contextlib.closing(scale_out.run_slices(loaders, deadline)) as results:
+        for loader, result in results:
+            piece = loader.piece
+            try:
+                inserted, deleted, stats = result()
+            except BadSourceValueError as exc:
+                # Only this slice's data is bad: the other slices still load, the table ends failed.
+                _record_failed_slice(settings, run_id, cfg.table_name, piece, loader.started_at, exc)
+                log.error("%s", exc)
+                bad_slices.append(str(exc))
+                continue
+            except (RefreshError, psycopg.Error) as exc:
+                _record_failed_slice(settings, run_id, cfg.table_name, piece, loader.started_at, exc)
+                raise
+            outcome.slices_done += 1
+            if piece.start is not None:
+                outcome.changed_slices.append(_dated(piece))
+            outcome.rows_read += stats.rows
+            outcome.bytes_read += stats.bytes
+            outcome.rows_inserted += inserted
+            outcome.rows_deleted += deleted
+            runs.heartbeat(conn, settings.control_schema, run_id)
     if cfg.mode is Mode.LIVE and cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
         # Slices an earlier run applied without a successful dbt build after it (it failed, or
         # the run died: also the slices a resumed attempt skips above) are rebuilt now.
@@ -304,7 +310,7 @@ class _SliceLoader:
     """One slice: read from BigQuery and apply atomically; `attempt` is safe to retry."""
 
     settings: Settings
-    clients: BigQueryClients
+    clients: BigQueryClients | None  # None on its way to a Dask worker (flows.scale_out)
     cfg: TableConfig
     run_id: UUID
     schema: str
@@ -316,7 +322,14 @@ class _SliceLoader:
     started_at: datetime
     detection: change_detection.Detection | None = None
 
+    def run(self, deadline: float) -> tuple[int, int, ReadStats]:
+        """Every attempt of the slice, retried until `deadline` (time.monotonic())."""
+        self.started_at = datetime.now(UTC)
+        what = f"{self.cfg.table_name} slice {self.piece.label}"
+        return with_retries(self.attempt, what, deadline=deadline)
+
     def attempt(self) -> tuple[int, int, ReadStats]:
+        assert self.clients is not None
         stats = ReadStats()
         where = row_restriction(self.cursor_src, self.piece) if self.cursor_src else ""
 

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     # How long a computed status answer is served again (Age header); 0 = computed every time.
     api_status_cache_seconds: float = Field(default=2.0, ge=0, le=60)
 
+    # --- Scale-out: slices on Dask (flows/scale_out.py, docs/scaling.md) -----------------
+    slice_workers: int = Field(
+        default=0, ge=0, le=256, description="0 = in the table's thread; N = a local Dask cluster of N"
+    )
+    dask_address: str | None = Field(default=None, description="an existing Dask scheduler, tcp://host:8786")
+
     @field_validator("raw_schema", "control_schema")
     @classmethod
     def _pg_name(cls, v: str) -> str:

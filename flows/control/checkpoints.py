@@ -40,13 +40,20 @@ def record(
     )
 
 
-def high_water(conn: psycopg.Connection, schema: str, key: str) -> date | None:
-    """The end of the newest committed slice (sliced checkpoints only), or None."""
+def high_water(conn: psycopg.Connection, schema: str, key: str, table: str) -> date | None:
+    """The newest slice end among slices last written by a run in which the table succeeded.
+
+    Slices of an unfinished attempt do not count: they may have committed out of order (Dask,
+    or a bad slice among good ones), so their newest end says nothing of the gaps below it.
+    Those slices are skipped one by one instead (committed_since_last_success).
+    """
     row = conn.execute(
-        sql.SQL("select max(slice_end) from {} where table_name = %s and slice_start > '0001-01-02'").format(
-            _t(schema)
-        ),
-        (key,),
+        sql.SQL(
+            "select max(c.slice_end) from {cp} c where c.table_name = %s and c.slice_start > '0001-01-02' "
+            "and exists (select 1 from {tr} t where t.run_id = c.run_id and t.table_name = %s "
+            "and t.status = 'success')"
+        ).format(cp=_t(schema), tr=sql.Identifier(schema, "table_refreshes")),
+        (key, table),
     ).fetchone()
     return row[0].astimezone(UTC).date() if row and row[0] else None
 

@@ -16,13 +16,13 @@ from uuid import UUID
 
 import psycopg
 import pytest
-from flows.sample_data import SQP_TABLE, SampleSpec, generate
 from typer.testing import CliRunner
 
 from flows import change_detection, refresh, registry, validation
 from flows.bigquery import BigQueryClients, make_clients
 from flows.cli import app
 from flows.db import migrate
+from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.explain import explain, render
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import ChangeDetection, TableConfig

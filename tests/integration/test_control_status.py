@@ -10,8 +10,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from flows import audit
+from flows.control import runs, tables
 from flows.control.status import RunProgress, TableProgress, has_table, run_progress
+from flows.control.tables import TableOutcome, TableStatus
 from flows.db import migrate
 from flows.settings import Settings, get_settings
 
@@ -40,24 +41,24 @@ def test_run_progress_counts_each_tables_slices_and_rows_of_the_running_run(sett
     since = datetime.now(UTC) - timedelta(minutes=1)
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         assert run_progress(conn, CONTROL, since) is None
-        with audit.refresh_lock(settings, wait_s=30) as lock:
-            run = audit.start_run(lock, CONTROL, flow_run_id=None, trigger="test", params={})
+        with runs.refresh_lock(settings, wait_s=30) as lock:
+            run = runs.start_run(lock, CONTROL, flow_run_id=None, trigger="test", params={})
             assert run_progress(conn, CONTROL, since) == RunProgress(run.run_id, [])
             for table, status in (("b_table", "success"), ("a_table", "running")):
-                audit.write_table_audit(
+                tables.write_table_audit(
                     conn,
                     CONTROL,
-                    audit.TableAudit(
+                    TableOutcome(
                         run_id=run.run_id,
                         table_name=table,
                         mode="live",
                         write_strategy="slice_replace",
-                        status=status,
+                        status=TableStatus(status),
                     ),
                 )
             day = datetime(2026, 1, 5, tzinfo=UTC)
             for i, rows in enumerate((3, 4)):
-                audit.write_slice_audit(
+                tables.write_slice_audit(
                     conn,
                     CONTROL,
                     run_id=run.run_id,
@@ -80,7 +81,7 @@ def test_run_progress_counts_each_tables_slices_and_rows_of_the_running_run(sett
             assert [t.running for t in progress.tables] == [True, False]
             # A run that started before the command is not the command's run.
             assert run_progress(conn, CONTROL, datetime.now(UTC) + timedelta(minutes=1)) is None
-            audit.finish_run(
+            runs.finish_run(
                 conn,
                 CONTROL,
                 run.run_id,

@@ -19,11 +19,11 @@ from uuid import UUID
 import httpx
 import psycopg
 import pytest
-from flows.audit import refresh_lock
-from flows.local_stack import free_port
 
 from flows.control import tokens
+from flows.control.runs import refresh_lock
 from flows.db import migrate
+from flows.demo.local_stack import free_port
 from flows.settings import PROJECT_ROOT, Settings, get_settings
 from tests.integration.api.support import auth
 from tests.prefect_server import prefect_server, stop, tail
