@@ -172,6 +172,17 @@ def measure(conn: Any, schema: str, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def progress(name: str, f: dict[str, Any]) -> None:
+    """One scenario's figures as soon as it ends (a long run still shows what it measured)."""
+    print(
+        f"{SCENARIOS[name]}: read {f['rows_read']:,}, wrote {f['rows_written']:,} rows "
+        f"in {f['slices']} slices; extract {f['extract_s']:.1f}s, dbt {f['dbt_s']:.1f}s "
+        f"({f['dbt_models']} models), run {f['run_s']:.1f}s, "
+        f"peak RSS {f['peak_rss_mb']:.0f} MB; periods {[p for p, _ in f['periods'].values()]}",
+        flush=True,
+    )
+
+
 def report(figures: dict[str, dict[str, Any]], new_week_rows: int) -> tuple[float, float]:
     names = list(figures)
     print(f"\n{'':34}" + "".join(f"{SCENARIOS[n]:>20}" for n in names))
@@ -264,14 +275,17 @@ def main() -> int:
             with psycopg.connect(settings.dsn(), autocommit=True) as conn:
                 add_week(1)
                 figures["a"] = measure(conn, settings.control_schema, run_child("a", env))
+                progress("a", figures["a"])
                 restated = spec.last_week - timedelta(weeks=3)
                 bq(
                     f"update {table} set `ASIN Impression Count` = `ASIN Impression Count` + 1 "
                     f"where `Date` = timestamp '{restated} 00:00:00+00'"
                 )
                 figures["b"] = measure(conn, settings.control_schema, run_child("b", env))
+                progress("b", figures["b"])
                 add_week(2)
                 figures["c"] = measure(conn, settings.control_schema, run_child("c", env))
+                progress("c", figures["c"])
             clients.close()
     finally:
         shutil.rmtree(state, ignore_errors=True)
