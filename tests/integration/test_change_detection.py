@@ -18,9 +18,10 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from flows import change_detection, refresh, registry, validation
+from flows import change_detection, refresh, validation
 from flows.bigquery import BigQueryClients, make_clients
 from flows.cli import app
+from flows.control import registry
 from flows.db import migrate
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.explain import explain, render

@@ -22,7 +22,7 @@ from flows.control import registry
 from flows.db import migrate
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.registry import TableConfig
+from flows.registry import ChangeDetection, TableConfig
 from flows.settings import Settings, get_settings
 from tests.integration.test_extraction_engine import locked_run
 
@@ -109,7 +109,9 @@ def _cfg(mode: str = "live", **custom: Any) -> TableConfig:
 
 
 def test_a_difference_loaded_by_a_refresh_is_caught_in_that_run(env: Env) -> None:
-    cfg = _cfg()
+    # The source does not change here: only with change detection off does the next refresh
+    # re-read (and so re-load through the tampering trigger) the lookback window.
+    cfg = _cfg().model_copy(update={"change_detection": ChangeDetection.OFF})
     run_id, _ = env.refresh(cfg, RefreshOptions(full_refresh=True))
     first = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [_ok(cfg)], run_id, False)
     assert first[0].failed == [] and first[0].periods >= 8 and first[0].error is None
