@@ -18,6 +18,7 @@ from psycopg import sql
 
 from flows import audit, webhooks
 from flows.bigquery import BigQueryClients
+from flows.control import retries
 from flows.db import connect
 from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
 from flows.extract import (
@@ -118,6 +119,7 @@ def with_retries(
             log.warning(
                 "%s: transient failure (%s), retry %d/%d in %.0fs", what, exc, attempt, attempts - 1, delay
             )
+            retries.bump(exc)
             if on_retry is not None:
                 on_retry(exc)
             time.sleep(delay)
@@ -172,6 +174,7 @@ def refresh_table(
     rec = audit.TableAudit(run_id, cfg.table_name, cfg.mode.value, cfg.write_strategy.value)
     started = time.monotonic()
     failure: BaseException | None = None
+    count = retries.start_counting()
     conn = connect(settings, autocommit=True)
     try:
         if not dry_run:
@@ -198,6 +201,7 @@ def refresh_table(
                     conn = connect(settings, autocommit=True)
                 with conn.transaction():  # the table.failed event commits with its audit row
                     audit.write_table_audit(conn, settings.control_schema, rec)
+                    retries.add_table_retries(conn, settings.control_schema, run_id, cfg.table_name, count.n)
                     webhooks.table_finished(conn, settings, rec, failure)
             except psycopg.Error as exc:
                 log.error("%s: could not write the table audit row: %s", cfg.table_name, exc)
@@ -283,12 +287,12 @@ def _refresh(
             )
         except BadSourceValueError as exc:
             # Only this slice's data is bad: the other slices still load, the table ends failed.
-            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
+            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc, loader.attempts)
             log.error("%s", exc)
             bad_slices.append(str(exc))
             continue
         except (RefreshError, psycopg.Error) as exc:
-            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc)
+            _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc, loader.attempts)
             raise
         rec.slices_done += 1
         rec.rows_read += stats.rows
@@ -317,8 +321,10 @@ class _SliceLoader:
     cursor_src: SourceColumn | None
     piece: Slice
     started_at: datetime
+    attempts: int = 0
 
     def attempt(self) -> tuple[int, int, ReadStats]:
+        self.attempts += 1
         stats = ReadStats()
         where = row_restriction(self.cursor_src, self.piece) if self.cursor_src else ""
 
@@ -341,6 +347,15 @@ class _SliceLoader:
                 bytes_read=stats.bytes,
                 started_at=self.started_at,
             )
+            if self.attempts > 1:
+                retries.set_slice_attempts(
+                    c,
+                    self.settings.control_schema,
+                    self.run_id,
+                    self.cfg.table_name,
+                    self.piece.start_ts,
+                    self.attempts,
+                )
 
         # A fresh connection per attempt: a retry after a dropped connection starts clean.
         with connect(self.settings) as conn:
@@ -368,10 +383,16 @@ class _SliceLoader:
 
 
 def _record_failed_slice(
-    settings: Settings, run_id: UUID, table: str, piece: Slice, started: datetime, exc: BaseException
+    settings: Settings,
+    run_id: UUID,
+    table: str,
+    piece: Slice,
+    started: datetime,
+    exc: BaseException,
+    attempts: int,
 ) -> None:
     try:
-        with connect(settings, autocommit=True) as c:
+        with connect(settings, autocommit=True) as c, c.transaction():
             audit.write_slice_audit(
                 c,
                 settings.control_schema,
@@ -387,5 +408,6 @@ def _record_failed_slice(
                 started_at=started,
                 error=error_text(exc),
             )
+            retries.set_slice_attempts(c, settings.control_schema, run_id, table, piece.start_ts, attempts)
     except psycopg.Error as err:
         log.error("%s: could not record the failed slice: %s", table, err)
