@@ -88,6 +88,13 @@ def checkpoint_key(settings: Settings, cfg: TableConfig) -> str:
     return cfg.table_name if cfg.mode is not Mode.SHADOW else f"shadow:{cfg.table_name}"
 
 
+def one_line(exc: BaseException) -> str:
+    """An error in one line. A Postgres error's text adds CONTEXT lines that quote the row a
+    COPY was at: only its primary message, so no row data reaches an audit row or a log."""
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+    return str(primary or (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
 def with_retries(
     fn: Callable[[], T],
     what: str,
@@ -114,10 +121,15 @@ def with_retries(
             if attempt == attempts or (deadline is not None and time.monotonic() + delay > deadline):
                 raise TransientError(
                     f"{what}: still failing after {attempt} attempt(s) in "
-                    f"{time.monotonic() - started:.0f}s: {exc}"
+                    f"{time.monotonic() - started:.0f}s: {one_line(exc)}"
                 ) from exc
             log.warning(
-                "%s: transient failure (%s), retry %d/%d in %.0fs", what, exc, attempt, attempts - 1, delay
+                "%s: transient failure (%s), retry %d/%d in %.0fs",
+                what,
+                one_line(exc),
+                attempt,
+                attempts - 1,
+                delay,
             )
             retries.bump(exc)
             if on_retry is not None:
@@ -291,7 +303,17 @@ def _refresh(
             log.error("%s", exc)
             bad_slices.append(str(exc))
             continue
-        except (RefreshError, psycopg.Error) as exc:
+        except psycopg.Error as exc:
+            # Refused by Postgres (read-only table, permissions, a constraint): not worth a retry.
+            refused = TerminalError(
+                f"{cfg.table_name} slice {piece.label}: Postgres refused the slice, which was rolled "
+                f"back: {one_line(exc)}"
+            )
+            _record_failed_slice(
+                settings, run_id, cfg.table_name, piece, slice_started, refused, loader.attempts
+            )
+            raise refused from exc
+        except RefreshError as exc:
             _record_failed_slice(settings, run_id, cfg.table_name, piece, slice_started, exc, loader.attempts)
             raise
         rec.slices_done += 1

@@ -24,6 +24,7 @@ from psycopg.conninfo import make_conninfo
 
 from flows import registry, validation
 from flows.bigquery import BigQueryClients, make_clients
+from flows.db import migrate
 from flows.refresh import target_schema
 from flows.sample_data import SampleSpec, generate
 from flows.settings import Settings, get_settings
@@ -84,6 +85,7 @@ def fault_stack(name: str, spec: SampleSpec = SPEC) -> Iterator[FaultStack]:
         "COLUMNS": "200",
     }
     settings = get_settings(pg_dsn=dsn, bq_dataset=name)
+    migrate(settings)
     clients = make_clients(settings)
     try:
         generate(clients, spec, force=True)
