@@ -112,6 +112,8 @@ def _normal_run(ft: FaultStack, env: dict[str, str]) -> float:
     return time.monotonic() - t0
 
 
+# A trial is a killed run plus a whole run after it: minutes each on a loaded 2-core machine.
+@pytest.mark.timeout(600 + 600 * TRIALS)
 def test_kill9_at_random_moments_of_the_run_then_a_normal_run_is_exact(
     ft: FaultStack, prefect_api: str, stack: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
