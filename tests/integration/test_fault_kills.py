@@ -105,6 +105,13 @@ def _known_runs(ft: FaultStack) -> set[Any]:
         return {r[0] for r in conn.execute("select run_id from refresh_control.refresh_runs")}
 
 
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL to the process and everything it started (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
 def _normal_run(ft: FaultStack, env: dict[str, str]) -> float:
     t0 = time.monotonic()
     done = ft.run("run", "--no-stack", "--force", env=env, timeout=600)
@@ -157,19 +164,20 @@ def test_kill9_at_random_moments_of_the_run_then_a_normal_run_is_exact(
             # A random moment inside the target phase (the audit phase is short: at once).
             within = 0.0 if target == "audit" else rng.uniform(0, 0.8 * spans.get(target, 0.5))
             deadline = time.monotonic() + 300
-            while child.poll() is None:
-                phase, _ = phase_of(ft, known, len(rx.received) - received)
-                if ORDER.index(phase) >= ORDER.index(target):
-                    break
-                assert time.monotonic() < deadline, f"trial {trial}: the run never reached {target}"
-                time.sleep(0.005)
-            time.sleep(within)
-            if child.poll() is not None:
-                # It finished first: counted as a kill after the run's end.
-                landed["ended before the kill"] += 1
-                continue
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait(timeout=30)
+            try:
+                while child.poll() is None:
+                    phase, _ = phase_of(ft, known, len(rx.received) - received)
+                    if ORDER.index(phase) >= ORDER.index(target):
+                        break
+                    assert time.monotonic() < deadline, f"trial {trial}: the run never reached {target}"
+                    time.sleep(0.005)
+                time.sleep(within)
+                if child.poll() is not None:
+                    # It finished first: counted as a kill after the run's end.
+                    landed["ended before the kill"] += 1
+                    continue
+            finally:
+                _kill(child)
             assert child.returncode == -signal.SIGKILL
             phase, killed_run = phase_of(ft, known, len(rx.received) - received)
             landed[phase] += 1

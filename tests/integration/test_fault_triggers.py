@@ -1,0 +1,164 @@
+"""Issue 13.1: triggers from the CLI, the schedule and the API arriving together.
+
+Each round starts at once `refresh run --force` (a person), `refresh run --scheduled` (cron;
+trigger `schedule`) and `POST /api/refresh/trigger` on a running `refresh api` (which starts the
+flow in a background process). One refresh runs at a time (the runs' intervals never overlap)
+and every trigger is accounted for: it ran (a run row with its trigger), or it was refused
+with a reason: the CLI's one error line naming the running run, the API's 409 with the running
+run id, or, for a trigger the API accepted whose process then found another refresh holding
+the lock, the refusal recorded on the trigger (`GET /api/refresh/triggers/{id}`). Nothing is
+queued, nothing is lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from flows.control import tokens
+from flows.local_stack import free_port
+from tests.integration.fault_support import FaultStack, fault_stack, runs_left_running
+
+pytestmark = pytest.mark.faults
+
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def ft(stack: object) -> Iterator[FaultStack]:
+    yield from fault_stack("ft_triggers")
+
+
+@pytest.fixture(scope="module")
+def api(ft: FaultStack) -> Iterator[tuple[str, str]]:
+    with ft.pg() as conn:
+        token, _ = tokens.create(conn, ft.settings.control_schema, "fault-triggers", ["read", "trigger"])
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)],
+        env={**ft.env, "REFRESH_API_ANONYMOUS_READ": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "refresh api did not start"
+            time.sleep(0.5)
+        yield url, token
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _runs(ft: FaultStack) -> list[dict[str, Any]]:
+    with ft.pg() as conn:
+        cur = conn.execute(
+            "select run_id, trigger, status, started_at, finished_at from refresh_control.refresh_runs "
+            "order by started_at"
+        )
+        names = [d.name for d in cur.description or []]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def _together(ft: FaultStack, url: str, h: dict[str, str], api_delay_s: float) -> dict[str, Any]:
+    """The three triggers started at one instant (the API's after `api_delay_s`)."""
+    barrier = threading.Barrier(3)
+    results: dict[str, Any] = {}
+
+    def cli(name: str, *args: str) -> None:
+        barrier.wait()
+        results[name] = ft.run("run", "--no-stack", *args, timeout=900)
+
+    def post() -> None:
+        barrier.wait()
+        time.sleep(api_delay_s)
+        results["api"] = httpx.post(f"{url}/api/refresh/trigger", json={"force": True}, headers=h, timeout=60)
+
+    threads = [
+        threading.Thread(target=cli, args=("manual", "--force")),
+        threading.Thread(target=cli, args=("schedule", "--scheduled")),
+        threading.Thread(target=post),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    return results
+
+
+@pytest.mark.timeout(3600)
+def test_triggers_from_cli_schedule_and_api_together_one_runs_none_lost(
+    ft: FaultStack, api: tuple[str, str]
+) -> None:
+    url, token = api
+    h = {"Authorization": f"Bearer {token}"}
+    tally: dict[str, int] = {"ran": 0, "refused": 0}
+    for round_ in range(ROUNDS):
+        before = {r["run_id"] for r in _runs(ft)}
+        # A different moment each round: the API with the CLIs, or a little after them.
+        results = _together(ft, url, h, api_delay_s=[0.0, 1.5, 4.0][round_ % 3])
+
+        accounted: dict[str, str] = {}
+        for name in ("manual", "schedule"):
+            done = results[name]
+            if done.returncode in (0, 2):
+                accounted[name] = "ran"
+            else:
+                errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+                assert done.returncode == 1 and len(errors) == 1, (name, done.stderr[-2000:])
+                assert "another refresh is running (run " in errors[0], errors[0]
+                accounted[name] = "refused: " + errors[0]
+        resp = results["api"]
+        if resp.status_code == 409:
+            body = resp.json()
+            assert "a refresh is running" in body["detail"], body
+            assert body.get("run_id") or body.get("trigger_id"), body
+            accounted["api"] = f"refused: 409 {body['detail']}"
+        else:
+            assert resp.status_code == 202, resp.text
+            trigger_id = resp.json()["trigger_id"]
+            # Its process started at once: within two minutes its run has begun, or it was refused
+            # (the CLIs have ended by now); then its run ends.
+            begun_by = time.monotonic() + 120
+            while True:
+                t = httpx.get(f"{url}/api/refresh/triggers/{trigger_id}", headers=h, timeout=30).json()
+                if t.get("refused"):
+                    accounted["api"] = "refused: " + t["refused"]
+                    break
+                if t["run_status"] not in (None, "running"):
+                    accounted["api"] = "ran"
+                    break
+                if t["run_id"] is None:
+                    assert time.monotonic() < begun_by, (
+                        f"trigger {trigger_id} neither ran nor was refused: {t}"
+                    )
+                time.sleep(0.5)
+        print(f"round {round_}:", accounted)
+
+        runs = [r for r in _runs(ft) if r["run_id"] not in before]
+        ran = {name for name, a in accounted.items() if a == "ran"}
+        # Every trigger that ran has its run (by its trigger label), and no run came from nowhere.
+        assert sorted(r["trigger"] for r in runs) == sorted(n for n in ran), (runs, accounted)
+        assert ran, accounted
+        # One refresh at a time: the runs' intervals never overlap.
+        spans = sorted((r["started_at"], r["finished_at"]) for r in runs)
+        assert all(a[1] is not None and a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans
+        assert runs_left_running(ft) == []
+        for a in accounted.values():
+            tally["ran" if a == "ran" else "refused"] += 1
+    print("triggers:", tally)
