@@ -121,7 +121,7 @@ def test_triggers_from_cli_schedule_and_api_together_one_runs_none_lost(
             else:
                 errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
                 assert done.returncode == 1 and len(errors) == 1, (name, done.stderr[-2000:])
-                assert "another refresh is running (run " in errors[0], errors[0]
+                assert "another refresh is running (" in errors[0], errors[0]
                 accounted[name] = "refused: " + errors[0]
         resp = results["api"]
         if resp.status_code == 409:

@@ -364,6 +364,21 @@ def test_pgrestart_mid_run_cli_prints_one_line_and_the_run_ends_failed(
         status, message = c.execute(f"select status, message from {CONTROL}.refresh_runs").fetchone()  # type: ignore[misc]
     assert status == "failed" and "lost the refresh lock" in message
 
+    # The next run completes exactly (resuming after the committed slices); no run is left running.
+    again = subprocess.run(cli.args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    with psycopg.connect(own_postgres.dsn, autocommit=True) as c:
+        statuses = c.execute(f"select status from {CONTROL}.refresh_runs order by started_at").fetchall()
+        skipped = c.execute(
+            f"select slices_skipped from {CONTROL}.table_refreshes where status = 'success'"
+        ).fetchone()
+    assert statuses == [("failed",), ("success",)], statuses
+    assert skipped is not None and skipped[0] >= 1, skipped
+    own = Engine(get_settings(pg_dsn=own_postgres.dsn), e.clients)
+    assert pg_checksums(own, "xt_pgrestart_events", "Event Id", CRASH_SCHEMA) == bq_checksums(
+        e, "events", "Event Id", CRASH_SCHEMA
+    )
+
 
 def test_unreachable_bigquery_at_the_start_fails_within_the_call_deadline() -> None:
     """The flow calls check_reachable before it plans, takes the lock or writes a run row."""
