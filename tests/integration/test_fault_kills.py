@@ -162,7 +162,8 @@ def test_kill9_at_random_moments_of_the_run_then_a_normal_run_is_exact(
                 "run", "--no-stack", "--force", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
             )
             # A random moment inside the target phase (the audit phase is short: at once).
-            within = 0.0 if target == "audit" else rng.uniform(0, 0.8 * spans.get(target, 0.5))
+            # (Spans are the first load's: later runs extract less, so only its first part.)
+            within = 0.0 if target == "audit" else rng.uniform(0, 0.4 * spans.get(target, 0.5))
             deadline = time.monotonic() + 300
             try:
                 while child.poll() is None:
