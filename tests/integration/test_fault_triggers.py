@@ -163,3 +163,41 @@ def test_triggers_from_cli_schedule_and_api_together_one_runs_none_lost(
         for a in accounted.values():
             tally["ran" if a == "ran" else "refused"] += 1
     print("triggers:", tally)
+
+
+def test_refusal_of_an_api_started_process_is_recorded_on_its_trigger(
+    ft: FaultStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner's side alone: the process the API started (this one, by pid and host) finds
+    the lock taken and records why on its trigger; another process's trigger is left alone."""
+    import os
+    import socket
+    import uuid
+
+    from flows.api import runner
+    from flows.control import triggers
+
+    schema = ft.settings.control_schema
+    mine, other = uuid.uuid4(), uuid.uuid4()
+    with ft.pg() as conn:
+        for tid, pid in ((other, os.getpid() + 1), (mine, os.getpid())):
+            triggers.record(
+                conn,
+                schema,
+                trigger_id=tid,
+                idempotency_key=None,
+                request_sha256="x",
+                params={"force": True},
+                via="process",
+                flow_run_id=None,
+                pid=pid,
+                hostname=socket.gethostname(),
+                token_id=None,
+            )
+    monkeypatch.setenv("REFRESH_PG_DSN", ft.env["REFRESH_PG_DSN"])
+    runner.record_refusal("another refresh is running (run 1234): this run did nothing")
+    with ft.pg() as conn:
+        got, untouched = triggers.get(conn, schema, mine), triggers.get(conn, schema, other)
+    assert got is not None and got.refused == "another refresh is running (run 1234): this run did nothing"
+    assert got.run_id is None
+    assert untouched is not None and untouched.refused is None
