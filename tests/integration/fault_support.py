@@ -83,6 +83,8 @@ def fault_stack(name: str, spec: SampleSpec = SPEC) -> Iterator[FaultStack]:
         "REFRESH_BQ_ENDPOINT": str(base.rest_endpoint),
         "REFRESH_BQ_STORAGE_ENDPOINT": str(base.storage_endpoint),
         "COLUMNS": "200",
+        # Each `refresh run` starts Prefect's ephemeral server; on a loaded machine it needs long.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
     }
     settings = get_settings(pg_dsn=dsn, bq_dataset=name)
     migrate(settings)

@@ -317,6 +317,7 @@ def test_pgrestart_mid_run_cli_prints_one_line_and_the_run_ends_failed(
         "REFRESH_TABLES_FILE": str(registry),
         "REFRESH_PG_RETRY_BUDGET_S": "60",
         "PGTZ": "UTC",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
     }
     cli = subprocess.Popen(
         [
