@@ -127,7 +127,9 @@ def test_triggers_from_cli_schedule_and_api_together_one_runs_none_lost(
         if resp.status_code == 409:
             body = resp.json()
             assert "a refresh is running" in body["detail"], body
-            assert body.get("run_id") or body.get("trigger_id"), body
+            # The run id when its row exists; a CLI run holds the lock for a while before it
+            # writes the row (Prefect starting): then "run starting", without an id.
+            assert body.get("run_id") or body.get("trigger_id") or "(run starting)" in body["detail"], body
             accounted["api"] = f"refused: 409 {body['detail']}"
         else:
             assert resp.status_code == 202, resp.text
