@@ -177,18 +177,26 @@ class BigQueryClients:
         within REFRESH_BQ_TIMEOUT_S (the library default retries for 600 s)."""
         from google.api_core.retry import Retry
 
+        from flows.control import retries
+
         t = self.settings.bq_timeout_s
-        retry = bigquery.DEFAULT_RETRY.with_timeout(t)
-        assert isinstance(retry, Retry)
+        base = bigquery.DEFAULT_RETRY
+        assert isinstance(base, Retry)
+        # The library's predicate (which errors it retries), plus a count of each retry for the
+        # table's audit row; Retry has no public way to add on_error to a copy.
+        retry = Retry(predicate=base._predicate, timeout=t, on_error=retries.bump)
         return {"retry": retry, "timeout": t}
 
     def storage_retry(self) -> Any:
         """Retry of Storage Read calls (session creation, stream reconnects), bounded likewise."""
         from google.api_core import retry as gretry
 
+        from flows.control import retries
+
         return gretry.Retry(
             predicate=gretry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded),
             timeout=self.settings.bq_timeout_s,
+            on_error=retries.bump,
         )
 
     def query_config(self, **kwargs: Any) -> bigquery.QueryJobConfig:

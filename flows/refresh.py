@@ -18,7 +18,7 @@ import psycopg
 
 from flows import change_detection, scale_out, webhooks
 from flows.bigquery import BigQueryClients
-from flows.control import checkpoints, rebuilds, runs, tables
+from flows.control import checkpoints, rebuilds, retries, runs, tables
 from flows.control.tables import SliceStatus, TableOutcome, TableStatus
 from flows.db import connect
 from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
@@ -70,6 +70,13 @@ def checkpoint_key(settings: Settings, cfg: TableConfig) -> str:
     return cfg.table_name if cfg.mode is not Mode.SHADOW else f"shadow:{cfg.table_name}"
 
 
+def one_line(exc: BaseException) -> str:
+    """An error in one line. A Postgres error's text adds CONTEXT lines that quote the row a
+    COPY was at: only its primary message, so no row data reaches an audit row or a log."""
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+    return str(primary or (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+
+
 def with_retries(
     fn: Callable[[], T],
     what: str,
@@ -96,11 +103,17 @@ def with_retries(
             if attempt == attempts or (deadline is not None and time.monotonic() + delay > deadline):
                 raise TransientError(
                     f"{what}: still failing after {attempt} attempt(s) in "
-                    f"{time.monotonic() - started:.0f}s: {exc}"
+                    f"{time.monotonic() - started:.0f}s: {one_line(exc)}"
                 ) from exc
             log.warning(
-                "%s: transient failure (%s), retry %d/%d in %.0fs", what, exc, attempt, attempts - 1, delay
+                "%s: transient failure (%s), retry %d/%d in %.0fs",
+                what,
+                one_line(exc),
+                attempt,
+                attempts - 1,
+                delay,
             )
+            retries.bump(exc)
             if on_retry is not None:
                 on_retry(exc)
             time.sleep(delay)
@@ -131,6 +144,7 @@ def refresh_table(
     )
     started = time.monotonic()
     failure: BaseException | None = None
+    count = retries.start_counting()
     conn = connect(settings, autocommit=True)
     try:
         if not dry_run:
@@ -154,6 +168,7 @@ def refresh_table(
                     conn = connect(settings, autocommit=True)
                 with conn.transaction():  # the table.failed event commits with its audit row
                     tables.write_table_audit(conn, settings.control_schema, outcome)
+                    retries.add_table_retries(conn, settings.control_schema, run_id, cfg.table_name, count.n)
                     webhooks.table_finished(conn, settings, outcome, failure)
             except psycopg.Error as exc:
                 log.error("%s: could not write the table audit row: %s", cfg.table_name, exc)
@@ -272,12 +287,26 @@ def _refresh(
                 inserted, deleted, stats = result()
             except BadSourceValueError as exc:
                 # Only this slice's data is bad: the other slices still load, the table ends failed.
-                _record_failed_slice(settings, run_id, cfg.table_name, piece, loader.started_at, exc)
+                _record_failed_slice(
+                    settings, run_id, cfg.table_name, piece, loader.started_at, exc, loader.attempts
+                )
                 log.error("%s", exc)
                 bad_slices.append(str(exc))
                 continue
-            except (RefreshError, psycopg.Error) as exc:
-                _record_failed_slice(settings, run_id, cfg.table_name, piece, loader.started_at, exc)
+            except psycopg.Error as exc:
+                # Refused by Postgres (read-only table, permissions, a constraint): not worth a retry.
+                refused = TerminalError(
+                    f"{cfg.table_name} slice {piece.label}: Postgres refused the slice, which was rolled "
+                    f"back: {one_line(exc)}"
+                )
+                _record_failed_slice(
+                    settings, run_id, cfg.table_name, piece, loader.started_at, refused, loader.attempts
+                )
+                raise refused from exc
+            except RefreshError as exc:
+                _record_failed_slice(
+                    settings, run_id, cfg.table_name, piece, loader.started_at, exc, loader.attempts
+                )
                 raise
             outcome.slices_done += 1
             if piece.start is not None:
@@ -321,6 +350,7 @@ class _SliceLoader:
     piece: Slice
     started_at: datetime
     detection: change_detection.Detection | None = None
+    attempts: int = 0
 
     def run(self, deadline: float) -> tuple[int, int, ReadStats]:
         """Every attempt of the slice, retried until `deadline` (time.monotonic())."""
@@ -330,6 +360,7 @@ class _SliceLoader:
 
     def attempt(self) -> tuple[int, int, ReadStats]:
         assert self.clients is not None
+        self.attempts += 1
         stats = ReadStats()
         where = row_restriction(self.cursor_src, self.piece) if self.cursor_src else ""
 
@@ -371,6 +402,15 @@ class _SliceLoader:
                     self.detection,
                     self.piece,
                 )
+            if self.attempts > 1:
+                retries.set_slice_attempts(
+                    c,
+                    self.settings.control_schema,
+                    self.run_id,
+                    self.cfg.table_name,
+                    self.piece.start_ts,
+                    self.attempts,
+                )
 
         # A fresh connection per attempt: a retry after a dropped connection starts clean.
         with connect(self.settings) as conn:
@@ -398,10 +438,16 @@ class _SliceLoader:
 
 
 def _record_failed_slice(
-    settings: Settings, run_id: UUID, table: str, piece: Slice, started: datetime, exc: BaseException
+    settings: Settings,
+    run_id: UUID,
+    table: str,
+    piece: Slice,
+    started: datetime,
+    exc: BaseException,
+    attempts: int,
 ) -> None:
     try:
-        with connect(settings, autocommit=True) as c:
+        with connect(settings, autocommit=True) as c, c.transaction():
             tables.write_slice_audit(
                 c,
                 settings.control_schema,
@@ -417,5 +463,6 @@ def _record_failed_slice(
                 started_at=started,
                 error=error_text(exc),
             )
+            retries.set_slice_attempts(c, settings.control_schema, run_id, table, piece.start_ts, attempts)
     except psycopg.Error as err:
         log.error("%s: could not record the failed slice: %s", table, err)

@@ -108,6 +108,8 @@ def _trigger_body(t: triggers.Trigger, replayed: bool) -> dict[str, Any]:
         "trigger_id": t.trigger_id,
         "run_id": t.run_id,
         "run_status": t.run_status,
+        # why no run began: another refresh took the lock before the started process did
+        "refused": t.refused,
         "flow_run_id": t.flow_run_id,
         "via": t.via,
         "params": t.params,

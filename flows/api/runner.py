@@ -4,11 +4,33 @@ without a Prefect server (the process the API starts in the background)."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 import sys
 from datetime import date
 
+import psycopg
+
+from flows.audit import RefreshBusyError
+from flows.control import triggers
 from flows.daily_refresh import daily_refresh
+from flows.db import connect
 from flows.errors import RefreshError
+from flows.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def record_refusal(reason: str) -> None:
+    """Another refresh took the lock between the API's check and this process: the trigger
+    says so (`GET /api/refresh/triggers/{id}`), instead of waiting for a run that never comes."""
+    settings = get_settings()
+    try:
+        with connect(settings, autocommit=True) as conn:
+            triggers.refuse_process(conn, settings.control_schema, os.getpid(), socket.gethostname(), reason)
+    except psycopg.Error as exc:
+        log.error("could not record that this trigger was refused (%s): %s", reason, exc)
 
 
 def main(argv: list[str]) -> int:
@@ -18,7 +40,10 @@ def main(argv: list[str]) -> int:
             params[key] = date.fromisoformat(params[key])
     try:
         daily_refresh(**params)
-    except RefreshError:  # failed, or another refresh held the lock: the audit says which
+    except RefreshBusyError as exc:
+        record_refusal(str(exc))
+        return 1
+    except RefreshError:  # failed: the audit says why
         return 1
     return 0
 

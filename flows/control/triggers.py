@@ -33,6 +33,7 @@ class Trigger:
     created_at: datetime
     run_id: UUID | None = None
     run_status: str | None = None
+    refused: str | None = None
 
 
 def _t(schema: str) -> sql.Composable:
@@ -46,7 +47,7 @@ def lock(conn: psycopg.Connection) -> None:
 
 _SELECT = sql.SQL(
     "select a.trigger_id, a.idempotency_key, a.request_sha256, a.params, a.via, a.flow_run_id, a.pid, "
-    "a.hostname, a.created_at, r.run_id, r.status as run_status from {a} a "
+    "a.hostname, a.created_at, r.run_id, r.status as run_status, a.refused from {a} a "
     # The run a trigger started: the Prefect flow run's, or the one the started process began
     # (the audit row records the process id and host).
     "left join lateral (select run_id, status from {r} r where "
@@ -102,3 +103,16 @@ def record(
             token_id,
         ),
     )
+
+
+def refuse_process(conn: psycopg.Connection, schema: str, pid: int, hostname: str, reason: str) -> int:
+    """The trigger whose process (pid on hostname) was refused before its run began: records
+    why. Returns how many triggers it matched (0 when the process was not started by the API)."""
+    cur = conn.execute(
+        sql.SQL(
+            "update {a} set refused = %s where trigger_id = (select trigger_id from {a} where via = "
+            "'process' and pid = %s and hostname = %s and refused is null order by created_at desc limit 1)"
+        ).format(a=_t(schema)),
+        (reason, pid, hostname),
+    )
+    return cur.rowcount

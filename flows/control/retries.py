@@ -1,0 +1,60 @@
+"""Retries in the audit: how many attempts a slice took, how many retries a table refresh made.
+
+`start_counting()` opens a counter for the table being refreshed in this thread (a context
+variable: each task thread has its own); `bump()` adds one retry to it: called by the slice
+retry loop and as `on_error` of the BigQuery client's request retries, which run in the
+thread that makes the call.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+
+@dataclass
+class RetryCount:
+    n: int = 0
+
+
+_current: contextvars.ContextVar[RetryCount | None] = contextvars.ContextVar("retry_count", default=None)
+
+
+def start_counting() -> RetryCount:
+    count = RetryCount()
+    _current.set(count)
+    return count
+
+
+def bump(_exc: BaseException | None = None) -> None:
+    count = _current.get()
+    if count is not None:
+        count.n += 1
+
+
+def set_slice_attempts(
+    conn: psycopg.Connection, schema: str, run_id: UUID, table: str, slice_start: datetime, attempts: int
+) -> None:
+    """On the slice's audit row just written in this transaction (its newest for the slice)."""
+    conn.execute(
+        sql.SQL(
+            "update {s} set attempts = %s where id = (select max(id) from {s} where run_id = %s "
+            "and table_name = %s and slice_start = %s)"
+        ).format(s=sql.Identifier(schema, "slice_refreshes")),
+        (attempts, run_id, table, slice_start),
+    )
+
+
+def add_table_retries(conn: psycopg.Connection, schema: str, run_id: UUID, table: str, retries: int) -> None:
+    """Added, not set: a table tried again as a whole (a Prefect task retry) keeps its count."""
+    conn.execute(
+        sql.SQL("update {t} set retries = retries + %s where run_id = %s and table_name = %s").format(
+            t=sql.Identifier(schema, "table_refreshes")
+        ),
+        (retries, run_id, table),
+    )
