@@ -7,7 +7,6 @@ asked which models its selection holds (`dbt ls`, no database write).
 
 from __future__ import annotations
 
-import importlib
 import io
 import tempfile
 from contextlib import redirect_stdout
@@ -21,6 +20,7 @@ from flows import runbook
 from flows.bigquery import BigQueryClients
 from flows.control import registry
 from flows.db import connect
+from flows.periods import periods_to_rebuild
 from flows.refresh import TableOutcome, refresh_table
 from flows.registry import Mode
 from flows.settings import Settings
@@ -34,7 +34,7 @@ class Explanation:
     tables: list[TableOutcome] = field(default_factory=list)
     dbt_select: str | None = None  # the selection of the run's `dbt build` (None: nothing)
     dbt_models: list[str] = field(default_factory=list)
-    # The periods dbt rebuilds (flows.periods); None until that module is present.
+    # The periods dbt rebuilds (flows.periods); None when no table was explained.
     periods: dict[str, list[str]] | None = None
     changed_slices: list[tuple[date, date]] = field(default_factory=list)
 
@@ -66,15 +66,9 @@ def read_slices(outcome: TableOutcome) -> list[tuple[date, date]]:
     return out
 
 
-def rebuild_periods(changed: list[tuple[date, date]]) -> dict[str, list[str]] | None:
-    """The dbt periods the changed slices rebuild. The seam to issue 14 part 2: its
-    `flows.periods.periods_to_rebuild` answers once merged (import it directly then)."""
-    try:
-        periods = importlib.import_module("flows.periods")
-    except ImportError:
-        return None
-    result: dict[str, list[str]] = periods.periods_to_rebuild(changed).to_dict()
-    return result
+def rebuild_periods(changed: list[tuple[date, date]]) -> dict[str, list[str]]:
+    """The dbt periods the changed slices rebuild (the same rule the run passes to dbt)."""
+    return periods_to_rebuild(changed).to_dict()
 
 
 def dbt_models(settings: Settings, select: str) -> list[str]:
