@@ -2,7 +2,7 @@
 
 A throwaway stack (embedded Postgres, BigQuery emulator, Prefect's ephemeral server; free
 ports, a temp folder) holds `--weeks` weeks of SQP at `--rows-per-week` rows
-(flows.sample_data), loaded and built once by a first daily run. Then, each through the real
+(flows.demo.sample_data), loaded and built once by a first daily run. Then, each through the real
 `daily-refresh` flow in its own child process (so its peak RSS is its own):
 
   (a) quiet day     one new week arrives in the source; the daily run (change-aware: skips

@@ -10,7 +10,7 @@ every table of a run (`slice_runner`, entered by the flow around extraction).
 
 What stays as without Dask (docs/scaling.md):
 - a slice is one Postgres transaction, opened by the worker that reads it: read, delete,
-  COPY, checkpoint, slice audit and the fence (flows.audit.check_lock), then commit;
+  COPY, checkpoint, slice audit and the fence (flows.control.runs.check_lock), then commit;
 - the refresh lock stays on the flow's connection. The fence needs no lock of its own: it
   checks, from any session, that the run's named lock session still holds the lock;
 - a table fails as before: a slice failing for good lets the slices already running end

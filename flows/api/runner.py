@@ -12,7 +12,7 @@ from datetime import date
 
 import psycopg
 
-from flows.audit import RefreshBusyError
+from flows.control.runs import RefreshBusyError
 from flows.control import triggers
 from flows.daily_refresh import daily_refresh
 from flows.db import connect

@@ -1,5 +1,5 @@
 """Reads the CLI makes of the control schema beyond what the API shares with it
-(flows.audit history and table_status): whether the schema holds a table yet, and the live
+(flows.control.history read_history and table_status): whether the schema holds a table yet, and the live
 progress of the refresh running now."""
 
 from __future__ import annotations

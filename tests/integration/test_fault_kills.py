@@ -12,7 +12,7 @@ A webhook endpoint (tests/webhook_receiver.py, answering after 0.3 s) makes ever
 events after its end; the receiver sees every event at least once by the end.
 
 Memory of the emulator: a killed run leaves its Storage read sessions open; the session's
-emulator bounds them (SQP_EMULATOR_SESSION_CAP_MB, flows.local_stack) and the test checks its
+emulator bounds them (SQP_EMULATOR_SESSION_CAP_MB, flows.demo.local_stack) and the test checks its
 RSS stays under a bound across the trials.
 """
 
