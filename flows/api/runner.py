@@ -12,8 +12,8 @@ from datetime import date
 
 import psycopg
 
-from flows.control.runs import RefreshBusyError
 from flows.control import triggers
+from flows.control.runs import RefreshBusyError
 from flows.daily_refresh import daily_refresh
 from flows.db import connect
 from flows.errors import RefreshError
