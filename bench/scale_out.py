@@ -79,8 +79,10 @@ def run(state: str) -> None:
     import psycopg
     from psycopg import sql
 
-    from flows import audit, registry, runbook, scale_out
+    from flows import registry, runbook, scale_out
     from flows.bigquery import make_clients
+    from flows.control import registry as config_rows
+    from flows.control import runs
     from flows.db import migrate
     from flows.demo.local_stack import local_stack
     from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
@@ -102,12 +104,12 @@ def run(state: str) -> None:
         configs = {c.table_name: c for c in registry.load_file(settings.tables_file)}
         sqp = configs[SQP_TABLE]
         with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-            registry.sync_from_file(conn, settings.control_schema, list(configs.values()))
+            config_rows.sync_from_file(conn, settings.control_schema, list(configs.values()))
 
         def refresh(table: str) -> TableOutcome:
-            with audit.refresh_lock(settings, wait_s=30) as lock:
-                audit.mark_abandoned(lock, settings.control_schema)  # the previous bench run's row
-                run = audit.start_run(
+            with runs.refresh_lock(settings, wait_s=30) as lock:
+                runs.mark_abandoned(lock, settings.control_schema)  # the previous bench run's row
+                run = runs.start_run(
                     lock, settings.control_schema, flow_run_id=None, trigger="bench", params={}
                 )
                 outcome = refresh_table(

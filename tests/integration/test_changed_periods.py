@@ -21,9 +21,9 @@ from uuid import uuid4
 import psycopg
 import pytest
 
-from flows import registry, runbook
+from flows import runbook
 from flows.bigquery import BigQueryClients
-from flows.control import rebuilds
+from flows.control import rebuilds, registry
 from flows.demo.sample_data import SQP_TABLE
 from flows.periods import periods_to_rebuild
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
