@@ -192,10 +192,12 @@ def invoke_dbt(
 def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
     """Invoke dbt through PrefectDbtRunner: inside a flow, one Prefect task per dbt node.
 
-    dbt's warnings and errors go to Prefect (each node's task log); its INFO lines (one START
-    and one OK per node, the rebuilt periods) only to dbt's log file under the state dir:
-    forwarding them cost 3-4x plain dbt's CPU time (bench/dbt_overhead.py, docs/benchmarks.md).
-    Every node's result is recorded in the control schema either way (record_dbt).
+    dbt's INFO events go to Prefect (each node's task log) and to dbt's log file under the
+    state dir (the CLI's progress line reads it). Forwarding only WARN and above costs far less
+    (bench/dbt_overhead.py) but, with prefect-dbt 0.7, leaves node tasks being created after
+    the flow returned: `refresh run` then ended with Prefect event errors and, at times, an
+    abort (exit 134) at interpreter shutdown; see docs/benchmarks.md. Every node's result is
+    recorded in the control schema either way (record_dbt).
     """
     from dbt_common.events.base_types import EventLevel
     from prefect_dbt import PrefectDbtRunner, PrefectDbtSettings
@@ -212,7 +214,7 @@ def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
                 project_dir=project,
                 profiles_dir=profiles_dir(settings),
                 target_path=target_path,
-                log_level=EventLevel.WARN,
+                log_level=EventLevel.INFO,
             ),
             raise_on_failure=False,
         )
