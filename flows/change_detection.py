@@ -36,7 +36,7 @@ from flows.db import relation_columns
 from flows.extract import SourceTable
 from flows.identifiers import bq_quote
 from flows.planning import Slice
-from flows.registry import ChangeDetection, SliceSize, TableConfig, WriteStrategy
+from flows.registry import ChangeDetection, SliceSize, TableConfig
 from flows.settings import Settings
 from flows.validation import (
     EMPTY,
@@ -45,6 +45,7 @@ from flows.validation import (
     QueryStats,
     by_period,
     columns_of,
+    cursor_of,
     estimate_fingerprint_bytes,
     fingerprint_bq,
     fingerprint_pg,
@@ -235,12 +236,7 @@ def detect(
 ) -> Detection:
     """Decide which of `slices` to read. Reads BigQuery and the checkpoints; writes nothing."""
     cols = columns_of(source, clients.settings.uses_emulator)
-    cursor = None
-    size: SliceSize | None = None
-    if cfg.write_strategy is WriteStrategy.SLICE_REPLACE and cfg.cursor_column:
-        src = source.column(cfg.cursor_column)
-        cursor = next(c for c in cols if c.source.name == src.name)
-        size = cfg.slice_size
+    cursor, size = cursor_of(cfg, source, cols)
     blind = blind_reason(cols)
     det = Detection(
         cols=cols,

@@ -567,6 +567,14 @@ class PeriodResult:
         return d
 
 
+def cursor_of(cfg: TableConfig, source: SourceTable, cols: list[Col]) -> tuple[Col | None, SliceSize | None]:
+    """The cursor column of a sliced table and its slice size; (None, None) for a whole table."""
+    if cfg.write_strategy is not WriteStrategy.SLICE_REPLACE or not cfg.cursor_column:
+        return None, None
+    src = source.column(cfg.cursor_column)
+    return next(c for c in cols if c.source.name == src.name), cfg.slice_size
+
+
 def key_columns(cfg: TableConfig) -> list[str]:
     keys = cfg.custom_params.get("key_columns") or []
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
@@ -592,12 +600,7 @@ def validate_table(
     unknown = [k for k in keys if not any(k in (c.source.name, c.name) for c in cols)]
     if unknown:
         raise ConfigError(f"{cfg.table_name}: key_columns {unknown} are not columns of the source")
-    cursor = None
-    size: SliceSize | None = None
-    if cfg.write_strategy is WriteStrategy.SLICE_REPLACE and cfg.cursor_column:
-        src = source.column(cfg.cursor_column)
-        cursor = next(c for c in cols if c.source.name == src.name)
-        size = cfg.slice_size
+    cursor, size = cursor_of(cfg, source, cols)
     window = None
     if cursor is not None and (first or last):
         lo = align(first, size) if first and size else date(1, 1, 1)
