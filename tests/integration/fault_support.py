@@ -86,8 +86,10 @@ def fault_stack(name: str, spec: SampleSpec = SPEC) -> Iterator[FaultStack]:
         "COLUMNS": "200",
         # Each `refresh run` starts Prefect's ephemeral server; on a loaded machine it needs long.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
+        # the webhook receiver of the kill trials listens on 127.0.0.1
+        "REFRESH_WEBHOOK_ALLOW_PRIVATE": "true",
     }
-    settings = get_settings(pg_dsn=dsn, bq_dataset=name)
+    settings = get_settings(pg_dsn=dsn, bq_dataset=name, webhook_allow_private=True)
     migrate(settings)
     clients = make_clients(settings)
     try:

@@ -42,7 +42,7 @@ def test_rate_a_tenth_of_bigquery_calls_failing_the_run_completes_exact(ft: Faul
     print("gRPC calls", grpc.calls, "faults", dict(grpc.injected))
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     # The faults did happen, at about the rate asked.
-    assert sum(rest.injected.values()) >= 2 and sum(grpc.injected.values()) >= 1
+    assert sum(rest.injected.values()) >= 1 and sum(grpc.injected.values()) >= 1
     assert sum(rest.injected.values()) <= 0.25 * rest.calls
     periods = assert_exact(ft)
     print("periods checked:", periods)
