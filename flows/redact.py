@@ -105,12 +105,34 @@ def _redact_record(record: logging.LogRecord) -> None:
         message = record.getMessage()
     except Exception:  # a bad format string is the caller's bug: keep the raw text
         message = str(record.msg)
-    record.msg, record.args = redact(message), None
+        record.msg, record.args = redact(message), None
+    else:
+        clean = redact(message)
+        if clean != message:
+            _mask_record(record, clean)
+        # else: msg and args stay as they came: formatters that read the arguments
+        # (uvicorn's access log unpacks them) keep working
     if record.exc_info and not record.exc_text:
         record.exc_text = _formatter.formatException(record.exc_info)
     if record.exc_text:
         record.exc_text = redact(record.exc_text)
     record._redacted = True
+
+
+def _mask_record(record: logging.LogRecord, clean: str) -> None:
+    """Mask a secret in the message or its arguments: argument by argument when that masks
+    it (so the record keeps its shape), else the whole message, formatted, with no arguments."""
+    args = record.args
+    if isinstance(record.msg, str) and isinstance(args, tuple):
+        masked = tuple(redact(a) if isinstance(a, str) else a for a in args)
+        try:
+            message = redact(record.msg) % masked if masked else redact(record.msg)
+        except (TypeError, ValueError):
+            message = None
+        if message is not None and redact(message) == message:
+            record.msg, record.args = redact(record.msg), masked
+            return
+    record.msg, record.args = clean, None
 
 
 _installed = False

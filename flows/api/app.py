@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from uuid import UUID
 
 from fastapi import FastAPI
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from flows import runbook
 from flows.api import dashboard, problems, rollout_routes, routes, webhook_routes
@@ -34,10 +34,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             open=False,
         )
         pool.open(wait=True, timeout=30)
+        # The hot reads (token checks, status, history) run on the event loop with async
+        # connections: no thread hop per request.
+        apool: AsyncConnectionPool = AsyncConnectionPool(
+            settings.dsn(),
+            min_size=settings.api_pool_size,
+            max_size=settings.api_pool_size,
+            kwargs={"autocommit": True, "application_name": "sqp-refresh-api"},
+            open=False,
+        )
+        try:
+            await apool.open(wait=True, timeout=30)
+        except BaseException:
+            pool.close()
+            raise
         app.state.pool = pool
+        app.state.apool = apool
         try:
             yield
         finally:
+            await apool.close()
             pool.close()
 
     app = FastAPI(

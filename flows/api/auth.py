@@ -3,7 +3,7 @@ schema (flows.control.tokens). A token is never logged or echoed back."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,11 +17,11 @@ bearer = HTTPBearer(auto_error=False, description="A token from `refresh token c
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="refresh"'}
 
 
-def require(scope: Scope) -> Callable[..., TokenInfo | None]:
+def require(scope: Scope) -> Callable[..., Awaitable[TokenInfo | None]]:
     """A dependency: the caller's token if it has `scope`; None for an anonymous read when
     the operator allowed those (REFRESH_API_ANONYMOUS_READ)."""
 
-    def check(
+    async def check(
         request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
     ) -> TokenInfo | None:
         state = request.app.state
@@ -29,8 +29,8 @@ def require(scope: Scope) -> Callable[..., TokenInfo | None]:
             if scope is Scope.READ and state.settings.api_anonymous_read:
                 return None
             raise Problem(401, f"this needs a bearer token with scope {scope.value!r}", headers=CHALLENGE)
-        with state.pool.connection() as conn:
-            info = tokens.verify(conn, state.settings.control_schema, creds.credentials)
+        async with state.apool.connection() as conn:
+            info = await tokens.verify_async(conn, state.settings.control_schema, creds.credentials)
         if info is None:
             raise Problem(401, "the bearer token is unknown or revoked", headers=CHALLENGE)
         if not info.allows(scope):

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from uuid import UUID, uuid4
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +23,13 @@ from flows.api.auth import require
 from flows.api.problems import Problem
 from flows.api.responses import FastJSONResponse
 from flows.control import monitoring, registry, triggers
-from flows.control.history import MAX_PAGE_SIZE, HistoryCursor, HistoryQuery, history_after, read_history
+from flows.control.history import (
+    MAX_PAGE_SIZE,
+    HistoryCursor,
+    HistoryQuery,
+    history_after_async,
+    read_history_async,
+)
 from flows.control.runs import refresh_running
 from flows.control.tokens import Scope, TokenInfo
 from flows.registry import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
@@ -51,7 +58,7 @@ def _now() -> datetime:
 
 
 @router.get("/status", response_model=None, responses=COMMON_ERRORS)
-def status(
+async def status(
     request: Request,
     _: Reader,
     hours: Annotated[int, Query(ge=1, le=720, description="Runs of the last N hours")] = 24,
@@ -81,7 +88,8 @@ def status(
             }
         )
 
-    cached = request.app.state.status_cache.get(hours, compute)
+    cache = request.app.state.status_cache
+    cached = cache.lookup(hours, compute) or await run_in_threadpool(cache.get, hours, compute)
     return Response(cached.body, media_type="application/json", headers={"Age": str(int(cached.age_s()))})
 
 
@@ -277,7 +285,7 @@ Cursor = Annotated[
 ]
 
 
-def _page(request: Request, q: HistoryQuery, cursor: str | None = None) -> FastJSONResponse:
+async def _page(request: Request, q: HistoryQuery, cursor: str | None = None) -> FastJSONResponse:
     """A page by number (with the total), or the page after a cursor."""
     if cursor is not None:
         if q.page != 1:
@@ -287,13 +295,13 @@ def _page(request: Request, q: HistoryQuery, cursor: str | None = None) -> FastJ
                 errors=[{"field": "cursor", "problem": "cannot be combined with page"}],
             )
         after = HistoryCursor.decode(cursor)
-        with request.app.state.pool.connection() as conn:
-            rows, next_cursor = history_after(conn, _schema(request), q, after)
+        async with request.app.state.apool.connection() as conn:
+            rows, next_cursor = await history_after_async(conn, _schema(request), q, after)
         return FastJSONResponse(
             {"page_size": q.page_size, "cursor": cursor, "next_cursor": next_cursor, "items": rows}
         )
-    with request.app.state.pool.connection() as conn:
-        result = read_history(conn, _schema(request), q)
+    async with request.app.state.apool.connection() as conn:
+        result = await read_history_async(conn, _schema(request), q)
     return FastJSONResponse(
         {
             "page": q.page,
@@ -307,7 +315,7 @@ def _page(request: Request, q: HistoryQuery, cursor: str | None = None) -> FastJ
 
 
 @router.get("/runs", response_model=None, responses=COMMON_ERRORS)
-def runs(
+async def runs(
     request: Request,
     _: Reader,
     status: Annotated[
@@ -321,7 +329,7 @@ def runs(
 ) -> FastJSONResponse:
     """Runs, newest first, paged by `page` or after a `cursor` (see /history)."""
     q = HistoryQuery(status=status, since=since, until=until, page=page, page_size=page_size)
-    return _page(request, q, cursor)
+    return await _page(request, q, cursor)
 
 
 @router.get(
@@ -339,7 +347,7 @@ def run(request: Request, _: Reader, run_id: UUID) -> FastJSONResponse:
 
 
 @router.get("/history", response_model=None, responses=COMMON_ERRORS)
-def history(
+async def history(
     request: Request,
     _: Reader,
     table: Annotated[
@@ -356,7 +364,7 @@ def history(
     by `page` (with the total), or after a `cursor` (every page as fast as the first). Each
     page has `next_cursor` (null on the last)."""
     q = HistoryQuery(table=table, status=status, since=since, until=until, page=page, page_size=page_size)
-    return _page(request, q, cursor)
+    return await _page(request, q, cursor)
 
 
 @router.get("/metrics", response_model=None, responses=COMMON_ERRORS)

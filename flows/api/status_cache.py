@@ -1,17 +1,29 @@
 """A short cache of the status answer, per `hours`: under many concurrent readers (a wall of
-dashboards, monitoring probes) one request per window computes it and the others get the same
-bytes. Bounded in age (`ttl_s`) and size; cleared when this process starts a refresh or changes
-the registry. The response's Age header says how old the answer is (`generated_at` in the body
-says when it was computed)."""
+dashboards, monitoring probes) one computation per window serves them all.
+
+Stale while revalidating: an answer older than `ttl_s` is still served (for at most
+`ttl_s + STALE_LIMIT_S`) while one background thread computes the next, so no reader waits for
+the database when the window rolls over (before this, every reader of the worker queued
+behind the recomputation once per window: the API's p99). A reader waits only when there is
+no usable answer: the first request, after `clear()` (this process started a refresh or
+changed the registry), or when the last recomputation failed (the error then reaches that
+reader). Bounded in size. The response's Age header says how old the answer is (`generated_at`
+in the body says when it was computed).
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_ENTRIES = 32
+# How long past its ttl an answer may still be served while the next one is computed.
+STALE_LIMIT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,26 +42,72 @@ class StatusCache:
         # One computation per key at a time: concurrent misses wait for it instead of all
         # querying the database at once.
         self._lock = threading.Lock()
+        self._refreshing: set[int] = set()
+        # Bumped by clear(): a background computation begun before it does not store its answer.
+        self._generation = 0
+
+    def lookup(self, hours: int, compute: Callable[[], bytes]) -> Cached | None:
+        """A usable answer without waiting: a fresh one, or a stale one while a background
+        thread computes the next. None when the caller must compute (`get`)."""
+        if self.ttl_s <= 0:
+            return None
+        entry = self._entries.get(hours)
+        if entry is None:
+            return None
+        age = entry.age_s()
+        if age < self.ttl_s:
+            return entry
+        if age >= self.ttl_s + STALE_LIMIT_S:
+            return None
+        self._refresh_in_background(hours, compute)
+        return entry
 
     def get(self, hours: int, compute: Callable[[], bytes]) -> Cached:
+        """An answer, computing it (once for concurrent callers) when there is no usable one."""
         if self.ttl_s <= 0:
             return Cached(compute(), time.monotonic())
-        hit = self._fresh(hours)
+        hit = self.lookup(hours, compute)
         if hit is not None:
             return hit
         with self._lock:
-            hit = self._fresh(hours)
+            hit = self.lookup(hours, compute)
             if hit is not None:
                 return hit
             entry = Cached(compute(), time.monotonic())
-            if len(self._entries) >= MAX_ENTRIES:
-                self._entries.pop(min(self._entries, key=lambda k: self._entries[k].computed_at))
-            self._entries[hours] = entry
+            self._store(hours, entry)
             return entry
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._generation += 1
+            self._entries.clear()
 
-    def _fresh(self, hours: int) -> Cached | None:
-        entry = self._entries.get(hours)
-        return entry if entry is not None and entry.age_s() < self.ttl_s else None
+    def _store(self, hours: int, entry: Cached) -> None:
+        if hours not in self._entries and len(self._entries) >= MAX_ENTRIES:
+            self._entries.pop(min(self._entries, key=lambda k: self._entries[k].computed_at))
+        self._entries[hours] = entry
+
+    def _refresh_in_background(self, hours: int, compute: Callable[[], bytes]) -> None:
+        with self._lock:
+            if hours in self._refreshing:
+                return
+            self._refreshing.add(hours)
+            generation = self._generation
+
+        def run() -> None:
+            entry: Cached | None = None
+            try:
+                entry = Cached(compute(), time.monotonic())
+            except Exception:
+                # The next reader computes it itself and gets the error.
+                log.exception("recomputing the status answer failed")
+            with self._lock:
+                self._refreshing.discard(hours)
+                if self._generation != generation:
+                    return
+                if entry is None:
+                    self._entries.pop(hours, None)
+                else:
+                    self._store(hours, entry)
+
+        threading.Thread(target=run, name=f"status-cache-{hours}", daemon=True).start()

@@ -126,16 +126,9 @@ def _history_source(
     return filtered, params
 
 
-def _fetch_page(
-    conn: psycopg.Connection,
-    schema: str,
-    q: HistoryQuery,
-    filtered: sql.Composed,
-    params: list[Any],
-    offset: int = 0,
-) -> tuple[list[dict[str, Any]], str | None]:
-    """Up to page_size rows, newest first, and the cursor after them if more follow."""
-    page_size = q.page_size
+def _page_query(schema: str, q: HistoryQuery, filtered: sql.Composed) -> sql.Composed:
+    """Up to page_size + 1 rows of `filtered`, newest first, from an offset (parameters: the
+    filter's, then limit and offset)."""
     # run_id breaks ties between equal start times: the order is total, so pages are stable.
     newest_first = sql.SQL(" order by started_at desc, run_id desc")
     query = filtered + newest_first + sql.SQL(" limit %s offset %s")
@@ -147,19 +140,38 @@ def _fetch_page(
             )
             + newest_first
         )
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(query, [*params, page_size + 1, offset])
-        rows = cur.fetchall()
+    return query
+
+
+def _count_query(filtered: sql.Composed) -> sql.Composed:
+    return sql.SQL("select count(*) from ({}) f").format(filtered)
+
+
+def _cut(rows: list[dict[str, Any]], page_size: int) -> tuple[list[dict[str, Any]], str | None]:
+    """The page (page_size + 1 rows were asked for) and the cursor after it if more follow."""
     if len(rows) <= page_size:
         return rows, None
     rows = rows[:page_size]
     return rows, HistoryCursor(rows[-1]["started_at"], rows[-1]["run_id"]).encode()
 
 
+def _fetch_page(
+    conn: psycopg.Connection,
+    schema: str,
+    q: HistoryQuery,
+    filtered: sql.Composed,
+    params: list[Any],
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], str | None]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(_page_query(schema, q, filtered), [*params, q.page_size + 1, offset])
+        return _cut(cur.fetchall(), q.page_size)
+
+
 def read_history(conn: psycopg.Connection, schema: str, q: HistoryQuery) -> HistoryPage:
     """One page of runs (or of one table's refreshes), newest first, with the total count."""
     filtered, params = _history_source(schema, q)
-    total_row = conn.execute(sql.SQL("select count(*) from ({}) f").format(filtered), params).fetchone()
+    total_row = conn.execute(_count_query(filtered), params).fetchone()
     rows, next_cursor = _fetch_page(conn, schema, q, filtered, params, (q.page - 1) * q.page_size)
     return HistoryPage(total=int(total_row[0]) if total_row else 0, rows=rows, next_cursor=next_cursor)
 
@@ -171,6 +183,30 @@ def history_after(
     with neither offset nor count, so every page costs what the first one does."""
     filtered, params = _history_source(schema, q, after=cursor)
     return _fetch_page(conn, schema, q, filtered, params)
+
+
+async def read_history_async(conn: psycopg.AsyncConnection[Any], schema: str, q: HistoryQuery) -> HistoryPage:
+    """`read_history` on an async connection (the API's request path): the count and the page
+    go to Postgres in one pipeline, one round trip."""
+    filtered, params = _history_source(schema, q)
+    offset = (q.page - 1) * q.page_size
+    async with conn.cursor() as count_cur, conn.cursor(row_factory=dict_row) as cur:
+        async with conn.pipeline():
+            await count_cur.execute(_count_query(filtered), params)
+            await cur.execute(_page_query(schema, q, filtered), [*params, q.page_size + 1, offset])
+        total_row = await count_cur.fetchone()
+        rows, next_cursor = _cut(await cur.fetchall(), q.page_size)
+    return HistoryPage(total=int(total_row[0]) if total_row else 0, rows=rows, next_cursor=next_cursor)
+
+
+async def history_after_async(
+    conn: psycopg.AsyncConnection[Any], schema: str, q: HistoryQuery, cursor: HistoryCursor
+) -> tuple[list[dict[str, Any]], str | None]:
+    """`history_after` on an async connection."""
+    filtered, params = _history_source(schema, q, after=cursor)
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(_page_query(schema, q, filtered), [*params, q.page_size + 1, 0])
+        return _cut(await cur.fetchall(), q.page_size)
 
 
 def table_status(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -92,22 +93,42 @@ def create(
     return f"{PREFIX}_{token_id}_{secret}", TokenInfo(token_id, name, parsed, row[0])
 
 
-def verify(conn: psycopg.Connection, schema: str, token: str) -> TokenInfo | None:
-    """The active token this string is, or None (malformed, unknown, revoked or wrong secret)."""
+def _parts(token: str) -> tuple[str, str] | None:
     prefix, _, rest = token.partition("_")
     token_id, _, secret = rest.partition("_")
     if prefix != PREFIX or not token_id or not secret:
         return None
-    row = conn.execute(
-        sql.SQL(
-            "select name, scopes, secret_sha256, created_at from {t} "
-            "where token_id = %s and revoked_at is null"
-        ).format(t=_t(schema)),
-        (token_id,),
-    ).fetchone()
+    return token_id, secret
+
+
+def _verify_query(schema: str) -> sql.Composed:
+    return sql.SQL(
+        "select name, scopes, secret_sha256, created_at from {t} where token_id = %s and revoked_at is null"
+    ).format(t=_t(schema))
+
+
+def _verified(row: tuple[Any, ...] | None, token_id: str, secret: str) -> TokenInfo | None:
     if row is None or not hmac.compare_digest(bytes(row[2]), _digest(secret)):
         return None
     return TokenInfo(token_id, row[0], tuple(Scope(s) for s in row[1]), row[3])
+
+
+def verify(conn: psycopg.Connection, schema: str, token: str) -> TokenInfo | None:
+    """The active token this string is, or None (malformed, unknown, revoked or wrong secret)."""
+    parts = _parts(token)
+    if parts is None:
+        return None
+    row = conn.execute(_verify_query(schema), (parts[0],)).fetchone()
+    return _verified(row, *parts)
+
+
+async def verify_async(conn: psycopg.AsyncConnection[Any], schema: str, token: str) -> TokenInfo | None:
+    """`verify` on an async connection (the API's request path)."""
+    parts = _parts(token)
+    if parts is None:
+        return None
+    cur = await conn.execute(_verify_query(schema), (parts[0],))
+    return _verified(await cur.fetchone(), *parts)
 
 
 def revoke(conn: psycopg.Connection, schema: str, name_or_id: str) -> TokenInfo:

@@ -50,3 +50,47 @@ def test_log_records_are_redacted_with_their_traceback() -> None:
     r.RedactingFilter().filter(record)
     text = logging.Formatter().format(record)
     assert "LogSecret77" not in text and "Traceback" in text and "***" in text
+
+
+def test_records_without_secrets_keep_their_arguments() -> None:
+    """uvicorn's access log formatter unpacks `record.args`: a record with nothing to mask
+    must reach it as it was made (flattening it made every request log a traceback)."""
+    from uvicorn.logging import AccessFormatter
+
+    args = ("127.0.0.1:5000", "GET", "/api/refresh/status?hours=24", "1.1", 200)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None
+    )
+    r.RedactingFilter().filter(record)
+    assert record.args == args
+    text = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False).format(
+        record
+    )
+    assert text == '127.0.0.1:5000 - "GET /api/refresh/status?hours=24 HTTP/1.1" 200 OK'
+
+
+def test_a_secret_in_an_argument_is_masked_in_place() -> None:
+    from uvicorn.logging import AccessFormatter
+
+    args = ("127.0.0.1:5000", "GET", "/x?token=SeCrEt1234567", "1.1", 200)
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d', args, None
+    )
+    r.RedactingFilter().filter(record)
+    assert isinstance(record.args, tuple) and "SeCrEt1234567" not in str(record.args)
+    text = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False).format(
+        record
+    )
+    assert "SeCrEt1234567" not in text and "token=***" in text
+
+
+def test_a_secret_in_an_object_argument_flattens_the_message() -> None:
+    r.register_secret("ObjSecret99")
+
+    class Holder:
+        def __str__(self) -> str:
+            return "dsn postgresql://u:ObjSecret99@db/x"
+
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "using %s", (Holder(),), None)
+    r.RedactingFilter().filter(record)
+    assert record.args is None and "ObjSecret99" not in record.getMessage() and "***" in record.getMessage()

@@ -5,7 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+import pytest
+
+from flows.api import status_cache
 from flows.api.status_cache import MAX_ENTRIES, StatusCache
 
 
@@ -28,7 +32,74 @@ def test_served_again_within_ttl_then_recomputed() -> None:
     assert 0 <= again.age_s() < 0.2
     assert cache.get(48, compute).body == b"2"  # another key: its own answer
     time.sleep(0.25)
-    assert cache.get(24, compute).body == b"3"
+    # Expired: the old answer at once, the next one computed in the background.
+    assert cache.get(24, compute) is first
+    wait_for(lambda: cache.get(24, compute).body == b"3")
+    assert len(calls) == 3
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_readers_do_not_wait_for_the_recomputation() -> None:
+    cache = StatusCache(ttl_s=0.05)
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow() -> bytes:
+        calls.append(1)
+        if len(calls) > 1:
+            release.wait(5)
+        return str(len(calls)).encode()
+
+    first = cache.get(24, slow)
+    time.sleep(0.06)
+    t0 = time.monotonic()
+    served = [cache.get(24, slow) for _ in range(50)]
+    assert time.monotonic() - t0 < 0.5  # none waited for the blocked computation
+    assert all(s is first for s in served) and len(calls) == 2  # one background computation
+    release.set()
+    wait_for(lambda: cache.get(24, slow).body == b"2")
+
+
+def test_too_stale_or_failed_answers_are_not_served(monkeypatch: Any) -> None:
+    monkeypatch.setattr(status_cache, "STALE_LIMIT_S", 0.1)
+    cache = StatusCache(ttl_s=0.05)
+    _, compute = counter()
+    cache.get(24, compute)
+    time.sleep(0.2)  # past ttl + stale limit: computed while the reader waits
+    assert cache.get(24, compute).body == b"2"
+
+    def boom() -> bytes:
+        raise RuntimeError("database down")
+
+    time.sleep(0.06)
+    assert cache.get(24, boom).body == b"2"  # stale, and the background computation fails
+    wait_for(lambda: 24 not in cache._entries)
+    with pytest.raises(RuntimeError, match="database down"):
+        cache.get(24, boom)  # the reader now sees the error, not an ever older answer
+
+
+def test_a_computation_begun_before_clear_is_not_stored() -> None:
+    cache = StatusCache(ttl_s=0.05)
+    release = threading.Event()
+
+    def old_answer() -> bytes:
+        release.wait(5)
+        return b"before"
+
+    cache.get(24, lambda: b"first")
+    time.sleep(0.06)
+    cache.get(24, old_answer)  # starts the background computation
+    cache.clear()  # e.g. the registry changed
+    release.set()
+    assert cache.get(24, lambda: b"after").body == b"after"
+    time.sleep(0.05)
+    assert cache.get(24, lambda: b"again").body == b"after"
 
 
 def test_ttl_zero_computes_every_time_and_clear_forgets() -> None:
