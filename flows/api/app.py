@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from uuid import UUID
 
 from fastapi import FastAPI
@@ -25,24 +26,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # The same start as every CLI command that reads the registry: schema migrated, the
         # registry file synced in.
         runbook.prepare(settings)
-        pool: ConnectionPool = ConnectionPool(
-            settings.dsn(),
-            # Opened up front: a burst of requests does not wait for new connections.
-            min_size=settings.api_pool_size,
-            max_size=settings.api_pool_size,
-            kwargs={"autocommit": True, "application_name": "sqp-refresh-api"},
-            open=False,
-        )
+        # Opened up front: a burst of requests does not wait for new connections.
+        options: dict[str, Any] = {
+            "min_size": settings.api_pool_size,
+            "max_size": settings.api_pool_size,
+            "kwargs": {"autocommit": True, "application_name": "sqp-refresh-api"},
+            "open": False,
+        }
+        pool: ConnectionPool = ConnectionPool(settings.dsn(), **options)
         pool.open(wait=True, timeout=30)
         # The hot reads (token checks, status, history) run on the event loop with async
         # connections: no thread hop per request.
-        apool: AsyncConnectionPool = AsyncConnectionPool(
-            settings.dsn(),
-            min_size=settings.api_pool_size,
-            max_size=settings.api_pool_size,
-            kwargs={"autocommit": True, "application_name": "sqp-refresh-api"},
-            open=False,
-        )
+        apool: AsyncConnectionPool = AsyncConnectionPool(settings.dsn(), **options)
         try:
             await apool.open(wait=True, timeout=30)
         except BaseException:
