@@ -29,7 +29,7 @@ from flows import maintenance, runbook, scale_out, webhooks
 from flows.bigquery import BigQueryClients, make_clients
 from flows.control import runs
 from flows.control.dbt_audit import record_dbt
-from flows.control.runs import refresh_lock
+from flows.control.runs import RunStatus, refresh_lock
 from flows.control.tables import TableOutcome, TableStatus
 from flows.db import connect
 from flows.errors import LockLostError, PostgresLostError, RefreshError, TransientError
@@ -108,7 +108,7 @@ def _failure_message(exc: BaseException, outcomes: list[TableOutcome]) -> str:
         head = _first_line(exc)
     else:
         head = f"run crashed: {exc!r}"
-    failed = [f"{o.table_name}: {o.error}" for o in outcomes if o.status == "failed" and o.error]
+    failed = [f"{o.table_name}: {o.error}" for o in outcomes if o.status == TableStatus.FAILED and o.error]
     return " | ".join([head, *failed])
 
 
@@ -159,7 +159,8 @@ def _end_run(settings: Settings, run: runs.RunRecord, summary: runbook.RunSummar
                     runs.check_lock(conn, run.run_id, "before recording the run's end")
                 except LockLostError as exc:
                     if "lost the refresh lock" not in summary.message:
-                        summary = replace(summary, status="failed", message=f"{exc} | {summary.message}")
+                        message = f"{exc} | {summary.message}"
+                        summary = replace(summary, status=RunStatus.FAILED, message=message)
                 runbook.finish_run(conn, settings, run, summary)
             return summary
         except psycopg.OperationalError as exc:
@@ -324,7 +325,7 @@ def daily_refresh(
                 _end_run(
                     settings,
                     run,
-                    runbook.RunSummary(str(run.run_id), "failed", message, dry_run=params.dry_run),
+                    runbook.RunSummary(str(run.run_id), RunStatus.FAILED, message, dry_run=params.dry_run),
                 )
                 if isinstance(exc, psycopg.OperationalError):
                     raise PostgresLostError(message) from exc
@@ -353,8 +354,8 @@ def daily_refresh(
         description=f"refresh {summary.status}: {summary.message}"[:500],
     )
     logger.info("run %s ended %s: %s", run.run_id, summary.status, summary.message)
-    if summary.status == "failed":
+    if summary.status == RunStatus.FAILED:
         raise RefreshFailed(summary.message)
     # A warning run completed (the other tables are in), but shows as "Warning" in the UI.
-    name = "Warning" if summary.status == "warning" else "Completed"
+    name = "Warning" if summary.status == RunStatus.WARNING else "Completed"
     return Completed(name=name, message=summary.message, data=summary.to_dict())

@@ -18,8 +18,9 @@ import yaml
 from flows import transform, validation, webhooks
 from flows.bigquery import BigQueryClients
 from flows.control import dbt_audit, registry, runs
-from flows.control.dbt_audit import NodeRun
-from flows.control.tables import TableOutcome
+from flows.control.dbt_audit import NodeRun, NodeStatus
+from flows.control.runs import RunStatus
+from flows.control.tables import TableOutcome, TableStatus
 from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.extract import list_source_tables
@@ -211,7 +212,7 @@ def advance_due_times(
     due = {
         o.table_name: next_due(by_name[o.table_name], anchor, scheduled=scheduled)
         for o in outcomes
-        if o.status == "success" and o.table_name in by_name
+        if o.status == TableStatus.SUCCESS and o.table_name in by_name
     }
     for table, when in due.items():
         registry.set_next_refresh(conn, settings.control_schema, table, when)
@@ -293,7 +294,7 @@ def rebuild_vars(changed: list[TableOutcome], explicit_range: bool) -> dict[str,
 @dataclass
 class RunSummary:
     run_id: str
-    status: str
+    status: RunStatus
     message: str
     tables: list[dict[str, Any]] = field(default_factory=list)
     dbt_models_built: int = 0
@@ -331,7 +332,7 @@ def _first_line(text: str | None) -> str | None:
 
 
 def skipped_nodes(dbt: DbtOutcome) -> list[NodeRun]:
-    return [n for n in dbt.nodes if n["status"] == "skipped"]
+    return [n for n in dbt.nodes if n["status"] == NodeStatus.SKIPPED]
 
 
 def first_error(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> str | None:
@@ -343,7 +344,7 @@ def first_error(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> str | N
         if line := _first_line(dbt.message):
             return line
     for o in outcomes:
-        if o.status == "failed" and (line := _first_line(o.error)):
+        if o.status == TableStatus.FAILED and (line := _first_line(o.error)):
             return f"{o.table_name}: {line}"
     return None
 
@@ -360,25 +361,25 @@ def dbt_problem(dbt: DbtOutcome) -> str:
     return "dbt: " + ("; ".join(parts) or "failed") + (f"; first error: {error}" if error else "")
 
 
-def overall_status(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> tuple[str, str]:
+def overall_status(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> tuple[RunStatus, str]:
     """success, warning (something failed, the rest went on) or failed, and why: the failed
     tables, the failed and skipped dbt nodes and the first error line."""
-    failed = [o for o in outcomes if o.status == "failed"]
+    failed = [o for o in outcomes if o.status == TableStatus.FAILED]
     problems = [f"{o.table_name}: {o.error}" for o in failed]
     if dbt is not None and not dbt.success:
         problems.append(dbt_problem(dbt))
     if outcomes and len(failed) == len(outcomes):
-        return "failed", "every table failed: " + " | ".join(problems)
+        return RunStatus.FAILED, "every table failed: " + " | ".join(problems)
     if dbt is not None and dbt.invocation_id is None and not dbt.success:
-        return "failed", " | ".join(problems)
+        return RunStatus.FAILED, " | ".join(problems)
     if problems:
         ok = len(outcomes) - len(failed)
-        return "warning", f"{ok} of {len(outcomes)} table(s) refreshed; " + " | ".join(problems)
+        return RunStatus.WARNING, f"{ok} of {len(outcomes)} table(s) refreshed; " + " | ".join(problems)
     if not outcomes:
-        return "success", "no table was due"
-    if all(o.status == "planned" for o in outcomes):
-        return "success", f"dry run: {len(outcomes)} table(s) planned, nothing written"
-    return "success", f"{len(outcomes)} table(s) refreshed"
+        return RunStatus.SUCCESS, "no table was due"
+    if all(o.status == TableStatus.PLANNED for o in outcomes):
+        return RunStatus.SUCCESS, f"dry run: {len(outcomes)} table(s) planned, nothing written"
+    return RunStatus.SUCCESS, f"{len(outcomes)} table(s) refreshed"
 
 
 def validate_after_refresh(
@@ -393,13 +394,13 @@ def validate_after_refresh(
     status = {o.table_name: o.status for o in outcomes}
     return [
         validation.validate_touched(
-            settings, clients, c, status.get(c.table_name, "skipped"), run_id, dry_run
+            settings, clients, c, status.get(c.table_name, TableStatus.SKIPPED), run_id, dry_run
         )
         for c in chosen
     ]
 
 
-def with_validation(status: str, message: str, checks: list[AfterRefresh]) -> tuple[str, str]:
+def with_validation(status: RunStatus, message: str, checks: list[AfterRefresh]) -> tuple[RunStatus, str]:
     """A period that differs from BigQuery (or a validation that could not run) makes a
     successful run a `warning` naming the table and period; a failed run stays failed."""
     problems = [f"{v.table_name} differs from BigQuery in {', '.join(v.failed)}" for v in checks if v.failed]
@@ -407,7 +408,7 @@ def with_validation(status: str, message: str, checks: list[AfterRefresh]) -> tu
     if not problems:
         return status, message
     note = "validation: " + " | ".join(problems) + " (`refresh validate-data` shows the rows)"
-    return ("warning" if status == "success" else status), f"{message} | {note}"
+    return (RunStatus.WARNING if status == RunStatus.SUCCESS else status), f"{message} | {note}"
 
 
 def shadow_step(
@@ -421,7 +422,10 @@ def shadow_step(
     loaded = [
         o
         for o in outcomes
-        if o.status == "success" and o.mode == Mode.SHADOW.value and o.slices_done and o.table_name in sources
+        if o.status == TableStatus.SUCCESS
+        and o.mode == Mode.SHADOW.value
+        and o.slices_done
+        and o.table_name in sources
     ]
     if not loaded:
         return None

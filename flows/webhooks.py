@@ -34,6 +34,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from standardwebhooks.webhooks import Webhook
 
 from flows.control import webhooks as store
+from flows.control.runs import RunStatus
 from flows.db import connect
 from flows.errors import ConfigError, SchemaDriftError
 from flows.settings import Settings
@@ -56,7 +57,11 @@ EVENT_TYPES = (
     "table.rollback",
     "delivery.exhausted",
 )
-RUN_EVENTS = {"success": "refresh.completed", "warning": "refresh.warning", "failed": "refresh.failed"}
+RUN_EVENTS = {
+    RunStatus.SUCCESS: "refresh.completed",
+    RunStatus.WARNING: "refresh.warning",
+    RunStatus.FAILED: "refresh.failed",
+}
 # Delays after the 1st, 2nd, ... failed attempt (the spec's schedule; the last one repeats).
 RETRY_DELAYS_S = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600)
 JITTER = 0.1
