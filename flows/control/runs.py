@@ -116,7 +116,8 @@ class LockHolder:
             return f"run {self.run_id}{trigger}, started {at}{flow_run}"
         where = f" on {self.client}" if self.client else ""
         if self.pid is not None:
-            return f"a {self.trigger} run starting, no run id yet: pid {self.pid}{where}, lock taken {at}"
+            starting = f"a run starting, trigger {self.trigger}, no run id yet"
+            return f"{starting}: pid {self.pid}{where}, lock taken {at}"
         return f"the refresh lock is held by Postgres session {self.backend_pid}{where} since {at}"
 
     def to_json(self) -> dict[str, Any]:

@@ -433,7 +433,10 @@ def test_lockholder_a_refused_refresh_names_the_one_still_starting(engine: Engin
     with runs.refresh_lock(e.settings, wait_s=30, trigger="schedule") as conn:
         runs.mark_abandoned(conn, CONTROL)
         msg = refused()
-        assert f"another refresh is running (a schedule run starting, no run id yet: pid {os.getpid()}" in msg
+        assert (
+            f"another refresh is running (a run starting, trigger schedule, no run id yet: pid {os.getpid()}"
+            in msg
+        )
         with e.pg() as c:
             holder = runs.lock_holder(c, CONTROL)
         assert holder is not None and (holder.run_id, holder.trigger, holder.pid) == (

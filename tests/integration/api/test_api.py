@@ -339,7 +339,7 @@ def test_trigger_409_names_a_refresh_still_starting_before_its_run_id_exists(
     with runs.refresh_lock(settings, trigger="cli"):
         err = problem(client.post("/api/refresh/trigger", json={"force": True}, headers=h), 409)
     assert err["run_id"] is None and (err["trigger"], err["pid"]) == ("cli", os.getpid()), err
-    assert f"a cli run starting, no run id yet: pid {os.getpid()}" in err["detail"], err
+    assert f"a run starting, trigger cli, no run id yet: pid {os.getpid()}" in err["detail"], err
     assert err["started_at"], err
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         deadline = time.monotonic() + 30
