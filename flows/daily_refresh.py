@@ -125,11 +125,11 @@ def lock_taken_by_caller(lock_conn: psycopg.Connection) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _refresh_lock(settings: Settings) -> Iterator[psycopg.Connection]:
+def _refresh_lock(settings: Settings, trigger: str) -> Iterator[psycopg.Connection]:
     global _caller_lock
     conn, _caller_lock = _caller_lock, None
     if conn is None:
-        with refresh_lock(settings) as conn:
+        with refresh_lock(settings, trigger=trigger) as conn:
             yield conn
         return
     try:
@@ -281,7 +281,7 @@ def daily_refresh(
         chosen = runbook.plan_tables(settings, clients, params, now=anchor)
         logger.info("plan: %s", ", ".join(c.table_name for c in chosen) or "no table is due")
         # One refresh at a time: a second run fails here at once, having changed nothing.
-        with _refresh_lock(settings) as lock_conn:
+        with _refresh_lock(settings, params.trigger) as lock_conn:
             run = runbook.begin_run(lock_conn, settings, flow_run_id=_flow_run_id(), params=params)
             outcomes: list[TableOutcome] = []
             try:

@@ -33,10 +33,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from flows.bigquery import BigQueryClients, make_clients
+from flows.control import retries
 from flows.errors import ConfigError, TransientError
 from flows.settings import Settings, get_settings
 
@@ -45,10 +46,11 @@ log = logging.getLogger(__name__)
 
 class SliceJob(Protocol):
     """One slice's work (a dataclass): `run` does all its attempts until `deadline`
-    (time.monotonic() of the process it runs in)."""
+    (time.monotonic() of the process it runs in), counting them in `attempts`."""
 
     settings: Settings
     clients: BigQueryClients | None
+    attempts: int
 
     def run(self, deadline: float) -> Any: ...
 
@@ -145,11 +147,29 @@ def _own_secrets(settings: Settings) -> Settings:
     return settings.model_copy(update={f: getattr(own, f) for f in SECRET_FIELDS})
 
 
-def _run_on_worker(job: SliceJob, deadline_epoch: float) -> Any:
+@dataclass(frozen=True)
+class _Done:
+    """A slice's end on a worker: its result or its error, with the attempts it took and the
+    retries it made. The retry counter (flows.control.retries) lives in the table's thread of
+    the flow process, out of the worker's reach, so the worker counts its own and hands them
+    back; `_result` adds them there."""
+
+    value: Any
+    error: Exception | None
+    attempts: int
+    retries: int
+
+
+def _run_on_worker(job: SliceJob, deadline_epoch: float) -> _Done:
     """Runs in the Dask worker: secrets and clients from this process, the deadline in its clock."""
     settings = _own_secrets(job.settings)
     job = replace(job, settings=settings, clients=worker_clients(settings))  # type: ignore[type-var]
-    return job.run(time.monotonic() + (deadline_epoch - time.time()))
+    count = retries.start_counting()
+    try:
+        value = job.run(time.monotonic() + (deadline_epoch - time.time()))
+    except Exception as exc:
+        return _Done(None, exc, job.attempts, count.n)
+    return _Done(value, None, job.attempts, count.n)
 
 
 def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callable[[], Any]], None, None]:
@@ -188,7 +208,7 @@ def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callabl
     try:
         for future in finished:
             job = running.pop(future)
-            yield job, functools.partial(_result, future)
+            yield job, functools.partial(_result, future, job)
             if todo:
                 submit()
     finally:
@@ -202,8 +222,9 @@ def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callabl
             client.cancel(list(running))
 
 
-def _result(future: Any) -> Any:
-    """The slice's result or its own error; losing the worker is a transient failure.
+def _result(future: Any, job: SliceJob) -> Any:
+    """The slice's result or its own error; losing the worker is a transient failure. Called
+    in the table's thread: the worker's attempts go on `job`, its retries to the table's count.
 
     Dask runs the task of a worker that died again elsewhere by itself; KilledWorker comes
     only after several such deaths (a slice that kills its worker). Whatever the lost worker
@@ -214,9 +235,14 @@ def _result(future: Any) -> Any:
     from distributed.comm.core import CommClosedError
 
     try:
-        return future.result()
+        done: _Done = future.result()
     except (KilledWorker, FutureCancelledError, CommClosedError) as exc:
         raise TransientError(f"the Dask worker of the slice was lost ({type(exc).__name__}: {exc})") from exc
+    job.attempts = done.attempts
+    retries.add(done.retries)
+    if done.error is not None:
+        raise done.error
+    return done.value
 
 
 def job_grace_s(jobs: Sequence[SliceJob]) -> float:

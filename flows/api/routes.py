@@ -30,7 +30,7 @@ from flows.control.history import (
     history_after_async,
     read_history_async,
 )
-from flows.control.runs import refresh_running
+from flows.control.runs import lock_holder, refresh_running
 from flows.control.tokens import Scope, TokenInfo
 from flows.registry import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
 
@@ -146,13 +146,18 @@ def _busy(request: Request, conn: Any) -> dict[str, Any] | None:
     alive = [tid for tid, proc in children.items() if proc.poll() is None]
     for tid in [tid for tid in children if tid not in alive]:
         children.pop(tid)
-    if not refresh_running(conn) and not alive:
+    holder = lock_holder(conn, schema)
+    if holder is not None:
+        # the run, or (its run row not written yet) the trigger and process starting it
+        return {**holder.to_json(), "detail": holder.describe()}
+    if not alive:
         return None
-    row = monitoring.running_run(conn, schema)
-    if row is not None:
-        return {"run_id": row["run_id"], "flow_run_id": row["flow_run_id"], "started_at": row["started_at"]}
-    pending = triggers.get(conn, schema, alive[0]) if alive else None
-    return {"run_id": pending.run_id if pending else None, "trigger_id": alive[0] if alive else None}
+    pending = triggers.get(conn, schema, alive[0])
+    return {
+        "run_id": pending.run_id if pending else None,
+        "trigger_id": alive[0],
+        "detail": f"trigger {alive[0]} starting",
+    }
 
 
 @router.post(
@@ -208,7 +213,7 @@ def trigger(
         if busy is not None:
             raise Problem(
                 409,
-                f"a refresh is running (run {busy.get('run_id') or 'starting'}): try again when it ends",
+                f"a refresh is running ({busy.pop('detail')}): try again when it ends",
                 **jsonable_encoder(busy),
             )
         if not params.force:

@@ -303,7 +303,7 @@ def run_refresh(
         # The refresh lock before Prefect: Postgres unreachable, or another refresh running, is
         # one line now; the refused command has started nothing (no Prefect server, no flow
         # run, not even Prefect's import) and exits at once. The flow run adopts this lock.
-        with refresh_lock(settings) as lock_conn:
+        with refresh_lock(settings, trigger=trigger) as lock_conn:
             from flows.daily_refresh import daily_refresh, lock_taken_by_caller
 
             _start_ephemeral_prefect(settings)

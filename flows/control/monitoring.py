@@ -114,17 +114,6 @@ def runs_since(
     )
 
 
-def running_run(conn: psycopg.Connection, schema: str) -> dict[str, Any] | None:
-    rows = _rows(
-        conn,
-        sql.SQL(
-            "select run_id, flow_run_id, trigger, started_at from {r} where status = 'running' "
-            "order by started_at desc limit 1"
-        ).format(r=_t(schema, "refresh_runs")),
-    )
-    return rows[0] if rows else None
-
-
 def table_overview(conn: psycopg.Connection, schema: str, now: datetime) -> list[dict[str, Any]]:
     """Per registered table: mode, last status, last success, freshness, next due."""
     configs = {c.table_name: c for c in registry.load_all(conn, schema)}

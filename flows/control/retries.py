@@ -3,7 +3,8 @@
 `start_counting()` opens a counter for the table being refreshed in this thread (a context
 variable: each task thread has its own); `bump()` adds one retry to it: called by the slice
 retry loop and as `on_error` of the BigQuery client's request retries, which run in the
-thread that makes the call.
+thread that makes the call. A slice run on a Dask worker counts in the worker and hands its
+count back with its result (`add`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,14 @@ def start_counting() -> RetryCount:
 
 
 def bump(_exc: BaseException | None = None) -> None:
+    add(1)
+
+
+def add(n: int) -> None:
+    """Adds `n` retries made elsewhere (a slice's on a Dask worker, flows.scale_out)."""
     count = _current.get()
     if count is not None:
-        count.n += 1
+        count.n += n
 
 
 def set_slice_attempts(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,15 +46,23 @@ class RefreshBusyError(TerminalError):
 
 
 @contextlib.contextmanager
-def refresh_lock(settings: Settings, wait_s: float = 0.0) -> Iterator[psycopg.Connection]:
+def refresh_lock(
+    settings: Settings, wait_s: float = 0.0, *, trigger: str = "manual"
+) -> Iterator[psycopg.Connection]:
     """Hold the refresh advisory lock on a dedicated connection for the whole run.
 
     With wait_s > 0 a second run waits that long for the first one; otherwise it fails at once.
-    The lock dies with the session, so a killed process never leaves it behind.
+    The lock dies with the session, so a killed process never leaves it behind. Until the run
+    is bound to it (bind_lock), the session is named after `trigger` and this process
+    (lock_holder), so a refused trigger learns what is starting.
     """
     conn = connect(settings, autocommit=True)
     held = False
     try:
+        conn.execute(
+            "select set_config('application_name', %s, false)",
+            (f"{LOCK_STARTING_PREFIX}pid {os.getpid()} {trigger}",),
+        )
         if wait_s > 0:
             conn.execute("select set_config('lock_timeout', %s, false)", (f"{int(wait_s * 1000)}ms",))
             try:
@@ -80,17 +89,80 @@ def refresh_lock(settings: Settings, wait_s: float = 0.0) -> Iterator[psycopg.Co
 
 def _describe_running(conn: psycopg.Connection, schema: str) -> str:
     try:
-        row = conn.execute(
-            sql.SQL(
-                "select run_id, trigger, started_at, flow_run_id from {r} where status = 'running' "
-                "order by started_at desc limit 1"
-            ).format(r=_t(schema, "refresh_runs"))
-        ).fetchone()
+        holder = lock_holder(conn, schema)
     except psycopg.Error:
         return ""
+    return "" if holder is None else f" ({holder.describe()})"
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds the refresh lock: a run (run_id set), or a process still starting its run
+    (Prefect's start, planning: its trigger and pid), or an unknown session (pid None)."""
+
+    since: datetime  # the run's start, else when the lock session connected
+    run_id: UUID | None = None
+    flow_run_id: UUID | None = None
+    trigger: str | None = None
+    pid: int | None = None
+    client: str | None = None  # the holder's address as Postgres sees it (None: a local socket)
+    backend_pid: int | None = None
+
+    def describe(self) -> str:
+        at = f"{self.since:%Y-%m-%d %H:%M:%S %Z}"
+        if self.run_id is not None:
+            trigger = f", {self.trigger}" if self.trigger else ""
+            flow_run = f", flow run {self.flow_run_id}" if self.flow_run_id else ""
+            return f"run {self.run_id}{trigger}, started {at}{flow_run}"
+        where = f" on {self.client}" if self.client else ""
+        if self.pid is not None:
+            starting = f"a run starting, trigger {self.trigger}, no run id yet"
+            return f"{starting}: pid {self.pid}{where}, lock taken {at}"
+        return f"the refresh lock is held by Postgres session {self.backend_pid}{where} since {at}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "flow_run_id": self.flow_run_id,
+            "trigger": self.trigger,
+            "pid": self.pid,
+            "started_at": self.since,
+        }
+
+
+def lock_holder(conn: psycopg.Connection, schema: str) -> LockHolder | None:
+    """The holder of the refresh lock other than this session, or None when nobody holds it.
+
+    Read from the lock session's name: bound to a run (LOCK_SESSION_PREFIX + run id), or
+    still starting (LOCK_STARTING_PREFIX + pid and trigger, set by refresh_lock)."""
+    row = conn.execute(
+        sql.SQL(
+            "select a.application_name, a.backend_start, host(a.client_addr), a.pid, "
+            "r.run_id, r.trigger, r.started_at, r.flow_run_id "
+            "from pg_locks l join pg_stat_activity a on a.pid = l.pid "
+            "left join {r} r on a.application_name = {prefix} || r.run_id::text "
+            "where {lock} and l.pid <> pg_backend_pid()"
+        ).format(
+            r=_t(schema, "refresh_runs"), prefix=sql.Literal(LOCK_SESSION_PREFIX), lock=_refresh_lock_row()
+        )
+    ).fetchone()
     if row is None:
-        return " (advisory lock held)"
-    return f" (run {row[0]}, {row[1]}, started {row[2]:%Y-%m-%d %H:%M:%S %Z}, flow run {row[3]})"
+        return None
+    name, connected, client, backend_pid, run_id, trigger, started_at, flow_run_id = row
+    if run_id is None and (name or "").startswith(LOCK_SESSION_PREFIX):
+        # bound a moment before its row is written (start_run)
+        with contextlib.suppress(ValueError):
+            run_id = UUID(name.removeprefix(LOCK_SESSION_PREFIX))
+    if run_id is not None:
+        return LockHolder(
+            started_at or connected, run_id, flow_run_id, trigger, client=client, backend_pid=backend_pid
+        )
+    starting = re.fullmatch(rf"{re.escape(LOCK_STARTING_PREFIX)}pid (\d+) (.*)", name or "", re.DOTALL)
+    if starting:
+        return LockHolder(
+            connected, trigger=starting[2], pid=int(starting[1]), client=client, backend_pid=backend_pid
+        )
+    return LockHolder(connected, client=client, backend_pid=backend_pid)
 
 
 def _refresh_lock_row() -> sql.Composable:
@@ -113,6 +185,8 @@ def _lock_held_elsewhere() -> sql.Composable:
 # is still held for that run: after a Postgres restart or failover it is held by nobody, or by
 # a later run's session, never again by this run's.
 LOCK_SESSION_PREFIX = "sqp-refresh lock "
+# The lock session before its run is bound (Prefect starting, planning): pid and trigger.
+LOCK_STARTING_PREFIX = "sqp-refresh starting "
 
 
 def lock_held_for(run_id: sql.Composable) -> sql.Composable:

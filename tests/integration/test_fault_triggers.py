@@ -13,8 +13,6 @@ queued, nothing is lost.
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ import httpx
 import pytest
 
 from flows.control import tokens
-from flows.demo.local_stack import free_port
+from tests.integration.api.support import api_process
 from tests.integration.fault_support import FaultStack, fault_stack, runs_left_running
 
 pytestmark = pytest.mark.faults
@@ -38,31 +36,12 @@ def ft(stack: object) -> Iterator[FaultStack]:
 
 
 @pytest.fixture(scope="module")
-def api(ft: FaultStack) -> Iterator[tuple[str, str]]:
+def api(ft: FaultStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     with ft.pg() as conn:
         token, _ = tokens.create(conn, ft.settings.control_schema, "fault-triggers", ["read", "trigger"])
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)],
-        env={**ft.env, "REFRESH_API_ANONYMOUS_READ": "false"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "refresh api did not start"
-            time.sleep(0.5)
+    log_path = tmp_path_factory.mktemp("fault-api") / "api.log"
+    with api_process({**ft.env, "REFRESH_API_ANONYMOUS_READ": "false"}, log_path) as url:
         yield url, token
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _runs(ft: FaultStack) -> list[dict[str, Any]]:
@@ -128,8 +107,8 @@ def test_triggers_from_cli_schedule_and_api_together_one_runs_none_lost(
             body = resp.json()
             assert "a refresh is running" in body["detail"], body
             # The run id when its row exists; a CLI run holds the lock for a while before it
-            # writes the row (Prefect starting): then "run starting", without an id.
-            assert body.get("run_id") or body.get("trigger_id") or "(run starting)" in body["detail"], body
+            # writes the row (Prefect starting): then its trigger and pid. Never anonymous.
+            assert body.get("run_id") or body.get("trigger_id") or body.get("pid"), body
             accounted["api"] = f"refused: 409 {body['detail']}"
         else:
             assert resp.status_code == 202, resp.text

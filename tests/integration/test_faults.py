@@ -420,6 +420,37 @@ def test_lockstatus_a_running_run_whose_lock_is_gone_is_shown_as_such(engine: En
         assert runs.mark_abandoned(c, CONTROL) == 1
 
 
+def test_lockholder_a_refused_refresh_names_the_one_still_starting(engine: Engine) -> None:
+    """Before its run row exists (Prefect starting, planning) the lock holder is named by its
+    trigger and process; once its run began, by the run id. A refused refresh says which."""
+    e = engine
+
+    def refused() -> str:
+        with pytest.raises(runs.RefreshBusyError) as busy, runs.refresh_lock(e.settings, trigger="cli"):
+            pass
+        return str(busy.value)
+
+    with runs.refresh_lock(e.settings, wait_s=30, trigger="schedule") as conn:
+        runs.mark_abandoned(conn, CONTROL)
+        msg = refused()
+        assert (
+            f"another refresh is running (a run starting, trigger schedule, no run id yet: pid {os.getpid()}"
+            in msg
+        )
+        with e.pg() as c:
+            holder = runs.lock_holder(c, CONTROL)
+        assert holder is not None and (holder.run_id, holder.trigger, holder.pid) == (
+            None,
+            "schedule",
+            os.getpid(),
+        )
+        run = runs.start_run(conn, CONTROL, flow_run_id=None, trigger="schedule", params={})
+        assert f"another refresh is running (run {run.run_id}, schedule, started " in refused()
+    with e.pg() as c:
+        assert runs.lock_holder(c, CONTROL) is None
+        assert runs.mark_abandoned(c, CONTROL) == 1
+
+
 def test_firstbatch_is_read_before_the_slice_transaction_opens(engine: Engine) -> None:
     """A source slow to send its first batch must not keep a transaction (and its DELETE) open."""
     from uuid import uuid4

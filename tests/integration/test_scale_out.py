@@ -161,8 +161,66 @@ def test_resume_after_a_bad_slice_among_committed_ones_loads_exactly_that_slice(
         e.bq(f"update {e.path('events')} set `Note` = 'fixed' where `Id` = 29")
         second, run_id = _refresh(e, cfg)
     assert second.status == "success", second.error
+    # the attempts a worker made reach the failed slice's audit row (not retried: bad data)
+    with e.pg() as conn:
+        failed = conn.execute(
+            f"select attempts from {CONTROL}.slice_refreshes where table_name = %s and status = 'failed'",
+            (name,),
+        ).fetchall()
+    assert failed == [(1,)], failed
     assert (second.slices_done, second.slices_skipped) == (1, DAYS - 1)
     assert _loaded_by(e, name, run_id) == {bad_day}
+    _exact(e, cfg)
+
+
+def test_retries_made_on_workers_are_counted_in_the_table_audit(
+    engine: Engine,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    cluster: str,
+) -> None:
+    """The first three COPYs of a reload fail with a serialization failure (a transient error,
+    retried by the slice on its worker): `table_refreshes.retries` counts them, as it does
+    when slices run in the table's own thread."""
+    e = engine
+    e.create_source("events", SCHEMA, INSERT)
+    monkeypatch.setenv("REFRESH_DASK_ADDRESS", cluster)
+    e = Engine(get_settings(), e.clients)
+    name = "xt_retry_events"
+    cfg = _cfg(name)
+    with scale_out.slice_runner(e.settings):
+        first, _ = _refresh(e, cfg)  # creates the raw table
+        assert first.status == "success", first.error
+        with e.pg() as conn:
+            # nextval is not rolled back with the failed COPY: exactly three first rows fail
+            conn.execute(f"create sequence {e.raw}.xt_retry_seq")
+            conn.execute(
+                f"create function {e.raw}.xt_retry_fail() returns trigger language plpgsql as $$ begin "
+                f"if nextval('{e.raw}.xt_retry_seq') <= 3 then "
+                "raise exception 'could not serialize access' using errcode = '40001'; end if; "
+                "return new; end $$"
+            )
+            conn.execute(
+                f"create trigger fail_thrice before insert on {e.raw}.{name} "
+                f"for each row execute function {e.raw}.xt_retry_fail()"
+            )
+        with locked_run(e.settings) as run_id:
+            reload = refresh_table(e.settings, e.clients, cfg, run_id, RefreshOptions(start_date=FIRST))
+    assert reload.status == "success", reload.error
+    assert reload.slices_done == DAYS
+    with e.pg() as conn:
+        extra = _scalar(
+            conn,
+            f"select sum(attempts - 1) from {CONTROL}.slice_refreshes where run_id = %s",
+            (run_id,),
+        )
+        counted = _scalar(
+            conn,
+            f"select retries from {CONTROL}.table_refreshes where run_id = %s and table_name = %s",
+            (run_id, name),
+        )
+    assert extra == 3
+    # plus any retry of the BigQuery client's own (none expected here)
+    assert counted >= 3, counted
     _exact(e, cfg)
 
 

@@ -10,6 +10,7 @@ from pydantic import SecretStr
 
 from flows import scale_out
 from flows.bigquery import BigQueryClients
+from flows.control import retries
 from flows.errors import ConfigError
 from flows.settings import Settings
 
@@ -39,6 +40,7 @@ class Job:
     clients: BigQueryClients | None
     name: str
     ran: list[str] = field(default_factory=list)
+    attempts: int = 0
 
     def run(self, deadline: float) -> Any:
         self.ran.append(self.name)
@@ -67,3 +69,25 @@ def test_without_dask_each_slice_runs_in_order_when_its_result_is_asked_for() ->
     assert result() == "a" and ran == ["a"]
     results.close()  # a consumer stopping after a failure: nothing else runs
     assert ran == ["a"]
+
+
+class _Finished:
+    """A Dask future whose task has ended."""
+
+    def __init__(self, done: Any) -> None:
+        self.done = done
+
+    def result(self) -> Any:
+        return self.done
+
+
+def test_a_workers_attempts_and_retries_reach_the_job_and_the_tables_count() -> None:
+    """The retry counter is the table thread's: a worker's retries come back with its result,
+    and with its error."""
+    count = retries.start_counting()
+    ok, bad = Job(Settings(), None, "ok"), Job(Settings(), None, "bad")
+    assert scale_out._result(_Finished(scale_out._Done("rows", None, 3, 5)), ok) == "rows"
+    assert (ok.attempts, count.n) == (3, 5)
+    with pytest.raises(ValueError, match="bad data"):
+        scale_out._result(_Finished(scale_out._Done(None, ValueError("bad data"), 1, 2)), bad)
+    assert (bad.attempts, count.n) == (1, 7)

@@ -4,21 +4,17 @@ fingerprint of the whole control schema (to prove a rejected request changed not
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
 from flows.api.app import create_app
 from flows.control import tokens
-from flows.demo.local_stack import free_port
 from flows.settings import Settings
+from tests.integration.api.support import api_process
 
 
 @pytest.fixture(scope="module")
@@ -47,28 +43,6 @@ def api_url(
     refreshed: dict[str, Any], settings: Settings, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """`refresh api` in its own process on a free port; reads need a token."""
-    port = free_port()
-    log = (tmp_path_factory.mktemp("api") / "api.log").open("wb")
-    env = {**os.environ, "REFRESH_API_ANONYMOUS_READ": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "refresh api did not start"
-            time.sleep(0.5)
+    log_path = tmp_path_factory.mktemp("api") / "api.log"
+    with api_process({**os.environ, "REFRESH_API_ANONYMOUS_READ": "false"}, log_path) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
 import psycopg
+import pytest
 from psycopg import sql
 
-from flows.settings import Settings
+from flows.demo.local_stack import free_port
+from flows.settings import PROJECT_ROOT, Settings
+from tests.prefect_server import stop, tail
 
 
 def control_fingerprint(settings: Settings) -> dict[str, str]:
@@ -33,3 +44,34 @@ def control_fingerprint(settings: Settings) -> dict[str, str]:
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+@contextlib.contextmanager
+def api_process(env: dict[str, str], log_path: Path, timeout_s: float = 300) -> Iterator[str]:
+    """`refresh api` in its own process on a free port (its output in `log_path`): yields its
+    URL once /api/openapi.json answers, stops it at the end. The wait is generous: the API's
+    start (imports, migrations, the pool) on a loaded 2-core machine."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"refresh api did not start:\n{tail(log_path)}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop(proc)

@@ -3,6 +3,7 @@ error code, tokens and scopes, the idempotent trigger, 409 and 429."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from typing import Any
@@ -323,6 +324,23 @@ def test_trigger_409_while_the_refresh_lock_is_held(
                 f"delete from {settings.control_schema}.refresh_runs where run_id = %s", (run.run_id,)
             )
     # The lock goes with its session, which the server ends a moment after the client closes.
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        deadline = time.monotonic() + 30
+        while runs.refresh_running(conn) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def test_trigger_409_names_a_refresh_still_starting_before_its_run_id_exists(
+    client: TestClient, api_tokens: dict[str, str], settings: Settings
+) -> None:
+    """A CLI run holds the lock from before Prefect starts until it writes its run row: the
+    409 then names its trigger and process, never an anonymous "starting"."""
+    h = auth(api_tokens["trigger"])
+    with runs.refresh_lock(settings, trigger="cli"):
+        err = problem(client.post("/api/refresh/trigger", json={"force": True}, headers=h), 409)
+    assert err["run_id"] is None and (err["trigger"], err["pid"]) == ("cli", os.getpid()), err
+    assert f"a run starting, trigger cli, no run id yet: pid {os.getpid()}" in err["detail"], err
+    assert err["started_at"], err
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         deadline = time.monotonic() + 30
         while runs.refresh_running(conn) and time.monotonic() < deadline:

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,10 +20,9 @@ import pytest
 from flows.control import tokens
 from flows.control.runs import refresh_lock
 from flows.db import migrate
-from flows.demo.local_stack import free_port
-from flows.settings import PROJECT_ROOT, Settings, get_settings
-from tests.integration.api.support import auth
-from tests.prefect_server import prefect_server, stop, tail
+from flows.settings import Settings, get_settings
+from tests.integration.api.support import api_process, auth
+from tests.prefect_server import prefect_server
 
 SCHEMA = "deploy_control"
 TABLES_FILE = """
@@ -60,7 +56,6 @@ def deployed(stack: object, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def api(deployed: tuple[str, Settings], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`refresh api` in its own process, talking to the module's Prefect server."""
     prefect_url, settings = deployed
-    port = free_port()
     log_path = tmp_path_factory.mktemp("deploy-api") / "api.log"
     env = {
         **os.environ,
@@ -69,30 +64,8 @@ def api(deployed: tuple[str, Settings], tmp_path_factory: pytest.TempPathFactory
         "REFRESH_TABLES_FILE": str(settings.tables_file),
         "REFRESH_API_ANONYMOUS_READ": "false",
     }
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        # Generous: the API's start (imports, migrations, the pool) on a loaded 2-core machine.
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/api/openapi.json", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"refresh api did not start:\n{tail(log_path)}")
-            time.sleep(0.5)
+    with api_process(env, log_path) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
