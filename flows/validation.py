@@ -50,7 +50,7 @@ import psycopg
 from psycopg import sql
 
 from flows.bigquery import BigQueryClients, classify
-from flows.control import dq, registry, tables
+from flows.control import dq, fingerprints, registry, tables
 from flows.db import connect, relation_columns
 from flows.errors import ConfigError, RefreshError
 from flows.extract import SourceColumn, SourceTable, describe, row_restriction
@@ -583,6 +583,9 @@ class PeriodResult:
     schema: str
     unchecked_columns: list[str]
     differences: Differences | None = None
+    # Postgres' figures are the load's fingerprint, its rows proven untouched since (see
+    # unchanged_since_load), not a fresh checksum.
+    postgres_from_load: bool = False
 
     @property
     def passed(self) -> bool:
@@ -601,6 +604,8 @@ class PeriodResult:
         }
         if self.unchecked_columns:
             d["unchecked_columns"] = self.unchecked_columns
+        if self.postgres_from_load:
+            d["postgres_from"] = "load fingerprint, rows unchanged since the load"
         if self.differences is not None:
             d.update(self.differences.to_dict())
         return d
@@ -623,6 +628,53 @@ def key_columns(cfg: TableConfig) -> list[str]:
     return keys
 
 
+@dataclass(frozen=True)
+class LoadedBy:
+    """The validation after a live refresh: the run whose loads are checked, where their
+    checkpoints are, and the periods to report (None: every period, a whole-table load)."""
+
+    control_schema: str
+    run_id: UUID
+    periods: frozenset[date | None] | None
+
+
+_XID_SPAN = 2**31  # xmin holds 32 bits: younger loads are told apart from every later writer
+
+
+def unchanged_since_load(
+    conn: psycopg.Connection,
+    loaded: LoadedBy,
+    schema: str,
+    table: str,
+    cursor: Col | None,
+) -> dict[date | None, Fingerprint]:
+    """The fingerprints (by slice start) that `loaded.run_id`'s loads stored, for the slices
+    whose rows are still exactly the rows those loads fingerprinted.
+
+    A slice qualifies when every row in its range still carries its loading transaction's id
+    (`xmin`: an update writes a new row version with the updater's id, an insert carries its
+    inserter's, a delete leaves the count short), as many rows as the load fingerprinted, and
+    that transaction is less than 2^31 transactions old (so no later one shares its 32 bits).
+    Only tuple headers are read: no value is formatted or hashed.
+    """
+    slices, now = fingerprints.loaded_by(conn, loaded.control_schema, table, loaded.run_id)
+    out: dict[date | None, Fingerprint] = {}
+    for s in slices:
+        if now - s.xid >= _XID_SPAN:
+            continue
+        window = Slice(s.start, s.end) if s.start is not None and s.end is not None else None
+        where, params = _pg_where(cursor, window)
+        row = conn.execute(
+            sql.SQL("select count(*), count(*) filter (where xmin = %s::text::xid) from {t}{where}").format(
+                t=sql.Identifier(schema, table), where=where
+            ),
+            [str(s.xid % 2**32), *params],
+        ).fetchone()
+        if row is not None and row[0] == row[1] == s.rows:
+            out[s.start] = Fingerprint(s.rows, s.checksum)
+    return out
+
+
 def validate_table(
     clients: BigQueryClients,
     conn: psycopg.Connection,
@@ -631,8 +683,15 @@ def validate_table(
     first: date | None = None,
     last: date | None = None,
     stats: QueryStats | None = None,
+    loaded: LoadedBy | None = None,
 ) -> list[PeriodResult]:
-    """Compare one table period by period (days `first`..`last` inclusive; default: all)."""
+    """Compare one table period by period (days `first`..`last` inclusive; default: all).
+
+    With `loaded` (the step after a live refresh), only its periods are reported, and where
+    each of them is proven unchanged since its load, Postgres' side is the load's fingerprint
+    instead of a fresh checksum; a period that then differs is checksummed afresh before it is
+    reported, so a reused figure never decides a difference.
+    """
     source = describe(clients, cfg.source_table)
     cols = columns_of(source, clients.settings.uses_emulator)
     keys = key_columns(cfg)
@@ -645,17 +704,43 @@ def validate_table(
         lo = align(first, size) if first and size else date(1, 1, 1)
         hi = next_boundary(align(last, size), size) if last and size else date(9999, 12, 31)
         window = Slice(lo, hi)
+    wanted = loaded.periods if loaded is not None else None
+    if loaded is not None and wanted is None and cursor is None:
+        wanted = frozenset({None})
+
+    def fresh() -> dict[date | None, Fingerprint]:
+        return by_period(fingerprint_pg(conn, schema, cfg.table_name, cols, cursor, window), size)
+
     # Both engines work at once: the BigQuery job runs while Postgres computes its side.
+    from_load = False
     with ThreadPoolExecutor(max_workers=1) as pool:
         bq_days = pool.submit(fingerprint_bq, clients, cfg.source_table, cols, cursor, window, stats)
-        pg = by_period(fingerprint_pg(conn, schema, cfg.table_name, cols, cursor, window), size)
+        # A live table's checkpoints are keyed by its name (refresh.checkpoint_key).
+        known = {}
+        if loaded is not None and wanted:
+            known = unchanged_since_load(conn, loaded, schema, cfg.table_name, cursor)
+        if wanted and wanted <= known.keys():
+            pg, from_load = {p: known[p] for p in wanted}, True
+        else:
+            pg = fresh()
         bq = by_period(bq_days.result(), size)
+    if from_load and any(bq.get(p, EMPTY) != pg[p] for p in pg):
+        pg, from_load = fresh(), False
     unchecked = [c.name for c in cols if c.kind == "UNCHECKED"]
     results = []
     for start in sorted(set(bq) | set(pg), key=lambda d: d or date.min):
+        if wanted is not None and start not in wanted:
+            continue
         end = next_boundary(start, size) if start and size else None
         r = PeriodResult(
-            cfg.table_name, start, end, bq.get(start, EMPTY), pg.get(start, EMPTY), schema, unchecked
+            cfg.table_name,
+            start,
+            end,
+            bq.get(start, EMPTY),
+            pg.get(start, EMPTY),
+            schema,
+            unchecked,
+            postgres_from_load=from_load,
         )
         if not r.passed:
             period = Slice(start, end) if start and end else None
@@ -776,6 +861,8 @@ class AfterRefresh:
 
     table_name: str
     periods: int = 0
+    # periods whose Postgres side was the load's fingerprint (unchanged_since_load)
+    periods_from_load: int = 0
     failed: list[str] = field(default_factory=list)
     bytes_processed: int = 0
     duration_s: float = 0.0
@@ -786,6 +873,7 @@ class AfterRefresh:
         return {
             "table": self.table_name,
             "periods": self.periods,
+            "periods_from_load": self.periods_from_load,
             "failed": self.failed,
             "bytes_processed": self.bytes_processed,
             "duration_s": round(self.duration_s, 2),
@@ -829,12 +917,12 @@ def validate_touched(
             whole = any(a < _WHOLE_TABLE_BEFORE for a, _ in touched)
             first = None if whole else touched[0][0]
             last = None if whole else max(b for _, b in touched) - timedelta(days=1)
-            results = validate_table(clients, conn, cfg, settings.raw_schema, first, last, stats)
-            if not whole:
-                starts = {a for a, _ in touched}
-                results = [r for r in results if r.period_start in starts]
+            periods = None if whole else frozenset(a for a, _ in touched)
+            loaded = LoadedBy(settings.control_schema, run_id, periods)
+            results = validate_table(clients, conn, cfg, settings.raw_schema, first, last, stats, loaded)
             record_results(conn, settings.control_schema, cfg, results, run_id)
         out.periods = len(results)
+        out.periods_from_load = sum(r.postgres_from_load for r in results)
         out.failed = [str(r.period_start) if r.period_start else "full" for r in results if not r.passed]
     except (RefreshError, ConfigError, psycopg.Error) as exc:
         out.error = error_text(exc)
