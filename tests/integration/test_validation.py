@@ -291,6 +291,9 @@ def test_a_table_wider_than_a_postgres_call_validates_and_names_the_column(env: 
     # row text for the emulator (it once failed on ~20 nested concat pieces).
     width = 120
     table_id = f"{env.clients.project}.vd_source.vd_wide"
+    ds = bigquery.Dataset(f"{env.clients.project}.vd_source")
+    ds.location = env.settings.bq_location
+    env.clients.rest.create_dataset(ds, exists_ok=True)
     env.clients.rest.delete_table(table_id, not_found_ok=True)
     schema = [S("id", "INT64")] + [
         S(f"c{i}", "STRING" if i % 3 == 0 else "NUMERIC" if i % 3 == 1 else "INT64") for i in range(width)
