@@ -38,7 +38,8 @@ import shutil
 import tempfile
 import time
 
-from flows.demo.local_stack import free_port
+from bench_stack import refresh as refresh_table_locked  # a sibling script: bench/ is on sys.path
+from bench_stack import register, throwaway_env
 
 
 def main() -> None:
@@ -62,34 +63,25 @@ def run(state: str) -> None:
     ap.add_argument("--pg-cores", type=int, default=8, help="Postgres cores assumed by the model")
     args = ap.parse_args()
 
-    for var in [v for v in os.environ if v.startswith("REFRESH_") and v != "REFRESH_PG_DSN"]:
-        del os.environ[var]
-    os.environ.update(
-        {
-            "REFRESH_STATE_DIR": state,
-            "REFRESH_LOCAL_PG_PORT": str(free_port()),
-            "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
-            "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
-            "REFRESH_BQ_DATASET": "bench_scale",
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-            # dbt runs through prefect-dbt, which starts Prefect's ephemeral API: slow on a busy box.
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        }
+    throwaway_env(
+        state,
+        "bench_scale",
+        PREFECT_LOGGING_LEVEL="WARNING",
+        # dbt runs through prefect-dbt, which starts Prefect's ephemeral API: slow on a busy box.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
     )
     import psycopg
     from psycopg import sql
 
     from flows import registry, runbook, scale_out
     from flows.bigquery import make_clients
-    from flows.control import registry as config_rows
-    from flows.control import runs
     from flows.db import migrate
     from flows.demo.local_stack import local_stack
     from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
     from flows.extract import ReadStats, describe, read_slice, row_restriction
     from flows.load import CHUNK_ROWS, encode_csv, ensure_raw_table
     from flows.planning import slices_between
-    from flows.refresh import RefreshOptions, TableOutcome, refresh_table
+    from flows.refresh import TableOutcome
     from flows.settings import get_settings
     from flows.transform import run_dbt
     from flows.type_mapping import map_schema
@@ -103,20 +95,10 @@ def run(state: str) -> None:
         generate(clients, spec)
         configs = {c.table_name: c for c in registry.load_file(settings.tables_file)}
         sqp = configs[SQP_TABLE]
-        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-            config_rows.sync_from_file(conn, settings.control_schema, list(configs.values()))
+        register(settings, list(configs.values()))
 
         def refresh(table: str) -> TableOutcome:
-            with runs.refresh_lock(settings, wait_s=30) as lock:
-                runs.mark_abandoned(lock, settings.control_schema)  # the previous bench run's row
-                run = runs.start_run(
-                    lock, settings.control_schema, flow_run_id=None, trigger="bench", params={}
-                )
-                outcome = refresh_table(
-                    settings, clients, configs[table], run.run_id, RefreshOptions(full_refresh=True)
-                )
-            assert outcome.status == "success", outcome.error
-            return outcome
+            return refresh_table_locked(settings, clients, configs[table])
 
         outcomes = {t: refresh(t) for t in configs}  # the other tables too: dbt reads them
         slices = outcomes[SQP_TABLE].slices_done

@@ -1,13 +1,20 @@
 """How long does exact validation take next to a bare `select count(*)`, and what does it ship?
 
 N identical SQP rows (flows.demo.sample_data) are generated in a throwaway BigQuery emulator and
-loaded into a throwaway embedded Postgres by the real refresh (flows.refresh.refresh_table).
-Then, best of --repeats each:
+loaded into a throwaway embedded Postgres by the real refresh (flows.refresh.refresh_table,
+change detection on, so each slice's load stores Postgres' fingerprint of it). Then, best of
+--repeats each, wall time and CPU seconds (Postgres: the backend plus its parallel workers;
+BigQuery: the emulator process):
 
   count     `select count(*)` of the table in BigQuery and in Postgres (reads no values)
   read      Postgres `sum(length(t::text))`: every value of every row formatted once
-  validate  flows.validation.validate_table: per-day row count + checksum of every column in
-            each engine, summed into weekly periods, compared (no period differs here)
+  checksum  flows.validation.fingerprint_pg / fingerprint_bq alone: per-day row count and
+            checksum of every column, in each engine
+  validate  flows.validation.validate_table (`refresh validate-data`): both checksums at once,
+            summed into weekly periods, compared (no period differs here)
+  after     flows.validation.validate_touched, the step after a live refresh: BigQuery's
+            checksum, and Postgres' proof that each loaded week is untouched since its load
+            (tuple headers only), reusing the load's fingerprint
 
 and the rows each side sent back: the per-day aggregates, and the table rows fetched (0 when
 the two sides agree; only a differing period is bisected and fetched).
@@ -24,17 +31,63 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-from flows.demo.local_stack import free_port
+from bench_stack import refresh, register, throwaway_env  # a sibling script: bench/ is on sys.path
+
+HZ = os.sysconf("SC_CLK_TCK")
 
 
-def best(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def _ticks(pid: int, children: bool = False) -> int:
+    """CPU ticks of a process (with `children`: of its reaped children, e.g. parallel workers)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[13]) + int(fields[14]) if children else int(fields[11]) + int(fields[12])
+
+
+@dataclass
+class Meter:
+    """CPU seconds of the Postgres backend + its workers and of the emulator, when local."""
+
+    backend: int | None
+    postmaster: int | None
+    emulator: int | None
+
+    def read(self) -> tuple[float, float]:
+        pg = bq = 0.0
+        try:
+            if self.backend and self.postmaster:
+                pg = (_ticks(self.backend) + _ticks(self.postmaster, children=True)) / HZ
+            if self.emulator:
+                bq = (_ticks(self.emulator) + _ticks(self.emulator, children=True)) / HZ
+        except OSError:  # not on this machine (a remote Postgres)
+            pass
+        return pg, bq
+
+
+@dataclass
+class Timing:
+    wall: float
+    pg_cpu: float
+    bq_cpu: float
+
+    def __str__(self) -> str:
+        return f"{self.wall:.2f}s (cpu: postgres {self.pg_cpu:.2f}s, emulator {self.bq_cpu:.2f}s)"
+
+
+def best(meter: Meter, fn: Callable[[], object], repeats: int) -> Timing:
+    out: Timing | None = None
     for _ in range(repeats):
+        pg0, bq0 = meter.read()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        wall = time.perf_counter() - t0
+        pg1, bq1 = meter.read()
+        t = Timing(wall, pg1 - pg0, bq1 - bq0)
+        if out is None or t.wall < out.wall:
+            out = t
+    assert out is not None
+    return out
 
 
 def main() -> None:
@@ -52,33 +105,24 @@ def run(state: str) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    for var in [v for v in os.environ if v.startswith("REFRESH_") and v != "REFRESH_PG_DSN"]:
-        del os.environ[var]
-    os.environ.update(
-        {
-            "REFRESH_STATE_DIR": state,
-            "REFRESH_LOCAL_PG_PORT": str(free_port()),
-            "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
-            "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
-            "REFRESH_BQ_DATASET": "bench_validate",
-            "REFRESH_RAW_SCHEMA": "bench_validate_raw",
-            "REFRESH_CONTROL_SCHEMA": "bench_validate_control",
-        }
+    throwaway_env(
+        state,
+        "bench_validate",
+        REFRESH_RAW_SCHEMA="bench_validate_raw",
+        REFRESH_CONTROL_SCHEMA="bench_validate_control",
     )
     import psycopg
 
     from flows import validation
     from flows.bigquery import make_clients
-    from flows.control import registry, runs
     from flows.db import migrate
     from flows.demo.local_stack import local_stack
     from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-    from flows.refresh import RefreshOptions, refresh_table
     from flows.registry import TableConfig
     from flows.settings import get_settings
 
     settings = get_settings()
-    with local_stack(settings, throwaway=True):
+    with local_stack(settings, throwaway=True) as stack:
         migrate(settings)
         clients = make_clients(settings)
         t0 = time.perf_counter()
@@ -91,42 +135,65 @@ def run(state: str) -> None:
             slice_size="week",
             custom_params={"key_columns": ["Date", "ASIN", "Search Query"]},
         )
-        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-            registry.sync_from_file(conn, settings.control_schema, [cfg])
-        with runs.refresh_lock(settings, wait_s=30) as lock:
-            run = runs.start_run(lock, settings.control_schema, flow_run_id=None, trigger="bench", params={})
-            t0 = time.perf_counter()
-            outcome = refresh_table(settings, clients, cfg, run.run_id, RefreshOptions(full_refresh=True))
-            loaded = time.perf_counter() - t0
-        assert outcome.status == "success", outcome.error
+        register(settings, [cfg])
+        t0 = time.perf_counter()
+        outcome = refresh(settings, clients, cfg)
+        loaded = time.perf_counter() - t0
+        assert outcome.run_id is not None
         raw = settings.raw_schema
         path = f"`{clients.project}.{clients.dataset}.{SQP_TABLE}`"
         with psycopg.connect(settings.dsn(), autocommit=True) as conn:
             conn.execute(f"vacuum analyze {raw}.{SQP_TABLE}")
-            pg_count = best(
-                lambda: conn.execute(f"select count(*) from {raw}.{SQP_TABLE}").fetchone(), args.repeats
+            backend = conn.info.backend_pid
+            try:
+                postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                postmaster = None
+            emulator = stack.emulator.process.pid if stack.emulator and stack.emulator.process else None
+            meter = Meter(backend, postmaster, emulator)
+
+            def q(sql: str) -> Callable[[], object]:
+                return lambda: conn.execute(sql).fetchall()
+
+            pg_count = best(meter, q(f"select count(*) from {raw}.{SQP_TABLE}"), args.repeats)
+            bq_count = best(
+                meter, lambda: list(clients.rest.query(f"select count(*) from {path}").result()), args.repeats
             )
             # What reading every value costs: each row formatted as text once, no hashing.
-            pg_read = best(
-                lambda: conn.execute(f"select sum(length(t::text)) from {raw}.{SQP_TABLE} t").fetchone(),
-                args.repeats,
+            pg_read = best(meter, q(f"select sum(length(t::text)) from {raw}.{SQP_TABLE} t"), args.repeats)
+            cols = validation.columns_of(
+                validation.describe(clients, SQP_TABLE), clients.settings.uses_emulator
             )
-            bq_count = best(
-                lambda: list(clients.rest.query(f"select count(*) from {path}").result()), args.repeats
+            cursor = cols[0]
+            days: dict[object, validation.Fingerprint] = {}
+
+            def pg_checksums() -> None:
+                days.update(validation.fingerprint_pg(conn, raw, SQP_TABLE, cols, cursor, None))
+
+            pg_fp = best(meter, pg_checksums, args.repeats)
+            bq_fp = best(
+                meter,
+                lambda: validation.fingerprint_bq(clients, SQP_TABLE, cols, cursor, None),
+                args.repeats,
             )
             results: list[validation.PeriodResult] = []
 
             def run_validation() -> None:
                 results[:] = validation.validate_table(clients, conn, cfg, raw)
 
-            validate_s = best(run_validation, args.repeats)
-            cols = validation.columns_of(
-                validation.describe(clients, SQP_TABLE), clients.settings.uses_emulator
+            validate = best(meter, run_validation, args.repeats)
+            after: list[validation.AfterRefresh] = []
+
+            def run_after() -> None:
+                after[:] = [validation.validate_touched(settings, clients, cfg, "success", outcome.run_id)]
+
+            after_s = best(meter, run_after, args.repeats)
+            loaded_periods = validation.LoadedBy(settings.control_schema, outcome.run_id, None)
+            pg_proof = best(
+                meter,
+                lambda: validation.unchanged_since_load(conn, loaded_periods, raw, SQP_TABLE, cursor),
+                args.repeats,
             )
-            cursor = cols[0]
-            pg_fp = best(lambda: validation.fingerprint_pg(conn, raw, SQP_TABLE, cols, cursor, None), 1)
-            bq_fp = best(lambda: validation.fingerprint_bq(clients, SQP_TABLE, cols, cursor, None), 1)
-            days = len(validation.fingerprint_pg(conn, raw, SQP_TABLE, cols, cursor, None))
         clients.close()
 
     failed = [r for r in results if not r.passed]
@@ -137,15 +204,27 @@ def run(state: str) -> None:
         for r in results
         if r.differences
     )
-    count_s = pg_count + bq_count
+    (a,) = after
+    assert a.error is None and not a.failed, a.to_dict()
+    count_s = pg_count.wall + bq_count.wall
+    load = os.getloadavg()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}")
+    print(f"load average at the end: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(f"rows={args.rows} weeks={args.weeks} generated in {generated:.1f}s, loaded in {loaded:.1f}s")
-    print(f"count(*): postgres {pg_count:.2f}s + bigquery {bq_count:.2f}s = {count_s:.2f}s")
-    print(f"postgres, every row as text once (sum(length(t::text))): {pg_read:.2f}s")
-    print(f"checksums alone: postgres {pg_fp:.2f}s, bigquery {bq_fp:.2f}s")
-    print(f"validate (both sides, {len(results)} periods, {len(failed)} differ): {validate_s:.2f}s")
-    print(f"aggregate rows sent back per side: {days} (one per day); table rows fetched: {fetched}")
-    print(f"ratio_validate_vs_count={validate_s / count_s:.1f} rows_shipped={fetched}")
+    print(f"count(*): postgres {pg_count}; bigquery {bq_count}")
+    print(f"postgres, every row as text once (sum(length(t::text))): {pg_read}")
+    print(f"checksums alone: postgres {pg_fp}; bigquery {bq_fp}")
+    print(f"validate (both sides, {len(results)} periods, {len(failed)} differ): {validate}")
+    print(
+        f"after a refresh ({a.periods} periods, {a.periods_from_load} from the load's fingerprint): "
+        f"{after_s}; postgres' proof alone {pg_proof}"
+    )
+    print(f"aggregate rows sent back per side: {len(days)} (one per day); table rows fetched: {fetched}")
+    print(
+        f"ratio_validate_vs_count={validate.wall / count_s:.1f} "
+        f"ratio_after_refresh_vs_count={after_s.wall / count_s:.1f} "
+        f"ratio_pg_proof_vs_pg_count={pg_proof.wall / pg_count.wall:.1f} rows_shipped={fetched}"
+    )
 
 
 if __name__ == "__main__":

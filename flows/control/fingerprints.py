@@ -2,7 +2,9 @@
 
 `checkpoints.source_rows/source_checksum` hold the fingerprint of the rows a slice's load
 committed (written in the load's transaction); `source_as_of` the BigQuery time at which the
-source was last known to hold exactly those rows. Slices found unchanged get a
+source was last known to hold exactly those rows; `loaded_xid` the load's transaction (the
+validation after a refresh reuses the fingerprint of a slice whose rows all still carry it,
+flows.validation.unchanged_since_load). Slices found unchanged get a
 `slice_refreshes` row with status `unchanged`, and the table's audit row the cost.
 """
 
@@ -55,13 +57,15 @@ def store(
     checksum: int | None,
     as_of: datetime | None,
 ) -> None:
-    """Set the fingerprint of a checkpoint written in the same transaction (load.apply_slice)."""
+    """Set the fingerprint of a checkpoint written in the same transaction (load.apply_slice),
+    and that transaction's id with it (none without a fingerprint)."""
     conn.execute(
         sql.SQL(
-            "update {} set source_rows = %s, source_checksum = %s, source_as_of = %s "
+            "update {} set source_rows = %s, source_checksum = %s, source_as_of = %s, "
+            "loaded_xid = case when %s::bigint is null then null else pg_current_xact_id() end "
             "where table_name = %s and slice_start = %s"
         ).format(sql.Identifier(schema, "checkpoints")),
-        (rows, checksum, as_of, key, slice_start),
+        (rows, checksum, as_of, rows, key, slice_start),
     )
 
 
@@ -78,6 +82,44 @@ def confirm(
         ).format(sql.Identifier(schema, "checkpoints")),
         (as_of, key, slice_starts),
     )
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A slice a run loaded with its fingerprint: by slice start (None: whole table)."""
+
+    start: date | None
+    end: date | None
+    rows: int
+    checksum: int
+    xid: int  # the loading transaction's 64-bit id
+
+
+def loaded_by(conn: psycopg.Connection, schema: str, key: str, run_id: UUID) -> tuple[list[Loaded], int]:
+    """The slices of `key` last loaded by `run_id` with a fingerprint, and the next transaction
+    id now (how old each load is, in transactions)."""
+    rows = conn.execute(
+        sql.SQL(
+            "select slice_start, slice_end, source_rows, source_checksum, loaded_xid::text from {} "
+            "where table_name = %s and run_id = %s and loaded_xid is not null and source_rows is not null"
+        ).format(sql.Identifier(schema, "checkpoints")),
+        (key, run_id),
+    ).fetchall()
+    now = conn.execute("select pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
+    assert now is not None
+    out = []
+    for start, end, n, checksum, xid in rows:
+        whole = _key(start) is None
+        out.append(
+            Loaded(
+                None if whole else _key(start),
+                None if whole else end.astimezone(UTC).date(),
+                int(n),
+                int(checksum),
+                int(xid),
+            )
+        )
+    return out, int(now[0])
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,41 @@ def test_identical_data_of_every_type_passes(env: Env) -> None:
     assert feb.differences.different[0]["columns"] == ["label"]
 
 
+def test_a_table_wider_than_a_postgres_call_validates_and_names_the_column(env: Env) -> None:
+    # 121 columns: more than the 100 arguments Postgres passes to one concat_ws, and a flat
+    # row text for the emulator (it once failed on ~20 nested concat pieces).
+    width = 120
+    table_id = f"{env.clients.project}.vd_source.vd_wide"
+    ds = bigquery.Dataset(f"{env.clients.project}.vd_source")
+    ds.location = env.settings.bq_location
+    env.clients.rest.create_dataset(ds, exists_ok=True)
+    env.clients.rest.delete_table(table_id, not_found_ok=True)
+    schema = [S("id", "INT64")] + [
+        S(f"c{i}", "STRING" if i % 3 == 0 else "NUMERIC" if i % 3 == 1 else "INT64") for i in range(width)
+    ]
+    env.clients.rest.create_table(bigquery.Table(table_id, schema=schema))
+    values = ", ".join(
+        f"'v{i}'" if i % 3 == 0 else f"numeric '{i}.5'" if i % 3 == 1 else str(i) for i in range(width)
+    )
+    with_null = values.replace("'v0'", "null")
+    env.clients.rest.query(f"insert into `{table_id}` values (1, {values}), (2, {with_null})").result()
+    cfg = TableConfig(
+        table_name="vd_wide",
+        source_table="vd_wide",
+        write_strategy="full_replace",
+        custom_params={"key_columns": ["id"]},
+    )
+    env.load(cfg)
+    (whole,) = validation.validate(env.settings, env.clients, ["vd_wide"])["vd_wide"]
+    assert whole.passed and whole.bigquery.rows == 2
+
+    with env.pg() as conn:
+        conn.execute("update vd_raw.vd_wide set c118 = c118 + 1 where id = 2")
+    (whole,) = validation.validate(env.settings, env.clients, ["vd_wide"])["vd_wide"]
+    assert whole.differences is not None
+    assert [(d["key"], d["columns"]) for d in whole.differences.different] == [({"id": "2"}, ["c118"])]
+
+
 def test_unknown_table_and_unloaded_table_are_clear_errors(env: Env) -> None:
     from flows.errors import ConfigError
 

@@ -21,6 +21,7 @@ from flows.bigquery import BigQueryClients, make_clients
 from flows.control import registry
 from flows.db import migrate
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
+from flows.planning import align
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import ChangeDetection, TableConfig
 from flows.settings import Settings, get_settings
@@ -178,6 +179,78 @@ def test_a_difference_loaded_by_a_refresh_is_caught_in_that_run(env: Env) -> Non
         old_week,
         newest_week,
     }
+
+
+def _postgres_from(conn: psycopg.Connection, run_id: UUID) -> set[str | None]:
+    rows = conn.execute(
+        "select details->>'postgres_from' from va_control.dq_results where run_id = %s", (run_id,)
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_untouched_slices_reuse_the_load_fingerprint_and_any_change_since_is_found(env: Env) -> None:
+    # Change detection on: each load stores Postgres' fingerprint of what it committed.
+    cfg = _cfg()
+    run_id, outcome = env.refresh(cfg, RefreshOptions(full_refresh=True))
+    (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+    assert check.failed == [] and check.periods >= 8
+    assert check.periods_from_load == check.periods  # no row was hashed in Postgres
+    with env.pg() as conn:
+        assert _postgres_from(conn, run_id) == {"load fingerprint, rows unchanged since the load"}
+
+    # After the load, before its validation: a row deleted (the count falls short of the
+    # load's), then in another run a value changed (the row version is another transaction's).
+    # Each is found, from a fresh checksum.
+    tampers = [
+        "delete from va_raw.search_query_performance where ctid = ({row})",
+        "update va_raw.search_query_performance set asin_click_count = asin_click_count + 1 "
+        "where ctid = ({row})",
+    ]
+    for tamper in tampers:
+        run_id, outcome = env.refresh(cfg, RefreshOptions(full_refresh=True))
+        with env.pg() as conn:
+            week = conn.execute(
+                "select (max(date) at time zone 'UTC')::date from va_raw.search_query_performance"
+            ).fetchone()
+            assert week is not None
+            conn.execute(
+                tamper.format(
+                    row="select ctid from va_raw.search_query_performance "
+                    "order by date desc, asin, search_query limit 1"
+                )
+            )
+        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+        assert check.failed == [str(align(week[0], cfg.slice_size))], tamper
+        assert check.periods_from_load == 0
+        with env.pg() as conn:
+            details = conn.execute(
+                "select details from va_control.dq_results where run_id = %s and status = 'fail'", (run_id,)
+            ).fetchone()
+            assert details is not None and "postgres_from" not in details[0]
+            found = details[0]["missing_in_postgres"] + details[0]["different"]
+            assert len(found) == 1, details[0]
+    # Leave the table as loaded for the tests after this one.
+    env.refresh(cfg, RefreshOptions(full_refresh=True))
+
+
+def test_a_source_change_after_the_load_is_reported_from_a_fresh_checksum(env: Env) -> None:
+    cfg = _cfg()
+    run_id, outcome = env.refresh(cfg, RefreshOptions(full_refresh=True))
+    path = f"`{env.clients.project}.va_source.{SQP_TABLE}`"
+    newest = f"(select max(`Date`) from {path})"
+    change = "`ASIN Click Count` = `ASIN Click Count` + {d} where `Date` = " + newest
+    env.clients.rest.query(f"update {path} set {change.format(d=1)}").result()
+    try:
+        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+    finally:
+        env.clients.rest.query(f"update {path} set {change.format(d=-1)}").result()
+    assert len(check.failed) == 1 and check.periods_from_load == 0
+    with env.pg() as conn:
+        details = conn.execute(
+            "select details from va_control.dq_results where run_id = %s and status = 'fail'", (run_id,)
+        ).fetchone()
+    assert details is not None and "postgres_from" not in details[0]
+    assert {tuple(d["columns"]) for d in details[0]["different"]} == {("asin_click_count",)}
 
 
 def _ok(cfg: TableConfig) -> TableOutcome:
