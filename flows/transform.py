@@ -271,11 +271,10 @@ def _wait_for_node_tasks(before: set[threading.Thread]) -> None:
 def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
     """Invoke dbt through PrefectDbtRunner: inside a flow, one Prefect task per dbt node.
 
-    Only dbt's warnings and errors go to Prefect (the node's task log): forwarding its INFO
-    lines (a START and an OK per node, the periods each model rebuilds) cost 3-5x plain dbt's
-    CPU (bench/dbt_overhead.py, docs/benchmarks.md). They stay in dbt's log file under the
-    state dir, which the CLI's progress line reads. Every node's result is recorded in the
-    control schema (record_dbt).
+    Only dbt's warnings and errors go to Prefect (the node's task log); its INFO lines (a START
+    and an OK per node, the periods each model rebuilds) stay in dbt's log file under the state
+    dir, which the CLI's progress line reads. Returns once every node's Prefect task has ended
+    (invoke_prefect_dbt). Every node's result is recorded in the control schema (record_dbt).
     """
     target_path = target_dir(settings)
     target_path.mkdir(parents=True, exist_ok=True)
