@@ -12,8 +12,11 @@ each other's results or rotate each other's log.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from flows.settings import Settings
 # Resource types whose adapter_response counts rows written. A test's response counts the
 # rows of its `select count(*)` (always 1): its result is `failures`, not rows affected.
 _WRITING_RESOURCE_TYPES = ("model", "seed", "snapshot")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -189,38 +193,95 @@ def invoke_dbt(
         )
 
 
-def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
-    """Invoke dbt through PrefectDbtRunner: inside a flow, one Prefect task per dbt node.
+# prefect-dbt (0.7) runs each dbt node's Prefect task in a daemon thread of its own
+# (NodeTaskTracker.run_task_in_thread) and never joins it: `invoke` returns once its callback
+# queue is drained, i.e. once every node's task has been *started*. A thread still creating its
+# task run when the process exits fails ("Error emitting event ... can't register atexit after
+# shutdown") and can abort the interpreter (exit 134). There is no public handle on these
+# threads; Python names a thread after its target ("Thread-7 (run_task)"), which is how
+# run_dbt finds them to wait for them (tests/unit/test_transform.py pins the name).
+NODE_TASK_THREAD_SUFFIX = "(run_task)"
+# A node task has only its events left to emit when invoke returns: seconds, even under load.
+# One whose node never finished (dbt emitted no NodeFinished) would wait forever: give up then.
+NODE_TASKS_TIMEOUT_S = 120.0
 
-    dbt's INFO events go to Prefect (each node's task log) and to dbt's log file under the
-    state dir (the CLI's progress line reads it). Forwarding only WARN and above costs far less
-    (bench/dbt_overhead.py) but, with prefect-dbt 0.7, leaves node tasks being created after
-    the flow returned: `refresh run` then ended with Prefect event errors and, at times, an
-    abort (exit 134) at interpreter shutdown; see docs/benchmarks.md. Every node's result is
-    recorded in the control schema either way (record_dbt).
+
+def node_task_threads() -> set[threading.Thread]:
+    """The live threads running a dbt node's Prefect task."""
+    return {t for t in threading.enumerate() if t.name.endswith(NODE_TASK_THREAD_SUFFIX)}
+
+
+def wait_for_node_tasks(started_before: set[threading.Thread], timeout_s: float) -> int:
+    """Join the node-task threads started since `started_before`, for at most `timeout_s` in
+    all; returns how many are still running."""
+    deadline = time.monotonic() + timeout_s
+    pending = node_task_threads() - started_before
+    for thread in pending:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    return sum(1 for t in pending if t.is_alive())
+
+
+def invoke_prefect_dbt(
+    settings: Settings, args: list[str], *, log_level: str = "warn", **runner_options: Any
+) -> Any:
+    """`args` through PrefectDbtRunner (inside a flow: one Prefect task per dbt node), returning
+    dbt's result once every node's task has ended.
+
+    dbt's events at `log_level` and above go to Prefect (the node's task log); INFO and above
+    always go to dbt's log file under the state dir (the CLI's progress line reads it).
     """
     from dbt_common.events.base_types import EventLevel
     from prefect_dbt import PrefectDbtRunner, PrefectDbtSettings
 
-    project = settings.dbt_project_dir
+    target_path = target_dir(settings)
+    before = node_task_threads()
+    with scoped_environ(dbt_env(settings)):
+        runner = PrefectDbtRunner(
+            settings=PrefectDbtSettings(
+                project_dir=settings.dbt_project_dir,
+                profiles_dir=profiles_dir(settings),
+                target_path=target_path,
+                log_level=EventLevel(log_level),
+            ),
+            raise_on_failure=False,
+            **runner_options,
+        )
+        try:
+            res = runner.invoke(
+                [*args, "--log-path", str(target_path.parent / "logs")], log_level_file=EventLevel.INFO.value
+            )
+        except Exception:
+            _wait_for_node_tasks(before)
+            raise
+    _wait_for_node_tasks(before)
+    return res
+
+
+def _wait_for_node_tasks(before: set[threading.Thread]) -> None:
+    left = wait_for_node_tasks(before, NODE_TASKS_TIMEOUT_S)
+    if left:
+        log.warning(
+            "%d dbt node task(s) still running %.0fs after dbt ended: their Prefect task runs may "
+            "stay unfinished (each node's result is in the control schema)",
+            left,
+            NODE_TASKS_TIMEOUT_S,
+        )
+
+
+def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
+    """Invoke dbt through PrefectDbtRunner: inside a flow, one Prefect task per dbt node.
+
+    Only dbt's warnings and errors go to Prefect (the node's task log); its INFO lines (a START
+    and an OK per node, the periods each model rebuilds) stay in dbt's log file under the state
+    dir, which the CLI's progress line reads. Returns once every node's Prefect task has ended
+    (invoke_prefect_dbt). Every node's result is recorded in the control schema (record_dbt).
+    """
     target_path = target_dir(settings)
     target_path.mkdir(parents=True, exist_ok=True)
     results = target_path / "run_results.json"
     results.unlink(missing_ok=True)
     args = with_project_vars(settings, args)
-    with scoped_environ(dbt_env(settings)):
-        runner = PrefectDbtRunner(
-            settings=PrefectDbtSettings(
-                project_dir=project,
-                profiles_dir=profiles_dir(settings),
-                target_path=target_path,
-                log_level=EventLevel.INFO,
-            ),
-            raise_on_failure=False,
-        )
-        res = runner.invoke(
-            [*args, "--log-path", str(target_path.parent / "logs")], log_level_file=EventLevel.INFO.value
-        )
+    res = invoke_prefect_dbt(settings, args)
     message = None
     if getattr(res, "exception", None) is not None:
         message = f"dbt failed: {res.exception}"

@@ -149,3 +149,51 @@ def test_raw_schema_var_is_merged_into_the_flow_args() -> None:
     # a var given by the caller wins
     given = with_project_vars(settings, ["run", "--vars", '{"raw_schema": "raw_bench"}'])
     assert json.loads(given[2]) == {"raw_schema": "raw_bench", "control_schema": "control_elsewhere"}
+
+
+def test_prefect_dbt_still_runs_node_tasks_in_threads_named_after_run_task() -> None:
+    # run_dbt finds the node-task threads it waits for by the name Python gives a thread after
+    # its target: a prefect-dbt that renames or drops that target must fail here, not bring
+    # back event errors and aborts at `refresh run`'s exit.
+    import inspect
+
+    from prefect_dbt.core._tracker import NodeTaskTracker
+
+    from flows.transform import NODE_TASK_THREAD_SUFFIX
+
+    source = inspect.getsource(NodeTaskTracker.run_task_in_thread)
+    assert "def run_task():" in source and "threading.Thread(target=run_task)" in source
+    assert NODE_TASK_THREAD_SUFFIX == "(run_task)"
+
+
+def test_wait_for_node_tasks_joins_the_threads_started_since_and_counts_stuck_ones() -> None:
+    import threading
+
+    from flows.transform import node_task_threads, wait_for_node_tasks
+
+    release = threading.Event()
+
+    def run_task() -> None:  # named as prefect-dbt's node-task thread target
+        release.wait(0.5)
+
+    def other() -> None:
+        release.wait(5)
+
+    before = node_task_threads()
+    unrelated = threading.Thread(target=other)
+    slow = threading.Thread(target=run_task)
+    unrelated.start()
+    slow.start()
+    t0 = time.monotonic()
+    assert wait_for_node_tasks(before, timeout_s=30) == 0  # waited for run_task, not for `other`
+    assert not slow.is_alive() and unrelated.is_alive()
+    assert 0.3 < time.monotonic() - t0 < 4
+
+    stuck = threading.Thread(target=run_task)
+    stuck.start()
+    t0 = time.monotonic()
+    assert wait_for_node_tasks(before, timeout_s=0.1) == 1  # gives up at the timeout
+    assert time.monotonic() - t0 < 0.4
+    release.set()
+    stuck.join()
+    unrelated.join()
