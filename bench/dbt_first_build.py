@@ -11,7 +11,9 @@ invocation id left out).
 `--compare DIR` builds a second dbt project (e.g. an older commit checked out with
 `git worktree add /tmp/old <commit>`) on the same raw rows, alternating with this one
 `--repeats` times so that other load on the machine hits both alike, and checks that every
-model's rows are identical. Last line: `build_s=<this> [compare_s=<other> ratio=<this/other>]`
+model's rows are identical. Wall time on a shared machine is noisy; the CPU seconds of
+Postgres (its backends) and of dbt's process per build are not. Last line:
+`build_s=.. cpu_s=.. [compare_s=.. compare_cpu_s=.. wall_ratio=.. cpu_ratio=.. identical=..]`
 (medians).
 
     .venv/bin/python bench/dbt_first_build.py --rows 1000000 [--compare /tmp/old]
@@ -20,8 +22,10 @@ model's rows are identical. Last line: `build_s=<this> [compare_s=<other> ratio=
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -31,6 +35,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import psutil
 import psycopg
 from incremental_scaling import LAST_WEEK, RAW_SCHEMA, Bench, History  # bench/ on sys.path
 from psycopg import sql
@@ -64,12 +69,35 @@ def fingerprints(dsn: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def first_build(bench: Bench, h: History, project: Path, weeks: list[str]) -> tuple[float, list[dict]]:  # type: ignore[type-arg]
-    """Empty model schemas, then the flow's first-load build; (wall s, nodes of run_results)."""
+def postgres_cpu_s(workdir: Path) -> float:
+    """CPU seconds of the embedded Postgres so far: its server process's children, the exited
+    ones (backends, reaped by it) and the living ones (checkpointer, autovacuum, ...)."""
+    pid_file = next((workdir / "pg").rglob("postmaster.pid"))
+    server = psutil.Process(int(pid_file.read_text().split()[0]))
+    own = server.cpu_times()
+    total = own.children_user + own.children_system
+    for child in server.children():
+        with contextlib.suppress(psutil.Error):
+            t = child.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def first_build(
+    bench: Bench, h: History, project: Path, weeks: list[str]
+) -> tuple[float, float, float, list[dict]]:  # type: ignore[type-arg]
+    """Empty model schemas, then the flow's first-load build: (wall s, Postgres CPU s, dbt's
+    own CPU s, nodes of run_results)."""
     with psycopg.connect(bench.dsn(h.dbname), autocommit=True) as conn:
         for schema in MODEL_SCHEMAS:
             conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(schema)))
     select = " ".join(f"source:{DBT_SOURCE}.{t}+" for t in (SQP_TABLE, PRODUCTS_TABLE, DAILY_TABLE))
+    pg_cpu, dbt_cpu = postgres_cpu_s(bench.workdir), own_cpu_s()
     started = time.perf_counter()
     res_path = bench.workdir / f"target-{project.name}"
     settings = get_settings(pg_dsn=bench.dsn(h.dbname), dbt_target="postgres", dbt_threads=bench.args.threads)
@@ -87,10 +115,11 @@ def first_build(bench: Bench, h: History, project: Path, weeks: list[str]) -> tu
         env=dbt_env(settings),
     )
     elapsed = time.perf_counter() - started
+    pg_cpu, dbt_cpu = postgres_cpu_s(bench.workdir) - pg_cpu, own_cpu_s() - dbt_cpu
     if not res.success:
         raise SystemExit(f"dbt build of {project} failed: {res.exception or 'see output'}")
     _, nodes = read_run_results(res_path / "run_results.json")
-    return elapsed, [dict(n) for n in nodes]
+    return elapsed, pg_cpu, dbt_cpu, [dict(n) for n in nodes]
 
 
 def report_nodes(label: str, runs: list[list[dict]]) -> None:  # type: ignore[type-arg]
@@ -102,7 +131,7 @@ def report_nodes(label: str, runs: list[list[dict]]) -> None:  # type: ignore[ty
     models = sum(v for k, v in med.items() if k.startswith("model."))
     tests = sum(v for k, v in med.items() if k.startswith("test."))
     print(f"\n[{label}] {len(med)} nodes; node execution (median s): models {models:.1f}, tests {tests:.1f}")
-    for uid in sorted(med, key=lambda k: -med[k])[:15]:
+    for uid in sorted(med, key=lambda k: -med[k])[:25]:
         print(f"  {med[uid]:7.2f}  {uid[:100]}")
 
 
@@ -138,30 +167,36 @@ def main(argv: list[str] | None = None) -> int:
             weeks.append(monday.isoformat())
             monday += timedelta(days=7)
         walls: dict[str, list[float]] = {label: [] for label, _ in projects}
+        cpus: dict[str, list[float]] = {label: [] for label, _ in projects}
         nodes: dict[str, list[list[dict]]] = {label: [] for label, _ in projects}  # type: ignore[type-arg]
         prints: dict[str, dict[str, tuple[int, int]]] = {}
         for attempt in range(1, args.repeats + 1):
             for label, project in projects:
                 load = os.getloadavg()
-                elapsed, run_nodes = first_build(bench, h, project, weeks)
+                elapsed, pg_cpu, dbt_cpu, run_nodes = first_build(bench, h, project, weeks)
                 walls[label].append(elapsed)
+                cpus[label].append(pg_cpu + dbt_cpu)
                 nodes[label].append(run_nodes)
                 print(
-                    f"[{label}] first build (run {attempt}) {elapsed:.1f} s, load average {load[0]:.1f}",
+                    f"[{label}] first build (run {attempt}) {elapsed:.1f} s, CPU {pg_cpu:.1f} s Postgres "
+                    f"+ {dbt_cpu:.1f} s dbt, load average {load[0]:.1f}",
                     flush=True,
                 )
-                if attempt == 1:
+                if attempt == 1 and args.compare:
                     prints[label] = fingerprints(bench.dsn(h.dbname))
         for label, _ in projects:
             report_nodes(label, nodes[label])
-        last = f"build_s={statistics.median(walls['this']):.1f}"
+        this_s, this_cpu = statistics.median(walls["this"]), statistics.median(cpus["this"])
+        last = f"build_s={this_s:.1f} cpu_s={this_cpu:.1f}"
         if args.compare:
             this, other = prints["this"], prints["compare"]
             diff = sorted(k for k in this.keys() | other.keys() if this.get(k) != other.get(k))
             print("\nmodel rows identical in both projects" if not diff else f"\nMODEL ROWS DIFFER: {diff}")
-            other_s = statistics.median(walls["compare"])
-            last += f" compare_s={other_s:.1f} ratio={statistics.median(walls['this']) / other_s:.2f}"
-            last += f" identical={not diff}"
+            other_s, other_cpu = statistics.median(walls["compare"]), statistics.median(cpus["compare"])
+            last += (
+                f" compare_s={other_s:.1f} compare_cpu_s={other_cpu:.1f} wall_ratio={this_s / other_s:.2f} "
+                f"cpu_ratio={this_cpu / other_cpu:.2f} identical={not diff}"
+            )
     finally:
         pg.stop()
         shutil.rmtree(workdir, ignore_errors=True)
