@@ -166,8 +166,12 @@ def child(out: Path) -> None:
 
     rec = Recorder()
     runbook.plan_tables = rec.timed("plan", runbook.plan_tables)  # type: ignore[assignment]
-    for name in ("describe", "cursor_range", "_high_water", "_committed_since_last_success"):
+    from flows.control import checkpoints
+
+    for name in ("describe", "cursor_range"):
         setattr(refresh, name, rec.timed("plan", getattr(refresh, name)))
+    for name in ("high_water", "committed_since_last_success"):
+        setattr(checkpoints, name, rec.timed("plan", getattr(checkpoints, name)))
     refresh.read_slice = rec.reading(refresh.read_slice)  # type: ignore[assignment]
     refresh.apply_slice = rec.loading(refresh.apply_slice)  # type: ignore[assignment]
     dr.run_dbt = rec.timed("dbt", dr.run_dbt)  # type: ignore[assignment]
