@@ -406,7 +406,7 @@ def main() -> None:
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_LOGGING_LEVEL": "WARNING",
                 # Prefect's ephemeral API server (a child process) starts slowly on a busy machine.
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
                 "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
                 "REFRESH_CONTROL_SCHEMA": "refresh_control",
                 "REFRESH_TABLES_FILE": str(PROJECT_ROOT / "config" / "tables.yml"),
