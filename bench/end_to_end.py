@@ -34,6 +34,7 @@ Postgres: REFRESH_PG_DSN if set, else an embedded Postgres; the emulator is star
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -164,8 +166,12 @@ def child(out: Path) -> None:
 
     rec = Recorder()
     runbook.plan_tables = rec.timed("plan", runbook.plan_tables)  # type: ignore[assignment]
-    for name in ("describe", "cursor_range", "_high_water", "_committed_since_last_success"):
+    from flows.control import checkpoints
+
+    for name in ("describe", "cursor_range"):
         setattr(refresh, name, rec.timed("plan", getattr(refresh, name)))
+    for name in ("high_water", "committed_since_last_success"):
+        setattr(checkpoints, name, rec.timed("plan", getattr(checkpoints, name)))
     refresh.read_slice = rec.reading(refresh.read_slice)  # type: ignore[assignment]
     refresh.apply_slice = rec.loading(refresh.apply_slice)  # type: ignore[assignment]
     dr.run_dbt = rec.timed("dbt", dr.run_dbt)  # type: ignore[assignment]
@@ -207,8 +213,57 @@ def child(out: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def run_child(env: dict[str, str], out: Path) -> tuple[dict[str, Any], float, float, dict[str, float]]:
-    """(child's result, wall s, peak RSS of the process tree MB, peak MB per process name)."""
+@contextlib.contextmanager
+def standing_prefect_server(home: Path) -> Iterator[tuple[str, psutil.Process]]:
+    """A `prefect server start` outside the flow's process tree, as `refresh serve` users run
+    it: (its API URL, its process). Stopped at the end."""
+    from flows.demo.local_stack import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    with (home / "server.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"prefect server did not start; see {home / 'server.log'}")
+            time.sleep(0.5)
+        yield url, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def run_child(
+    env: dict[str, str], out: Path, server: psutil.Process | None = None
+) -> tuple[dict[str, Any], float, float, dict[str, float]]:
+    """(child's result, wall s, peak RSS of the process tree MB, peak MB per process name).
+    `server`: a standing Prefect server, outside the tree; its RSS is reported apart."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", str(out)], env={**os.environ, **env})
     root = psutil.Process(proc.pid)
@@ -229,6 +284,16 @@ def run_child(env: dict[str, str], out: Path) -> tuple[dict[str, Any], float, fl
             total += rss
             per_name[name] = max(per_name[name], rss / 1024**2)
         peak_tree = max(peak_tree, total)
+        if server is not None:
+            try:
+                rss = server.memory_info().rss + sum(
+                    c.memory_info().rss for c in server.children(recursive=True)
+                )
+                per_name["standing Prefect server (not in the tree)"] = max(
+                    per_name["standing Prefect server (not in the tree)"], rss / 1024**2
+                )
+            except psutil.Error:
+                pass
         time.sleep(0.05)
     wall = time.perf_counter() - started
     if proc.wait() != 0 or not out.exists():
@@ -318,6 +383,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1_000_000, help="SQP rows to generate (1M, 10M)")
     p.add_argument("--weeks", type=int, default=52)
+    p.add_argument(
+        "--standing-server",
+        action="store_true",
+        help="run the flow against a standing `prefect server start` (PREFECT_API_URL) instead of "
+        "the ephemeral API server `refresh run` starts as its child",
+    )
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -328,22 +399,31 @@ def main() -> None:
 
     state = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     try:
-        with local_services(state, with_emulator=True) as env:
+        with contextlib.ExitStack() as stack:
+            env = stack.enter_context(local_services(state, with_emulator=True))
             env |= {
                 "PREFECT_HOME": str(state / "prefect"),
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_LOGGING_LEVEL": "WARNING",
                 # Prefect's ephemeral API server (a child process) starts slowly on a busy machine.
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
                 "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
                 "REFRESH_CONTROL_SCHEMA": "refresh_control",
                 "REFRESH_TABLES_FILE": str(PROJECT_ROOT / "config" / "tables.yml"),
             }
+            server = None
+            if args.standing_server:
+                url, server = stack.enter_context(standing_prefect_server(state / "prefect-server"))
+                env["PREFECT_API_URL"] = url
             os.environ.update(env)
             settings = get_settings(**_settings_overrides(env))
             migrate(settings)
             load = os.getloadavg()
             print(f"machine: {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+            print(
+                "Prefect: "
+                + ("a standing server (PREFECT_API_URL)" if server else "the ephemeral API server (a child)")
+            )
             spec = SampleSpec(sqp_rows=args.rows, weeks=args.weeks, asins=500, daily_rows=args.rows // 100)
             started = time.perf_counter()
             clients = make_clients(settings)
@@ -355,7 +435,7 @@ def main() -> None:
                 f"generated {spec.sqp_rows:,} SQP rows ({spec.weeks} weeks), {spec.daily_rows:,} daily rows, "
                 f"{spec.asins} products in the emulator in {time.perf_counter() - started:.1f} s"
             )
-            first, wall, tree, names = run_child(env, state / "first.json")
+            first, wall, tree, names = run_child(env, state / "first.json", server)
             report("first load", first, wall, tree, names)
             rows, seconds = raw_copy(settings, state)
             load_s = first["seconds"]["load"]
@@ -365,11 +445,12 @@ def main() -> None:
                 f"{first['rows']['load'] / load_s:,.0f} rows/s"
             )
             print(f"\n{restate(settings)}")
-            daily, dwall, dtree, dnames = run_child(env, state / "daily.json")
+            daily, dwall, dtree, dnames = run_child(env, state / "daily.json", server)
             report("daily run", daily, dwall, dtree, dnames)
             print(
                 f"\nfirst_load_s={wall:.1f} daily_run_s={dwall:.1f} peak_rss_mb={max(tree, dtree):.0f} "
-                f"load_vs_copy={(first['rows']['load'] / load_s) / (rows / seconds):.2f}"
+                f"load_vs_copy={(first['rows']['load'] / load_s) / (rows / seconds):.2f} "
+                f"dbt_first_s={first['seconds']['dbt']:.1f} prefect={'standing' if server else 'ephemeral'}"
             )
     finally:
         shutil.rmtree(state, ignore_errors=True)

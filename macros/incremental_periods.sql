@@ -18,7 +18,9 @@
     period: none, or 'month' / 'quarter' / 'year' when period_column starts such a period.
     Postgres: period_replace (macros/period_replace_strategy.sql) keyed on the period column,
     plus a unique index on the grain (leading period column, so the delete and the window
-    filter use it too).
+    filter use it too); the build's transaction gets more sort and index memory
+    (model_session_settings) and ends with ANALYZE, so the tests and the models read from it
+    are planned on its real size (a table fresh from CREATE TABLE AS has no statistics).
     BigQuery: insert_overwrite of day partitions on the period column, clustered by the rest
     of the grain.
 #}
@@ -45,9 +47,36 @@
             'incremental_strategy': 'period_replace',
             'unique_key': period_column,
             'indexes': [{'columns': key_columns, 'unique': true}],
+            'pre_hook': [model_session_settings()],
+            'post_hook': ['analyze {{ this }}'],
         }) -%}
     {%- endif -%}
     {{ return(config) }}
+{%- endmacro %}
+
+
+{#
+    SET LOCAL statements for an incremental model's build transaction (Postgres): memory for
+    its sorts and hashes (work_mem, var dbt_work_mem) and for building its unique index
+    (maintenance_work_mem, var dbt_maintenance_work_mem). The defaults (4MB, 64MB) make a
+    first load of millions of rows sort on disk. Only this transaction gets them, so they
+    bound what one dbt thread adds to Postgres' memory.
+#}
+{% macro model_session_settings() -%}
+    {%- set statements = [] -%}
+    {%- for setting, var_name, default in [
+        ('work_mem', 'dbt_work_mem', '64MB'),
+        ('maintenance_work_mem', 'dbt_maintenance_work_mem', '256MB'),
+    ] -%}
+        {%- set value = var(var_name, default) | string | trim -%}
+        {%- if not modules.re.match('^[0-9]{1,7}(kB|MB|GB)$', value) -%}
+            {{ exceptions.raise_compiler_error(
+                "var " ~ var_name ~ " must be a size such as '64MB' (kB, MB or GB), got '" ~ value ~ "'"
+            ) }}
+        {%- endif -%}
+        {%- do statements.append("set local " ~ setting ~ " = '" ~ value ~ "'") -%}
+    {%- endfor -%}
+    {{ return(statements | join('; ')) }}
 {%- endmacro %}
 
 

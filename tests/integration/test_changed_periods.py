@@ -251,6 +251,15 @@ def test_bad_refresh_weeks_stop_the_build_with_one_clear_error(
     assert message in str(raised.value), raised.value
 
 
+def test_a_bad_memory_var_stops_the_build_with_one_clear_error(
+    refreshed: dict[str, Any], settings: Settings
+) -> None:
+    # Templated into SET LOCAL of every incremental model: anything but a size stops the parse.
+    bad = {"dbt_work_mem": "64MB'; drop table x; --"}
+    with pytest.raises(ValueError, match=r"var dbt_work_mem must be a size such as '64MB'"):
+        run_dbt(settings, ["compile", "--select", "search_query_performance", "--vars", json.dumps(bad)])
+
+
 def test_weekly_full_dbt_test_checks_every_row_and_is_recorded(
     refreshed: dict[str, Any], settings: Settings, pg: psycopg.Connection
 ) -> None:
