@@ -75,3 +75,8 @@ def api_process(env: dict[str, str], log_path: Path, timeout_s: float = 300) -> 
         yield url
     finally:
         stop(proc)
+    # Every request is access-logged: a record the log formatter cannot format prints a
+    # traceback per request (it did: the redaction flattened uvicorn's record arguments).
+    text = log_path.read_text(errors="replace")
+    if "--- Logging error ---" in text or '"GET /api/openapi.json HTTP/1.1" 200' not in text:
+        pytest.fail(f"refresh api's log is not clean or has no access log:\n{tail(log_path)}")
