@@ -655,22 +655,34 @@ def unchanged_since_load(
     (`xmin`: an update writes a new row version with the updater's id, an insert carries its
     inserter's, a delete leaves the count short), as many rows as the load fingerprinted, and
     that transaction is less than 2^31 transactions old (so no later one shares its 32 bits).
-    Only tuple headers are read: no value is formatted or hashed.
+    One scan of the slices' span reads the cursor and tuple headers: no value is formatted or hashed.
     """
     slices, now = fingerprints.loaded_by(conn, loaded.control_schema, table, loaded.run_id)
+    young = [s for s in slices if now - s.xid < _XID_SPAN]
+    if not young:
+        return {}
+    # One scan of the slices' span: rows per day and per row-version writer.
+    span = None
+    if cursor is not None and all(s.start is not None and s.end is not None for s in young):
+        span = Slice(min(s.start for s in young if s.start), max(s.end for s in young if s.end))
+    where, params = _pg_where(cursor, span)
+    day = _pg_day(cursor) if cursor else sql.SQL("null::date")
+    counts = conn.execute(
+        sql.SQL("select {day}, xmin::text, count(*) from {t}{where} group by 1, xmin").format(
+            day=day, t=sql.Identifier(schema, table), where=where
+        ),
+        params,
+    ).fetchall()
     out: dict[date | None, Fingerprint] = {}
-    for s in slices:
-        if now - s.xid >= _XID_SPAN:
-            continue
-        window = Slice(s.start, s.end) if s.start is not None and s.end is not None else None
-        where, params = _pg_where(cursor, window)
-        row = conn.execute(
-            sql.SQL("select count(*), count(*) filter (where xmin = %s::text::xid) from {t}{where}").format(
-                t=sql.Identifier(schema, table), where=where
-            ),
-            [str(s.xid % 2**32), *params],
-        ).fetchone()
-        if row is not None and row[0] == row[1] == s.rows:
+    for s in young:
+        inside = [
+            (int(x), int(n))
+            for d, x, n in counts
+            if s.start is None or s.end is None or (d is not None and s.start <= d < s.end)
+        ]
+        rows = sum(n for _, n in inside)
+        same = sum(n for x, n in inside if x == s.xid % 2**32)
+        if rows == same == s.rows:
             out[s.start] = Fingerprint(s.rows, s.checksum)
     return out
 
