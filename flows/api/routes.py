@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
+from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows import runbook
@@ -39,6 +40,7 @@ Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]
 Triggerer = Annotated[TokenInfo | None, Depends(require(Scope.TRIGGER))]
 Admin = Annotated[TokenInfo | None, Depends(require(Scope.ADMIN))]
 
+DEFAULT_STATUS_HOURS = 24
 # A table refreshed successfully this recently is not refreshed again without `force`.
 MIN_INTERVAL = timedelta(hours=1)
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
@@ -57,11 +59,32 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def status_answer(pool: ConnectionPool, schema: str, hours: int) -> bytes:
+    """The status body for runs of the last `hours` hours, rendered."""
+    now = _now()
+    with pool.connection() as conn:
+        running = refresh_running(conn)
+        runs = monitoring.runs_since(conn, schema, now - timedelta(hours=hours))
+        tables = monitoring.table_overview(conn, schema, now)
+    state, reasons = monitoring.health(tables, runs)
+    return FastJSONResponse.dumps(
+        {
+            "status": state.value,
+            "reasons": reasons,
+            "refresh_running": running,
+            "generated_at": now,
+            "hours": hours,
+            "runs": runs,
+            "tables": tables,
+        }
+    )
+
+
 @router.get("/status", response_model=None, responses=COMMON_ERRORS)
 async def status(
     request: Request,
     _: Reader,
-    hours: Annotated[int, Query(ge=1, le=720, description="Runs of the last N hours")] = 24,
+    hours: Annotated[int, Query(ge=1, le=720, description="Runs of the last N hours")] = DEFAULT_STATUS_HOURS,
 ) -> Response:
     """healthy / degraded / failing, why, and per table: mode, last status, last success,
     freshness (fresh, aging > 1x frequency, stale > 2x, never) and next due. The answer may be
@@ -69,24 +92,7 @@ async def status(
     `generated_at` when it was computed."""
 
     def compute() -> bytes:
-        now = _now()
-        schema = _schema(request)
-        with request.app.state.pool.connection() as conn:
-            running = refresh_running(conn)
-            runs = monitoring.runs_since(conn, schema, now - timedelta(hours=hours))
-            tables = monitoring.table_overview(conn, schema, now)
-        state, reasons = monitoring.health(tables, runs)
-        return FastJSONResponse.dumps(
-            {
-                "status": state.value,
-                "reasons": reasons,
-                "refresh_running": running,
-                "generated_at": now,
-                "hours": hours,
-                "runs": runs,
-                "tables": tables,
-            }
-        )
+        return status_answer(request.app.state.pool, _schema(request), hours)
 
     cache = request.app.state.status_cache
     cached = cache.lookup(hours, compute) or await run_in_threadpool(cache.get, hours, compute)
