@@ -123,10 +123,10 @@ def test_the_flow_run_adopts_the_lock_its_command_took(settings: Settings) -> No
     from flows.db import connect
 
     with refresh_lock(settings) as taken, lock_taken_by_caller(taken):
-        with _refresh_lock(settings) as conn:
+        with _refresh_lock(settings, "cli") as conn:
             assert conn is taken
         assert taken.closed, "the lock outlived the run"
-    with _refresh_lock(settings) as own, connect(settings, autocommit=True) as other:
+    with _refresh_lock(settings, "cli") as own, connect(settings, autocommit=True) as other:
         assert own is not taken
         row = other.execute("select pg_try_advisory_lock(%s)", (REFRESH_LOCK_KEY,)).fetchone()
         assert row == (False,), "the flow ran without the lock"
