@@ -1,12 +1,15 @@
-"""What several benchmarks share: a throwaway stack's environment, and refreshing a table the
-way a run does (the registry row, the refresh lock, a run row), so no script repeats it."""
+"""What several benchmarks share: a throwaway stack's environment, a standing Prefect server
+(flows.demo.local_stack), and refreshing a table the way a run does (the registry row, the
+refresh lock, a run row), so no script repeats it."""
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
 
-from flows.demo.local_stack import free_port
+from flows.demo.local_stack import free_port, standing_prefect_server
+
+__all__ = ["refresh", "register", "standing_prefect_server", "throwaway_env"]
 
 if TYPE_CHECKING:
     from flows.bigquery import BigQueryClients

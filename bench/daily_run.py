@@ -39,11 +39,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from bench_stack import standing_prefect_server  # a sibling script: bench/ is on sys.path
 
 from flows.demo.local_stack import free_port
 
@@ -80,40 +81,8 @@ def stack_env(state: Path) -> dict[str, str]:
 def prefect_server(state: Path) -> Iterator[str]:
     """One `prefect server start` for every scenario, as the daily deployment runs against a
     standing server (`refresh serve`): no run pays for starting one. Yields its API URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(state / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    with (state / "prefect-server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"prefect server did not start: see {state / 'prefect-server.log'}")
-            time.sleep(0.5)
+    with standing_prefect_server(state / "prefect") as (url, _):
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
 
 
 def _peak_rss_mb() -> float:

@@ -44,7 +44,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,7 +51,8 @@ from typing import Any
 
 import psutil
 import psycopg
-from load_throughput import _own_peak_rss_kib, _settings_overrides, local_services  # bench/ on sys.path
+from bench_stack import standing_prefect_server  # bench/ on sys.path
+from load_throughput import _own_peak_rss_kib, _settings_overrides, local_services
 from psycopg import sql
 
 from flows.db import migrate
@@ -213,52 +213,6 @@ def child(out: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def standing_prefect_server(home: Path) -> Iterator[tuple[str, psutil.Process]]:
-    """A `prefect server start` outside the flow's process tree, as `refresh serve` users run
-    it: (its API URL, its process). Stopped at the end."""
-    from flows.demo.local_stack import free_port
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    home.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    with (home / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"prefect server did not start; see {home / 'server.log'}")
-            time.sleep(0.5)
-        yield url, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 def run_child(
     env: dict[str, str], out: Path, server: psutil.Process | None = None
 ) -> tuple[dict[str, Any], float, float, dict[str, float]]:
@@ -413,7 +367,8 @@ def main() -> None:
             }
             server = None
             if args.standing_server:
-                url, server = stack.enter_context(standing_prefect_server(state / "prefect-server"))
+                url, server_proc = stack.enter_context(standing_prefect_server(state / "prefect-server"))
+                server = psutil.Process(server_proc.pid)
                 env["PREFECT_API_URL"] = url
             os.environ.update(env)
             settings = get_settings(**_settings_overrides(env))
