@@ -10,15 +10,18 @@ would. Then the flow's daily dbt command for that one changed week
 
 is timed, `repeats` times each, alternating so that other load hits all alike:
 - plain: dbt's own runner in this process, no Prefect (flows.transform.invoke_dbt);
-- flow: flows.transform.run_dbt inside a Prefect flow (PrefectDbtRunner: one Prefect task per
-  dbt node, dbt's warnings and errors forwarded to Prefect, waiting for every node's task to
-  end), as the daily flow runs it;
-- flow, INFO forwarded: the same forwarding dbt's INFO events too (run_dbt before session 4);
-- flow, disable_assets: run_dbt's settings without a Prefect asset per model.
+- flow (one dbt task): flows.daily_refresh.dbt_task inside a Prefect flow, as the daily flow
+  runs it by default: one Prefect task for the stage, dbt's own runner, dbt's warnings and
+  errors forwarded to the task's log, the changed weeks passed by environment variable (so
+  partial parsing holds), a table artifact with every node;
+- flow, task per node: flows.transform.run_dbt with REFRESH_DBT_NODE_TASKS (PrefectDbtRunner:
+  one Prefect task per dbt node, waiting for every node's task to end);
+- task per node, INFO: the same forwarding dbt's INFO events too, and the weeks as a dbt var
+  (run_dbt of session 3).
 Medians of wall time and of this process's CPU time (every thread's, the node tasks' too;
 steadier on a shared machine; the Prefect server and Postgres are other processes) reported,
-with each variant's ratio to plain. The last line is `ratio=X cpu_ratio=Y`: flow (run_dbt)
-over plain, wall and CPU time (goal: under 1.3).
+with each variant's ratio to plain. The last line is `ratio=X cpu_ratio=Y`: flow (one dbt
+task) over plain, wall and CPU time (goal: under 1.3).
 
     .venv/bin/python bench/dbt_overhead.py [--weeks 52] [--rows-per-week 2000] [--repeats 5]
 """
@@ -37,7 +40,6 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from incremental_scaling import LAST_WEEK, RAW_SCHEMA, Bench, History
 
@@ -47,6 +49,8 @@ from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
 from flows.runbook import CONTROL_SOURCE, DBT_SOURCE
 from flows.settings import PROJECT_ROOT, get_settings
 from flows.transform import invoke_prefect_dbt, run_dbt, with_project_vars
+
+FLOW = "flow (one dbt task)"
 
 
 def flow_args() -> list[str]:
@@ -106,17 +110,18 @@ def main(argv: list[str] | None = None) -> int:
 
         from prefect import flow
 
-        def variant(**options: Any) -> Callable[[], bool]:
-            """run_dbt's PrefectDbtRunner with other options (it too waits for the node tasks)."""
-            return lambda: bool(
-                invoke_prefect_dbt(settings, with_project_vars(settings, dbt_args), **options).success
-            )
+        from flows.daily_refresh import dbt_task
 
+        node_tasks = settings.model_copy(update={"dbt_node_tasks": True})
         variants: dict[str, Callable[[], bool]] = {
             "plain dbt build": plain,
-            "flow (run_dbt)": lambda: run_dbt(settings, dbt_args).success,
-            "flow, INFO forwarded": variant(log_level="info"),
-            "flow, disable_assets": variant(disable_assets=True),
+            FLOW: lambda: dbt_task(settings, dbt_args, "build").result().success,
+            "flow, task per node": lambda: run_dbt(node_tasks, dbt_args).success,
+            "task per node, INFO": lambda: bool(
+                invoke_prefect_dbt(
+                    node_tasks, with_project_vars(node_tasks, dbt_args), log_level="info"
+                ).success
+            ),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}
@@ -150,10 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:24} {median:7.2f}s wall {median / base:5.2f}x"
             f"   {median_cpu:7.2f}s CPU {median_cpu / base_cpu:5.2f}x"
         )
-    flow_cpu = statistics.median(cpu["flow (run_dbt)"])
-    print(
-        f"ratio={statistics.median(times['flow (run_dbt)']) / base:.2f} cpu_ratio={flow_cpu / base_cpu:.2f}"
-    )
+    flow_cpu = statistics.median(cpu[FLOW])
+    print(f"ratio={statistics.median(times[FLOW]) / base:.2f} cpu_ratio={flow_cpu / base_cpu:.2f}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The Prefect flow: reads like the runbook (validate -> plan -> extract -> transform -> record).
 
 The work lives in plain functions (flows.runbook, flows.refresh, flows.transform); this module
-only wires them into Prefect tasks so each table and each dbt node shows up in the UI.
+only wires them into Prefect tasks so each table and the dbt stage show up in the UI.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from uuid import UUID
 
 import psycopg
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.futures import PrefectFuture
@@ -177,6 +177,22 @@ def _end_run(settings: Settings, run: runs.RunRecord, summary: runbook.RunSummar
             delay = min(delay * 2, 10.0)
 
 
+@task(name="dbt", task_run_name="dbt {command}", cache_policy=NO_CACHE)
+def dbt_task(settings: Settings, args: list[str], command: str) -> State[DbtOutcome]:
+    """The dbt stage as one task: dbt's warnings in its log, every node's result in its table
+    artifact; a failed node makes it end `Completed` named "Warning" (the run's summary says
+    what it means for the run; the flow reads the outcome either way)."""
+    dbt = run_dbt(settings, args)
+    create_table_artifact(
+        key="dbt-nodes",
+        table=dbt.node_table(),
+        description=f"dbt {command}: {len(dbt.nodes)} nodes, {len(dbt.failed_nodes)} failed",
+    )
+    if dbt.success:
+        return Completed(data=dbt)
+    return Completed(name="Warning", message=(dbt.message or "dbt failed")[:500], data=dbt)
+
+
 def _flow_run_id() -> UUID | None:
     ctx = get_run_context()
     return getattr(getattr(ctx, "flow_run", None), "id", None)
@@ -228,7 +244,8 @@ def transform(
     if args is None:
         return None
     started = datetime.now(UTC)
-    dbt = run_dbt(settings, args)
+    # With dbt_node_tasks PrefectDbtRunner makes a task per node itself, under the flow.
+    dbt = run_dbt(settings, args) if settings.dbt_node_tasks else dbt_task(settings, args, args[0]).result()
     with connect(settings, autocommit=True) as conn:
         record_dbt(conn, settings.control_schema, dbt, run_id, _flow_run_id(), started, datetime.now(UTC))
     return dbt

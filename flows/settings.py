@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     )
     dbt_target: Literal["postgres", "bigquery"] = "postgres"
     dbt_threads: int = Field(default=4, ge=1, le=64)
+    # One Prefect task per dbt node (prefect-dbt's PrefectDbtRunner) instead of one task for
+    # the dbt stage: every model and test in the UI, at ~0.15 s CPU per node (docs/benchmarks.md).
+    dbt_node_tasks: bool = Field(
+        default=False, description="one Prefect task per dbt node (slower) instead of one for the stage"
+    )
     schedule_cron: str = "0 2 * * *"
     schedule_timezone: str = "UTC"
 

@@ -1,4 +1,4 @@
-"""Running dbt (through prefect-dbt's PrefectDbtRunner) and auditing every node.
+"""Running dbt in the flow's process and auditing every node.
 
 Node results are read from dbt's run_results.json after the invocation and written to the
 audit tables in one batch, linked to the refresh run and the Prefect flow run: no per-node
@@ -51,6 +51,21 @@ class DbtOutcome:
     def failed_nodes(self) -> list[NodeRun]:
         return [n for n in self.nodes if n["status"] in FAILED_NODE_STATUSES]
 
+    def node_table(self) -> list[dict[str, Any]]:
+        """One row per node, slowest first: the dbt stage's Prefect table artifact."""
+        rows = [
+            {
+                "node": f"{n['resource_type']} {n['name']}",
+                "status": n["status"],
+                "seconds": round(n["execution_time_s"] or 0.0, 2),
+                "rows": n["rows_affected"],
+                "failures": n["failures"],
+                "message": (n["message"] or "")[:200],
+            }
+            for n in self.nodes
+        ]
+        return sorted(rows, key=lambda r: -r["seconds"])
+
     @property
     def models_built(self) -> int:
         return sum(
@@ -90,6 +105,29 @@ def with_project_vars(settings: Settings, args: list[str]) -> list[str]:
     else:
         out += ["--vars", json.dumps(project_vars)]
     return out
+
+
+# The changed weeks reach the models through this environment variable rather than --vars:
+# dbt re-parses the whole project whenever its vars change ("Unable to do partial parsing
+# because config vars ... have changed"), and every daily run changes weeks. The macro
+# refresh_weeks() reads the var first, then this, and only while executing, so dbt never
+# records it as a parse input (macros/incremental_periods.sql).
+REFRESH_WEEKS_ENV = "SQP_REFRESH_WEEKS"
+_RUN_VARS_VIA_ENV = {"refresh_weeks": REFRESH_WEEKS_ENV}
+
+
+def vars_to_env(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`args` without the per-run vars that change every day (refresh_weeks), and those vars
+    as the environment variables the macros read instead, so the vars dbt sees stay the same
+    from run to run and partial parsing holds."""
+    if "--vars" not in args:
+        return list(args), {}
+    out = list(args)
+    i = out.index("--vars")
+    given = json.loads(out[i + 1]) if i + 1 < len(out) and out[i + 1].strip() else {}
+    env = {name: json.dumps(given.pop(var)) for var, name in _RUN_VARS_VIA_ENV.items() if var in given}
+    out[i + 1] = json.dumps(given, sort_keys=True)
+    return out, env
 
 
 def dbt_env(settings: Settings) -> dict[str, str]:
@@ -221,8 +259,70 @@ def wait_for_node_tasks(started_before: set[threading.Thread], timeout_s: float)
     return sum(1 for t in pending if t.is_alive())
 
 
+def _forward_warnings(logger: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> Any:
+    """A dbt callback sending dbt's warnings and errors to `logger` (INFO stays in dbt's log
+    file). It runs in dbt's threads: it only filters and logs."""
+    from dbt_common.events.base_types import EventLevel
+
+    levels = {EventLevel.WARN: logging.WARNING, EventLevel.ERROR: logging.ERROR}
+
+    def callback(event: Any) -> None:
+        level = levels.get(event.info.level)
+        if level is not None:
+            logger.log(level, "dbt: %s", event.info.msg)
+
+    return callback
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run logger of the flow or task this runs in, else this module's."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def invoke_plain_dbt(settings: Settings, args: list[str], env: dict[str, str]) -> Any:
+    """`args` through dbt's own runner in this process, as the flow's dbt stage runs it: no
+    Prefect task per node; dbt's warnings and errors to the run's logger, INFO and above to
+    dbt's log file under the state dir (the CLI's progress line reads it), nothing on stdout."""
+    from dbt.cli.main import dbtRunner
+
+    target_path = target_dir(settings)
+    with scoped_environ({**dbt_env(settings), **env}):
+        res = dbtRunner(callbacks=[_forward_warnings(_run_logger())]).invoke(
+            [
+                *args,
+                "--project-dir",
+                str(settings.dbt_project_dir),
+                "--profiles-dir",
+                str(profiles_dir(settings)),
+                "--target-path",
+                str(target_path),
+                "--log-path",
+                str(target_path.parent / "logs"),
+                "--log-level",
+                "none",
+                "--log-level-file",
+                "info",
+            ]
+        )
+    # dbt could not run at all (a compilation error, no connection): no node result to record.
+    if not res.success and res.exception is not None:
+        raise ValueError(f"dbt {args[0]} could not run: {res.exception}")
+    return res
+
+
 def invoke_prefect_dbt(
-    settings: Settings, args: list[str], *, log_level: str = "warn", **runner_options: Any
+    settings: Settings,
+    args: list[str],
+    *,
+    log_level: str = "warn",
+    env: dict[str, str] | None = None,
+    **runner_options: Any,
 ) -> Any:
     """`args` through PrefectDbtRunner (inside a flow: one Prefect task per dbt node), returning
     dbt's result once every node's task has ended.
@@ -235,7 +335,7 @@ def invoke_prefect_dbt(
 
     target_path = target_dir(settings)
     before = node_task_threads()
-    with scoped_environ(dbt_env(settings)):
+    with scoped_environ({**dbt_env(settings), **(env or {})}):
         runner = PrefectDbtRunner(
             settings=PrefectDbtSettings(
                 project_dir=settings.dbt_project_dir,
@@ -269,19 +369,25 @@ def _wait_for_node_tasks(before: set[threading.Thread]) -> None:
 
 
 def run_dbt(settings: Settings, args: list[str]) -> DbtOutcome:
-    """Invoke dbt through PrefectDbtRunner: inside a flow, one Prefect task per dbt node.
+    """Invoke dbt in this process and read back every node's result.
 
-    Only dbt's warnings and errors go to Prefect (the node's task log); its INFO lines (a START
-    and an OK per node, the periods each model rebuilds) stay in dbt's log file under the state
-    dir, which the CLI's progress line reads. Returns once every node's Prefect task has ended
-    (invoke_prefect_dbt). Every node's result is recorded in the control schema (record_dbt).
+    By default dbt's own runner (invoke_plain_dbt); with `dbt_node_tasks`, PrefectDbtRunner,
+    which inside a flow makes one Prefect task per dbt node and returns once each has ended
+    (invoke_prefect_dbt). Either way only dbt's warnings and errors go to Prefect; its INFO
+    lines (a START and an OK per node, the periods each model rebuilds) stay in dbt's log file
+    under the state dir, which the CLI's progress line reads. The caller records every node's
+    result in the control schema (record_dbt).
     """
     target_path = target_dir(settings)
     target_path.mkdir(parents=True, exist_ok=True)
     results = target_path / "run_results.json"
     results.unlink(missing_ok=True)
-    args = with_project_vars(settings, args)
-    res = invoke_prefect_dbt(settings, args)
+    args = with_project_vars(settings, args)  # as audited; dbt gets the weeks by env
+    dbt_args, env = vars_to_env(args)
+    if settings.dbt_node_tasks:
+        res = invoke_prefect_dbt(settings, dbt_args, env=env)
+    else:
+        res = invoke_plain_dbt(settings, dbt_args, env)
     message = None
     if getattr(res, "exception", None) is not None:
         message = f"dbt failed: {res.exception}"

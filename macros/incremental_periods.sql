@@ -135,9 +135,15 @@
     'YYYY-MM-DD' strings (flows.runbook.dbt_build_args); an empty list means no week changed.
     It is templated into SQL, so anything else stops the run, as does setting it together
     with refresh_start_date (one says "these weeks", the other "everything from this day").
+    The flow passes it as the environment variable SQP_REFRESH_WEEKS instead (the same JSON),
+    read only while executing: vars that change every run make dbt re-parse the whole
+    project, an env var read at execution is no parse input (flows.transform.vars_to_env).
 #}
 {% macro refresh_weeks() -%}
     {%- set value = var('refresh_weeks', none) -%}
+    {%- if value is none and execute -%}
+        {%- set value = env_var('SQP_REFRESH_WEEKS', '') -%}
+    {%- endif -%}
     {%- if value is none or (value is string and value | trim == '') -%}
         {{ return(none) }}
     {%- endif -%}

@@ -251,6 +251,32 @@ def test_bad_refresh_weeks_stop_the_build_with_one_clear_error(
     assert message in str(raised.value), raised.value
 
 
+def test_the_changed_weeks_reach_the_models_without_a_full_parse(
+    refreshed: dict[str, Any], settings: Settings
+) -> None:
+    # Every daily run changes its weeks: as a dbt var that re-parsed the whole project each run.
+    log = target_dir(settings).parent / "logs" / "dbt.log"
+    appended = ""
+    for week in ("2026-11-09", "2026-11-16"):
+        logged_before = log.stat().st_size if log.exists() else 0
+        args = [
+            "compile",
+            "--select",
+            "search_query_performance",
+            "--vars",
+            json.dumps({"refresh_weeks": [week]}),
+        ]
+        dbt = run_dbt(settings, args)
+        assert dbt.success, dbt.message
+        assert json.loads(dbt.args[4])["refresh_weeks"] == [week]  # audited as given
+        with log.open(errors="replace") as f:
+            f.seek(logged_before)
+            appended = f.read()
+    # The second run: partial parsing held, and the macro still saw its week.
+    assert "Unable to do partial parsing" not in appended, appended[-3000:]
+    assert "search_query_performance: rebuilding periods 2026-11-16..2026-11-23 (refresh_weeks)" in appended
+
+
 def test_a_bad_memory_var_stops_the_build_with_one_clear_error(
     refreshed: dict[str, Any], settings: Settings
 ) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.settings import get_settings
-from flows.transform import DbtOutcome, read_run_results, with_project_vars
+from flows.transform import REFRESH_WEEKS_ENV, DbtOutcome, read_run_results, vars_to_env, with_project_vars
 
 INVOCATION = "8d5f3f1e-0000-4000-8000-000000000001"
 
@@ -197,3 +197,29 @@ def test_wait_for_node_tasks_joins_the_threads_started_since_and_counts_stuck_on
     release.set()
     stuck.join()
     unrelated.join()
+
+
+def test_vars_to_env_moves_only_the_weeks_and_keeps_the_vars_stable() -> None:
+    def daily(weeks: list[str]) -> list[str]:
+        args = [
+            "build",
+            "--select",
+            "source:sqp+",
+            "--vars",
+            json.dumps({"refresh_weeks": weeks, "raw_schema": "raw"}),
+        ]
+        return args
+
+    first, env1 = vars_to_env(daily(["2026-11-09"]))
+    second, env2 = vars_to_env(daily(["2026-11-16", "2026-11-23"]))
+    assert (
+        first == second == ["build", "--select", "source:sqp+", "--vars", json.dumps({"raw_schema": "raw"})]
+    )
+    assert json.loads(env1[REFRESH_WEEKS_ENV]) == ["2026-11-09"]
+    assert json.loads(env2[REFRESH_WEEKS_ENV]) == ["2026-11-16", "2026-11-23"]
+    # An empty list (no week changed) is passed on, not dropped: it means "rebuild nothing".
+    assert vars_to_env(daily([]))[1] == {REFRESH_WEEKS_ENV: "[]"}
+    # Other vars stay vars; no --vars at all: nothing to move.
+    backfill = ["build", "--vars", json.dumps({"refresh_start_date": "2026-01-05"})]
+    assert vars_to_env(backfill) == (backfill, {})
+    assert vars_to_env(["test"]) == (["test"], {})
