@@ -194,8 +194,21 @@ def measure(conn: Any, schema: str, result: dict[str, Any]) -> dict[str, Any]:
             (invocation,),
         ).fetchone()
         periods[model] = (int(n[0]), int(n[1])) if n else (0, 0)
+    # The slowest nodes and the sum of all node times by kind: where the dbt stage went.
+    slowest = conn.execute(
+        f"select resource_type || ' ' || name, execution_time_s from {schema}.dbt_node_runs "
+        "where invocation_id = %s order by execution_time_s desc nulls last limit 8",
+        (invocation,),
+    ).fetchall()
+    by_kind = conn.execute(
+        f"select resource_type, count(*), sum(execution_time_s) from {schema}.dbt_node_runs "
+        "where invocation_id = %s group by resource_type order by 1",
+        (invocation,),
+    ).fetchall()
     extract_s = float(table.get("duration_s") or 0.0)
     return {
+        "slowest_nodes": [(str(name), float(t or 0.0)) for name, t in slowest],
+        "node_time_by_kind": {str(k): (int(n), float(t or 0.0)) for k, n, t in by_kind},
         "rows_read": int(table.get("rows_read") or 0),
         "rows_written": int(table.get("rows_inserted") or 0) + int(table.get("rows_deleted") or 0),
         "slices": int(table.get("slices") or 0),
@@ -226,6 +239,9 @@ def progress(name: str, f: dict[str, Any]) -> None:
         f"peak RSS {f['peak_rss_mb']:.0f} MB; periods {[p for p, _ in f['periods'].values()]}",
         flush=True,
     )
+    kinds = ", ".join(f"{k} {n} nodes {t:.1f}s" for k, (n, t) in f["node_time_by_kind"].items())
+    print(f"  dbt node time (sum over threads): {kinds}")
+    print("  slowest: " + ", ".join(f"{name} {t:.1f}s" for name, t in f["slowest_nodes"]), flush=True)
 
 
 def report(figures: dict[str, dict[str, Any]], new_week_rows: int) -> dict[str, float]:
