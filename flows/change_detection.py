@@ -42,6 +42,7 @@ from flows.validation import (
     EMPTY,
     Col,
     Fingerprint,
+    PlanFingerprints,
     QueryStats,
     by_period,
     columns_of,
@@ -49,6 +50,7 @@ from flows.validation import (
     estimate_fingerprint_bytes,
     fingerprint_bq,
     fingerprint_pg,
+    signature,
 )
 
 
@@ -213,10 +215,19 @@ class Detection:
     as_of: datetime | None = None
     bytes_estimated: int = 0
     enabled: bool = True  # False: change_detection off, checkpoints get no fingerprint
+    # BigQuery's fingerprint at `as_of` of each slice the query covered (EMPTY: no rows).
+    source: dict[date | None, Fingerprint] = field(default_factory=dict)
 
     @property
     def to_read(self) -> list[Slice]:
         return [d.piece for d in self.decisions if d.read]
+
+    def plan_fingerprints(self) -> PlanFingerprints | None:
+        """The source's fingerprints of the slices to read, for the validation after the load."""
+        read = {s.start: self.source[s.start] for s in self.to_read if s.start in self.source}
+        if not read:
+            return None
+        return PlanFingerprints(signature(self.cols, self.cursor, self.size), read, self.as_of)
 
     @property
     def unchanged(self) -> list[SliceDecision]:
@@ -273,6 +284,12 @@ def detect(
         )
         fps = by_period(days, size)
         det.as_of = stats.started_at.astimezone(UTC) if stats.started_at else None
+        # Every slice inside the queried span is fingerprinted whole, compared or not.
+        det.source = {
+            s.start: fps.get(s.start, EMPTY)
+            for s in slices
+            if span is None or (span.start_ts <= s.start_ts and s.end_ts <= span.end_ts)
+        }
     det.decisions = decide(slices, stored, fps, by_partition)
     return det
 

@@ -231,6 +231,7 @@ def _refresh(
         )
         detection = change_detection.detect(settings, clients, conn, cfg, source, schema, key, slices, bypass)
         slices = detection.to_read
+        outcome.plan_fingerprints = detection.plan_fingerprints()
 
     if dry_run and detection is not None:
         outcome.plan = [d.to_dict() for d in detection.decisions]
