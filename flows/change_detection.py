@@ -244,8 +244,14 @@ def detect(
     key: str,
     slices: list[Slice],
     bypass: str | None,
+    validated_after: bool = False,
 ) -> Detection:
-    """Decide which of `slices` to read. Reads BigQuery and the checkpoints; writes nothing."""
+    """Decide which of `slices` to read. Reads BigQuery and the checkpoints; writes nothing.
+
+    `validated_after`: the run validates what it loads (flows.validation.validate_touched),
+    so the slices without a fingerprint to compare (new ones) are fingerprinted in the same
+    query too: the validation then reuses that figure instead of reading them again.
+    """
     cols = columns_of(source, clients.settings.uses_emulator)
     cursor, size = cursor_of(cfg, source, cols)
     blind = blind_reason(cols)
@@ -268,11 +274,13 @@ def detect(
         by_partition = partitions_unchanged(
             slices, stored, read_partitions(clients, cfg.source_table), source.partitioning[1]
         )
-    # Only slices with a fingerprint to compare need the checksum; one query over their span.
+    # Only slices with a fingerprint to compare need the checksum (and, validated after, those
+    # that will be read anyway); one query over their span.
     compare = [
         s
         for s in slices
-        if s.start not in by_partition and (cp := stored.get(s.start)) is not None and cp.rows is not None
+        if s.start not in by_partition
+        and (validated_after or ((cp := stored.get(s.start)) is not None and cp.rows is not None))
     ]
     fps: dict[date | None, Fingerprint] = {}
     if compare:

@@ -953,6 +953,11 @@ class AfterRefresh:
         }
 
 
+def validated_after_refresh(cfg: TableConfig) -> bool:
+    """A live run of this table validates the periods it commits (unless the refresh fails)."""
+    return cfg.mode is Mode.LIVE and cfg.custom_params.get(AFTER_REFRESH_PARAM, True) is not False
+
+
 def _skip_reason(cfg: TableConfig, status: str, dry_run: bool) -> str | None:
     if dry_run or cfg.mode is not Mode.LIVE:
         return f"mode {'dry_run' if dry_run else cfg.mode.value}: not live"

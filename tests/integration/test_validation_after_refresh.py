@@ -325,14 +325,12 @@ def test_a_daily_run_validates_with_the_plans_bigquery_fingerprints(
     cfg = _cfg()
     env.refresh(cfg, RefreshOptions(full_refresh=True))
     *_, before, newest = _weeks(env)
-    # Two weeks restated; the newest one's checkpoint lost its fingerprint (as after a load with
-    # change detection off): the plan compares, and so fingerprints, only the other one.
+    # A restated week, and a new one (its checkpoint gone): one read because it changed, the
+    # other because there is nothing to compare it with. Both fingerprinted by the plan.
     _bump(env, before, 1)
-    _bump(env, newest, 1)
     with env.pg() as conn:
         conn.execute(
-            "update va_control.checkpoints set source_rows = null, source_checksum = null "
-            "where table_name = %s and slice_start = %s",
+            "delete from va_control.checkpoints where table_name = %s and slice_start = %s",
             (cfg.table_name, datetime.combine(newest, time(), UTC)),
         )
     try:
@@ -341,29 +339,49 @@ def test_a_daily_run_validates_with_the_plans_bigquery_fingerprints(
             (check,) = runbook.validate_after_refresh(
                 env.settings, env.clients, [cfg], [outcome], run_id, False
             )
+        assert sent == [] and check.bytes_processed == 0
         assert check.failed == [] and check.error is None, check
-        assert check.periods == 2 and check.periods_from_load == 2
-        # The plan's fingerprint for `before`; BigQuery asked once, for the newest week alone.
-        assert len(sent) == 1 and newest.isoformat() in sent[0] and before.isoformat() not in sent[0]
-        assert check.periods_bigquery_from_plan == 1
+        assert check.periods == check.periods_from_load == check.periods_bigquery_from_plan == 2
         with env.pg() as conn:
             details = _details(conn, run_id)
         assert set(details) == {before, newest}
-        assert details[before]["bigquery_from_plan"] is True and details[before]["bigquery_as_of"]
-        assert "bigquery_from_plan" not in details[newest]
+        assert all(d["bigquery_from_plan"] is True and d["bigquery_as_of"] for d in details.values())
 
-        # A daily run where every week read was fingerprinted: no checksum query at all.
-        _bump(env, before, 1)
-        run_id, outcome = env.refresh(cfg, RefreshOptions())
+        # A period the plan did not fingerprint (as one committed by an earlier attempt of the
+        # table in the same run): BigQuery is asked for that period alone.
+        plan = outcome.plan_fingerprints
+        assert plan is not None
+        outcome.plan_fingerprints = replace(plan, periods={newest: plan.periods[newest]})
         with _checksum_queries(env, monkeypatch) as sent:
             (check,) = runbook.validate_after_refresh(
                 env.settings, env.clients, [cfg], [outcome], run_id, False
             )
-        assert sent == [] and check.bytes_processed == 0
-        assert check.failed == [] and check.periods == check.periods_bigquery_from_plan == 1, check
+        assert check.failed == [] and check.periods_bigquery_from_plan == 1, check
+        assert len(sent) == 1
+        assert f">= TIMESTAMP '{before}" in sent[0] and f"< TIMESTAMP '{newest}" in sent[0]  # one week
+        with env.pg() as conn:
+            assert "bigquery_from_plan" not in _details(conn, run_id)[before]
     finally:
-        _bump(env, before, -2)
-        _bump(env, newest, -1)
+        _bump(env, before, -1)
+        env.refresh(cfg, RefreshOptions(full_refresh=True))
+
+
+def test_a_table_not_validated_after_its_refresh_fingerprints_only_what_it_compares(env: Env) -> None:
+    cfg = _cfg(validate_after_refresh=False)
+    env.refresh(cfg, RefreshOptions(full_refresh=True))
+    *_, before, newest = _weeks(env)
+    _bump(env, before, 1)
+    with env.pg() as conn:
+        conn.execute(
+            "delete from va_control.checkpoints where table_name = %s and slice_start = %s",
+            (cfg.table_name, datetime.combine(newest, time(), UTC)),
+        )
+    try:
+        _, outcome = env.refresh(cfg, RefreshOptions())
+        assert outcome.slices_done == 2
+        assert outcome.plan_fingerprints is not None and set(outcome.plan_fingerprints.periods) == {before}
+    finally:
+        _bump(env, before, -1)
         env.refresh(cfg, RefreshOptions(full_refresh=True))
 
 
