@@ -42,6 +42,7 @@ from flows.validation import (
     EMPTY,
     Col,
     Fingerprint,
+    PlanFingerprints,
     QueryStats,
     by_period,
     columns_of,
@@ -49,6 +50,7 @@ from flows.validation import (
     estimate_fingerprint_bytes,
     fingerprint_bq,
     fingerprint_pg,
+    signature,
 )
 
 
@@ -213,10 +215,19 @@ class Detection:
     as_of: datetime | None = None
     bytes_estimated: int = 0
     enabled: bool = True  # False: change_detection off, checkpoints get no fingerprint
+    # BigQuery's fingerprint at `as_of` of each slice the query covered (EMPTY: no rows).
+    source: dict[date | None, Fingerprint] = field(default_factory=dict)
 
     @property
     def to_read(self) -> list[Slice]:
         return [d.piece for d in self.decisions if d.read]
+
+    def plan_fingerprints(self) -> PlanFingerprints | None:
+        """The source's fingerprints of the slices to read, for the validation after the load."""
+        read = {s.start: self.source[s.start] for s in self.to_read if s.start in self.source}
+        if not read:
+            return None
+        return PlanFingerprints(signature(self.cols, self.cursor, self.size), read, self.as_of)
 
     @property
     def unchanged(self) -> list[SliceDecision]:
@@ -233,8 +244,14 @@ def detect(
     key: str,
     slices: list[Slice],
     bypass: str | None,
+    validated_after: bool = False,
 ) -> Detection:
-    """Decide which of `slices` to read. Reads BigQuery and the checkpoints; writes nothing."""
+    """Decide which of `slices` to read. Reads BigQuery and the checkpoints; writes nothing.
+
+    `validated_after`: the run validates what it loads (flows.validation.validate_touched),
+    so the slices without a fingerprint to compare (new ones) are fingerprinted in the same
+    query too: the validation then reuses that figure instead of reading them again.
+    """
     cols = columns_of(source, clients.settings.uses_emulator)
     cursor, size = cursor_of(cfg, source, cols)
     blind = blind_reason(cols)
@@ -257,11 +274,13 @@ def detect(
         by_partition = partitions_unchanged(
             slices, stored, read_partitions(clients, cfg.source_table), source.partitioning[1]
         )
-    # Only slices with a fingerprint to compare need the checksum; one query over their span.
+    # Only slices with a fingerprint to compare need the checksum (and, validated after, those
+    # that will be read anyway); one query over their span.
     compare = [
         s
         for s in slices
-        if s.start not in by_partition and (cp := stored.get(s.start)) is not None and cp.rows is not None
+        if s.start not in by_partition
+        and (validated_after or ((cp := stored.get(s.start)) is not None and cp.rows is not None))
     ]
     fps: dict[date | None, Fingerprint] = {}
     if compare:
@@ -273,6 +292,12 @@ def detect(
         )
         fps = by_period(days, size)
         det.as_of = stats.started_at.astimezone(UTC) if stats.started_at else None
+        # Every slice inside the queried span is fingerprinted whole, compared or not.
+        det.source = {
+            s.start: fps.get(s.start, EMPTY)
+            for s in slices
+            if span is None or (span.start_ts <= s.start_ts and s.end_ts <= span.end_ts)
+        }
     det.decisions = decide(slices, stored, fps, by_partition)
     return det
 

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import psycopg
 
-from flows import change_detection, scale_out, webhooks
+from flows import change_detection, scale_out, validation, webhooks
 from flows.bigquery import BigQueryClients
 from flows.control import checkpoints, rebuilds, retries, runs, tables
 from flows.control.tables import SliceStatus, TableOutcome, TableStatus
@@ -229,8 +229,13 @@ def _refresh(
         bypass = change_detection.bypass_reason(
             cfg, full_refresh=options.full_refresh, explicit_range=options.explicit_range
         )
-        detection = change_detection.detect(settings, clients, conn, cfg, source, schema, key, slices, bypass)
+        # As a run would, also for --explain: a live table's new slices are fingerprinted too.
+        validated = validation.validated_after_refresh(cfg)
+        detection = change_detection.detect(
+            settings, clients, conn, cfg, source, schema, key, slices, bypass, validated
+        )
         slices = detection.to_read
+        outcome.plan_fingerprints = detection.plan_fingerprints()
 
     if dry_run and detection is not None:
         outcome.plan = [d.to_dict() for d in detection.decisions]

@@ -390,11 +390,18 @@ def validate_after_refresh(
     run_id: UUID,
     dry_run: bool,
 ) -> list[AfterRefresh]:
-    """The run's validation step: each live table's committed periods against BigQuery."""
-    status = {o.table_name: o.status for o in outcomes}
+    """The run's validation step: each live table's committed periods against BigQuery (for
+    the periods its change detection fingerprinted, that fingerprint)."""
+    by_name = {o.table_name: o for o in outcomes}
     return [
         validation.validate_touched(
-            settings, clients, c, status.get(c.table_name, TableStatus.SKIPPED), run_id, dry_run
+            settings,
+            clients,
+            c,
+            o.status if (o := by_name.get(c.table_name)) else TableStatus.SKIPPED,
+            run_id,
+            dry_run,
+            o.plan_fingerprints if o else None,
         )
         for c in chosen
     ]

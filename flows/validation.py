@@ -37,6 +37,7 @@ differ), rows missing in Postgres and rows extra in Postgres.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections import Counter
@@ -288,6 +289,24 @@ class QueryStats:
 
     bytes: int = 0
     started_at: datetime | None = None
+
+
+def signature(cols: list[Col], cursor: Col | None, size: SliceSize | None) -> str:
+    """What a fingerprint was computed with: the row's normal form, the day column, the period."""
+    text = "|".join([bq_row_hash(cols), cursor.source.name if cursor else "", size.value if size else ""])
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PlanFingerprints:
+    """BigQuery's fingerprints that change detection took, before reading, of the slices a run
+    then read (flows.change_detection.detect): by slice start (None: the whole table), each
+    the source's state at `as_of`. Kept on the table's outcome for the validation step, which
+    reuses them when its own `signature` is the same instead of asking BigQuery again."""
+
+    signature: str
+    periods: dict[date | None, Fingerprint]
+    as_of: datetime | None
 
 
 def fingerprint_bq_sql(
@@ -586,6 +605,10 @@ class PeriodResult:
     # Postgres' figures are the load's fingerprint, its rows proven untouched since (see
     # unchanged_since_load), not a fresh checksum.
     postgres_from_load: bool = False
+    # BigQuery's figures are change detection's fingerprint of this run's plan (PlanFingerprints),
+    # taken before the read (at `bigquery_as_of`, BigQuery's clock), not a fresh query.
+    bigquery_from_plan: bool = False
+    bigquery_as_of: datetime | None = None
 
     @property
     def passed(self) -> bool:
@@ -606,8 +629,17 @@ class PeriodResult:
             d["unchecked_columns"] = self.unchecked_columns
         if self.postgres_from_load:
             d["postgres_from"] = "load fingerprint, rows unchanged since the load"
+        if self.bigquery_from_plan:
+            d["bigquery_from_plan"] = True
+            d["bigquery_as_of"] = self.bigquery_as_of.isoformat() if self.bigquery_as_of else None
         if self.differences is not None:
             d.update(self.differences.to_dict())
+            found = self.differences.missing_in_postgres or self.differences.extra_in_postgres
+            if self.bigquery_from_plan and not (found or self.differences.different):
+                d["note"] = (
+                    "no row differs from BigQuery now: the source changed after the plan's "
+                    "fingerprint (bigquery_as_of), Postgres holds what the read saw"
+                )
         return d
 
 
@@ -696,13 +728,19 @@ def validate_table(
     last: date | None = None,
     stats: QueryStats | None = None,
     loaded: LoadedBy | None = None,
+    plan: PlanFingerprints | None = None,
 ) -> list[PeriodResult]:
     """Compare one table period by period (days `first`..`last` inclusive; default: all).
 
     With `loaded` (the step after a live refresh), only its periods are reported, and where
     each of them is proven unchanged since its load, Postgres' side is the load's fingerprint
     instead of a fresh checksum; a period that then differs is checksummed afresh before it is
-    reported, so a reused figure never decides a difference.
+    reported, so a reused figure never decides a difference on Postgres' side.
+
+    With `plan` as well (computed with the same normal form), BigQuery's side of the periods
+    it holds is the plan's fingerprint: BigQuery is asked only for the other periods, or not at
+    all. It is the source's state before the run read it (docs/operations.md says why that is
+    sound: a source changed since shows as a difference, never as an agreement).
     """
     source = describe(clients, cfg.source_table)
     cols = columns_of(source, clients.settings.uses_emulator)
@@ -723,10 +761,26 @@ def validate_table(
     def fresh() -> dict[date | None, Fingerprint]:
         return by_period(fingerprint_pg(conn, schema, cfg.table_name, cols, cursor, window), size)
 
+    planned: dict[date | None, Fingerprint] = {}
+    if plan is not None and wanted and plan.signature == signature(cols, cursor, size):
+        planned = {p: plan.periods[p] for p in wanted if p in plan.periods}
+    ask = wanted - planned.keys() if wanted is not None else None
+    bq_window = window
+    if ask is not None and planned and cursor is not None and size is not None:
+        # Only the periods the plan did not fingerprint (None when it did them all).
+        starts = [p for p in ask if p is not None]
+        bq_window = Slice(min(starts), next_boundary(max(starts), size)) if starts else None
+
+    def bigquery() -> dict[date | None, Fingerprint]:
+        if ask is not None and not ask:
+            return {}
+        days = fingerprint_bq(clients, cfg.source_table, cols, cursor, bq_window, stats)
+        return {p: fp for p, fp in by_period(days, size).items() if p not in planned}
+
     # Both engines work at once: the BigQuery job runs while Postgres computes its side.
     from_load = False
     with ThreadPoolExecutor(max_workers=1) as pool:
-        bq_days = pool.submit(fingerprint_bq, clients, cfg.source_table, cols, cursor, window, stats)
+        bq_days = pool.submit(bigquery)
         # A live table's checkpoints are keyed by its name (refresh.checkpoint_key).
         known = {}
         if loaded is not None and wanted:
@@ -735,7 +789,7 @@ def validate_table(
             pg, from_load = {p: known[p] for p in wanted}, True
         else:
             pg = fresh()
-        bq = by_period(bq_days.result(), size)
+        bq = {**bq_days.result(), **planned}
     if from_load and any(bq.get(p, EMPTY) != pg[p] for p in pg):
         pg, from_load = fresh(), False
     unchecked = [c.name for c in cols if c.kind == "UNCHECKED"]
@@ -753,6 +807,8 @@ def validate_table(
             schema,
             unchecked,
             postgres_from_load=from_load,
+            bigquery_from_plan=start in planned,
+            bigquery_as_of=plan.as_of if plan is not None and start in planned else None,
         )
         if not r.passed:
             period = Slice(start, end) if start and end else None
@@ -875,6 +931,8 @@ class AfterRefresh:
     periods: int = 0
     # periods whose Postgres side was the load's fingerprint (unchanged_since_load)
     periods_from_load: int = 0
+    # periods whose BigQuery side was change detection's fingerprint of the run's plan
+    periods_bigquery_from_plan: int = 0
     failed: list[str] = field(default_factory=list)
     bytes_processed: int = 0
     duration_s: float = 0.0
@@ -886,12 +944,18 @@ class AfterRefresh:
             "table": self.table_name,
             "periods": self.periods,
             "periods_from_load": self.periods_from_load,
+            "periods_bigquery_from_plan": self.periods_bigquery_from_plan,
             "failed": self.failed,
             "bytes_processed": self.bytes_processed,
             "duration_s": round(self.duration_s, 2),
             "skipped": self.skipped,
             "error": self.error,
         }
+
+
+def validated_after_refresh(cfg: TableConfig) -> bool:
+    """A live run of this table validates the periods it commits (unless the refresh fails)."""
+    return cfg.mode is Mode.LIVE and cfg.custom_params.get(AFTER_REFRESH_PARAM, True) is not False
 
 
 def _skip_reason(cfg: TableConfig, status: str, dry_run: bool) -> str | None:
@@ -911,10 +975,13 @@ def validate_touched(
     status: str,
     run_id: UUID,
     dry_run: bool = False,
+    plan: PlanFingerprints | None = None,
 ) -> AfterRefresh:
     """Validate exactly the periods the run committed for one live table and record them with
-    the run id (`validation.failed` on a difference). Never raises: a validation that cannot
-    run (BigQuery down, a bad key_columns) comes back in `error`."""
+    the run id (`validation.failed` on a difference). BigQuery's side of a period the run's
+    change detection fingerprinted is that fingerprint (`plan`, from the table's outcome).
+    Never raises: a validation that cannot run (BigQuery down, a bad key_columns) comes back
+    in `error`."""
     out = AfterRefresh(cfg.table_name, skipped=_skip_reason(cfg, status, dry_run))
     if out.skipped:
         return out
@@ -931,10 +998,13 @@ def validate_touched(
             last = None if whole else max(b for _, b in touched) - timedelta(days=1)
             periods = None if whole else frozenset(a for a, _ in touched)
             loaded = LoadedBy(settings.control_schema, run_id, periods)
-            results = validate_table(clients, conn, cfg, settings.raw_schema, first, last, stats, loaded)
+            results = validate_table(
+                clients, conn, cfg, settings.raw_schema, first, last, stats, loaded, plan
+            )
             record_results(conn, settings.control_schema, cfg, results, run_id)
         out.periods = len(results)
         out.periods_from_load = sum(r.postgres_from_load for r in results)
+        out.periods_bigquery_from_plan = sum(r.bigquery_from_plan for r in results)
         out.failed = [str(r.period_start) if r.period_start else "full" for r in results if not r.passed]
     except (RefreshError, ConfigError, psycopg.Error) as exc:
         out.error = error_text(exc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import psycopg
@@ -17,6 +17,9 @@ from psycopg import sql
 
 from flows.planning import Window, to_ts
 from flows.registry import Mode
+
+if TYPE_CHECKING:
+    from flows.validation import PlanFingerprints
 
 
 class TableStatus(StrEnum):
@@ -63,6 +66,9 @@ class TableOutcome:
     # without a successful dbt build since (flows.control.rebuilds): what dbt must rebuild
     # (flows.periods). A full_replace table has none.
     changed_slices: list[tuple[date, date]] = field(default_factory=list)
+    # BigQuery's fingerprints of the slices read, from change detection before the read: the
+    # validation step's BigQuery side for those periods (flows.validation.validate_touched).
+    plan_fingerprints: PlanFingerprints | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None
 

@@ -7,8 +7,9 @@ runs in its own dataset, raw and control schemas (`va_*`).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, date
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -16,14 +17,14 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from flows import runbook, validation
+from flows import change_detection, runbook, validation
 from flows.bigquery import BigQueryClients, make_clients
 from flows.control import registry
 from flows.db import migrate
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
 from flows.planning import align
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.registry import ChangeDetection, TableConfig
+from flows.registry import ChangeDetection, SliceSize, TableConfig
 from flows.settings import Settings, get_settings
 from tests.integration.test_extraction_engine import locked_run
 
@@ -273,3 +274,200 @@ def test_opted_out_unchanged_and_dry_run_tables_are_not_validated(env: Env) -> N
     assert sh.skipped == "mode shadow: not live"
     with env.pg() as conn:
         assert _dq(conn, "va_control", run_id) == []
+
+
+# --- BigQuery's side from change detection's fingerprints (the run's plan) --------------------
+
+
+def _weeks(env: Env) -> list[date]:
+    """The source's weekly periods (slice starts)."""
+    path = f"`{env.clients.project}.va_source.{SQP_TABLE}`"
+    rows = env.clients.rest.query(f"select distinct `Date` from {path}").result()
+    return sorted({align(r[0].astimezone(UTC).date(), SliceSize.WEEK) for r in rows})
+
+
+def _bump(env: Env, week: date, by: int) -> None:
+    """A restatement in the source: every click count of the period moved by `by`."""
+    path = f"`{env.clients.project}.va_source.{SQP_TABLE}`"
+    env.clients.rest.query(
+        f"update {path} set `ASIN Click Count` = `ASIN Click Count` + {by} "
+        f"where `Date` >= timestamp('{week.isoformat()}') "
+        f"and `Date` < timestamp('{(week + timedelta(days=7)).isoformat()}')"
+    ).result()
+
+
+@contextmanager
+def _checksum_queries(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The BigQuery checksum queries (row hashes) sent while inside; the real queries still run."""
+    sent: list[str] = []
+    real = env.clients.rest.query
+
+    def query(q: str, *args: Any, **kwargs: Any) -> Any:
+        if "md5(" in q:
+            sent.append(q)
+        return real(q, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(env.clients.rest, "query", query)
+        yield sent
+
+
+def _details(conn: psycopg.Connection, run_id: UUID) -> dict[date, dict[str, Any]]:
+    rows = conn.execute(
+        "select period_start, details from va_control.dq_results where run_id = %s", (run_id,)
+    ).fetchall()
+    return {p.astimezone(UTC).date(): d for p, d in rows}
+
+
+def test_a_daily_run_validates_with_the_plans_bigquery_fingerprints(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg()
+    env.refresh(cfg, RefreshOptions(full_refresh=True))
+    *_, before, newest = _weeks(env)
+    # A restated week, and a new one (its checkpoint gone): one read because it changed, the
+    # other because there is nothing to compare it with. Both fingerprinted by the plan.
+    _bump(env, before, 1)
+    with env.pg() as conn:
+        conn.execute(
+            "delete from va_control.checkpoints where table_name = %s and slice_start = %s",
+            (cfg.table_name, datetime.combine(newest, time(), UTC)),
+        )
+    try:
+        run_id, outcome = env.refresh(cfg, RefreshOptions())
+        with _checksum_queries(env, monkeypatch) as sent:
+            (check,) = runbook.validate_after_refresh(
+                env.settings, env.clients, [cfg], [outcome], run_id, False
+            )
+        assert sent == [] and check.bytes_processed == 0
+        assert check.failed == [] and check.error is None, check
+        assert check.periods == check.periods_from_load == check.periods_bigquery_from_plan == 2
+        with env.pg() as conn:
+            details = _details(conn, run_id)
+        assert set(details) == {before, newest}
+        assert all(d["bigquery_from_plan"] is True and d["bigquery_as_of"] for d in details.values())
+
+        # A period the plan did not fingerprint (as one committed by an earlier attempt of the
+        # table in the same run): BigQuery is asked for that period alone.
+        plan = outcome.plan_fingerprints
+        assert plan is not None
+        outcome.plan_fingerprints = replace(plan, periods={newest: plan.periods[newest]})
+        with _checksum_queries(env, monkeypatch) as sent:
+            (check,) = runbook.validate_after_refresh(
+                env.settings, env.clients, [cfg], [outcome], run_id, False
+            )
+        assert check.failed == [] and check.periods_bigquery_from_plan == 1, check
+        assert len(sent) == 1
+        assert f">= TIMESTAMP '{before}" in sent[0] and f"< TIMESTAMP '{newest}" in sent[0]  # one week
+        with env.pg() as conn:
+            assert "bigquery_from_plan" not in _details(conn, run_id)[before]
+    finally:
+        _bump(env, before, -1)
+        env.refresh(cfg, RefreshOptions(full_refresh=True))
+
+
+def test_a_table_not_validated_after_its_refresh_fingerprints_only_what_it_compares(env: Env) -> None:
+    cfg = _cfg(validate_after_refresh=False)
+    env.refresh(cfg, RefreshOptions(full_refresh=True))
+    *_, before, newest = _weeks(env)
+    _bump(env, before, 1)
+    with env.pg() as conn:
+        conn.execute(
+            "delete from va_control.checkpoints where table_name = %s and slice_start = %s",
+            (cfg.table_name, datetime.combine(newest, time(), UTC)),
+        )
+    try:
+        _, outcome = env.refresh(cfg, RefreshOptions())
+        assert outcome.slices_done == 2
+        assert outcome.plan_fingerprints is not None and set(outcome.plan_fingerprints.periods) == {before}
+    finally:
+        _bump(env, before, -1)
+        env.refresh(cfg, RefreshOptions(full_refresh=True))
+
+
+def test_a_plan_fingerprint_that_differs_from_postgres_is_reported(env: Env) -> None:
+    # The plan's figure decides BigQuery's side: one altered by a unit is a difference. Bisection
+    # then compares with BigQuery as it is now and finds no row: the case of a source changed
+    # after the plan's fingerprint, and what the result says about it.
+    cfg = _cfg()
+    env.refresh(cfg, RefreshOptions(full_refresh=True))
+    week = _weeks(env)[-1]
+    _bump(env, week, 1)
+    try:
+        run_id, outcome = env.refresh(cfg, RefreshOptions())
+        plan = outcome.plan_fingerprints
+        assert plan is not None and set(plan.periods) == {week}
+        fp = plan.periods[week]
+        outcome.plan_fingerprints = replace(
+            plan, periods={week: validation.Fingerprint(fp.rows, fp.checksum + 1)}
+        )
+        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+        assert check.failed == [str(week)] and check.periods_bigquery_from_plan == 1, check
+        with env.pg() as conn:
+            details = _details(conn, run_id)[week]
+        assert details["bigquery_from_plan"] is True
+        assert details["missing_in_postgres"] == details["extra_in_postgres"] == details["different"] == []
+        assert "the source changed after the plan's fingerprint" in details["note"]
+    finally:
+        _bump(env, week, -1)
+        env.refresh(cfg, RefreshOptions(full_refresh=True))
+
+
+def test_postgres_changed_after_the_load_differs_from_the_plans_fingerprint(env: Env) -> None:
+    cfg = _cfg()
+    env.refresh(cfg, RefreshOptions(full_refresh=True))
+    week = _weeks(env)[-1]
+    _bump(env, week, 1)
+    try:
+        run_id, outcome = env.refresh(cfg, RefreshOptions())
+        with env.pg() as conn:  # between the load and its validation
+            conn.execute(
+                "update va_raw.search_query_performance set asin_purchase_count = asin_purchase_count + 1 "
+                "where ctid = (select ctid from va_raw.search_query_performance "
+                "order by date desc, asin, search_query limit 1)"
+            )
+        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+        assert check.failed == [str(week)] and check.periods_from_load == 0, check
+        assert check.periods_bigquery_from_plan == 1
+        with env.pg() as conn:
+            details = _details(conn, run_id)[week]
+        assert details["bigquery_from_plan"] is True and "note" not in details
+        assert [d["columns"] for d in details["different"]] == [["asin_purchase_count"]]
+    finally:
+        _bump(env, week, -1)
+        env.refresh(cfg, RefreshOptions(full_refresh=True))
+
+
+def test_a_source_changed_between_the_plan_and_the_read_is_reported(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg()
+    env.refresh(cfg, RefreshOptions(full_refresh=True))
+    week = _weeks(env)[-1]
+    _bump(env, week, 1)
+    real = change_detection.detect
+
+    def detect_then_restate(*args: Any, **kwargs: Any) -> change_detection.Detection:
+        det = real(*args, **kwargs)
+        _bump(env, week, 1)  # after the fingerprint, before the read
+        return det
+
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(change_detection, "detect", detect_then_restate)
+            run_id, outcome = env.refresh(cfg, RefreshOptions())
+        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+        # Postgres holds what the read saw, not what BigQuery held at the fingerprint: a difference.
+        assert check.failed == [str(week)] and check.periods_bigquery_from_plan == 1, check
+        with env.pg() as conn:
+            details = _details(conn, run_id)[week]
+        assert "the source changed after the plan's fingerprint" in details["note"]
+        # A fresh validation compares with BigQuery now, which the read saw: they agree.
+        fresh = validation.validate(env.settings, env.clients, [cfg.table_name], week, week)
+        assert [r.passed for r in fresh[cfg.table_name]] == [True]
+        # The next daily run finds the source equal to what was loaded: nothing to read.
+        _, again = env.refresh(cfg, RefreshOptions())
+        assert again.slices_done == 0 and again.plan_fingerprints is None
+    finally:
+        _bump(env, week, -2)
+        env.refresh(cfg, RefreshOptions(full_refresh=True))

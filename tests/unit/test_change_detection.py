@@ -6,6 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from flows.change_detection import (
     Change,
+    Detection,
     Partition,
     blind_reason,
     bypass_reason,
@@ -16,7 +17,7 @@ from flows.control.fingerprints import Stored
 from flows.extract import SourceColumn, SourceTable
 from flows.planning import Slice, slices_between
 from flows.registry import ChangeDetection, SliceSize, TableConfig
-from flows.validation import Fingerprint, columns_of
+from flows.validation import EMPTY, Fingerprint, columns_of, signature
 
 W = slices_between(date(2026, 3, 2), date(2026, 3, 29), SliceSize.WEEK)  # four ISO weeks
 AS_OF = datetime(2026, 3, 30, 6, tzinfo=UTC)
@@ -139,3 +140,33 @@ def test_a_table_with_columns_outside_the_checksum_is_read_whole() -> None:
     nested = table(("DATE", "NULLABLE"), ("JSON", "NULLABLE"), ("STRING", "REPEATED"))
     reason = blind_reason(columns_of(nested, False))
     assert reason is not None and "columns b, c are outside the checksum" in reason
+
+
+def test_the_plan_hands_on_the_source_fingerprints_of_the_slices_it_reads() -> None:
+    cols = columns_of(
+        SourceTable("t", [SourceColumn("Date", "DATE", "NULLABLE", None, None)], None, None), False
+    )
+    stored = {W[0].start: _stored(10, 111), W[1].start: _stored(10, 222)}
+    # The query covered W0..W2 (W2 empty in the source); W3 has no checkpoint and was not queried.
+    source = {W[0].start: Fingerprint(10, 111), W[1].start: Fingerprint(10, 999), W[2].start: EMPTY}
+    det = Detection(decide(W, stored, source), cols, cols[0], SliceSize.WEEK, AS_OF, source=source)
+    plan = det.plan_fingerprints()
+    assert plan is not None and plan.as_of == AS_OF
+    # W0 is not read (unchanged): not needed; W3 is read but was never fingerprinted.
+    assert plan.periods == {W[1].start: Fingerprint(10, 999), W[2].start: EMPTY}
+    assert plan.signature == signature(cols, cols[0], SliceSize.WEEK)
+    # Another normal form, cursor or period size is another signature: the plan is not reused.
+    other = columns_of(
+        SourceTable("t", [SourceColumn("Date", "TIMESTAMP", "NULLABLE", None, None)], None, None), False
+    )
+    assert (
+        len(
+            {
+                plan.signature,
+                signature(other, other[0], SliceSize.WEEK),
+                signature(cols, cols[0], SliceSize.DAY),
+            }
+        )
+        == 3
+    )
+    assert Detection(decide(W, {}, {}, bypass="full refresh"), cols, source={}).plan_fingerprints() is None
