@@ -102,7 +102,7 @@ def _run(ds: FaultStack, api: str, trial: str, **env: str) -> tuple[UUID, dict[s
 def _stage_task_and_artifact(
     api: str, flow_run_id: UUID
 ) -> tuple[list[tuple[str, str]], list[dict[str, object]]]:
-    """The flow run's task runs other than the tables' ((name, state type)), and the rows of its
+    """The flow run's task runs other than the tables' ((name, "STATE_TYPE State name")), and the rows of its
     `dbt-nodes` table artifact."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
@@ -120,11 +120,11 @@ def _stage_task_and_artifact(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             )
             tasks = sorted(
-                (r.name, r.state_type.value if r.state_type else "")
+                (r.name, f"{r.state_type.value if r.state_type else ''} {r.state_name}")
                 for r in runs
                 if not r.name.startswith("refresh ")
             )
-            if all(state == "COMPLETED" for _, state in tasks) or time.monotonic() > deadline:
+            if all(state.startswith("COMPLETED") for _, state in tasks) or time.monotonic() > deadline:
                 break
             time.sleep(1)
         artifacts = client.read_artifacts(
@@ -141,7 +141,7 @@ def test_the_dbt_stage_is_one_task_with_every_node_in_its_artifact(ds: FaultStac
     flow_run_id, audited = _run(ds, prefect_api, "one task")
     tasks, rows = _stage_task_and_artifact(prefect_api, flow_run_id)
     # One task for the stage, no task per node.
-    assert tasks == [("dbt build", "COMPLETED")], tasks
+    assert tasks == [("dbt build", "COMPLETED Completed")], tasks
     assert {
         str(r["node"]): str(r["status"]) for r in rows if str(r["node"]).split()[0] in EXECUTED
     } == audited
@@ -154,3 +154,25 @@ def test_refresh_run_exits_cleanly_after_one_task_per_dbt_node(ds: FaultStack, p
         # One Prefect task run per audited node, in the state the node ended in.
         tasks = _node_tasks(prefect_api, flow_run_id, len(audited))
         assert tasks == {name: FINAL.get(status, "FAILED") for name, status in audited.items()}
+
+
+@pytest.mark.timeout(900)
+def test_a_failing_dbt_test_ends_the_stage_task_as_a_warning(ds: FaultStack, prefect_api: str) -> None:
+    # Last in this module: it leaves the source with a funnel that grows (more clicks than
+    # impressions) in its newest week, which the mart's funnel_non_increasing test rejects.
+    clients = ds.clients()
+    table = f"`{clients.project}.{clients.dataset}.search_query_performance`"
+    clients.rest.query(
+        f"update {table} set `ASIN Click Count` = `ASIN Impression Count` + 1 "
+        f"where `Date` = (select max(`Date`) from {table})"
+    ).result()
+    done = ds.run("run", "--no-stack", "--force", env={"PREFECT_API_URL": prefect_api}, timeout=900)
+    context = f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 2, context  # warning: the run completed, a dbt node failed
+    assert "funnel_non_increasing" in done.stdout, context
+    flow_run_id, audited = _last_run_nodes(ds)
+    failed = {name for name, status in audited.items() if status == "fail"}
+    assert failed and all(n.startswith("test funnel_non_increasing") for n in failed), audited
+    tasks, rows = _stage_task_and_artifact(prefect_api, flow_run_id)
+    assert tasks == [("dbt build", "COMPLETED Warning")], tasks
+    assert {str(r["node"]) for r in rows if r["status"] == "fail"} == failed, rows
