@@ -215,6 +215,22 @@ class StorableCheck:
 class SliceResult:
     rows_inserted: int
     rows_deleted: int
+    # The distinct UTC days of the cursor values the slice deleted or inserted (sorted): the
+    # days whose dbt periods it changed. None when unknown: a whole-table slice, or a cursor
+    # of another type than date or timestamp.
+    days: list[date] | None = None
+
+
+def cursor_day(cursor: ColumnMapping) -> sql.Composable | None:
+    """SQL for the UTC day of the cursor column's value, or None for another type."""
+    column = sql.Identifier(cursor.name)
+    if cursor.pg_type == "date":
+        return column
+    if cursor.pg_type == "timestamp with time zone":
+        return sql.SQL("({} at time zone 'UTC')::date").format(column)
+    if cursor.pg_type == "timestamp without time zone":
+        return sql.SQL("{}::date").format(column)
+    return None
 
 
 def _cursor_bound(value: date, cursor_pg_type: str) -> date | datetime:
@@ -272,16 +288,29 @@ def apply_slice(
                 "" if piece.start is None else piece.start_ts.isoformat(),
             ),
         )
+        day = None if piece.start is None or cursor is None else cursor_day(cursor)
+        days: set[date] | None = None
         if piece.start is None or cursor is None:
             deleted = conn.execute(sql.SQL("delete from {}").format(target)).rowcount
         else:
             assert piece.end is not None
-            deleted = conn.execute(
-                sql.SQL("delete from {t} where {c} >= %s and {c} < %s").format(
-                    t=target, c=sql.Identifier(cursor.name)
-                ),
-                (_cursor_bound(piece.start, cursor.pg_type), _cursor_bound(piece.end, cursor.pg_type)),
-            ).rowcount
+            in_slice = sql.SQL("{c} >= %s and {c} < %s").format(c=sql.Identifier(cursor.name))
+            bounds = (_cursor_bound(piece.start, cursor.pg_type), _cursor_bound(piece.end, cursor.pg_type))
+            if day is None:
+                deleted = conn.execute(
+                    sql.SQL("delete from {t} where {w}").format(t=target, w=in_slice), bounds
+                ).rowcount
+            else:
+                # The deleted rows' days in the same statement: no second scan of the slice.
+                row = conn.execute(
+                    sql.SQL(
+                        "with gone as (delete from {t} where {w} returning {d} as day) "
+                        "select count(*), coalesce(array_agg(distinct day), '{{}}') from gone"
+                    ).format(t=target, w=in_slice, d=day),
+                    bounds,
+                ).fetchone()
+                assert row is not None
+                deleted, days = row[0], set(row[1])
         inserted = 0
         if first is not None:
             stmt = sql.SQL("copy {t} ({cols}) from stdin (format csv)").format(
@@ -291,9 +320,20 @@ def apply_slice(
                 for rows, data in _encoded(itertools.chain([first], it), check):
                     copy.write(data)
                     inserted += rows
+        if days is not None and day is not None and inserted:
+            # Through the cursor column's index, over this slice's new rows only.
+            days.update(
+                d
+                for (d,) in conn.execute(
+                    sql.SQL("select distinct {d} from {t} where {w}").format(d=day, t=target, w=in_slice),
+                    bounds,
+                )
+            )
         checkpoints.record(
             conn, control_schema, checkpoint_key or table, piece.start_ts, piece.end_ts, run_id, inserted
         )
         if in_transaction is not None:
             in_transaction(conn, inserted, deleted)
-    return SliceResult(rows_inserted=inserted, rows_deleted=deleted)
+    return SliceResult(
+        rows_inserted=inserted, rows_deleted=deleted, days=None if days is None else sorted(days)
+    )

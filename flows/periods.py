@@ -1,14 +1,18 @@
 """Which dbt periods a run rebuilds for the slices it changed. Pure functions.
 
-The flow passes the ISO weeks (Monday starts) its applied slices touch to dbt as var
-`refresh_weeks`; each incremental model and summary then replaces those weeks (weekly and daily
-data) or every month, quarter and year overlapping them (macros/incremental_periods.sql,
-refresh_week_ranges: the same rule as here). A week across a month end rebuilds both months:
-a slice is a cursor range and does not say in which month its rows' week starts.
+A daily run passes dbt the days its applied slices changed (var `refresh_days`: the UTC days
+of the cursor values each slice deleted or inserted, flows.load.SliceResult.days; every day of
+the range of a slice whose days are unknown); each incremental model and summary then replaces
+those days (weekly and daily data: a row's period column is its cursor day) or the months,
+quarters and years containing them (macros/incremental_periods.sql, refresh_ranges: the same
+rule as here). So a week across a month end whose rows all lie in December rebuilds December
+only. The var `refresh_weeks` (ISO weeks, Monday starts; by hand, benches, and --explain, which
+cannot know the days without loading) rebuilds every month, quarter and year overlapping them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, timedelta
 
@@ -62,3 +66,34 @@ def periods_to_rebuild(changed_slices: list[tuple[date, date]]) -> Periods:
         return sorted({period_start(d, period) for w in weeks for d in (w, w + timedelta(days=6))})
 
     return Periods(weeks, overlapping("month"), overlapping("quarter"), overlapping("year"))
+
+
+def changed_days(
+    changed_slices: list[tuple[date, date]], slice_days: dict[tuple[date, date], list[date]]
+) -> list[date]:
+    """The days the slices changed, sorted: `slice_days` of a slice when known, else every day
+    of its half-open [start, end) range (a slice owed by an earlier run: conservative)."""
+    days: set[date] = set()
+    for start, end in changed_slices:
+        if end <= start:
+            raise ValueError(f"slice {start}..{end}: end must be after start")
+        known = slice_days.get((start, end))
+        if known is not None:
+            days.update(known)
+            continue
+        day = start
+        while day < end:
+            days.add(day)
+            day += timedelta(days=1)
+    return sorted(days)
+
+
+def days_periods(days: Iterable[date]) -> Periods:
+    """The periods holding the changed `days`: each day's own week (the weekly rows dated on it
+    are that week's), month, quarter and year. The days variant of periods_to_rebuild."""
+    unique = set(days)
+
+    def holding(period: str) -> list[date]:
+        return sorted({period_start(d, period) for d in unique})
+
+    return Periods(holding("week"), holding("month"), holding("quarter"), holding("year"))

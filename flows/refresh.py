@@ -289,7 +289,7 @@ def _refresh(
         for loader, result in results:
             piece = loader.piece
             try:
-                inserted, deleted, stats = result()
+                inserted, deleted, stats, days = result()
             except BadSourceValueError as exc:
                 # Only this slice's data is bad: the other slices still load, the table ends failed.
                 _record_failed_slice(
@@ -316,6 +316,8 @@ def _refresh(
             outcome.slices_done += 1
             if piece.start is not None:
                 outcome.changed_slices.append(_dated(piece))
+                if days is not None:
+                    outcome.slice_days[_dated(piece)] = days
             outcome.rows_read += stats.rows
             outcome.bytes_read += stats.bytes
             outcome.rows_inserted += inserted
@@ -357,13 +359,15 @@ class _SliceLoader:
     detection: change_detection.Detection | None = None
     attempts: int = 0
 
-    def run(self, deadline: float) -> tuple[int, int, ReadStats]:
+    def run(self, deadline: float) -> tuple[int, int, ReadStats, list[date] | None]:
         """Every attempt of the slice, retried until `deadline` (time.monotonic())."""
         self.started_at = datetime.now(UTC)
         what = f"{self.cfg.table_name} slice {self.piece.label}"
         return with_retries(self.attempt, what, deadline=deadline)
 
-    def attempt(self) -> tuple[int, int, ReadStats]:
+    def attempt(self) -> tuple[int, int, ReadStats, list[date] | None]:
+        """One attempt: rows inserted, rows deleted, the read's stats and the days it changed
+        (SliceResult.days)."""
         assert self.clients is not None
         self.attempts += 1
         stats = ReadStats()
@@ -439,7 +443,7 @@ class _SliceLoader:
                 in_transaction=record,
                 checkpoint_key=self.key,
             )
-        return res.rows_inserted, res.rows_deleted, stats
+        return res.rows_inserted, res.rows_deleted, stats, res.days
 
 
 def _record_failed_slice(

@@ -25,7 +25,7 @@ from flows.db import connect, migrate
 from flows.errors import ConfigError
 from flows.extract import list_source_tables
 from flows.identifiers import validate_pg_identifier
-from flows.periods import weeks_touched
+from flows.periods import changed_days
 from flows.planning import is_due, next_due
 from flows.redact import error_text
 from flows.refresh import RefreshOptions
@@ -257,7 +257,7 @@ def dbt_build_args(
     A table changed when it applied a slice (TableOutcome.changed_slices) or was replaced whole
     (no window). Tables without a dbt source (registered later, not modelled yet) change no
     model. The incremental models rebuild:
-    - a daily run: the periods of the changed weeks only (var refresh_weeks, flows.periods);
+    - a daily run: the periods of the changed days only (var refresh_days, flows.periods);
     - a requested date range (backfill): everything from its start (var refresh_start_date);
     - --full-refresh: everything.
     Only a full_replace table changed: no var, the models' lookback from their watermark. The raw
@@ -288,7 +288,12 @@ def rebuild_vars(changed: list[TableOutcome], explicit_range: bool) -> dict[str,
         starts = [o.window.first for o in changed if o.window is not None]
         return {"refresh_start_date": min(starts).isoformat()} if starts else {}
     slices = [s for o in changed for s in o.changed_slices]
-    return {"refresh_weeks": [w.isoformat() for w in weeks_touched(slices)]} if slices else {}
+    if not slices:
+        return {}
+    days: set[date] = set()
+    for o in changed:
+        days.update(changed_days(o.changed_slices, o.slice_days))
+    return {"refresh_days": [d.isoformat() for d in sorted(days)]}
 
 
 @dataclass

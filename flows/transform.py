@@ -107,17 +107,18 @@ def with_project_vars(settings: Settings, args: list[str]) -> list[str]:
     return out
 
 
-# The changed weeks reach the models through this environment variable rather than --vars:
-# dbt re-parses the whole project whenever its vars change ("Unable to do partial parsing
-# because config vars ... have changed"), and every daily run changes weeks. The macro
-# refresh_weeks() reads the var first, then this, and only while executing, so dbt never
-# records it as a parse input (macros/incremental_periods.sql).
+# The changed days (or weeks) reach the models through these environment variables rather
+# than --vars: dbt re-parses the whole project whenever its vars change ("Unable to do partial
+# parsing because config vars ... have changed"), and every daily run changes days. The macros
+# refresh_days() and refresh_weeks() read the var first, then these, and only while executing,
+# so dbt never records them as parse inputs (macros/incremental_periods.sql).
 REFRESH_WEEKS_ENV = "SQP_REFRESH_WEEKS"
-_RUN_VARS_VIA_ENV = {"refresh_weeks": REFRESH_WEEKS_ENV}
+REFRESH_DAYS_ENV = "SQP_REFRESH_DAYS"
+_RUN_VARS_VIA_ENV = {"refresh_weeks": REFRESH_WEEKS_ENV, "refresh_days": REFRESH_DAYS_ENV}
 
 
 def vars_to_env(args: list[str]) -> tuple[list[str], dict[str, str]]:
-    """`args` without the per-run vars that change every day (refresh_weeks), and those vars
+    """`args` without the per-run vars that change every day (refresh_days, refresh_weeks), and those vars
     as the environment variables the macros read instead, so the vars dbt sees stay the same
     from run to run and partial parsing holds."""
     if "--vars" not in args:

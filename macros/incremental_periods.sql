@@ -172,6 +172,45 @@
 
 
 {#
+    The var refresh_days: the days whose data this refresh changed (the UTC days of the cursor
+    values the applied slices deleted or inserted, flows.load), as a sorted list of python
+    dates; none when unset. Same forms, validation and environment variable rule as
+    refresh_weeks (here SQP_REFRESH_DAYS); excludes refresh_weeks and refresh_start_date.
+#}
+{% macro refresh_days() -%}
+    {%- set value = var('refresh_days', none) -%}
+    {%- if value is none and execute -%}
+        {%- set value = env_var('SQP_REFRESH_DAYS', '') -%}
+    {%- endif -%}
+    {%- if value is none or (value is string and value | trim == '') -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- if refresh_start_date() is not none -%}
+        {{ exceptions.raise_compiler_error(
+            "vars refresh_days and refresh_start_date exclude each other: set one of them"
+        ) }}
+    {%- endif -%}
+    {%- if refresh_weeks() is not none -%}
+        {{ exceptions.raise_compiler_error(
+            "vars refresh_days and refresh_weeks exclude each other: set one of them"
+        ) }}
+    {%- endif -%}
+    {%- set invalid_msg = "var refresh_days must be a list of dates 'YYYY-MM-DD', got '" ~ value ~ "'" -%}
+    {%- if value is string -%}
+        {%- set value = fromjson(value) -%}
+    {%- endif -%}
+    {%- if value is string or value is mapping or value is not iterable -%}
+        {{ exceptions.raise_compiler_error(invalid_msg) }}
+    {%- endif -%}
+    {%- set days = [] -%}
+    {%- for item in value -%}
+        {%- do days.append(parse_iso_date(item | string | trim, invalid_msg)) -%}
+    {%- endfor -%}
+    {{ return(days | unique | sort) }}
+{%- endmacro %}
+
+
+{#
     The first day of the `period` (month, quarter or year) after the one containing `day`.
 #}
 {% macro next_period_start(day, period) -%}
@@ -182,19 +221,56 @@
 
 
 {#
+    The periods the current refresh rebuilds for a model windowed by `window`, from var
+    refresh_days (the flow's daily run) or refresh_weeks (by hand): a dict with `ranges` (the
+    half-open python date ranges, refresh_day_ranges) and `source` (the var's name); none when
+    neither is set. incremental_window_filter and refresh_window_predicate both use it, so the
+    tests check exactly the periods rebuilt.
+#}
+{% macro refresh_ranges(window) -%}
+    {%- set days = refresh_days() -%}
+    {%- if days is not none -%}
+        {%- set spans = [] -%}
+        {%- for day in days -%}
+            {%- do spans.append((day, day + modules.datetime.timedelta(days=1))) -%}
+        {%- endfor -%}
+        {{ return({'ranges': refresh_day_ranges(spans, window), 'source': 'refresh_days'}) }}
+    {%- endif -%}
+    {%- set weeks = refresh_weeks() -%}
+    {%- if weeks is not none -%}
+        {{ return({'ranges': refresh_week_ranges(weeks, window), 'source': 'refresh_weeks'}) }}
+    {%- endif -%}
+    {{ return(none) }}
+{%- endmacro %}
+
+
+{#
     The half-open date ranges [start, end) a model windowed by `window` rebuilds for the
-    changed ISO weeks `weeks`, merged where they touch. A week's own days for weekly and daily
-    data (a row's period column is its cursor day); with a period, every month, quarter or
-    year overlapping the week (a week across a month end rebuilds both months: the slice
-    does not say which one its rows fall in). Same rule as flows/periods.py.
+    changed ISO weeks `weeks` (each [w, w+7)): see refresh_day_ranges. A week across a month
+    end rebuilds both months: the week does not say in which month its rows lie.
 #}
 {% macro refresh_week_ranges(weeks, window) -%}
+    {%- set spans = [] -%}
+    {%- for week in weeks -%}
+        {%- do spans.append((week, week + modules.datetime.timedelta(days=7))) -%}
+    {%- endfor -%}
+    {{ return(refresh_day_ranges(spans, window)) }}
+{%- endmacro %}
+
+
+{#
+    The half-open date ranges [start, end) a model windowed by `window` rebuilds for the
+    changed half-open day ranges `spans` (sorted by start), merged where they touch. The spans
+    themselves for weekly and daily data (a row's period column is its cursor day); with a
+    period, every month, quarter or year overlapping a span. Same rule as flows/periods.py.
+#}
+{% macro refresh_day_ranges(spans, window) -%}
     {%- do check_window_grain(window.get('grain', 'week'), window.get('period')) -%}
     {%- set period = window.get('period') -%}
     {%- set ranges = [] -%}
-    {%- for week in weeks -%}
-        {%- set start = week -%}
-        {%- set end = week + modules.datetime.timedelta(days=7) -%}
+    {%- for span in spans -%}
+        {%- set start = span[0] -%}
+        {%- set end = span[1] -%}
         {%- if period in ['month', 'quarter', 'year'] -%}
             {%- set start = widen_window_start(start, 'day', period) -%}
             {%- set end = next_period_start(end - modules.datetime.timedelta(days=1), period) -%}
@@ -232,25 +308,25 @@
 {#
     The rows an incremental run of the current model (configured with
     period_incremental_config) reads from upstream, as a SQL condition on `filter_column`:
-    - var refresh_weeks set (the flow's daily run): the changed weeks, or the months,
-      quarters or years containing them (refresh_week_ranges);
+    - var refresh_days (the flow's daily run) or refresh_weeks set: the changed days or
+      weeks, or the months, quarters or years containing them (refresh_ranges);
     - else `filter_column >= incremental_window_start(watermark_column)`: refresh_start_date
       (a backfill or an explicit date range) or the lookback from the watermark.
 #}
 {% macro incremental_window_filter(filter_column, watermark_column, as_utc_timestamp=false) -%}
-    {%- set weeks = refresh_weeks() if execute else none -%}
-    {%- if weeks is none -%}
+    {%- set window = config.meta_get('incremental_window') if execute else none -%}
+    {%- set refresh = refresh_ranges(window or {}) if execute else none -%}
+    {%- if refresh is none -%}
         {{ return(filter_column ~ ' >= ' ~ incremental_window_start(watermark_column, as_utc_timestamp)) }}
     {%- endif -%}
-    {%- set window = config.meta_get('incremental_window') -%}
     {%- if not window -%}
         {{ exceptions.raise_compiler_error(
             "incremental_window_filter: configure " ~ this ~ " with period_incremental_config"
         ) }}
     {%- endif -%}
-    {%- set ranges = refresh_week_ranges(weeks, window) -%}
+    {%- set ranges = refresh.ranges -%}
     {{ log(this.identifier ~ ": rebuilding periods " ~ (ranges | map('join', '..') | join(', ') or 'none')
-        ~ " (refresh_weeks)", info=true) }}
+        ~ " (" ~ refresh.source ~ ")", info=true) }}
     {{ return(ranges_condition(filter_column, ranges, as_utc_timestamp)) }}
 {%- endmacro %}
 

@@ -1,9 +1,9 @@
 {#
-    During an incremental refresh (var refresh_weeks or refresh_start_date set, as the flow
-    does), the tests of a windowed model or source check only the periods that refresh
-    rebuilt or reloaded: rows outside them were tested when they were built and have not
-    changed since. So the cost of `dbt build` follows the change, not the history. Without
-    either var (a full refresh, a manual or CI run) every test checks every row.
+    During an incremental refresh (var refresh_days, refresh_weeks or refresh_start_date set,
+    as the flow does), the tests of a windowed model or source check only the periods that
+    refresh rebuilt or reloaded: rows outside them were tested when they were built and have
+    not changed since. So the cost of `dbt build` follows the change, not the history. Without
+    any of these vars (a full refresh, a manual or CI run) every test checks every row.
 
     A model is windowed when its meta holds `incremental_window` (period_incremental_config
     sets it; views and sources declare it in YAML):
@@ -35,7 +35,7 @@
 
 {#
     The window condition for the windowed node the current test reads `relation` from, or
-    none (neither refresh_weeks nor refresh_start_date set, or the node is not windowed).
+    none (none of refresh_days, refresh_weeks, refresh_start_date set, or the node is not windowed).
 #}
 {% macro refresh_window_condition(relation) -%}
     {%- if not execute -%}
@@ -61,13 +61,14 @@
 
 {#
     The periods the current refresh rebuilt for data windowed by `window`, as a condition on
-    `column`: the ranges of refresh_weeks, else `column >= <first rebuilt period>` from
+    `column`: the ranges of refresh_days or refresh_weeks (refresh_ranges, as the models'
+    incremental_window_filter), else `column >= <first rebuilt period>` from
     refresh_start_date; none when neither is set (every row is tested).
 #}
 {% macro refresh_window_predicate(window, column, as_utc_timestamp=false) -%}
-    {%- set weeks = refresh_weeks() -%}
-    {%- if weeks is not none -%}
-        {{ return(ranges_condition(column, refresh_week_ranges(weeks, window), as_utc_timestamp)) }}
+    {%- set refresh = refresh_ranges(window) -%}
+    {%- if refresh is not none -%}
+        {{ return(ranges_condition(column, refresh.ranges, as_utc_timestamp)) }}
     {%- endif -%}
     {%- set start = refresh_window_start(window) -%}
     {%- if start is none -%}

@@ -66,6 +66,10 @@ class TableOutcome:
     # without a successful dbt build since (flows.control.rebuilds): what dbt must rebuild
     # (flows.periods). A full_replace table has none.
     changed_slices: list[tuple[date, date]] = field(default_factory=list)
+    # The days each slice applied in this run changed (flows.load.SliceResult.days), for those
+    # known: dbt rebuilds the periods of these days only. A changed slice missing here (owed by
+    # an earlier run, or its days unknown) counts as every day of its range.
+    slice_days: dict[tuple[date, date], list[date]] = field(default_factory=dict)
     # BigQuery's fingerprints of the slices read, from change detection before the read: the
     # validation step's BigQuery side for those periods (flows.validation.validate_touched).
     plan_fingerprints: PlanFingerprints | None = None

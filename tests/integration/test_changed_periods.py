@@ -1,4 +1,4 @@
-"""dbt rebuilds only the periods of the weeks a run changed (var refresh_weeks), and the result
+"""dbt rebuilds only the periods of the days a run changed (var refresh_days), and the result
 equals a full rebuild.
 
 On the session's data: one old week is restated, one ASIN's rows vanish from another week of
@@ -12,6 +12,7 @@ the models are put back afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from datetime import date, timedelta
@@ -139,8 +140,10 @@ def test_slices_without_a_successful_dbt_build_are_rebuilt_by_the_next_run(
     [second] = _load(settings, clients, [SHRUNK])
     assert second.changed_slices == [_slice(SHRUNK), _slice(RESTATED)]
     args = runbook.dbt_build_args([second], False, runbook.dbt_sources(settings.dbt_project_dir))
+    # The owed slice counts as every day of its range; the one applied now as the day it holds.
+    owed_days = [_slice(RESTATED)[0] + timedelta(days=i) for i in range(7)]
     assert args is not None and json.loads(args[4]) == {
-        "refresh_weeks": [_slice(w)[0].isoformat() for w in (RESTATED, SHRUNK)]
+        "refresh_days": [d.isoformat() for d in [*owed_days, SHRUNK]]
     }
     assert _full_refresh()["status"] == "success"
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
@@ -176,9 +179,7 @@ def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
 
     args = runbook.dbt_build_args(outcomes, False, runbook.dbt_sources(settings.dbt_project_dir))
     assert args is not None
-    assert json.loads(args[4]) == {
-        "refresh_weeks": [_slice(w)[0].isoformat() for w in (RESTATED, SHRUNK, NEW)]
-    }
+    assert json.loads(args[4]) == {"refresh_days": [w.isoformat() for w in (RESTATED, SHRUNK, NEW)]}
     log = target_dir(settings).parent / "logs" / "dbt.log"
     logged_before = log.stat().st_size if log.exists() else 0
     dbt = run_dbt(settings, args)
@@ -187,7 +188,7 @@ def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
     with log.open(errors="replace") as f:
         f.seek(logged_before)
         logged = f.read()
-    assert "monthly_summary: rebuilding periods 2026-10-01..2026-12-01 (refresh_weeks)" in logged
+    assert "monthly_summary: rebuilding periods 2026-10-01..2026-12-01 (refresh_days)" in logged
     assert "OK created sql incremental model summaries.monthly_summary" in logged
     tested = [n["name"] for n in dbt.nodes if n["resource_type"] == "test"]
     assert any("matches_weekly" in name for name in tested), tested  # the windowed rollup tests passed
@@ -228,6 +229,117 @@ def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
         "select count(*) from summaries.weekly_summary where period_start = %s and asin = %s",
         (SHRUNK, DROPPED_ASIN),
     ).fetchone() == (0,)
+
+
+# Weeks whose ISO week (the slice) crosses a month end, all rows dated on the Sunday in the
+# later month: CROSSING (Oct 26..Nov 1) restated, EMPTIED (Sep 28..Oct 4) loses all its rows.
+CROSSING = date(2026, 11, 1)
+EMPTIED = date(2026, 10, 4)
+
+
+@contextlib.contextmanager
+def _source_changed(
+    settings: Settings, clients: BigQueryClients, restate: list[date], empty: list[date]
+) -> Iterator[None]:
+    """The `restate` weeks changed and the `empty` weeks' rows deleted in the source; all put
+    back afterwards (source, raw table, models rebuilt in full)."""
+    table = f"`{clients.project}.{clients.dataset}.{SQP_TABLE}`"
+    backup_dataset = f"{clients.project}.changed_days_{uuid4().hex[:8]}"
+    clients.rest.create_dataset(backup_dataset)
+    backup = f"`{backup_dataset}.{SQP_TABLE}`"
+    weeks = [*restate, *empty]
+    touched = " or ".join(_week_where(w) for w in weeks)
+
+    def run(statement: str) -> None:
+        clients.rest.query(statement).result()
+
+    try:
+        run(f"create table {backup} as select * from {table} where {touched}")
+        for week in restate:
+            run(
+                f"update {table} set `ASIN Impression Count` = `ASIN Impression Count` + 1000 "
+                f"where {_week_where(week)}"
+            )
+        for week in empty:
+            run(f"delete from {table} where {_week_where(week)}")
+        yield
+    finally:
+        run(f"delete from {table} where {touched}")
+        run(f"insert into {table} select * from {backup}")
+        clients.rest.delete_dataset(backup_dataset, delete_contents=True)
+        _load(settings, clients, weeks)
+        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+            for schema in ("staging", "intermediate", "marts", "summaries"):
+                conn.execute(f"drop schema if exists {schema}{CMP} cascade")
+        restored = _full_refresh()
+        assert restored["status"] == "success", restored["message"]
+
+
+def _rebuilt(pg: psycopg.Connection, invocation_id: str | None) -> dict[str, set[date]]:
+    """Per model, the periods whose rows all carry `invocation_id`."""
+    return {
+        m: {p for p, inv in _invocations(pg, m, c).items() if inv == {invocation_id}}
+        for m, c in MODELS.items()
+    }
+
+
+def _assert_equals_full_rebuild(settings: Settings, pg: psycopg.Connection) -> None:
+    full = run_dbt(
+        settings, ["run", *SQP_BUILD, "--full-refresh", "--vars", json.dumps({"schema_suffix": CMP})]
+    )
+    assert full.success, full.message
+    for model in MODELS:
+        columns = ", ".join(_columns(pg, model))
+        schema, name = model.split(".")
+        full_model = f"{schema}{CMP}.{name}"
+        for left, right in ((model, full_model), (full_model, model)):
+            diff = pg.execute(
+                f"select count(*) from (select {columns} from {left} except all select {columns} from {right}) d"
+            ).fetchone()
+            assert diff == (0,), f"{left} has {diff[0] if diff else '?'} rows not in {right}"
+
+
+def test_a_week_across_a_month_end_rebuilds_only_the_month_holding_its_rows(
+    refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients, pg: psycopg.Connection
+) -> None:
+    assert refreshed["status"] == "success", refreshed["message"]
+    with _source_changed(settings, clients, restate=[CROSSING], empty=[]):
+        [outcome] = _load(settings, clients, [CROSSING])
+        assert outcome.changed_slices == [_slice(CROSSING)]
+        assert outcome.slice_days == {_slice(CROSSING): [CROSSING]}
+        args = runbook.dbt_build_args([outcome], False, runbook.dbt_sources(settings.dbt_project_dir))
+        assert args is not None and json.loads(args[4]) == {"refresh_days": [CROSSING.isoformat()]}
+        dbt = run_dbt(settings, args)
+        assert dbt.success, dbt.message
+        rebuilt = _rebuilt(pg, dbt.invocation_id)
+        # The ISO week starts in October; every changed row lies in November: October is kept.
+        assert rebuilt["summaries.monthly_summary"] == {date(2026, 11, 1)}
+        assert rebuilt["summaries.quarterly_summary"] == {date(2026, 10, 1)}
+        assert rebuilt["summaries.yearly_summary"] == {date(2026, 1, 1)}
+        for model in ("marts.search_query_performance", "summaries.weekly_summary"):
+            assert rebuilt[model] == {CROSSING}, model
+        _assert_equals_full_rebuild(settings, pg)
+
+
+def test_a_day_that_loses_all_its_rows_still_rebuilds_its_month(
+    refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients, pg: psycopg.Connection
+) -> None:
+    assert refreshed["status"] == "success", refreshed["message"]
+    with _source_changed(settings, clients, restate=[], empty=[EMPTIED]):
+        [outcome] = _load(settings, clients, [EMPTIED])
+        assert outcome.rows_inserted == 0 and outcome.rows_deleted > 0
+        # The deleted rows' day counts: nothing was inserted.
+        assert outcome.slice_days == {_slice(EMPTIED): [EMPTIED]}
+        args = runbook.dbt_build_args([outcome], False, runbook.dbt_sources(settings.dbt_project_dir))
+        assert args is not None and json.loads(args[4]) == {"refresh_days": [EMPTIED.isoformat()]}
+        dbt = run_dbt(settings, args)
+        assert dbt.success, dbt.message
+        rebuilt = _rebuilt(pg, dbt.invocation_id)
+        # October (the month of the emptied day) is rebuilt; September (where its ISO week
+        # starts) is kept. The emptied week itself has no new rows to replace it with: a period
+        # left with no rows keeps its old rows until a --full-refresh (docs/dbt.md).
+        assert rebuilt["summaries.monthly_summary"] == {date(2026, 10, 1)}
+        assert rebuilt["summaries.quarterly_summary"] == {date(2026, 10, 1)}
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,8 @@ def test_dbt_builds_downstream_of_changed_live_sources_only() -> None:
     args = runbook.dbt_build_args(outcomes, False, sources)
     assert args is not None
     assert args[:3] == ["build", "--select", "source:sqp.sqp+ source:sqp.products+ source:refresh_control+"]
-    assert args[3:] == ["--vars", '{"refresh_weeks": ["2026-11-16"]}']
+    # a slice without known days counts as every day of its range
+    assert args[3:] == ["--vars", json.dumps({"refresh_days": [f"2026-11-{d}" for d in range(16, 23)]})]
     full = runbook.dbt_build_args(outcomes, True, sources)
     assert full is not None and full[-1] == "--full-refresh" and full[4] == "{}"
     assert (
@@ -144,12 +145,38 @@ def test_dbt_rebuilds_the_changed_weeks_or_from_a_requested_start() -> None:
         ),
     ]
     args = runbook.dbt_build_args(outcomes, False, sources)
-    assert args is not None and json.loads(args[4]) == {"refresh_weeks": ["2026-09-07", "2026-11-16"]}
+    assert args is not None and json.loads(args[4]) == {
+        "refresh_days": [f"2026-09-{d:02d}" for d in range(7, 14)] + [f"2026-11-{d}" for d in range(16, 23)]
+    }
     backfill = runbook.dbt_build_args(outcomes, False, sources, explicit_range=True)
     assert backfill is not None and json.loads(backfill[4]) == {"refresh_start_date": "2026-09-07"}
     # only a full_replace table changed: the models' own lookback
     only_products = runbook.dbt_build_args([outcome("products")], False, {"products"})
     assert only_products is not None and only_products[4] == "{}"
+
+
+def test_a_daily_run_rebuilds_the_days_its_slices_changed() -> None:
+    crossing = (date(2026, 11, 30), date(2026, 12, 7))  # ISO week across a month end
+    owed = (date(2026, 11, 2), date(2026, 11, 9))  # applied by an earlier run: no days
+    unchanged = (date(2026, 11, 23), date(2026, 11, 30))  # applied, no row deleted or inserted
+    window = Window(date(2026, 11, 2), date(2026, 12, 6), "lookback")
+    sqp = outcome(
+        "sqp",
+        window=window,
+        changed_slices=[crossing, unchanged, owed],
+        slice_days={crossing: [date(2026, 12, 6)], unchanged: []},
+    )
+    other = outcome(
+        "daily", window=window, changed_slices=[crossing], slice_days={crossing: [date(2026, 12, 1)]}
+    )
+    vars_ = runbook.rebuild_vars([sqp, other], explicit_range=False)
+    assert vars_ == {"refresh_days": [f"2026-11-0{d}" for d in range(2, 9)] + ["2026-12-01", "2026-12-06"]}
+    # the owed slice gone: only the changed days, none from the quiet slice
+    sqp.changed_slices = [crossing, unchanged]
+    assert runbook.rebuild_vars([sqp], explicit_range=False) == {"refresh_days": ["2026-12-06"]}
+    sqp.changed_slices = [unchanged]
+    assert runbook.rebuild_vars([sqp], explicit_range=False) == {"refresh_days": []}
+    assert runbook.rebuild_vars([sqp], explicit_range=True) == {"refresh_start_date": "2026-11-02"}
 
 
 # --- status ---------------------------------------------------------------------------------------

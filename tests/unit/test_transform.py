@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from flows.settings import get_settings
-from flows.transform import REFRESH_WEEKS_ENV, DbtOutcome, read_run_results, vars_to_env, with_project_vars
+from flows.transform import (
+    REFRESH_DAYS_ENV,
+    REFRESH_WEEKS_ENV,
+    DbtOutcome,
+    read_run_results,
+    vars_to_env,
+    with_project_vars,
+)
 
 INVOCATION = "8d5f3f1e-0000-4000-8000-000000000001"
 
@@ -220,6 +227,13 @@ def test_vars_to_env_moves_only_the_weeks_and_keeps_the_vars_stable() -> None:
     # An empty list (no week changed) is passed on, not dropped: it means "rebuild nothing".
     assert vars_to_env(daily([]))[1] == {REFRESH_WEEKS_ENV: "[]"}
     # Other vars stay vars; no --vars at all: nothing to move.
+    # The flow's daily run passes days: moved to their own variable the same way.
+    days = ["build", "--vars", json.dumps({"refresh_days": ["2026-12-06"], "raw_schema": "raw"})]
+    assert vars_to_env(days) == (
+        ["build", "--vars", json.dumps({"raw_schema": "raw"})],
+        {REFRESH_DAYS_ENV: '["2026-12-06"]'},
+    )
+    assert vars_to_env(["build", "--vars", json.dumps({"refresh_days": []})])[1] == {REFRESH_DAYS_ENV: "[]"}
     backfill = ["build", "--vars", json.dumps({"refresh_start_date": "2026-01-05"})]
     assert vars_to_env(backfill) == (backfill, {})
     assert vars_to_env(["test"]) == (["test"], {})
