@@ -67,7 +67,10 @@ def read_slices(outcome: TableOutcome) -> list[tuple[date, date]]:
 
 
 def rebuild_periods(changed: list[tuple[date, date]]) -> dict[str, list[str]]:
-    """The dbt periods the changed slices rebuild (the same rule the run passes to dbt)."""
+    """The dbt periods the changed slices may rebuild: those of their ISO weeks (the var
+    refresh_weeks' rule). The run passes dbt the days its slices changed (refresh_days), known
+    only once loaded, so it rebuilds these periods or fewer (a week across a month end whose
+    rows lie in one month rebuilds that month only)."""
     return periods_to_rebuild(changed).to_dict()
 
 
@@ -141,4 +144,5 @@ def render(ex: Explanation) -> list[str]:
         else:
             for kind, starts in ex.periods.items():
                 lines.append(f"  {kind}: {', '.join(starts) or '-'}")
+            lines.append("  (at most: the run rebuilds only the periods of the days its slices change)")
     return lines
