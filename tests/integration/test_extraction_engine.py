@@ -807,3 +807,66 @@ def test_parallel_first_loads_create_the_raw_schema_without_a_race(engine: Engin
         for t in threads:
             t.join()
     assert not errors, errors[:3]
+
+
+def test_days_a_slice_changed_come_from_the_rows_it_deleted_and_inserted(engine: Engine) -> None:
+    """SliceResult.days: the UTC days of the cursor values deleted and inserted, per cursor type
+    (the sessions run in Asia/Kolkata: a day taken in the session's zone would be off); none
+    for a whole-table slice."""
+    import pyarrow as pa
+
+    from flows.load import apply_slice, ensure_raw_table
+    from flows.planning import Slice
+    from flows.type_mapping import ColumnMapping
+
+    e = engine
+    piece = Slice(date(2026, 11, 30), date(2026, 12, 7))  # an ISO week across a month end
+    late = datetime(2026, 12, 5, 23, 30, tzinfo=UTC)  # 2026-12-06 in Kolkata
+    cases: list[tuple[str, str, pa.Array, pa.Array, list[date]]] = [
+        (
+            "DATE",
+            "date",
+            pa.array([date(2026, 11, 30), date(2026, 12, 1)]),
+            pa.array([date(2026, 12, 6)]),
+            [date(2026, 11, 30), date(2026, 12, 1), date(2026, 12, 6)],
+        ),
+        (
+            "TIMESTAMP",
+            "timestamp with time zone",
+            pa.array([datetime(2026, 12, 6, tzinfo=UTC)] * 2, pa.timestamp("us", tz="UTC")),
+            pa.array([late], pa.timestamp("us", tz="UTC")),
+            [date(2026, 12, 5), date(2026, 12, 6)],
+        ),
+        (
+            "DATETIME",
+            "timestamp without time zone",
+            pa.array([datetime(2026, 12, 2, 12)] * 2, pa.timestamp("us")),
+            pa.array([datetime(2026, 12, 2, 23, 59)], pa.timestamp("us")),
+            [date(2026, 12, 2)],
+        ),
+    ]
+    for source_type, pg_type, old, new, want in cases:
+        table = f"days_{source_type.lower()}"
+        cols = [ColumnMapping("Id", "id", "INT64", "bigint"), ColumnMapping("C", "c", source_type, pg_type)]
+
+        def apply(cursor_values: pa.Array, whole: bool = False) -> list[date] | None:
+            ids = pa.array(range(len(cursor_values)), pa.int64())
+            with psycopg.connect(e.settings.dsn()) as conn:
+                return apply_slice(
+                    conn,
+                    schema=e.raw,
+                    table=table,  # noqa: B023
+                    control_schema=CONTROL,
+                    columns=cols,  # noqa: B023
+                    cursor=cols[1],  # noqa: B023
+                    piece=Slice(None, None) if whole else piece,
+                    batches=[pa.record_batch({"Id": ids, "C": cursor_values})],
+                    run_id=UUID(int=1),
+                    checkpoint_key=table,  # noqa: B023
+                ).days
+
+        with e.pg() as conn, conn.transaction():
+            ensure_raw_table(conn, e.raw, table, cols, "c")
+        apply(old)
+        assert apply(new) == want, source_type
+        assert apply(new, whole=True) is None
