@@ -222,10 +222,8 @@
 
 {#
     The periods the current refresh rebuilds for a model windowed by `window`, from var
-    refresh_days (the flow's daily run) or refresh_weeks (by hand): a dict with `ranges` (the
-    half-open python date ranges, refresh_day_ranges) and `source` (the var's name); none when
-    neither is set. incremental_window_filter and refresh_window_predicate both use it, so the
-    tests check exactly the periods rebuilt.
+    refresh_days (daily runs) or refresh_weeks (by hand): {ranges (refresh_day_ranges), source
+    (the var)}; none when neither is set. The models and the tests both use it.
 #}
 {% macro refresh_ranges(window) -%}
     {%- set days = refresh_days() -%}
@@ -245,9 +243,8 @@
 
 
 {#
-    The half-open date ranges [start, end) a model windowed by `window` rebuilds for the
-    changed ISO weeks `weeks` (each [w, w+7)): see refresh_day_ranges. A week across a month
-    end rebuilds both months: the week does not say in which month its rows lie.
+    refresh_day_ranges of the ISO weeks `weeks` ([w, w+7) each): a week across a month end
+    rebuilds both months.
 #}
 {% macro refresh_week_ranges(weeks, window) -%}
     {%- set spans = [] -%}
