@@ -352,6 +352,17 @@ def test_a_day_that_loses_all_its_rows_still_rebuilds_its_month(
             {"refresh_weeks": ["2026-11-16"], "refresh_start_date": "2026-11-01"},
             "vars refresh_weeks and refresh_start_date exclude each other",
         ),
+        ({"refresh_days": ["2026-02-30"]}, "var refresh_days must be a list of dates 'YYYY-MM-DD'"),
+        ({"refresh_days": "2026-11-22"}, "var refresh_days must be a list of dates 'YYYY-MM-DD'"),
+        ({"refresh_days": ["22/11/2026"]}, "var refresh_days must be a list of dates 'YYYY-MM-DD'"),
+        (
+            {"refresh_days": ["2026-11-22"], "refresh_weeks": ["2026-11-16"]},
+            "vars refresh_days and refresh_weeks exclude each other",
+        ),
+        (
+            {"refresh_days": ["2026-11-22"], "refresh_start_date": "2026-11-01"},
+            "vars refresh_days and refresh_start_date exclude each other",
+        ),
     ],
 )
 def test_bad_refresh_weeks_stop_the_build_with_one_clear_error(
