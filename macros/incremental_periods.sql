@@ -140,34 +140,13 @@
     project, an env var read at execution is no parse input (flows.transform.vars_to_env).
 #}
 {% macro refresh_weeks() -%}
-    {%- set value = var('refresh_weeks', none) -%}
-    {%- if value is none and execute -%}
-        {%- set value = env_var('SQP_REFRESH_WEEKS', '') -%}
-    {%- endif -%}
-    {%- if value is none or (value is string and value | trim == '') -%}
-        {{ return(none) }}
-    {%- endif -%}
-    {%- if refresh_start_date() is not none -%}
+    {%- set weeks = date_list_var('refresh_weeks', 'SQP_REFRESH_WEEKS', mondays=true) -%}
+    {%- if weeks is not none and refresh_start_date() is not none -%}
         {{ exceptions.raise_compiler_error(
             "vars refresh_weeks and refresh_start_date exclude each other: set one of them"
         ) }}
     {%- endif -%}
-    {%- set invalid_msg = "var refresh_weeks must be a list of Monday dates 'YYYY-MM-DD', got '" ~ value ~ "'" -%}
-    {%- if value is string -%}
-        {%- set value = fromjson(value) -%}
-    {%- endif -%}
-    {%- if value is string or value is mapping or value is not iterable -%}
-        {{ exceptions.raise_compiler_error(invalid_msg) }}
-    {%- endif -%}
-    {%- set weeks = [] -%}
-    {%- for item in value -%}
-        {%- set week = parse_iso_date(item | string | trim, invalid_msg) -%}
-        {%- if week.weekday() != 0 -%}
-            {{ exceptions.raise_compiler_error(invalid_msg) }}
-        {%- endif -%}
-        {%- do weeks.append(week) -%}
-    {%- endfor -%}
-    {{ return(weeks | unique | sort) }}
+    {{ return(weeks) }}
 {%- endmacro %}
 
 
@@ -178,35 +157,51 @@
     refresh_weeks (here SQP_REFRESH_DAYS); excludes refresh_weeks and refresh_start_date.
 #}
 {% macro refresh_days() -%}
-    {%- set value = var('refresh_days', none) -%}
-    {%- if value is none and execute -%}
-        {%- set value = env_var('SQP_REFRESH_DAYS', '') -%}
-    {%- endif -%}
-    {%- if value is none or (value is string and value | trim == '') -%}
-        {{ return(none) }}
-    {%- endif -%}
-    {%- if refresh_start_date() is not none -%}
+    {%- set days = date_list_var('refresh_days', 'SQP_REFRESH_DAYS') -%}
+    {%- if days is not none and refresh_start_date() is not none -%}
         {{ exceptions.raise_compiler_error(
             "vars refresh_days and refresh_start_date exclude each other: set one of them"
         ) }}
     {%- endif -%}
-    {%- if refresh_weeks() is not none -%}
+    {%- if days is not none and refresh_weeks() is not none -%}
         {{ exceptions.raise_compiler_error(
             "vars refresh_days and refresh_weeks exclude each other: set one of them"
         ) }}
     {%- endif -%}
-    {%- set invalid_msg = "var refresh_days must be a list of dates 'YYYY-MM-DD', got '" ~ value ~ "'" -%}
+    {{ return(days) }}
+{%- endmacro %}
+
+
+{#
+    The list of dates in var `var_name`, else (only while executing, see refresh_weeks) in the
+    environment variable `env_name`, as sorted python dates; none when unset. A list or a JSON
+    list of 'YYYY-MM-DD' strings (`mondays`: Monday dates only); anything else stops the run.
+#}
+{% macro date_list_var(var_name, env_name, mondays=false) -%}
+    {%- set value = var(var_name, none) -%}
+    {%- if value is none and execute -%}
+        {%- set value = env_var(env_name, '') -%}
+    {%- endif -%}
+    {%- if value is none or (value is string and value | trim == '') -%}
+        {{ return(none) }}
+    {%- endif -%}
+    {%- set invalid_msg = "var " ~ var_name ~ " must be a list of " ~ ("Monday dates" if mondays else "dates")
+        ~ " 'YYYY-MM-DD', got '" ~ value ~ "'" -%}
     {%- if value is string -%}
         {%- set value = fromjson(value) -%}
     {%- endif -%}
     {%- if value is string or value is mapping or value is not iterable -%}
         {{ exceptions.raise_compiler_error(invalid_msg) }}
     {%- endif -%}
-    {%- set days = [] -%}
+    {%- set dates = [] -%}
     {%- for item in value -%}
-        {%- do days.append(parse_iso_date(item | string | trim, invalid_msg)) -%}
+        {%- set day = parse_iso_date(item | string | trim, invalid_msg) -%}
+        {%- if mondays and day.weekday() != 0 -%}
+            {{ exceptions.raise_compiler_error(invalid_msg) }}
+        {%- endif -%}
+        {%- do dates.append(day) -%}
     {%- endfor -%}
-    {{ return(days | unique | sort) }}
+    {{ return(dates | unique | sort) }}
 {%- endmacro %}
 
 
