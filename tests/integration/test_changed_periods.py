@@ -299,6 +299,18 @@ def _assert_equals_full_rebuild(settings: Settings, pg: psycopg.Connection) -> N
             assert diff == (0,), f"{left} has {diff[0] if diff else '?'} rows not in {right}"
 
 
+def _build_changed_days(
+    settings: Settings, pg: psycopg.Connection, outcome: TableOutcome, day: date
+) -> dict[str, set[date]]:
+    """The daily dbt build of one slice whose only changed day is `day`: its args carry exactly
+    that day; returns the periods each model rebuilt."""
+    args = runbook.dbt_build_args([outcome], False, runbook.dbt_sources(settings.dbt_project_dir))
+    assert args is not None and json.loads(args[4]) == {"refresh_days": [day.isoformat()]}
+    dbt = run_dbt(settings, args)
+    assert dbt.success, dbt.message
+    return _rebuilt(pg, dbt.invocation_id)
+
+
 def test_a_week_across_a_month_end_rebuilds_only_the_month_holding_its_rows(
     refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients, pg: psycopg.Connection
 ) -> None:
@@ -307,11 +319,7 @@ def test_a_week_across_a_month_end_rebuilds_only_the_month_holding_its_rows(
         [outcome] = _load(settings, clients, [CROSSING])
         assert outcome.changed_slices == [_slice(CROSSING)]
         assert outcome.slice_days == {_slice(CROSSING): [CROSSING]}
-        args = runbook.dbt_build_args([outcome], False, runbook.dbt_sources(settings.dbt_project_dir))
-        assert args is not None and json.loads(args[4]) == {"refresh_days": [CROSSING.isoformat()]}
-        dbt = run_dbt(settings, args)
-        assert dbt.success, dbt.message
-        rebuilt = _rebuilt(pg, dbt.invocation_id)
+        rebuilt = _build_changed_days(settings, pg, outcome, CROSSING)
         # The ISO week starts in October; every changed row lies in November: October is kept.
         assert rebuilt["summaries.monthly_summary"] == {date(2026, 11, 1)}
         assert rebuilt["summaries.quarterly_summary"] == {date(2026, 10, 1)}
@@ -330,11 +338,7 @@ def test_a_day_that_loses_all_its_rows_still_rebuilds_its_month(
         assert outcome.rows_inserted == 0 and outcome.rows_deleted > 0
         # The deleted rows' day counts: nothing was inserted.
         assert outcome.slice_days == {_slice(EMPTIED): [EMPTIED]}
-        args = runbook.dbt_build_args([outcome], False, runbook.dbt_sources(settings.dbt_project_dir))
-        assert args is not None and json.loads(args[4]) == {"refresh_days": [EMPTIED.isoformat()]}
-        dbt = run_dbt(settings, args)
-        assert dbt.success, dbt.message
-        rebuilt = _rebuilt(pg, dbt.invocation_id)
+        rebuilt = _build_changed_days(settings, pg, outcome, EMPTIED)
         # October (the month of the emptied day) is rebuilt; September (where its ISO week
         # starts) is kept. The emptied week itself has no new rows to replace it with: a period
         # left with no rows keeps its old rows until a --full-refresh (docs/dbt.md).
