@@ -197,7 +197,7 @@ def measure(conn: Any, schema: str, result: dict[str, Any]) -> dict[str, Any]:
     # The slowest nodes and the sum of all node times by kind: where the dbt stage went.
     slowest = conn.execute(
         f"select resource_type || ' ' || name, execution_time_s from {schema}.dbt_node_runs "
-        "where invocation_id = %s order by execution_time_s desc nulls last limit 8",
+        "where invocation_id = %s order by execution_time_s desc nulls last limit 12",
         (invocation,),
     ).fetchall()
     by_kind = conn.execute(
@@ -301,6 +301,11 @@ def main() -> int:
         help="the scenarios' order after the first run (e.g. c,a,b: the emulator's memory grows "
         "with every read session, and at 10M rows it ran out of the machine's 24 GB during (c))",
     )
+    p.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="leave the temp folder (each scenario's log, the dbt target and logs) for a look after",
+    )
     p.add_argument("--child", choices=list(SCENARIOS), help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -374,7 +379,10 @@ def main() -> int:
                     progress(name, figures[name])
             clients.close()
     finally:
-        shutil.rmtree(state, ignore_errors=True)
+        if args.keep_state:
+            print(f"state kept in {state}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
     ratios = report(figures, spec.rows_per_week)
     print(" ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
     return 0

@@ -203,6 +203,27 @@ class BigQueryClients:
         """Every query carries the maximum_bytes_billed guard."""
         return bigquery.QueryJobConfig(maximum_bytes_billed=self.settings.bq_maximum_bytes_billed, **kwargs)
 
+    def dry_run_bytes(self, query: str, what: str) -> int:
+        """BigQuery's dry-run estimate of the bytes `query` (a SELECT) processes, which it bills.
+
+        The emulator (bqemulator 1.4) runs a SELECT's dry run in full to learn its result
+        schema, then reports 0 bytes: a dry run cost as much as the query itself. BigQuery
+        plans it without reading anything. Against the emulator alone the dry run gets
+        `limit 0`, which keeps its check of the query (names, types, syntax) and skips the
+        execution; on BigQuery a LIMIT would not change the estimate anyway.
+        """
+        if self.settings.uses_emulator:
+            query = f"{query} limit 0"
+        try:
+            job = self.rest.query(
+                query,
+                job_config=self.query_config(dry_run=True, use_query_cache=False),
+                **self.call_options(),
+            )
+        except Exception as exc:
+            raise classify(exc, f"{what} at {self.rest_where}") from exc
+        return int(job.total_bytes_processed or 0)
+
     def close(self) -> None:
         self.rest.close()
         if self._storage is not None:

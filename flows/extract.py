@@ -133,15 +133,7 @@ def estimate_bytes(clients: BigQueryClients, cfg: TableConfig, where: str) -> in
     """BigQuery's dry-run estimate of the bytes a slice read scans."""
     path = bq_table_path(clients.project, clients.dataset, cfg.source_table)
     sql = f"select * from {path}" + (f" where {where}" if where else "")
-    try:
-        job = clients.rest.query(
-            sql,
-            job_config=clients.query_config(dry_run=True, use_query_cache=False),
-            **clients.call_options(),
-        )
-    except Exception as exc:
-        raise classify(exc, f"{cfg.table_name}: dry-run estimate at {clients.rest_where}") from exc
-    return int(job.total_bytes_processed or 0)
+    return clients.dry_run_bytes(sql, f"{cfg.table_name}: dry-run estimate")
 
 
 def rows_per_day(

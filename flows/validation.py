@@ -354,11 +354,7 @@ def estimate_fingerprint_bytes(
 ) -> int:
     """BigQuery's dry-run estimate of the bytes `fingerprint_bq` processes (bills)."""
     query = fingerprint_bq_sql(clients, source_table, cols, cursor, window)
-    try:
-        job = clients.rest.query(query, job_config=clients.query_config(dry_run=True, use_query_cache=False))
-    except Exception as exc:
-        raise classify(exc, f"{source_table}: dry-run estimate of the fingerprint query") from exc
-    return int(job.total_bytes_processed or 0)
+    return clients.dry_run_bytes(query, f"{source_table}: dry-run estimate of the fingerprint query")
 
 
 def fingerprint_pg(

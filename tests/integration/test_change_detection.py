@@ -24,6 +24,7 @@ from flows.cli import app
 from flows.control import registry
 from flows.db import migrate
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
+from flows.errors import SourceError
 from flows.explain import explain, render
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import ChangeDetection, TableConfig
@@ -199,6 +200,18 @@ def test_only_new_and_changed_slices_are_read(env: Env) -> None:
     # BigQuery's dry-run estimate of the fingerprint query; the emulator reports 0.
     assert cost is not None and cost[0] is not None and cost[0] >= 0 and cost[1] == len(audit)
     print(f"rows read after the changes {changed.rows_read}; fingerprint bytes (dry run) {cost[0]}")
+
+
+def test_a_dry_run_checks_the_query_without_running_it(env: Env) -> None:
+    """BigQuery plans a dry run without reading; the emulator ran a SELECT's dry run in full
+    (as long as the query itself) until dry runs got `limit 0` against it."""
+    # Fails only when it runs: its dry run passes.
+    assert env.clients.dry_run_bytes(f"select error('it ran') as x from {env.source}", "probe") == 0
+    with pytest.raises(Exception, match="it ran"):
+        env.bq(f"select error('it ran') as x from {env.source}")
+    # A query BigQuery would reject still fails its dry run, named.
+    with pytest.raises(SourceError, match=r"probe at BigQuery .*no_such_column"):
+        env.clients.dry_run_bytes(f"select no_such_column from {env.source}", "probe")
 
 
 def test_off_and_full_refresh_read_every_slice(env: Env) -> None:

@@ -191,7 +191,14 @@ def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
     assert "monthly_summary: rebuilding periods 2026-10-01..2026-12-01 (refresh_days)" in logged
     assert "OK created sql incremental model summaries.monthly_summary" in logged
     tested = [n["name"] for n in dbt.nodes if n["resource_type"] == "test"]
-    assert any("matches_weekly" in name for name in tested), tested  # the windowed rollup tests passed
+    # the windowed rollup checks and the check that no longer period was left out passed
+    for check in (
+        "assert_monthly_summary_matches_weekly",
+        "assert_quarterly_summary_matches_monthly",
+        "assert_yearly_summary_matches_quarterly",
+        "assert_summary_periods_rebuilt_with_their_weeks",
+    ):
+        assert check in tested, tested
 
     expected = periods_to_rebuild(slices)
     assert expected.months == [date(2026, 10, 1), date(2026, 11, 1)]
@@ -332,6 +339,67 @@ def test_a_day_that_loses_all_its_rows_still_rebuilds_its_month(
         # left with no rows keeps its old rows until a --full-refresh (docs/dbt.md).
         assert rebuilt["summaries.monthly_summary"] == {date(2026, 10, 1)}
         assert rebuilt["summaries.quarterly_summary"] == {date(2026, 10, 1)}
+
+
+def _failed_tests(dbt: Any) -> dict[str, int | None]:
+    return {n["name"]: n["failures"] for n in dbt.failed_nodes}
+
+
+def test_the_summary_checks_catch_a_wrong_period_and_a_longer_period_left_out(
+    refreshed: dict[str, Any], settings: Settings, pg: psycopg.Connection
+) -> None:
+    """The daily build checks each rebuilt summary period against the finer summary it is
+    built from, and that every month, quarter and year holding a rebuilt week was rebuilt too."""
+    assert refreshed["status"] == "success", refreshed["message"]
+    day = date(2026, 11, 15)  # an SQP week of November, Q4 and 2026
+    window = {"refresh_days": [day.isoformat()]}
+    checks = [
+        "--select",
+        "assert_quarterly_summary_matches_monthly",
+        "assert_yearly_summary_matches_quarterly",
+    ]
+    quarter = date(2026, 10, 1)
+    [(key, asin)] = pg.execute(
+        "select search_query_key, asin from summaries.quarterly_summary where period_start = %s "
+        "order by search_query_key, asin limit 1",
+        (quarter,),
+    ).fetchall()
+    corrupt = (
+        "update summaries.quarterly_summary set impressions = impressions + %s "
+        "where period_start = %s and search_query_key = %s and asin = %s"
+    )
+    pg.execute(corrupt, (1, quarter, key, asin))
+    try:
+        dbt = run_dbt(settings, ["test", *checks, "--vars", json.dumps(window)])
+        # One quarterly row off: it differs from its months, and its year from its quarters.
+        assert _failed_tests(dbt) == {
+            "assert_quarterly_summary_matches_monthly": 1,
+            "assert_yearly_summary_matches_quarterly": 1,
+        }, dbt.nodes
+        # Outside the rebuilt periods nothing is read: a day of Q3 (the Sunday full test's job).
+        dbt = run_dbt(
+            settings,
+            [
+                "test",
+                "--select",
+                "assert_quarterly_summary_matches_monthly",
+                "--vars",
+                json.dumps({"refresh_days": ["2026-08-16"]}),
+            ],
+        )
+        assert dbt.success and _failed_tests(dbt) == {}, dbt.nodes
+    finally:
+        pg.execute(corrupt, (-1, quarter, key, asin))
+    dbt = run_dbt(settings, ["test", *checks, "--vars", json.dumps(window)])
+    assert dbt.success, dbt.nodes
+
+    # The week rebuilt alone: its month, quarter and year were not, and the check says which.
+    lineage = "assert_summary_periods_rebuilt_with_their_weeks"
+    dbt = run_dbt(settings, ["build", "--select", "weekly_summary", lineage, "--vars", json.dumps(window)])
+    assert _failed_tests(dbt) == {lineage: 3}, dbt.nodes
+    # Rebuilt with them, it passes.
+    dbt = run_dbt(settings, ["build", "--select", "weekly_summary+", "--vars", json.dumps(window)])
+    assert dbt.success and lineage in {n["name"] for n in dbt.nodes}, dbt.nodes
 
 
 @pytest.mark.parametrize(
