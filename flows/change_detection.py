@@ -217,6 +217,10 @@ class Detection:
     enabled: bool = True  # False: change_detection off, checkpoints get no fingerprint
     # BigQuery's fingerprint at `as_of` of each slice the query covered (EMPTY: no rows).
     source: dict[date | None, Fingerprint] = field(default_factory=dict)
+    # The days holding rows in BigQuery at `as_of`, of each dated slice the query covered (its
+    # figures are per day): with the raw table's days, the days a load of the slice changes
+    # (what --explain tells dbt's periods from).
+    source_days: dict[date, list[date]] = field(default_factory=dict)
 
     @property
     def to_read(self) -> list[Slice]:
@@ -293,10 +297,14 @@ def detect(
         fps = by_period(days, size)
         det.as_of = stats.started_at.astimezone(UTC) if stats.started_at else None
         # Every slice inside the queried span is fingerprinted whole, compared or not.
-        det.source = {
-            s.start: fps.get(s.start, EMPTY)
-            for s in slices
-            if span is None or (span.start_ts <= s.start_ts and s.end_ts <= span.end_ts)
+        covered = [
+            s for s in slices if span is None or (span.start_ts <= s.start_ts and s.end_ts <= span.end_ts)
+        ]
+        det.source = {s.start: fps.get(s.start, EMPTY) for s in covered}
+        det.source_days = {
+            s.start: sorted(d for d, fp in days.items() if d is not None and s.start <= d < s.end and fp.rows)
+            for s in covered
+            if s.start is not None and s.end is not None
         }
     det.decisions = decide(slices, stored, fps, by_partition)
     return det

@@ -20,8 +20,8 @@ from flows import runbook
 from flows.bigquery import BigQueryClients
 from flows.control import registry
 from flows.db import connect
-from flows.periods import periods_to_rebuild
-from flows.refresh import TableOutcome, refresh_table
+from flows.periods import days_periods
+from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import Mode
 from flows.settings import Settings
 from flows.transform import dbt_env, invoke_dbt, profiles_dir
@@ -37,6 +37,12 @@ class Explanation:
     # The periods dbt rebuilds (flows.periods); None when no table was explained.
     periods: dict[str, list[str]] | None = None
     changed_slices: list[tuple[date, date]] = field(default_factory=list)
+    # What decides the periods: "days" (those the loads would change, refresh_days), "slices"
+    # (a slice without known days: each of its days), "from <date>" (a requested range:
+    # refresh_start_date) or "everything" (--full-refresh).
+    periods_from: str | None = None
+    # The vars the run's `dbt build` would get that say what to rebuild (runbook.rebuild_vars).
+    dbt_vars: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -46,6 +52,7 @@ class Explanation:
                     "status": o.status,
                     "window": None if o.window is None else f"{o.window.first}..{o.window.last}",
                     "slices": o.plan,
+                    "owed": [f"{a}..{b}" for a, b in owed_slices(o)],
                     "error": o.error,
                 }
                 for o in self.tables
@@ -53,6 +60,8 @@ class Explanation:
             "dbt_select": self.dbt_select,
             "dbt_models": self.dbt_models,
             "periods": self.periods,
+            "periods_from": self.periods_from,
+            "dbt_vars": self.dbt_vars,
         }
 
 
@@ -66,12 +75,29 @@ def read_slices(outcome: TableOutcome) -> list[tuple[date, date]]:
     return out
 
 
-def rebuild_periods(changed: list[tuple[date, date]]) -> dict[str, list[str]]:
-    """The dbt periods the changed slices may rebuild: those of their ISO weeks (the var
-    refresh_weeks' rule). The run passes dbt the days its slices changed (refresh_days), known
-    only once loaded, so it rebuilds these periods or fewer (a week across a month end whose
-    rows lie in one month rebuilds that month only)."""
-    return periods_to_rebuild(changed).to_dict()
+def owed_slices(outcome: TableOutcome) -> list[tuple[date, date]]:
+    """Slices an earlier run applied whose dbt build is still owed: the run rebuilds them too."""
+    read = set(read_slices(outcome))
+    return [s for s in outcome.changed_slices if s not in read]
+
+
+def rebuild_periods(
+    changed: list[TableOutcome], options: RefreshOptions
+) -> tuple[dict[str, list[str]], str, dict[str, Any]]:
+    """The dbt periods the run would rebuild for the `changed` tables, what decides them (see
+    Explanation.periods_from) and the run's vars, by the run's own rule
+    (flows.runbook.rebuild_vars): the periods of the days its loads would change (the days
+    holding rows in the raw table or in BigQuery of each slice it reads) and of every day of
+    the slices owed or without per-day figures; with a requested range, everything from its
+    start; with --full-refresh, everything."""
+    if options.full_refresh:
+        return {}, "everything", {}
+    dbt_vars = runbook.rebuild_vars(changed, options.explicit_range)
+    if "refresh_start_date" in dbt_vars:
+        return {}, f"from {dbt_vars['refresh_start_date']}", dbt_vars
+    days = [date.fromisoformat(d) for d in dbt_vars.get("refresh_days", [])]
+    exact = all(s in o.slice_days for o in changed for s in o.changed_slices)
+    return days_periods(days).to_dict(), "days" if exact else "slices", dbt_vars
 
 
 def dbt_models(settings: Settings, select: str) -> list[str]:
@@ -102,23 +128,32 @@ def explain(
     options = replace(params.options, dry_run=True, explain=True)
     out = Explanation()
     sources = runbook.dbt_sources(settings.dbt_project_dir)
-    changed_tables = []
+    changed = []
     for cfg in chosen:
         outcome = refresh_table(settings, clients, cfg, uuid4(), options)
         out.tables.append(outcome)
-        changed = read_slices(outcome)
-        if (
-            cfg.mode is Mode.LIVE
-            and cfg.table_name in sources
-            and any(s["change"] != "unchanged" for s in outcome.plan)
-        ):
-            changed_tables.append(cfg.table_name)
-            out.changed_slices += changed
-    if changed_tables:
-        out.dbt_select = " ".join(f"source:{DBT_SOURCE}.{t}+" for t in changed_tables)
+        # As the run decides (runbook.dbt_build_args): slices to read or owed, or a whole table
+        # replaced.
+        reads_whole = any(s["change"] != "unchanged" and s["slice"] == "full" for s in outcome.plan)
+        if cfg.mode is Mode.LIVE and cfg.table_name in sources and (outcome.changed_slices or reads_whole):
+            changed.append(outcome)
+            out.changed_slices += outcome.changed_slices
+    if changed:
+        out.dbt_select = " ".join(f"source:{DBT_SOURCE}.{o.table_name}+" for o in changed)
         out.dbt_models = dbt_models(settings, out.dbt_select)
-        out.periods = rebuild_periods(sorted(set(out.changed_slices)))
+        out.periods, out.periods_from, out.dbt_vars = rebuild_periods(changed, options)
     return out
+
+
+def day_ranges(days: list[date]) -> str:
+    """Sorted days as text, runs of consecutive days as `first..last`."""
+    runs: list[list[date]] = []
+    for d in sorted(set(days)):
+        if runs and (d - runs[-1][-1]).days == 1:
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
 
 
 def render(ex: Explanation) -> list[str]:
@@ -133,16 +168,35 @@ def render(ex: Explanation) -> list[str]:
             lines.append("  nothing to read")
         for s in o.plan:
             lines.append(f"  {s['slice']:<24} {s['change']:<9} {s['reason']}")
+        for a, b in owed_slices(o):
+            lines.append(
+                f"  {f'{a}..{b}':<24} {'owed':<9} applied by an earlier run whose dbt build did not succeed"
+            )
     if ex.dbt_select is None:
         lines.append("dbt: nothing to rebuild")
     else:
         lines.append(f"dbt build --select {ex.dbt_select}")
         lines.append(f"  models: {', '.join(ex.dbt_models) or '(none)'}")
-        if ex.periods is None:
-            slices = ", ".join(f"{a}..{b}" for a, b in sorted(set(ex.changed_slices)))
-            lines.append(f"  periods: those holding the changed slices {slices or '(whole tables)'}")
+        if ex.periods_from == "everything":
+            lines.append("  periods: every period (--full-refresh)")
+        elif ex.periods_from is not None and ex.periods_from.startswith("from "):
+            lines.append(
+                f"  periods: every period from the one holding {ex.periods_from[5:]} (a requested range)"
+            )
+        elif not ex.periods or not any(ex.periods.values()):
+            lines.append("  periods: none of the incremental models' (a whole table replaced)")
         else:
+            days = [date.fromisoformat(d) for d in (ex.dbt_vars or {}).get("refresh_days", [])]
+            lines.append(f"  days: {day_ranges(days) or '-'}")
             for kind, starts in ex.periods.items():
                 lines.append(f"  {kind}: {', '.join(starts) or '-'}")
-            lines.append("  (at most: the run rebuilds only the periods of the days its slices change)")
+            if ex.periods_from == "days":
+                lines.append(
+                    "  (the days holding rows in the raw table or in BigQuery of each slice to read: "
+                    "the days its load changes, if the source does not change before the run)"
+                )
+            else:
+                lines.append(
+                    "  (every day of the slices owed or without per-day figures, as the run counts them)"
+                )
     return lines

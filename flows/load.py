@@ -233,6 +233,23 @@ def cursor_day(cursor: ColumnMapping) -> sql.Composable | None:
     return None
 
 
+def days_in_slice(
+    conn: psycopg.Connection, schema: str, table: str, cursor: ColumnMapping, piece: Slice
+) -> set[date] | None:
+    """The distinct UTC days of the cursor values `schema.table` holds in `piece` (through the
+    cursor column's index), or None when the cursor is not a date or timestamp."""
+    day = cursor_day(cursor)
+    if day is None or piece.start is None or piece.end is None:
+        return None
+    rows = conn.execute(
+        sql.SQL("select distinct {d} from {t} where {c} >= %s and {c} < %s").format(
+            d=day, t=sql.Identifier(schema, table), c=sql.Identifier(cursor.name)
+        ),
+        (_cursor_bound(piece.start, cursor.pg_type), _cursor_bound(piece.end, cursor.pg_type)),
+    )
+    return {d for (d,) in rows}
+
+
 def _cursor_bound(value: date, cursor_pg_type: str) -> date | datetime:
     if cursor_pg_type == "date":
         return value
@@ -320,15 +337,9 @@ def apply_slice(
                 for rows, data in _encoded(itertools.chain([first], it), check):
                     copy.write(data)
                     inserted += rows
-        if days is not None and day is not None and inserted:
+        if days is not None and cursor is not None and inserted:
             # Through the cursor column's index, over this slice's new rows only.
-            days.update(
-                d
-                for (d,) in conn.execute(
-                    sql.SQL("select distinct {d} from {t} where {w}").format(d=day, t=target, w=in_slice),
-                    bounds,
-                )
-            )
+            days.update(days_in_slice(conn, schema, table, cursor, piece) or ())
         checkpoints.record(
             conn, control_schema, checkpoint_key or table, piece.start_ts, piece.end_ts, run_id, inserted
         )

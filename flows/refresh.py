@@ -20,7 +20,7 @@ from flows import change_detection, scale_out, validation, webhooks
 from flows.bigquery import BigQueryClients
 from flows.control import checkpoints, rebuilds, retries, runs, tables
 from flows.control.tables import SliceStatus, TableOutcome, TableStatus
-from flows.db import connect
+from flows.db import connect, relation_columns
 from flows.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
 from flows.extract import (
     ReadStats,
@@ -32,7 +32,7 @@ from flows.extract import (
     row_restriction,
     rows_per_day,
 )
-from flows.load import apply_slice, ensure_raw_table
+from flows.load import apply_slice, days_in_slice, ensure_raw_table
 from flows.planning import Slice, plan_slices, plan_window, resumable
 from flows.redact import error_text
 from flows.registry import Mode, TableConfig, WriteStrategy
@@ -239,6 +239,8 @@ def _refresh(
 
     if dry_run and detection is not None:
         outcome.plan = [d.to_dict() for d in detection.decisions]
+        if options.explain:
+            _predict_changes(settings, conn, cfg, schema, cursor_map, detection, run_id, outcome)
         return
     if dry_run:
         span = Slice(slices[0].start, slices[-1].end) if cursor_src and slices else None
@@ -323,17 +325,52 @@ def _refresh(
             outcome.rows_inserted += inserted
             outcome.rows_deleted += deleted
             runs.heartbeat(conn, settings.control_schema, run_id)
-    if cfg.mode is Mode.LIVE and cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
-        # Slices an earlier run applied without a successful dbt build after it (it failed, or
-        # the run died: also the slices a resumed attempt skips above) are rebuilt now.
-        owed = rebuilds.slices_awaiting_dbt(
-            conn, settings.control_schema, cfg.table_name, run_id, cfg.lookback_days
-        )
-        outcome.changed_slices.extend(s for s in owed if s not in outcome.changed_slices)
+    _add_owed_slices(settings, conn, cfg, run_id, outcome)
     if bad_slices:
         raise BadSourceValueError(
             f"{len(bad_slices)} slice(s) not loaded, the others were: " + " | ".join(bad_slices)
         )
+
+
+def _add_owed_slices(
+    settings: Settings, conn: psycopg.Connection, cfg: TableConfig, run_id: UUID, outcome: TableOutcome
+) -> None:
+    """Slices an earlier run applied without a successful dbt build after it (it failed, or the
+    run died: also the slices a resumed attempt skips) are rebuilt by this run's dbt too."""
+    if cfg.mode is Mode.LIVE and cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
+        owed = rebuilds.slices_awaiting_dbt(
+            conn, settings.control_schema, cfg.table_name, run_id, cfg.lookback_days
+        )
+        outcome.changed_slices.extend(s for s in owed if s not in outcome.changed_slices)
+
+
+def _predict_changes(
+    settings: Settings,
+    conn: psycopg.Connection,
+    cfg: TableConfig,
+    schema: str,
+    cursor: ColumnMapping | None,
+    detection: change_detection.Detection,
+    run_id: UUID,
+    outcome: TableOutcome,
+) -> None:
+    """For --explain, what a run would hand dbt (flows.runbook.rebuild_vars), without loading:
+    the slices it would apply, each with the days its load would change, and the slices owed
+    by earlier runs. A load deletes the slice's rows and inserts the source's, so it changes the
+    days holding rows in the raw table or in BigQuery (the fingerprint query's days); a slice
+    without those figures counts as every day of its range, as in the run."""
+    raw_exists = bool(relation_columns(conn, schema, cfg.table_name))
+    for decision in detection.decisions:
+        piece = decision.piece
+        if not decision.read or piece.start is None:
+            continue
+        dated = _dated(piece)
+        outcome.changed_slices.append(dated)
+        source = detection.source_days.get(piece.start)
+        raw = days_in_slice(conn, schema, cfg.table_name, cursor, piece) if cursor and raw_exists else set()
+        if source is not None and raw is not None:
+            outcome.slice_days[dated] = sorted(raw.union(source))
+    _add_owed_slices(settings, conn, cfg, run_id, outcome)
 
 
 def _dated(piece: Slice) -> tuple[date, date]:

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from flows import change_detection, refresh, validation
+from flows import change_detection, refresh, runbook, validation
 from flows.bigquery import BigQueryClients, make_clients
 from flows.cli import app
 from flows.control import registry
@@ -258,6 +258,11 @@ def test_explain_names_the_slices_and_writes_nothing(env: Env) -> None:
     assert "search_query_performance" in ex.dbt_models
     lines = render(ex)
     assert any(slice_of(DELETED) in line and "changed" in line for line in lines)
+    # The days its load will change: the slice's rows, in Postgres and in BigQuery, all lie on
+    # its Sunday (not every day of its ISO week).
+    [outcome] = ex.tables
+    deleted_slice = (DELETED - timedelta(days=6), DELETED + timedelta(days=1))
+    assert outcome.slice_days[deleted_slice] == [DELETED]
     print("\n".join(lines))
 
     # The command: the same report.
@@ -269,6 +274,13 @@ def test_explain_names_the_slices_and_writes_nothing(env: Env) -> None:
 
     full = explain(env.settings, env.clients, RunParams(tables=[TABLE], full_refresh=True), datetime.now(UTC))
     assert {p["change"] for p in full.tables[0].plan} == {"reload"} and len(full.tables[0].plan) == 13
+    assert full.periods_from == "everything"
+
+    # The run then hands dbt exactly the days and slices explained (here with the slices that
+    # earlier tests applied without a dbt build: owed, every day of each).
+    ran, _ = env.run()
+    assert ex.dbt_vars is not None and runbook.rebuild_vars([ran], False) == ex.dbt_vars
+    assert sorted(ran.changed_slices) == sorted(outcome.changed_slices)
 
 
 def test_a_row_changed_between_fingerprint_and_read_is_not_claimed(
