@@ -208,12 +208,12 @@ class BigQueryClients:
 
         The emulator (bqemulator 1.4) runs a SELECT's dry run in full to learn its result
         schema, then reports 0 bytes: a dry run cost as much as the query itself. BigQuery
-        plans it without reading anything. Against the emulator alone the dry run gets
-        `limit 0`, which keeps its check of the query (names, types, syntax) and skips the
-        execution; on BigQuery a LIMIT would not change the estimate anyway.
+        plans it without reading anything. Against the emulator alone the dry run is of
+        `select * from (<query>) limit 0`, which keeps its check of the query (names, types,
+        syntax) and skips the execution; on BigQuery a LIMIT would not change the estimate.
         """
         if self.settings.uses_emulator:
-            query = f"{query} limit 0"
+            query = "select * from (\n" + query.strip().rstrip(";") + "\n) limit 0"
         try:
             job = self.rest.query(
                 query,

@@ -19,6 +19,7 @@ from uuid import uuid4
 from flows import runbook
 from flows.bigquery import BigQueryClients
 from flows.control import registry
+from flows.control.tables import TableStatus
 from flows.db import connect
 from flows.periods import days_periods
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
@@ -39,7 +40,8 @@ class Explanation:
     changed_slices: list[tuple[date, date]] = field(default_factory=list)
     # What decides the periods: "days" (those the loads would change, refresh_days), "slices"
     # (a slice without known days: each of its days), "from <date>" (a requested range:
-    # refresh_start_date) or "everything" (--full-refresh).
+    # refresh_start_date), "lookback" (no var: only tables replaced whole changed) or
+    # "everything" (--full-refresh).
     periods_from: str | None = None
     # The vars the run's `dbt build` would get that say what to rebuild (runbook.rebuild_vars).
     dbt_vars: dict[str, Any] | None = None
@@ -95,6 +97,8 @@ def rebuild_periods(
     dbt_vars = runbook.rebuild_vars(changed, options.explicit_range)
     if "refresh_start_date" in dbt_vars:
         return {}, f"from {dbt_vars['refresh_start_date']}", dbt_vars
+    if not dbt_vars:
+        return {}, "lookback", dbt_vars
     days = [date.fromisoformat(d) for d in dbt_vars.get("refresh_days", [])]
     exact = all(s in o.slice_days for o in changed for s in o.changed_slices)
     return days_periods(days).to_dict(), "days" if exact else "slices", dbt_vars
@@ -132,10 +136,14 @@ def explain(
     for cfg in chosen:
         outcome = refresh_table(settings, clients, cfg, uuid4(), options)
         out.tables.append(outcome)
-        # As the run decides (runbook.dbt_build_args): slices to read or owed, or a whole table
-        # replaced.
-        reads_whole = any(s["change"] != "unchanged" and s["slice"] == "full" for s in outcome.plan)
-        if cfg.mode is Mode.LIVE and cfg.table_name in sources and (outcome.changed_slices or reads_whole):
+        # As the run decides (runbook.dbt_build_args): slices to read or owed, or a table
+        # without a window (replaced whole).
+        if (
+            outcome.status == TableStatus.PLANNED
+            and cfg.mode is Mode.LIVE
+            and cfg.table_name in sources
+            and (outcome.changed_slices or outcome.window is None)
+        ):
             changed.append(outcome)
             out.changed_slices += outcome.changed_slices
     if changed:
@@ -183,8 +191,13 @@ def render(ex: Explanation) -> list[str]:
             lines.append(
                 f"  periods: every period from the one holding {ex.periods_from[5:]} (a requested range)"
             )
+        elif ex.periods_from == "lookback":
+            lines.append(
+                "  periods: each incremental model's lookback from its newest period "
+                "(only tables replaced whole changed: no var)"
+            )
         elif not ex.periods or not any(ex.periods.values()):
-            lines.append("  periods: none of the incremental models' (a whole table replaced)")
+            lines.append("  periods: none (the slices to read hold no rows, in Postgres or in BigQuery)")
         else:
             days = [date.fromisoformat(d) for d in (ex.dbt_vars or {}).get("refresh_days", [])]
             lines.append(f"  days: {day_ranges(days) or '-'}")
@@ -197,6 +210,6 @@ def render(ex: Explanation) -> list[str]:
                 )
             else:
                 lines.append(
-                    "  (every day of the slices owed or without per-day figures, as the run counts them)"
+                    "  (an owed slice, or one whose cursor is not a date: every day of it, as in the run)"
                 )
     return lines

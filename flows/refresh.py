@@ -240,7 +240,9 @@ def _refresh(
     if dry_run and detection is not None:
         outcome.plan = [d.to_dict() for d in detection.decisions]
         if options.explain:
-            _predict_changes(settings, conn, cfg, schema, cursor_map, detection, run_id, outcome)
+            _predict_changes(
+                settings, clients, conn, cfg, schema, cursor_map, cursor_src, detection, run_id, outcome
+            )
         return
     if dry_run:
         span = Slice(slices[0].start, slices[-1].end) if cursor_src and slices else None
@@ -346,10 +348,12 @@ def _add_owed_slices(
 
 def _predict_changes(
     settings: Settings,
+    clients: BigQueryClients,
     conn: psycopg.Connection,
     cfg: TableConfig,
     schema: str,
     cursor: ColumnMapping | None,
+    cursor_src: SourceColumn | None,
     detection: change_detection.Detection,
     run_id: UUID,
     outcome: TableOutcome,
@@ -357,19 +361,26 @@ def _predict_changes(
     """For --explain, what a run would hand dbt (flows.runbook.rebuild_vars), without loading:
     the slices it would apply, each with the days its load would change, and the slices owed
     by earlier runs. A load deletes the slice's rows and inserts the source's, so it changes the
-    days holding rows in the raw table or in BigQuery (the fingerprint query's days); a slice
-    without those figures counts as every day of its range, as in the run."""
-    raw_exists = bool(relation_columns(conn, schema, cfg.table_name))
-    for decision in detection.decisions:
-        piece = decision.piece
-        if not decision.read or piece.start is None:
-            continue
-        dated = _dated(piece)
-        outcome.changed_slices.append(dated)
-        source = detection.source_days.get(piece.start)
-        raw = days_in_slice(conn, schema, cfg.table_name, cursor, piece) if cursor and raw_exists else set()
-        if source is not None and raw is not None:
-            outcome.slice_days[dated] = sorted(raw.union(source))
+    days holding rows in the raw table or in BigQuery: the fingerprint query's days where it
+    covered the slice, else one count per day of the others' span (as the dry run's plan)."""
+    read = [d.piece for d in detection.decisions if d.read and d.piece.start is not None]
+    outcome.changed_slices.extend(_dated(p) for p in read)
+    if cursor is not None and cursor_src is not None and read:
+        unknown = [p for p in read if p.start not in detection.source_days]
+        counted: dict[date | None, int] = {}
+        if unknown:
+            counted = rows_per_day(clients, cfg, cursor_src, Slice(unknown[0].start, unknown[-1].end))
+        raw_exists = bool(relation_columns(conn, schema, cfg.table_name))
+        for piece in read:
+            assert piece.start is not None and piece.end is not None
+            source = detection.source_days.get(piece.start)
+            if source is None:
+                source = [
+                    d for d, n in counted.items() if d is not None and piece.start <= d < piece.end and n
+                ]
+            raw = days_in_slice(conn, schema, cfg.table_name, cursor, piece) if raw_exists else set()
+            if raw is not None:
+                outcome.slice_days[_dated(piece)] = sorted(raw.union(source))
     _add_owed_slices(settings, conn, cfg, run_id, outcome)
 
 
