@@ -282,6 +282,20 @@ def test_explain_names_the_slices_and_writes_nothing(env: Env) -> None:
     assert ex.dbt_vars is not None and runbook.rebuild_vars([ran], False) == ex.dbt_vars
     assert sorted(ran.changed_slices) == sorted(outcome.changed_slices)
 
+    # Detection off: no fingerprint query, every slice read; its days come from one count per
+    # day in BigQuery (and the raw table's): each ISO-week slice's rows lie on its Sunday.
+    with env.pg() as conn:
+        registry.update(conn, "fp_control", TABLE, {"change_detection": "off"})
+    try:
+        off = explain(env.settings, env.clients, RunParams(tables=[TABLE]), datetime.now(UTC))
+    finally:
+        with env.pg() as conn:
+            registry.update(conn, "fp_control", TABLE, {"change_detection": ChangeDetection.CHECKSUM.value})
+    [read_all] = off.tables
+    assert {p["change"] for p in read_all.plan} == {"reload"}
+    assert len(read_all.slice_days) == len(read_all.plan) == 6
+    assert all(days == [start + timedelta(days=6)] for (start, _), days in read_all.slice_days.items())
+
 
 def test_a_row_changed_between_fingerprint_and_read_is_not_claimed(
     env: Env, monkeypatch: pytest.MonkeyPatch
