@@ -136,13 +136,13 @@ def explain(
     for cfg in chosen:
         outcome = refresh_table(settings, clients, cfg, uuid4(), options)
         out.tables.append(outcome)
-        # As the run decides (runbook.dbt_build_args): slices to read or owed, or a table
-        # without a window (replaced whole).
+        # As the run decides (runbook.dbt_build_args): slices to read or owed, or a whole table
+        # to read or owed.
         if (
             outcome.status == TableStatus.PLANNED
             and cfg.mode is Mode.LIVE
             and cfg.table_name in sources
-            and (outcome.changed_slices or outcome.window is None)
+            and (outcome.changed_slices or outcome.replaced_whole)
         ):
             changed.append(outcome)
             out.changed_slices += outcome.changed_slices

@@ -318,7 +318,9 @@ def _refresh(
                 )
                 raise
             outcome.slices_done += 1
-            if piece.start is not None:
+            if piece.start is None:
+                outcome.replaced_whole = True
+            else:
                 outcome.changed_slices.append(_dated(piece))
                 if days is not None:
                     outcome.slice_days[_dated(piece)] = days
@@ -338,12 +340,19 @@ def _add_owed_slices(
     settings: Settings, conn: psycopg.Connection, cfg: TableConfig, run_id: UUID, outcome: TableOutcome
 ) -> None:
     """Slices an earlier run applied without a successful dbt build after it (it failed, or the
-    run died: also the slices a resumed attempt skips) are rebuilt by this run's dbt too."""
-    if cfg.mode is Mode.LIVE and cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
+    run died: also the slices a resumed attempt skips) are rebuilt by this run's dbt too; so is
+    a whole table loaded so."""
+    if cfg.mode is not Mode.LIVE:
+        return
+    if cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
         owed = rebuilds.slices_awaiting_dbt(
             conn, settings.control_schema, cfg.table_name, run_id, cfg.lookback_days
         )
         outcome.changed_slices.extend(s for s in owed if s not in outcome.changed_slices)
+    elif not outcome.replaced_whole:
+        outcome.replaced_whole = rebuilds.whole_table_awaiting_dbt(
+            conn, settings.control_schema, cfg.table_name, run_id, cfg.lookback_days
+        )
 
 
 def _predict_changes(
@@ -363,6 +372,7 @@ def _predict_changes(
     by earlier runs. A load deletes the slice's rows and inserts the source's, so it changes the
     days holding rows in the raw table or in BigQuery: the fingerprint query's days where it
     covered the slice, else one count per day of the others' span (as the dry run's plan)."""
+    outcome.replaced_whole = any(d.read and d.piece.start is None for d in detection.decisions)
     read = [d.piece for d in detection.decisions if d.read and d.piece.start is not None]
     outcome.changed_slices.extend(_dated(p) for p in read)
     if cursor is not None and cursor_src is not None and read:

@@ -254,9 +254,11 @@ def dbt_build_args(
 ) -> list[str] | None:
     """`dbt build` of what is downstream of the live dbt sources this run changed (None: nothing).
 
-    A table changed when it applied a slice (TableOutcome.changed_slices) or was replaced whole
-    (no window). Tables without a dbt source (registered later, not modelled yet) change no
-    model. The incremental models rebuild:
+    A table changed when it applied a slice or owes one a rebuild (TableOutcome.changed_slices),
+    or was replaced whole, now or by a run whose dbt build did not succeed
+    (TableOutcome.replaced_whole); a table found unchanged changes nothing. Tables without a
+    dbt source (registered later, not modelled yet) change no model. The incremental models
+    rebuild:
     - a daily run: the periods of the changed days only (var refresh_days, flows.periods);
     - a requested date range (backfill): everything from its start (var refresh_start_date);
     - --full-refresh: everything.
@@ -266,7 +268,7 @@ def dbt_build_args(
     changed = [
         o
         for o in outcomes
-        if o.changed_live_data and o.table_name in sources and (o.changed_slices or o.window is None)
+        if o.changed_live_data and o.table_name in sources and (o.changed_slices or o.replaced_whole)
     ]
     if not changed:
         return None

@@ -8,7 +8,7 @@ unchanged and skips it. The run adds these slices to its own (TableOutcome.chang
 
 from __future__ import annotations
 
-from datetime import UTC, date
+from datetime import UTC, date, datetime
 from uuid import UUID
 
 import psycopg
@@ -22,13 +22,31 @@ def slices_awaiting_dbt(
     `run_id` with no successful dbt build of a refresh run after them that selected the table
     (the flow's selector `source:<dbt source>.<table>+`, see flows.runbook.dbt_build_args) or
     was a --full-refresh."""
+    rows = _awaiting(conn, schema, table, run_id, within_days, whole_table=False)
+    return [(start.astimezone(UTC).date(), end.astimezone(UTC).date()) for start, end in rows]
+
+
+def whole_table_awaiting_dbt(
+    conn: psycopg.Connection, schema: str, table: str, run_id: UUID, within_days: int
+) -> bool:
+    """Whether a whole-table load of `table` (full_replace) in the last `within_days` days by
+    another run than `run_id` still waits for a successful dbt build, as above. A run that
+    finds the table unchanged rebuilds its models only then."""
+    return bool(_awaiting(conn, schema, table, run_id, within_days, whole_table=True))
+
+
+def _awaiting(
+    conn: psycopg.Connection, schema: str, table: str, run_id: UUID, within_days: int, *, whole_table: bool
+) -> list[tuple[datetime, datetime]]:
     # `_` is a LIKE wildcard; `.` before and `+` after the name keep other tables' selectors out.
     selector = "%source:%." + table.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "+%"
+    # A whole-table load is recorded as the slice starting 0001-01-01 (flows.planning.Slice).
+    kind = sql.SQL("s.slice_start <= '0001-01-02'" if whole_table else "s.slice_start > '0001-01-02'")
     rows = conn.execute(
         sql.SQL(
             "select distinct s.slice_start, s.slice_end from {sr} s "
             "where s.table_name = %s and s.status = 'success' and s.run_id <> %s "
-            "and s.slice_start > '0001-01-02' "
+            "and {kind} "
             "and s.finished_at > now() - make_interval(days => %s) "
             "and not exists (select 1 from {inv} i join {runs} r on r.dbt_invocation_id = i.invocation_id "
             "  where i.success and i.started_at >= s.finished_at "
@@ -38,7 +56,8 @@ def slices_awaiting_dbt(
             sr=sql.Identifier(schema, "slice_refreshes"),
             inv=sql.Identifier(schema, "dbt_invocations"),
             runs=sql.Identifier(schema, "refresh_runs"),
+            kind=kind,
         ),
         (table, run_id, within_days, selector),
     ).fetchall()
-    return [(start.astimezone(UTC).date(), end.astimezone(UTC).date()) for start, end in rows]
+    return [(start, end) for start, end in rows]

@@ -66,6 +66,10 @@ class TableOutcome:
     # without a successful dbt build since (flows.control.rebuilds): what dbt must rebuild
     # (flows.periods). A full_replace table has none.
     changed_slices: list[tuple[date, date]] = field(default_factory=list)
+    # A whole table (full_replace) this run loaded, or one an earlier run loaded without a
+    # successful dbt build since: dbt rebuilds what is downstream of it. A whole table found
+    # unchanged and owed nothing changes no model.
+    replaced_whole: bool = False
     # The days each slice applied in this run changed (flows.load.SliceResult.days), for those
     # known: dbt rebuilds the periods of these days only. A changed slice missing here (owed by
     # an earlier run, or its days unknown) counts as every day of its range.

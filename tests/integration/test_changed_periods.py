@@ -25,7 +25,7 @@ import pytest
 from flows import runbook
 from flows.bigquery import BigQueryClients
 from flows.control import rebuilds, registry
-from flows.demo.sample_data import SQP_TABLE
+from flows.demo.sample_data import PRODUCTS_TABLE, SQP_TABLE
 from flows.periods import periods_to_rebuild
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.settings import Settings
@@ -148,6 +148,42 @@ def test_slices_without_a_successful_dbt_build_are_rebuilt_by_the_next_run(
     assert _full_refresh()["status"] == "success"
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         assert rebuilds.slices_awaiting_dbt(conn, settings.control_schema, SQP_TABLE, uuid4(), 60) == []
+
+
+def test_a_whole_table_changes_models_only_when_loaded_or_owed(
+    refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients
+) -> None:
+    """The catalog (full_replace) selects its models when this run loads it, or when a load of
+    it still waits for a successful dbt build; found unchanged and owed nothing, it does not."""
+    assert refreshed["status"] == "success", refreshed["message"]
+    sources = runbook.dbt_sources(settings.dbt_project_dir)
+
+    def refresh_products(options: RefreshOptions) -> TableOutcome:
+        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+            cfg = registry.get(conn, settings.control_schema, PRODUCTS_TABLE)
+        with locked_run(settings) as run_id:
+            outcome = refresh_table(settings, clients, cfg, run_id, options)
+        assert outcome.status == "success", outcome.error
+        return outcome
+
+    # The session's refresh built dbt after loading it: unchanged now, nothing to rebuild.
+    quiet = refresh_products(RefreshOptions())
+    assert quiet.slices_done == 0 and not quiet.replaced_whole
+    assert runbook.dbt_build_args([quiet], False, sources) is None
+    # Loaded again by a run that never builds dbt (here: none ran)...
+    loaded = refresh_products(RefreshOptions(full_refresh=True))
+    assert loaded.slices_done == 1 and loaded.replaced_whole
+    # ...the next run finds it unchanged but owes its models a rebuild.
+    owed = refresh_products(RefreshOptions())
+    assert owed.slices_done == 0 and owed.replaced_whole
+    args = runbook.dbt_build_args([owed], False, sources)
+    assert args is not None and args[2].startswith(f"source:sqp.{PRODUCTS_TABLE}+") and args[4] == "{}"
+    # A successful build of its selection settles it.
+    from flows.daily_refresh import daily_refresh
+
+    settled = daily_refresh(tables=[PRODUCTS_TABLE], trigger="test")
+    assert settled["status"] == "success" and settled["dbt_invocation_id"] is not None, settled
+    assert not refresh_products(RefreshOptions()).replaced_whole
 
 
 def _invocations(pg: psycopg.Connection, model: str, column: str) -> dict[date, set[str]]:

@@ -152,6 +152,10 @@ def test_second_run_duplicates_nothing(
         (second["run_id"], SQP_TABLE),
     )
     assert 0 < unchanged < SPEC.weeks  # only the lookback window
+    # Every table unchanged, the whole-table products included, and no rebuild owed (the first
+    # run's dbt build succeeded): dbt is not run at all.
+    assert all(t["slices"] == 0 for t in second["tables"]), second["tables"]
+    assert first_run["dbt_invocation_id"] is not None and second["dbt_invocation_id"] is None, second
     assert pg_scalar(pg, "select count(*) from raw.search_query_performance") == before
     dupes = pg_scalar(
         pg,

@@ -106,12 +106,13 @@ def test_dbt_sources_are_read_from_the_project() -> None:
 
 
 def test_dbt_builds_downstream_of_changed_live_sources_only() -> None:
-    sources = {"sqp", "products", "quiet"}
+    sources = {"sqp", "products", "quiet", "catalog"}
     window = Window(date(2026, 9, 7), date(2026, 11, 22), "lookback")
     outcomes = [
         outcome("sqp", window=window, changed_slices=[(date(2026, 11, 16), date(2026, 11, 23))]),
-        outcome("products"),
+        outcome("products", replaced_whole=True),
         outcome("quiet", window=window),  # every slice unchanged: nothing applied
+        outcome("catalog"),  # a whole table found unchanged, no rebuild owed
         outcome("shadowed", mode="shadow"),
         outcome("not_modelled"),
         outcome("broken", status="failed", error="boom"),
@@ -128,6 +129,14 @@ def test_dbt_builds_downstream_of_changed_live_sources_only() -> None:
         is None
     )
     assert runbook.dbt_build_args([outcome("quiet", window=window)], False, sources) is None
+    assert runbook.dbt_build_args([outcome("catalog")], False, sources) is None
+    # Only a whole table changed: no var (each model's lookback from its newest period).
+    only_whole = runbook.dbt_build_args([outcome("products", replaced_whole=True)], False, sources)
+    assert only_whole is not None and only_whole[2:5] == [
+        "source:sqp.products+ source:refresh_control+",
+        "--vars",
+        "{}",
+    ]
 
 
 def test_dbt_rebuilds_the_changed_weeks_or_from_a_requested_start() -> None:
@@ -151,7 +160,7 @@ def test_dbt_rebuilds_the_changed_weeks_or_from_a_requested_start() -> None:
     backfill = runbook.dbt_build_args(outcomes, False, sources, explicit_range=True)
     assert backfill is not None and json.loads(backfill[4]) == {"refresh_start_date": "2026-09-07"}
     # only a full_replace table changed: the models' own lookback
-    only_products = runbook.dbt_build_args([outcome("products")], False, {"products"})
+    only_products = runbook.dbt_build_args([outcome("products", replaced_whole=True)], False, {"products"})
     assert only_products is not None and only_products[4] == "{}"
 
 
