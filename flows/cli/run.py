@@ -233,10 +233,13 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
                 f"  plan {t['table']} {p['slice']}: {p.get('estimated_rows', '?')} rows, "
                 f"~{p['estimated_bytes']} bytes"
             )
-    out.print(
-        f"dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
-        f"{len(summary['dbt_failed'])} failed, {len(summary['dbt_skipped'])} skipped"
-    )
+    if summary["dbt_invocation_id"] is None and not summary["dry_run"] and summary["status"] == "success":
+        out.print("dbt: not run: nothing it models changed and no rebuild was owed")
+    else:
+        out.print(
+            f"dbt: {summary['dbt_models_built']} models built, {summary['dbt_nodes']} nodes run, "
+            f"{len(summary['dbt_failed'])} failed, {len(summary['dbt_skipped'])} skipped"
+        )
     for label, nodes in (("failed", summary["dbt_failed"]), ("skipped", summary["dbt_skipped"])):
         if nodes:
             out.print(f"  [red]dbt {label}[/]: {', '.join(nodes)}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from flows.cli.run import DbtLogProgress, _DbtLogTail
 
 ESC = "\x1b"
@@ -58,3 +60,16 @@ def test_the_log_is_read_from_where_the_run_started_and_again_after_rotation(tmp
     assert "stg_sqp__products" in tail.poll().describe()
     log.write_text(LOG[0] + "\n")  # rotated: a new, shorter file
     assert tail.poll().total == 0
+
+
+def test_a_run_that_needed_no_dbt_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    from flows import runbook
+    from flows.cli.run import _print_summary
+    from flows.settings import Settings
+
+    quiet = runbook.RunSummary("r1", runbook.RunStatus.SUCCESS, "3 table(s) refreshed").to_dict()
+    _print_summary(quiet, Settings(), 1.0)
+    assert "dbt: not run: nothing it models changed and no rebuild was owed" in capsys.readouterr().out
+    built = {**quiet, "dbt_invocation_id": "inv", "dbt_models_built": 18, "dbt_nodes": 154}
+    _print_summary(built, Settings(), 1.0)
+    assert "dbt: 18 models built, 154 nodes run, 0 failed, 0 skipped" in capsys.readouterr().out
