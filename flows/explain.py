@@ -37,7 +37,6 @@ class Explanation:
     dbt_models: list[str] = field(default_factory=list)
     # The periods dbt rebuilds (flows.periods); None when no table was explained.
     periods: dict[str, list[str]] | None = None
-    changed_slices: list[tuple[date, date]] = field(default_factory=list)
     # What decides the periods: "days" (those the loads would change, refresh_days), "slices"
     # (a slice without known days: each of its days), "from <date>" (a requested range:
     # refresh_start_date), "lookback" (no var: only tables replaced whole changed) or
@@ -145,7 +144,6 @@ def explain(
             and (outcome.changed_slices or outcome.replaced_whole)
         ):
             changed.append(outcome)
-            out.changed_slices += outcome.changed_slices
     if changed:
         out.dbt_select = " ".join(f"source:{DBT_SOURCE}.{o.table_name}+" for o in changed)
         out.dbt_models = dbt_models(settings, out.dbt_select)

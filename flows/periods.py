@@ -6,8 +6,9 @@ the range of a slice whose days are unknown); each incremental model and summary
 those days (weekly and daily data: a row's period column is its cursor day) or the months,
 quarters and years containing them (macros/incremental_periods.sql, refresh_ranges: the same
 rule as here). So a week across a month end whose rows all lie in December rebuilds December
-only. The var `refresh_weeks` (ISO weeks, Monday starts; by hand, benches, and --explain, which
-cannot know the days without loading) rebuilds every month, quarter and year overlapping them.
+only. `refresh run --explain` predicts the same days without loading (flows.refresh,
+_predict_changes). The var `refresh_weeks` (ISO weeks, Monday starts; by hand and benches)
+rebuilds every month, quarter and year overlapping them (periods_to_rebuild).
 """
 
 from __future__ import annotations
