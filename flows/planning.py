@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from croniter import croniter
+
+from flows.errors import ConfigError
 from flows.registry import SliceSize, TableConfig, WriteStrategy
 
 
@@ -133,24 +137,56 @@ def is_due(cfg: TableConfig, anchor: datetime, *, scheduled: bool) -> bool:
     return cfg.next_refresh_at <= anchor + (due_tolerance(cfg) if scheduled else timedelta(0))
 
 
-def next_due(cfg: TableConfig, anchor: datetime, *, scheduled: bool) -> datetime:
+@dataclass(frozen=True)
+class RefreshSchedule:
+    """The daily flow's cron (REFRESH_SCHEDULE_CRON) in its time zone (REFRESH_SCHEDULE_TIMEZONE):
+    the grid due times fall on."""
+
+    cron: str
+    timezone: str
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ConfigError(
+                f"REFRESH_SCHEDULE_TIMEZONE {self.timezone!r} is not an IANA time zone (e.g. 'Europe/Berlin')"
+            ) from None
+        if not croniter.is_valid(self.cron):
+            raise ConfigError(
+                f"REFRESH_SCHEDULE_CRON {self.cron!r} is not a cron expression (5 fields, e.g. '0 2 * * *')"
+            )
+
+    def slot(self, at: datetime) -> datetime:
+        """The schedule's latest tick at or before `at` (the slot a run at `at` belongs to)."""
+        local = at.astimezone(ZoneInfo(self.timezone))
+        tick: datetime = croniter(self.cron, local + timedelta(microseconds=1)).get_prev(datetime)
+        return tick
+
+    def plus(self, start: datetime, hours: int) -> datetime:
+        """`start` plus `hours` on the schedule's wall clock (a daily 03:00 Berlin stays 03:00
+        across daylight saving time), in UTC."""
+        local = start.astimezone(ZoneInfo(self.timezone))
+        return (local + timedelta(hours=hours)).astimezone(UTC)
+
+
+def next_due(cfg: TableConfig, anchor: datetime, *, scheduled: bool, schedule: RefreshSchedule) -> datetime:
     """The table's next due time after a successful refresh by a run anchored at `anchor`.
 
-    - a scheduled run: anchor (its scheduled start) + frequency, whatever the run's duration;
-    - any other run (manual, API, backfill, forced) keeps the schedule's cadence and never
-      moves the due time later: a due time still ahead, or passed by less than the tolerance
-      (a scheduled run about to start still takes it), is kept; one passed longer ago (the
-      schedule missed it) advances by whole frequencies to the first such time; a table never
-      refreshed before becomes due at the anchor (the next run, normally the scheduled one,
-      sets its cadence).
+    One rule for every run (scheduled, manual, API, backfill, forced): the run counts for a
+    slot of the schedule (a scheduled run: its own anchor; any other run: the schedule's latest
+    tick at or before its anchor), and the table is next due at the first of slot + n x frequency
+    (n >= 1, on the schedule's wall clock) after the anchor; a due time this run did not reach
+    (the table was not due for it: named or forced early) is kept when earlier. So a due time is
+    never in the past after a success, and a manual run at 14:00 leaves a daily table due at the
+    next 02:00, as the schedule would have.
     """
-    every = timedelta(hours=cfg.refresh_frequency_hours)
-    if scheduled:
-        return anchor + every
-    due = cfg.next_refresh_at
-    if due is None:
-        return anchor
-    limit = anchor - due_tolerance(cfg)
-    if due > limit:
-        return due
-    return due + ((limit - due) // every + 1) * every
+    slot = anchor if scheduled else schedule.slot(anchor)
+    n = 1
+    due = schedule.plus(slot, cfg.refresh_frequency_hours)
+    while due <= anchor:
+        n += 1
+        due = schedule.plus(slot, n * cfg.refresh_frequency_hours)
+    if cfg.next_refresh_at is not None and not is_due(cfg, anchor, scheduled=scheduled):
+        due = min(due, cfg.next_refresh_at)
+    return due

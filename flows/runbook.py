@@ -26,7 +26,7 @@ from flows.errors import ConfigError
 from flows.extract import list_source_tables
 from flows.identifiers import validate_pg_identifier
 from flows.periods import changed_days
-from flows.planning import is_due, next_due
+from flows.planning import RefreshSchedule, is_due, next_due
 from flows.redact import error_text
 from flows.refresh import RefreshOptions
 from flows.registry import Mode, TableConfig, load_file
@@ -181,6 +181,7 @@ def plan_tables(
     registers new source tables; they start in dry_run mode, so they are planned but write
     nothing.
     """
+    schedule(settings)  # a bad schedule fails here, before anything is written
     configs = prepare(settings)
     chosen = select_tables(configs, params.tables, force=params.force, now=now, scheduled=params.scheduled)
     if params.tables or params.dry_run:
@@ -197,6 +198,11 @@ def run_anchor(scheduled_start: datetime | None, started: datetime) -> datetime:
     return (scheduled_start or started).astimezone(UTC)
 
 
+def schedule(settings: Settings) -> RefreshSchedule:
+    """The schedule due times follow (ConfigError naming the setting when it is bad)."""
+    return RefreshSchedule(settings.schedule_cron, settings.schedule_timezone)
+
+
 def advance_due_times(
     conn: psycopg.Connection,
     settings: Settings,
@@ -209,8 +215,9 @@ def advance_due_times(
     """Each table this run refreshed successfully gets its next due time (flows.planning.next_due);
     a failed or only planned table stays due. Returns the new due times."""
     by_name = {c.table_name: c for c in chosen}
+    grid = schedule(settings)
     due = {
-        o.table_name: next_due(by_name[o.table_name], anchor, scheduled=scheduled)
+        o.table_name: next_due(by_name[o.table_name], anchor, scheduled=scheduled, schedule=grid)
         for o in outcomes
         if o.status == TableStatus.SUCCESS and o.table_name in by_name
     }

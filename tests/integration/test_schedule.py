@@ -19,6 +19,7 @@ import pytest
 from flows import runbook
 from flows.bigquery import make_clients
 from flows.demo.sample_data import SampleSpec, generate
+from flows.errors import ConfigError
 from flows.refresh import TableOutcome
 from flows.settings import Settings, get_settings
 
@@ -145,3 +146,35 @@ def test_a_fresh_install_refreshes_every_registered_table_on_its_first_run(
     assert file_tables <= {c.table_name for c in chosen}
     # the source tables nobody registered are registered (dry_run) and planned too
     assert {"search_query_performance", "products", "daily_search_terms"} <= {c.table_name for c in chosen}
+
+
+def test_manual_runs_on_a_fresh_install_leave_each_table_due_at_its_next_scheduled_time(
+    stack: object, tmp_path: Path
+) -> None:
+    """`make run` twice in the afternoon: every table is next due at a time still ahead, on the
+    02:00 schedule (never the first run's time, in the past, beside a later last success), and
+    the 02:00 run refreshes exactly the tables whose cadence falls on it."""
+    settings = _settings(tmp_path, "sched_fresh")
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        sim = Simulation(settings, conn)
+        first = START + timedelta(hours=12, minutes=3)
+        assert sim.run(first, scheduled=False) == set(FREQUENCY_H)
+        second = first + timedelta(minutes=1)
+        assert sim.run(second, scheduled=False, force=True) == set(FREQUENCY_H)
+        due = dict(
+            conn.execute("select table_name, next_refresh_at from sched_fresh.refresh_config").fetchall()
+        )
+        assert all(when > second for when in due.values()), due
+        assert due == {
+            "daily_a": START + timedelta(days=1),
+            "daily_b": START + timedelta(days=1),
+            "half_day": START + timedelta(days=1),
+            "six_hourly": START + timedelta(hours=18),
+        }
+        assert sim.run(START + timedelta(days=1), scheduled=True) == set(FREQUENCY_H)
+
+
+def test_a_bad_schedule_fails_before_a_run_changes_anything(stack: object, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, "sched_bad", schedule_cron="at two")
+    with pytest.raises(ConfigError, match="REFRESH_SCHEDULE_CRON"):
+        runbook.plan_tables(settings, None, runbook.validate_params(), now=START)  # type: ignore[arg-type]

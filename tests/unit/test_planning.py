@@ -1,7 +1,11 @@
 import itertools
 from datetime import UTC, date, datetime, timedelta
 
+import pytest
+
+from flows.errors import ConfigError
 from flows.planning import (
+    RefreshSchedule,
     Slice,
     due_tolerance,
     is_due,
@@ -77,6 +81,7 @@ def test_resume_skips_committed_slices() -> None:
 # --- due times --------------------------------------------------------------------------------
 
 T = datetime(2026, 3, 2, 2, 0, tzinfo=UTC)
+DAILY = RefreshSchedule("0 2 * * *", "UTC")  # the default schedule; T is one of its ticks
 
 
 def due_cfg(next_refresh_at: datetime | None, hours: int = 24) -> TableConfig:
@@ -97,18 +102,86 @@ def test_scheduled_runs_take_tables_due_within_the_tolerance() -> None:
 
 
 def test_a_scheduled_run_sets_the_next_due_time_from_its_anchor_not_its_end() -> None:
-    assert next_due(due_cfg(T), T, scheduled=True) == T + timedelta(hours=24)
-    assert next_due(due_cfg(T, 6), T - timedelta(minutes=3), scheduled=True) == T + timedelta(
+    assert next_due(due_cfg(T), T, scheduled=True, schedule=DAILY) == T + timedelta(hours=24)
+    assert next_due(due_cfg(T, 6), T - timedelta(minutes=3), scheduled=True, schedule=DAILY) == T + timedelta(
         hours=6, minutes=-3
     )
 
 
 def test_other_runs_never_move_a_due_time_later() -> None:
     ahead = T + timedelta(hours=20)
-    assert next_due(due_cfg(ahead), T, scheduled=False) == ahead
-    # passed by less than the tolerance: the scheduled run about to start still takes it
-    assert next_due(due_cfg(T), T + timedelta(minutes=5), scheduled=False) == T
+    assert next_due(due_cfg(ahead), T, scheduled=False, schedule=DAILY) == ahead
+    # passed minutes ago: the run took it, the next one is the next 02:00 (it stayed in the past)
+    assert next_due(due_cfg(T), T + timedelta(minutes=5), scheduled=False, schedule=DAILY) == T + timedelta(
+        days=1
+    )
     # the schedule missed it (failed at 02:00, fixed by hand at 14:00): the next 02:00
-    assert next_due(due_cfg(T), T + timedelta(hours=12), scheduled=False) == T + timedelta(days=1)
-    assert next_due(due_cfg(T), T + timedelta(days=3, hours=1), scheduled=False) == T + timedelta(days=4)
-    assert next_due(due_cfg(None), T, scheduled=False) == T
+    assert next_due(due_cfg(T), T + timedelta(hours=12), scheduled=False, schedule=DAILY) == T + timedelta(
+        days=1
+    )
+    assert next_due(
+        due_cfg(T), T + timedelta(days=3, hours=1), scheduled=False, schedule=DAILY
+    ) == T + timedelta(days=4)
+    # never refreshed: the next tick (it used to stay due at the run's anchor, in the past)
+    assert next_due(due_cfg(None), T, scheduled=False, schedule=DAILY) == T + timedelta(days=1)
+
+
+def test_after_any_successful_refresh_the_next_due_time_is_ahead_and_on_the_schedule() -> None:
+    """Whatever the run (scheduled or not, due or forced), its anchor and the table's
+    frequency: the due time it leaves is after the anchor, and a manual run never moves a due
+    time it did not reach later."""
+    for hours in (1, 6, 12, 24, 48, 168):
+        for minutes in range(-30, 3 * 24 * 60, 97):
+            anchor = T + timedelta(minutes=minutes)
+            for due in (None, T - timedelta(days=2), T, T + timedelta(hours=hours), T + timedelta(days=9)):
+                c = due_cfg(due, hours)
+                for scheduled in (False, True):
+                    got = next_due(c, anchor, scheduled=scheduled, schedule=DAILY)
+                    assert got > anchor, (hours, anchor, due, scheduled, got)
+                    if due is not None and due > anchor and not scheduled:
+                        assert got <= due, (hours, anchor, due, got)
+                    if not scheduled and (due is None or is_due(c, anchor, scheduled=False)):
+                        # on the schedule's grid: a whole number of frequencies after a 02:00 tick
+                        assert (got - DAILY.slot(anchor)) % timedelta(hours=hours) == timedelta(0)
+
+
+def test_two_manual_runs_on_a_fresh_install_leave_every_table_due_at_the_next_tick() -> None:
+    """`make run` twice at 14:03: each table due at tomorrow's 02:00, not at the first run's time."""
+    first = T + timedelta(hours=12, minutes=3)
+    due = next_due(due_cfg(None), first, scheduled=False, schedule=DAILY)
+    assert due == T + timedelta(days=1)
+    second = first + timedelta(minutes=1)  # forced: the table was not due
+    assert not is_due(due_cfg(due), second, scheduled=False)
+    assert next_due(due_cfg(due), second, scheduled=False, schedule=DAILY) == T + timedelta(days=1)
+    # before today's 02:00: the run belongs to yesterday's slot, the table is due at 02:00 today
+    early = T - timedelta(hours=1)
+    assert next_due(due_cfg(None), early, scheduled=False, schedule=DAILY) == T
+
+
+def test_a_table_refreshed_more_often_than_the_schedule_runs_is_due_at_its_next_step() -> None:
+    assert next_due(
+        due_cfg(None, 6), T + timedelta(hours=12), scheduled=False, schedule=DAILY
+    ) == T + timedelta(hours=18)
+    # a 48 h table keeps the every-other-day cadence the schedule gave it
+    assert next_due(
+        due_cfg(T + timedelta(days=1), 48), T + timedelta(hours=5), scheduled=False, schedule=DAILY
+    ) == (T + timedelta(days=1))
+
+
+def test_due_times_keep_the_schedules_wall_clock_across_daylight_saving_time() -> None:
+    """Daily at 03:00 Berlin: the 03:00 run before clocks go forward leaves the table due at the
+    next 03:00, 23 h later (anchor + 24 h would be 04:00 and miss that run)."""
+    berlin = RefreshSchedule("0 3 * * *", "Europe/Berlin")
+    before = datetime(2026, 3, 28, 2, 0, tzinfo=UTC)  # 03:00 CET
+    next_tick = datetime(2026, 3, 29, 1, 0, tzinfo=UTC)  # 03:00 CEST
+    due = next_due(due_cfg(before), before, scheduled=True, schedule=berlin)
+    assert due == next_tick and is_due(due_cfg(due), next_tick, scheduled=True)
+    manual = datetime(2026, 3, 28, 13, 0, tzinfo=UTC)
+    assert next_due(due_cfg(None), manual, scheduled=False, schedule=berlin) == next_tick
+
+
+def test_a_bad_schedule_is_a_config_error_naming_the_setting() -> None:
+    with pytest.raises(ConfigError, match="REFRESH_SCHEDULE_CRON"):
+        RefreshSchedule("every day", "UTC")
+    with pytest.raises(ConfigError, match="REFRESH_SCHEDULE_TIMEZONE"):
+        RefreshSchedule("0 2 * * *", "Mars/Olympus")
