@@ -42,7 +42,8 @@ from flows.type_mapping import ColumnMapping, map_schema
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Checkpoints older than this are not used to resume an interrupted attempt.
+# Checkpoints older than this are not used to resume an interrupted attempt (of a daily run; a
+# repeated backfill resumes its earlier attempts whatever their age: checkpoints.committed_by_same_backfill).
 RESUME_MAX_AGE_HOURS = 24
 
 
@@ -213,14 +214,23 @@ def _refresh(
         except ValueError as exc:
             raise TerminalError(f"{cfg.table_name}: {exc}") from exc
     slices = plan_slices(cfg, window)
-    if not (options.full_refresh or options.explicit_range or dry_run):
-        slices, skipped = resumable(
-            slices,
-            checkpoints.committed_since_last_success(
+    if not (options.full_refresh or dry_run):
+        # Resume an interrupted attempt: a backfill only one of the same tables and range.
+        committed = (
+            checkpoints.committed_by_same_backfill(conn, settings.control_schema, key, cfg.table_name, run_id)
+            if options.explicit_range
+            else checkpoints.committed_since_last_success(
                 conn, settings.control_schema, key, cfg.table_name, RESUME_MAX_AGE_HOURS
-            ),
+            )
         )
+        slices, skipped = resumable(slices, committed)
         outcome.slices_skipped = skipped
+        if skipped:
+            log.info(
+                "%s: resumed: %d slice(s) an interrupted attempt committed are not read again",
+                cfg.table_name,
+                skipped,
+            )
     outcome.window = window
     outcome.slices_planned = len(slices)
     detection = None

@@ -225,6 +225,12 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
     if summary["tables"]:
         out.print(table)
     for t in summary["tables"]:
+        if t["slices_skipped"]:
+            out.print(
+                f"  {t['table']}: resumed: {t['slices_skipped']} slice(s) an interrupted attempt "
+                "committed were not read again"
+            )
+    for t in summary["tables"]:
         if t["error"]:
             out.print(f"  [red]{t['table']}[/]: {t['error']}")
     for t in summary["tables"]:

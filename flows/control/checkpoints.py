@@ -74,6 +74,36 @@ def committed_since_last_success(
     return {r[0].astimezone(UTC).date() for r in rows}
 
 
+def committed_by_same_backfill(
+    conn: psycopg.Connection, schema: str, key: str, table: str, run_id: UUID
+) -> set[date]:
+    """Slices committed by earlier attempts of the backfill run `run_id` repeats: runs with the
+    same tables and date range (their recorded params; not dry runs), started before it and
+    after the last of them in which the table succeeded. No age limit: the range was asked for
+    again explicitly, and a year-long backfill must not start over because it died overnight."""
+    runs = sql.Identifier(schema, "refresh_runs")
+    rows = conn.execute(
+        sql.SQL(
+            "with cur as (select params, started_at from {r} where run_id = %(run)s), "
+            "attempts as ("
+            "  select r.run_id, r.started_at from {r} r, cur "
+            "  where r.run_id <> %(run)s and r.started_at < cur.started_at "
+            "  and r.params -> 'tables' = cur.params -> 'tables' "
+            "  and r.params -> 'start_date' = cur.params -> 'start_date' "
+            "  and r.params -> 'end_date' = cur.params -> 'end_date' "
+            "  and coalesce(r.params ->> 'dry_run', 'false') = 'false' "
+            "  and coalesce(r.params ->> 'full_refresh', 'false') = 'false'), "
+            "done as ("
+            "  select coalesce(max(a.started_at), '-infinity') as at from attempts a "
+            "  join {tr} t on t.run_id = a.run_id and t.table_name = %(table)s and t.status = 'success') "
+            "select c.slice_start from {cp} c join attempts a on a.run_id = c.run_id, done "
+            "where c.table_name = %(key)s and a.started_at > done.at"
+        ).format(r=runs, tr=sql.Identifier(schema, "table_refreshes"), cp=_t(schema)),
+        {"run": run_id, "table": table, "key": key},
+    ).fetchall()
+    return {r[0].astimezone(UTC).date() for r in rows}
+
+
 def expire(conn: psycopg.Connection, schema: str, retention_days: int) -> int:
     """Delete checkpoints committed more than `retention_days` ago; returns how many.
 

@@ -16,6 +16,7 @@ what the other integration tests read (`sqp`, `raw`, `refresh_control`).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import signal
@@ -79,18 +80,22 @@ class Engine:
     def pg(self) -> psycopg.Connection:
         return psycopg.connect(self.settings.dsn(), autocommit=True)
 
-    def refresh(self, cfg: TableConfig, options: RefreshOptions | None = None) -> TableOutcome:
-        with locked_run(self.settings) as run_id:
+    def refresh(
+        self, cfg: TableConfig, options: RefreshOptions | None = None, params: dict[str, Any] | None = None
+    ) -> TableOutcome:
+        with locked_run(self.settings, params) as run_id:
             return refresh_table(self.settings, self.clients, cfg, run_id, options or RefreshOptions())
 
 
 @contextlib.contextmanager
-def locked_run(settings: Settings) -> Iterator[UUID]:
+def locked_run(settings: Settings, params: dict[str, Any] | None = None) -> Iterator[UUID]:
     """A run as the flow makes one: under the lock (held throughout: slices commit only under
-    it), after marking dead runs abandoned; its row ends `success`."""
+    it), after marking dead runs abandoned, recording `params`; its row ends `success`."""
     with runs.refresh_lock(settings, wait_s=30) as conn:
         runs.mark_abandoned(conn, settings.control_schema)
-        run = runs.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
+        run = runs.start_run(
+            conn, settings.control_schema, flow_run_id=None, trigger="test", params=params or {}
+        )
         try:
             yield run.run_id
         finally:
@@ -382,6 +387,91 @@ def test_crash_kill9_at_random_moments_then_resume_equals_source(engine: Engine)
     first = min(per_day)
     assert checkpoint_starts(e, name) == {first + timedelta(days=i) for i in range(CRASH_DAYS)}
     assert _rows_per_day(e, name) == per_day
+
+
+# A backfill as `refresh backfill` runs it: its params recorded with the run, its range in the
+# options. argv: the table config, then the run's params as JSON.
+BACKFILL_CHILD = """
+import json, sys
+from datetime import date
+from flows.control import runs
+from flows.bigquery import make_clients
+from flows.refresh import RefreshOptions, refresh_table
+from flows.registry import TableConfig
+from flows.settings import get_settings
+settings = get_settings()
+clients = make_clients(settings)
+cfg = TableConfig.model_validate_json(sys.argv[1])
+params = json.loads(sys.argv[2])
+options = RefreshOptions(date.fromisoformat(params["start_date"]), date.fromisoformat(params["end_date"]))
+with runs.refresh_lock(settings, wait_s=30) as conn:
+    runs.mark_abandoned(conn, settings.control_schema)
+    run = runs.start_run(conn, settings.control_schema, flow_run_id=None, trigger="backfill", params=params)
+    print("ready", run.run_id, flush=True)
+    refresh_table(settings, clients, cfg, run.run_id, options)
+"""
+
+
+def _backfill_params(name: str, first: date, last: date) -> dict[str, Any]:
+    return runbook.validate_params([name], first, last, force=True, trigger="backfill", today=last).to_json()
+
+
+def test_backfill_killed_twice_then_run_again_skips_what_its_attempts_committed(engine: Engine) -> None:
+    """A backfill killed mid-way, twice, then run again with the same tables and range reads
+    only the slices its attempts did not commit, and says so (slices_skipped, the audit row);
+    a different range starts fresh."""
+    e = engine
+    e.create_source("events", CRASH_SCHEMA, CRASH_INSERT)
+    name = "xt_backfill_events"
+    cfg = table_cfg(name, "events", cursor_column="Event Time", slice_size="day", lookback_days=3)
+    first, last = date(2026, 1, 5), date(2026, 3, 5)
+    days = (last - first).days + 1
+    params = _backfill_params(name, first, last)
+    with e.pg() as watch:
+        for _attempt in range(2):
+            before = _checkpoints(watch, name)
+            child = subprocess.Popen(
+                [sys.executable, "-c", BACKFILL_CHILD, cfg.model_dump_json(), json.dumps(params)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            assert child.stdout is not None
+            assert child.stdout.readline().decode().startswith("ready")
+            deadline = time.monotonic() + 60
+            while _checkpoints(watch, name) - before < 3 and child.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=10)
+            assert child.returncode == -signal.SIGKILL, "the backfill finished before it was killed"
+            _wait_for_sessions_to_end(watch)
+    committed = checkpoint_starts(e, name)
+    assert 6 <= len(committed) < days, committed
+
+    outcome = e.refresh(cfg, RefreshOptions(first, last), params)
+    assert outcome.status == "success", outcome.error
+    assert outcome.slices_skipped == len(committed)
+    assert outcome.slices_done == days - len(committed)
+    with e.pg() as conn:
+        audited = _scalar(
+            conn,
+            f"select slices_skipped from {CONTROL}.table_refreshes where table_name = %s "
+            "and status = 'success' order by started_at desc limit 1",
+            (name,),
+        )
+    assert audited == len(committed)
+    loaded = _rows_per_day(e, name)
+    source = {
+        r["d"]: r["n"]
+        for r in e.bq(f"select date(`Event Time`) as d, count(*) as n from {e.path('events')} group by 1")
+    }
+    assert loaded == {d: n for d, n in source.items() if first <= d <= last}
+
+    # The same backfill again after it succeeded, and another range: every slice is read.
+    assert e.refresh(cfg, RefreshOptions(first, last), params).slices_skipped == 0
+    other = RefreshOptions(first, last - timedelta(days=1))
+    again = e.refresh(cfg, other, _backfill_params(name, first, last - timedelta(days=1)))
+    assert again.slices_skipped == 0 and again.slices_done == days - 1
 
 
 # --------------------------------------------------------------------------------------

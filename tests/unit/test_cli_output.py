@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 
@@ -73,3 +74,20 @@ def test_a_run_that_needed_no_dbt_says_so(capsys: pytest.CaptureFixture[str]) ->
     built = {**quiet, "dbt_invocation_id": "inv", "dbt_models_built": 18, "dbt_nodes": 154}
     _print_summary(built, Settings(), 1.0)
     assert "dbt: 18 models built, 154 nodes run, 0 failed, 0 skipped" in capsys.readouterr().out
+
+
+def test_a_resumed_table_says_how_many_slices_it_did_not_read_again(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from flows import runbook
+    from flows.cli.run import _print_summary
+    from flows.control.tables import TableOutcome, TableStatus
+    from flows.settings import Settings
+
+    resumed = TableOutcome("sqp", TableStatus.SUCCESS, "live", slices_done=34, slices_skipped=18)
+    fresh = TableOutcome("products", TableStatus.SUCCESS, "live", slices_done=1)
+    summary = runbook.summarise(uuid4(), [resumed, fresh], None, False)
+    _print_summary(summary.to_dict(), Settings(), 1.0)
+    printed = capsys.readouterr().out
+    assert "sqp: resumed: 18 slice(s) an interrupted attempt committed were not read again" in printed
+    assert "products: resumed" not in printed
