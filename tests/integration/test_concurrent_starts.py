@@ -130,3 +130,89 @@ def test_the_flow_run_adopts_the_lock_its_command_took(settings: Settings) -> No
         assert own is not taken
         row = other.execute("select pg_try_advisory_lock(%s)", (REFRESH_LOCK_KEY,)).fetchone()
         assert row == (False,), "the flow ran without the lock"
+
+
+def test_refused_run_backfill_and_demo_exit_at_once_while_the_winner_runs() -> None:
+    """On a running stack, with a backfill holding the refresh lock: `run`, `backfill` and
+    `demo` started then are each refused in one line and each process ends within seconds of
+    its message (1-3 s on a loaded 2-core machine), while the winner is still running: nothing
+    of theirs waits for it."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="sqp-refused-"))
+    env = {
+        **os.environ,
+        "REFRESH_STATE_DIR": str(tmp_path),
+        "REFRESH_LOCAL_PG_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "COLUMNS": "200",
+    }
+
+    def refresh(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([REFRESH, *args], env=env, capture_output=True, text=True, timeout=900)
+
+    sample = ["--sqp-rows", "300", "--weeks", "3"]
+    try:
+        assert refresh("stack", "up").returncode == 0
+        assert refresh("generate", *sample, "--asins", "5", "--daily-rows", "100").returncode == 0
+        settings = Settings(
+            _env_file=None, state_dir=tmp_path, local_pg_port=int(env["REFRESH_LOCAL_PG_PORT"])
+        )  # type: ignore[call-arg]
+        winner = subprocess.Popen(
+            [REFRESH, "backfill", "--start-date", "2020-01-01", "--end-date", "2020-12-31"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import psycopg
+
+        deadline = time.monotonic() + 120
+        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+            while not conn.execute(
+                "select count(*) from pg_locks where locktype = 'advisory' and objid = %s and granted",
+                (REFRESH_LOCK_KEY,),
+            ).fetchone()[0]:  # type: ignore[index]
+                assert winner.poll() is None and time.monotonic() < deadline, "the winner never took the lock"
+                time.sleep(0.1)
+        commands = {
+            "run": ["run", "--force"],
+            "backfill": ["backfill", "--start-date", "2020-01-01", "--end-date", "2020-12-31"],
+            "demo": ["demo", *sample],
+        }
+        t0 = time.monotonic()
+        procs = {
+            name: subprocess.Popen(
+                [REFRESH, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            for name, args in commands.items()
+        }
+        error_at: dict[str, float] = {}
+        exited_at: dict[str, float] = {}
+        stderr: dict[str, str] = {}
+
+        def follow(name: str, p: subprocess.Popen[str]) -> None:
+            assert p.stderr is not None
+            lines = []
+            for line in p.stderr:
+                if line.startswith("error:"):
+                    error_at.setdefault(name, time.monotonic() - t0)
+                lines.append(line)
+            p.wait(timeout=600)
+            exited_at[name] = time.monotonic() - t0
+            stderr[name] = "".join(lines)
+
+        threads = [threading.Thread(target=follow, args=item) for item in procs.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        winner_running = winner.poll() is None
+        winner.wait(timeout=600)
+        print("refused: error line, exit (s):", {n: (error_at.get(n), exited_at.get(n)) for n in commands})
+        for name, p in procs.items():
+            assert p.returncode == 1 and "another refresh is running" in stderr[name], (name, stderr[name])
+            assert exited_at[name] - error_at[name] < 5, (name, error_at, exited_at)
+        assert winner_running, "the winner ended before the refused commands: nothing was measured"
+    finally:
+        refresh("stack", "down")
+        shutil.rmtree(tmp_path, ignore_errors=True)
