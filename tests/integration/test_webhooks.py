@@ -596,3 +596,24 @@ def test_cli_update_changes_an_endpoint_and_rejects_bad_input(wh: Settings, pg: 
     assert res.exit_code == 1 and "is disabled" in res.output
     assert runner.invoke(app, ["webhooks", "update", str(ep.id), "--enable"]).exit_code == 0
     assert pg.execute(f"{row} where id = %s", (ep.id,)).fetchone()[3:] == (True, None)  # type: ignore[index]
+
+
+def test_cli_prints_receiver_text_as_plain_text(wh: Settings, pg: psycopg.Connection) -> None:
+    """A receiver's answer and an endpoint's description are shown, not interpreted: Rich
+    markup stays literal and terminal escape sequences never reach the operator's terminal."""
+    hostile = "[/] [bold red]x\x1b[2J\x1b]0;pwned\x07\x9b31m"
+    runner = CliRunner(env={"COLUMNS": "250"})
+    with Receiver(default=500) as rx:
+        rx.body_out = hostile.encode()
+        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"], description=hostile)
+        finish_a_run(wh)
+        webhooks.dispatch(wh, deadline_s=10)
+    [(delivery, *_)] = delivery_rows(pg, ep.id)
+    pg.execute(
+        "update refresh_control.webhook_deliveries set last_error = %s where id = %s", (hostile, delivery)
+    )
+    for args in (["deliveries", "--id", str(delivery)], ["deliveries", "--endpoint", str(ep.id)], ["list"]):
+        res = runner.invoke(app, ["webhooks", *args])
+        assert res.exit_code == 0, (args, res.output, res.exception)
+        assert "[/] [bold red]x" in res.output, (args, res.output)
+        assert not any(ord(c) < 32 and c not in "\n" or 0x7F <= ord(c) <= 0x9F for c in res.output), args

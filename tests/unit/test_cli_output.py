@@ -73,3 +73,20 @@ def test_a_run_that_needed_no_dbt_says_so(capsys: pytest.CaptureFixture[str]) ->
     built = {**quiet, "dbt_invocation_id": "inv", "dbt_models_built": 18, "dbt_nodes": 154}
     _print_summary(built, Settings(), 1.0)
     assert "dbt: 18 models built, 154 nodes run, 0 failed, 0 skipped" in capsys.readouterr().out
+
+
+def test_outside_text_prints_literally_without_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+    from rich.console import Console
+
+    from flows.cli.common import fail, plain
+
+    hostile = "[/] [red]x[/red]\x1b[2J\x1b]0;t\x07\x9b1m\nnext\tcol\\"
+    console = Console(record=True, width=200)
+    console.print(plain(hostile))
+    shown = console.export_text()
+    assert shown.startswith("[/] [red]x[/red][2J]0;t1m next col\\"), shown
+    with pytest.raises(typer.Exit):
+        fail(hostile)
+    err = capsys.readouterr().err
+    assert "[/] [red]x" in err and "\x1b" not in err and "\x07" not in err
