@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from flows.control.runs import RunStatus
 from flows.db import connect
 from flows.errors import ConfigError, SchemaDriftError
 from flows.settings import Settings
+from flows.webhook_destinations import DestinationRefused, PinnedTransport, Resolver, system_resolver, vet
 
 if TYPE_CHECKING:
     from flows.control.tables import TableOutcome
@@ -140,37 +140,12 @@ def validate_grace_hours(grace: float) -> float:
     return grace
 
 
-def _blocked(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
-
-
-def check_destination(url: str, allow_private: bool) -> None:
-    """Refuse a host that resolves (any of its addresses) to loopback, link-local or private."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+def check_destination(url: str, allow_private: bool, resolver: Resolver = system_resolver) -> str:
+    """The vetted address to deliver `url` to (flows.webhook_destinations has the rules)."""
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
-    except (socket.gaierror, UnicodeError) as exc:
-        raise WebhookInputError("url", f"webhook host {host!r} does not resolve ({exc})") from exc
-    if allow_private:
-        return
-    bad = sorted({str(i[4][0]) for i in infos if _blocked(str(i[4][0]))})
-    if bad:
-        raise WebhookInputError(
-            "url",
-            f"webhook host {host!r} resolves to a loopback, link-local or private address "
-            f"({', '.join(bad)}): refused; set REFRESH_WEBHOOK_ALLOW_PRIVATE=true to allow it",
-        )
+        return vet(url, allow_private, resolver)
+    except DestinationRefused as exc:
+        raise WebhookInputError("url", str(exc)) from None
 
 
 def validate_url(url: str, allow_private: bool) -> str:
@@ -458,11 +433,19 @@ class AttemptResult:
 
 
 def send(
-    client: httpx.Client, row: dict[str, Any], fernet: Fernet, allow_private: bool, timeout_s: float
+    client: httpx.Client,
+    transport: PinnedTransport,
+    row: dict[str, Any],
+    fernet: Fernet,
+    allow_private: bool,
+    timeout_s: float,
+    resolver: Resolver = system_resolver,
 ) -> AttemptResult:
-    """One HTTP attempt; never raises. Only 2xx is success; redirects are not followed."""
+    """One HTTP attempt to the address vetted now, all of it within `timeout_s` (a receiver
+    that dribbles its answer is cut there); never raises. Only 2xx is success; redirects are
+    not followed."""
     try:
-        check_destination(row["url"], allow_private)
+        address = check_destination(row["url"], allow_private, resolver)
         keys = [fernet.decrypt(row["secret_enc"].encode()).decode()]
         if row["previous_secret_enc"]:
             keys.append(fernet.decrypt(row["previous_secret_enc"].encode()).decode())
@@ -478,9 +461,12 @@ def send(
     headers = sign_headers(row["event_id"], payload, keys, datetime.now(UTC))
     started = time.monotonic()
     try:
-        with client.stream(
-            "POST", row["url"], content=payload.encode(), headers=headers, timeout=timeout_s
-        ) as resp:
+        with (
+            transport.attempt(row["url"], address, timeout_s),
+            client.stream(
+                "POST", row["url"], content=payload.encode(), headers=headers, timeout=timeout_s
+            ) as resp,
+        ):
             got = b""
             for chunk in resp.iter_bytes():
                 got += chunk
@@ -500,7 +486,7 @@ def send(
         return AttemptResult(
             False,
             latency_ms=round((time.monotonic() - started) * 1000, 1),
-            error=_short(f"{type(exc).__name__}: {exc}"),
+            error=_short(f"{type(exc).__name__}: {exc} (address {address}, {timeout_s:g} s per attempt)"),
         )
 
 
@@ -599,6 +585,7 @@ def dispatch(
     clock: Callable[[], datetime] | None = None,
     delivery_ids: list[int] | None = None,
     batch_size: int = 32,
+    resolver: Resolver = system_resolver,
 ) -> DispatchResult:
     """Deliver what is due, for at most `deadline_s` seconds (each attempt's timeout is cut to
     what is left). With `wait`, also wait for retries that fall due before the deadline.
@@ -614,8 +601,9 @@ def dispatch(
     disabled: set[int] = set()
     fernet: Fernet | None = None  # only when there is something to sign: no key file otherwise
     # No Nagle: headers and body go out as two writes, and the second would wait for an ACK.
-    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-    with connect(settings) as conn, httpx.Client(transport=transport, follow_redirects=False) as client:
+    transport = PinnedTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    client = httpx.Client(transport=transport, follow_redirects=False, trust_env=False)
+    with connect(settings) as conn, client:
         while True:
             left = deadline_s - (time.monotonic() - start)
             if left <= 0.01:
@@ -628,7 +616,9 @@ def dispatch(
                     one = partial(
                         send,
                         client,
+                        transport,
                         fernet=fernet,
+                        resolver=resolver,
                         allow_private=settings.webhook_allow_private,
                         timeout_s=timeout,
                     )

@@ -616,4 +616,68 @@ def test_cli_prints_receiver_text_as_plain_text(wh: Settings, pg: psycopg.Connec
         res = runner.invoke(app, ["webhooks", *args])
         assert res.exit_code == 0, (args, res.output, res.exception)
         assert "[/] [bold red]x" in res.output, (args, res.output)
-        assert not any(ord(c) < 32 and c not in "\n" or 0x7F <= ord(c) <= 0x9F for c in res.output), args
+        assert not any((ord(c) < 32 and c not in "\n") or 0x7F <= ord(c) <= 0x9F for c in res.output), args
+
+
+def _endpoint_at(settings: Settings, url: str) -> int:
+    """An endpoint stored as `add` stores it, for a host name that only the test's resolver knows."""
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        return store.create_endpoint(
+            conn,
+            settings.control_schema,
+            url=url,
+            description="",
+            event_types=["refresh.completed"],
+            secret_enc=webhooks.cipher(settings).encrypt(webhooks.new_secret().encode()).decode(),
+            who="test",
+        )
+
+
+def test_delivery_goes_to_the_vetted_address_without_a_second_resolution(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    """`.invalid` never resolves in real DNS: the delivery arrives only if the client connects to
+    the address the guard vetted instead of resolving the name again."""
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    with Receiver() as rx:
+        port = rx.server.server_address[1]
+        ep = _endpoint_at(wh, f"http://hooks.rebind.invalid:{port}/hook")
+        finish_a_run(wh)
+        result = webhooks.dispatch(wh, deadline_s=10, resolver=resolver)
+    assert result.succeeded == 1, (result, [attempts(pg, d) for d, *_ in delivery_rows(pg, ep)])
+    assert asked == ["hooks.rebind.invalid"], "resolved once, by the guard"
+    assert rx.received[0].headers["host"] == f"hooks.rebind.invalid:{port}"
+
+
+def test_link_local_answer_refused_even_when_private_targets_are_allowed(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    with Receiver() as rx:
+        ep = _endpoint_at(wh, f"http://metadata.rebind.invalid:{rx.server.server_address[1]}/hook")
+        finish_a_run(wh)
+        result = webhooks.dispatch(wh, deadline_s=10, resolver=lambda host, port: ["169.254.169.254"])
+    assert wh.webhook_allow_private and result.failed == 1 and rx.received == []
+    [(delivery, *_)] = delivery_rows(pg, ep)
+    assert "169.254.169.254 (a cloud metadata service)" in attempts(pg, delivery)[0][3]
+
+
+def test_a_receiver_dribbling_its_answer_is_cut_at_the_attempt_deadline(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    """Each byte arrives well within the per-read timeout; the attempt as a whole may not."""
+    wh = wh.model_copy(update={"webhook_timeout_s": 2.0})
+    with Receiver() as rx:
+        rx.body_out, rx.dribble_s = b"x" * 30, 0.5
+        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])
+        finish_a_run(wh)
+        started = time.monotonic()
+        result = webhooks.dispatch(wh, deadline_s=60)
+        took = time.monotonic() - started
+    assert result.failed == 1 and took < 2.0 + 2.5, (result, took)
+    [(delivery, *_)] = delivery_rows(pg, ep.id)
+    assert "ReadTimeout" in attempts(pg, delivery)[0][3]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from flows import webhook_destinations as destinations
 from flows import webhooks
 from flows.control import webhooks as store
 from flows.errors import ConfigError
@@ -110,3 +112,85 @@ def test_fit_bounds_any_event_not_only_run_events() -> None:
     assert len(json.dumps(fitted).encode()) < 19_500
     assert fitted["periods_failed_omitted"] > 0 and fitted["n"] == 1
     assert len(fitted["message"]) < 2100
+
+
+@pytest.mark.parametrize(
+    ("address", "strict", "with_private"),
+    [
+        # (refused by default?, refused with REFRESH_WEBHOOK_ALLOW_PRIVATE?)
+        ("8.8.8.8", False, False),
+        ("2606:4700::1111", False, False),
+        ("::ffff:8.8.8.8", False, False),
+        ("2002:808:808::1", False, False),  # 6to4 of a public address
+        ("127.0.0.1", True, False),
+        ("::1", True, False),
+        ("10.1.2.3", True, False),
+        ("fc00::1", True, False),
+        ("::ffff:127.0.0.1", True, False),
+        ("100.64.0.1", True, False),  # shared (carrier-grade NAT) space
+        ("192.0.2.1", True, False),  # documentation
+        ("2002:7f00:1::1", True, False),  # 6to4 of 127.0.0.1
+        ("64:ff9b::a00:1", True, False),  # NAT64 of 10.0.0.1
+        ("169.254.169.254", True, True),
+        ("169.254.1.1", True, True),
+        ("fe80::1", True, True),
+        ("fe80::1%eth0", True, True),
+        ("::ffff:169.254.169.254", True, True),
+        ("2002:a9fe:a9fe::1", True, True),  # 6to4 of the metadata address
+        ("64:ff9b::a9fe:a9fe", True, True),  # NAT64 of the metadata address
+        ("100.100.100.200", True, True),  # Alibaba metadata
+        ("fd00:ec2::254", True, True),  # AWS metadata over IPv6
+        ("168.63.129.16", True, True),  # Azure WireServer: globally routable, still refused
+        ("224.0.0.1", True, True),
+        ("255.255.255.255", True, True),
+        ("0.0.0.0", True, True),
+        ("::", True, True),
+    ],
+)
+def test_destination_rules_per_address(address: str, strict: bool, with_private: bool) -> None:
+    assert (destinations.refusal(address, allow_private=False) is not None) is strict
+    assert (destinations.refusal(address, allow_private=True) is not None) is with_private
+
+
+def test_one_bad_address_refuses_the_host_and_the_name_is_resolved_once() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def resolver(answer: list[str]) -> destinations.Resolver:
+        def resolve(host: str, port: int) -> list[str]:
+            calls.append((host, port))
+            return answer
+
+        return resolve
+
+    url = "https://hooks.example.test/x"
+    assert destinations.vet(url, False, resolver(["93.184.215.14", "2606:2800::1"])) == "93.184.215.14"
+    assert calls == [("hooks.example.test", 443)]
+    for allow_private in (False, True):
+        with pytest.raises(ConfigError, match=r"169\.254\.169\.254 \(a cloud metadata service\)"):
+            destinations.vet(url, allow_private, resolver(["93.184.215.14", "169.254.169.254"]))
+    with pytest.raises(ConfigError, match=r"10\.0\.0\.7 .*REFRESH_WEBHOOK_ALLOW_PRIVATE"):
+        webhooks.check_destination(url, False, resolver(["10.0.0.7"]))
+    assert webhooks.check_destination(url, True, resolver(["10.0.0.7"])) == "10.0.0.7"
+
+    def broken(host: str, port: int) -> list[str]:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    with pytest.raises(ConfigError, match="does not resolve"):
+        destinations.vet(url, False, broken)
+
+
+@pytest.mark.parametrize(
+    ("url", "allow_private"),
+    [
+        ("http://100.100.100.200/latest/meta-data", False),
+        ("http://100.64.1.1/hook", False),
+        ("http://[2002:a9fe:a9fe::1]/hook", False),
+        ("http://169.254.169.254/latest/meta-data", True),
+        ("http://[fe80::1]/hook", True),
+        ("http://100.100.100.200/hook", True),
+    ],
+)
+def test_urls_refused_by_address_class(url: str, allow_private: bool) -> None:
+    """Literal addresses: getaddrinfo answers without asking DNS."""
+    with pytest.raises(ConfigError, match="refused"):
+        webhooks.validate_url(url, allow_private=allow_private)
