@@ -1,4 +1,4 @@
-"""Webhooks per the Standard Webhooks specification: events, secrets, signing and delivery.
+"""Webhooks per the Standard Webhooks specification: events, signing and delivery.
 
 Events are written to the outbox (the control schema's `events` table) in the transaction of
 the audit row that causes them (flows.control.webhooks.emit); `dispatch` delivers them
@@ -9,7 +9,6 @@ housekeeping flow and the CLI call them.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -23,13 +22,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from functools import lru_cache, partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 import psycopg
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import InvalidToken
 from standardwebhooks.webhooks import Webhook
 
 from flows.control import webhooks as store
@@ -38,6 +36,7 @@ from flows.db import connect
 from flows.errors import ConfigError, SchemaDriftError
 from flows.settings import Settings
 from flows.webhook_destinations import DestinationRefused, PinnedTransport, Resolver, system_resolver, vet
+from flows.webhook_secrets import SecretBox, open_secrets
 
 if TYPE_CHECKING:
     from flows.control.tables import TableOutcome
@@ -70,7 +69,6 @@ MAX_RESPONSE_CHARS = 1024
 MAX_URL_CHARS = 2000
 MAX_DESCRIPTION_CHARS = 500
 SECRET_BYTES = 32
-KEY_FILE = "webhook-secrets.key"
 USER_AGENT = "sqp-refresh-webhooks/1"
 
 
@@ -79,26 +77,6 @@ USER_AGENT = "sqp-refresh-webhooks/1"
 
 def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
-
-
-def _key_file(path: Path) -> bytes:
-    """The generated key (mode 0600), created once; a concurrent creator's key wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(Fernet.generate_key())
-    return path.read_bytes().strip()
-
-
-def cipher(settings: Settings) -> Fernet:
-    """Secrets must be recoverable to sign (HMAC needs the raw key), so they are encrypted."""
-    if settings.secret_key is not None:
-        digest = hashlib.sha256(settings.secret_key.get_secret_value().encode()).digest()
-        return Fernet(base64.urlsafe_b64encode(digest))
-    return Fernet(_key_file(settings.state_dir / KEY_FILE))
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -203,7 +181,7 @@ def add_endpoint(
             url=url,
             description=description,
             event_types=types,
-            secret_enc=cipher(settings).encrypt(secret.encode()).decode(),
+            secret_enc=open_secrets(settings, conn).encrypt(secret),
             who=who,
         )
     return NewEndpoint(eid, secret)
@@ -224,7 +202,7 @@ def rotate_secret(
             conn,
             settings.control_schema,
             endpoint_id,
-            new_secret_enc=cipher(settings).encrypt(secret.encode()).decode(),
+            new_secret_enc=open_secrets(settings, conn).encrypt(secret),
             grace_hours=grace,
             who=who,
         )
@@ -436,7 +414,7 @@ def send(
     client: httpx.Client,
     transport: PinnedTransport,
     row: dict[str, Any],
-    fernet: Fernet,
+    box: SecretBox,
     allow_private: bool,
     timeout_s: float,
     resolver: Resolver = system_resolver,
@@ -446,9 +424,9 @@ def send(
     not followed."""
     try:
         address = check_destination(row["url"], allow_private, resolver)
-        keys = [fernet.decrypt(row["secret_enc"].encode()).decode()]
+        keys = [box.decrypt(row["secret_enc"])]
         if row["previous_secret_enc"]:
-            keys.append(fernet.decrypt(row["previous_secret_enc"].encode()).decode())
+            keys.append(box.decrypt(row["previous_secret_enc"]))
     except ConfigError as exc:
         return AttemptResult(False, error=str(exc))
     except InvalidToken:
@@ -599,7 +577,7 @@ def dispatch(
     start = time.monotonic()
     result = DispatchResult()
     disabled: set[int] = set()
-    fernet: Fernet | None = None  # only when there is something to sign: no key file otherwise
+    box: SecretBox | None = None  # only when there is something to sign: no key file otherwise
     # No Nagle: headers and body go out as two writes, and the second would wait for an ACK.
     transport = PinnedTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
     client = httpx.Client(transport=transport, follow_redirects=False, trust_env=False)
@@ -611,13 +589,13 @@ def dispatch(
             with conn.transaction():
                 rows = store.claim_due(conn, schema, clock(), batch_size, delivery_ids)
                 if rows:
-                    fernet = fernet or cipher(settings)
+                    box = box or open_secrets(settings, conn)
                     timeout = min(settings.webhook_timeout_s, left)
                     one = partial(
                         send,
                         client,
                         transport,
-                        fernet=fernet,
+                        box=box,
                         resolver=resolver,
                         allow_private=settings.webhook_allow_private,
                         timeout_s=timeout,

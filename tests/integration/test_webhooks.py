@@ -3,6 +3,8 @@ verifies every delivery with `standardwebhooks`, the real dispatcher and CLI."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import signal
 import subprocess
@@ -17,6 +19,8 @@ from uuid import UUID
 
 import psycopg
 import pytest
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from typer.testing import CliRunner
 
@@ -29,6 +33,7 @@ from flows.db import migrate
 from flows.demo.local_stack import free_port
 from flows.errors import ConfigError, SchemaDriftError
 from flows.settings import PROJECT_ROOT, Settings
+from flows.webhook_secrets import open_secrets
 from tests.integration.conftest import SPEC, pg_scalar
 from tests.webhook_receiver import Receiver
 
@@ -619,8 +624,9 @@ def test_cli_prints_receiver_text_as_plain_text(wh: Settings, pg: psycopg.Connec
         assert not any((ord(c) < 32 and c not in "\n") or 0x7F <= ord(c) <= 0x9F for c in res.output), args
 
 
-def _endpoint_at(settings: Settings, url: str) -> int:
-    """An endpoint stored as `add` stores it, for a host name that only the test's resolver knows."""
+def _endpoint_at(settings: Settings, url: str, secret_enc: str | None = None) -> int:
+    """An endpoint stored as `add` stores it, without `add`'s checks: for a host name only the
+    test's resolver knows, or a secret encrypted as an earlier version did."""
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         return store.create_endpoint(
             conn,
@@ -628,7 +634,7 @@ def _endpoint_at(settings: Settings, url: str) -> int:
             url=url,
             description="",
             event_types=["refresh.completed"],
-            secret_enc=webhooks.cipher(settings).encrypt(webhooks.new_secret().encode()).decode(),
+            secret_enc=secret_enc or open_secrets(settings, conn).encrypt(webhooks.new_secret()),
             who="test",
         )
 
@@ -681,3 +687,43 @@ def test_a_receiver_dribbling_its_answer_is_cut_at_the_attempt_deadline(
     assert result.failed == 1 and took < 2.0 + 2.5, (result, took)
     [(delivery, *_)] = delivery_rows(pg, ep.id)
     assert "ReadTimeout" in attempts(pg, delivery)[0][3]
+
+
+def test_passphrase_secrets_of_the_sha256_era_still_sign_and_are_re_encrypted(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    passphrase = "an operator's passphrase"
+    wh = wh.model_copy(update={"secret_key": SecretStr(passphrase)})
+    legacy = Fernet(base64.urlsafe_b64encode(hashlib.sha256(passphrase.encode()).digest()))
+    secret = webhooks.new_secret()
+    with Receiver(secrets=[secret]) as rx:
+        ep = _endpoint_at(wh, rx.url, secret_enc=legacy.encrypt(secret.encode()).decode())
+        finish_a_run(wh)
+        assert webhooks.dispatch(wh, deadline_s=10).succeeded == 1
+    assert rx.received[0].verified_with == [secret], "nothing lost: the old value still signs"
+    stored = pg_scalar(pg, "select secret_enc from refresh_control.webhook_endpoints where id = %s", (ep,))
+    assert stored.startswith("scrypt$") and open_secrets(wh, pg).decrypt(stored) == secret
+
+
+def test_no_key_on_this_machine_is_one_clear_line_and_creates_none(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    """Endpoints exist, but neither REFRESH_SECRET_KEY nor the key file is here (another machine
+    created them): refuse in one line instead of minting a key nobody else can read."""
+    key = wh.state_dir / "webhook-secrets.key"
+    ep = _endpoint_at(wh, "http://127.0.0.1:9/hook")
+    moved = key.with_name("moved-away.key")
+    key.rename(moved)
+    try:
+        with pytest.raises(ConfigError, match="no key for their secrets") as err:
+            webhooks.add_endpoint(wh, "http://127.0.0.1:9/other", None)
+        assert "\n" not in str(err.value) and "REFRESH_SECRET_KEY" in str(err.value)
+        res = CliRunner().invoke(app, ["webhooks", "rotate-secret", str(ep)])
+        assert res.exit_code == 1 and "no key for their secrets" in res.output, res.output
+        assert not key.exists(), "no new key minted"
+        assert (
+            pg_scalar(pg, "select count(*) from refresh_control.webhook_endpoints where removed_at is null")
+            == 1
+        )
+    finally:
+        moved.rename(key)

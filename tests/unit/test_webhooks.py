@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import socket
+import stat
+import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from standardwebhooks.webhooks import Webhook
 
 from flows import webhook_destinations as destinations
+from flows import webhook_secrets as secrets_at_rest
 from flows import webhooks
 from flows.control import webhooks as store
 from flows.errors import ConfigError
@@ -194,3 +201,57 @@ def test_urls_refused_by_address_class(url: str, allow_private: bool) -> None:
     """Literal addresses: getaddrinfo answers without asking DNS."""
     with pytest.raises(ConfigError, match="refused"):
         webhooks.validate_url(url, allow_private=allow_private)
+
+
+def _race_for_the_key(path: Path, creators: int = 8) -> tuple[list[bytes], list[bytes]]:
+    """`creators` threads create the key at once while one polls the path: (their keys, any
+    content the poller saw that was not a whole key)."""
+    start, keys, torn = threading.Barrier(creators + 1), [], []
+
+    def create() -> None:
+        start.wait()
+        keys.append(secrets_at_rest.key_file(path))
+
+    def watch() -> None:
+        start.wait()
+        for _ in range(2000):
+            if path.exists() and len(content := path.read_bytes().strip()) != 44:
+                torn.append(content)
+
+    threads = [threading.Thread(target=create) for _ in range(creators)] + [threading.Thread(target=watch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return keys, torn
+
+
+def test_key_file_appears_whole_when_many_create_it_at_once(tmp_path: Path) -> None:
+    for n in range(40):
+        path = tmp_path / f"k{n}" / secrets_at_rest.KEY_FILE
+        path.parent.mkdir()
+        keys, torn = _race_for_the_key(path)
+        assert not torn, f"round {n}: a reader saw {torn[0]!r}"
+        assert len(keys) == 8 and len(set(keys)) == 1, "every creator uses the one key"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file left"
+
+
+def test_a_passphrase_goes_through_scrypt_with_a_salt_stored_beside_the_token() -> None:
+    box = secrets_at_rest.SecretBox(passphrase="correct horse")
+    one, two = box.encrypt("whsec_abc"), box.encrypt("whsec_abc")
+    assert one.startswith("scrypt$") and one.split("$")[1] != two.split("$")[1], "a fresh salt each"
+    salt, token = base64.urlsafe_b64decode(one.split("$")[1]), one.split("$")[2]
+    assert len(salt) == 16
+    kdf = Scrypt(salt=salt, length=32, n=2**14, r=8, p=1)
+    by_scrypt = Fernet(base64.urlsafe_b64encode(kdf.derive(b"correct horse")))
+    assert by_scrypt.decrypt(token.encode()) == b"whsec_abc"
+    by_sha256 = Fernet(base64.urlsafe_b64encode(hashlib.sha256(b"correct horse").digest()))
+    with pytest.raises(InvalidToken):
+        by_sha256.decrypt(token.encode())
+    assert box.decrypt(one) == box.decrypt(two) == "whsec_abc"
+    # A value from the earlier SHA-256 derivation is still read (and flagged for re-encryption).
+    legacy = by_sha256.encrypt(b"whsec_old").decode()
+    assert box.decrypt(legacy) == "whsec_old" and box.is_legacy(legacy) and not box.is_legacy(one)
+    with pytest.raises(InvalidToken):
+        secrets_at_rest.SecretBox(passphrase="wrong").decrypt(one)
