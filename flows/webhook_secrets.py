@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from flows.control import webhooks as store
 from flows.errors import ConfigError
+from flows.private_files import create_once
 from flows.settings import Settings
 
 KEY_FILE = "webhook-secrets.key"
@@ -33,30 +33,8 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 
 def key_file(path: Path) -> bytes:
-    """The generated key (mode 0600), created once. Written whole to a temporary file, synced,
-    then linked into place: a concurrent reader sees no file or the whole key, never an empty
-    one; when two create it at once, the first link wins and both use its key."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        return _read_key(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(Fernet.generate_key())
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        else:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    finally:
-        os.unlink(tmp)
+    """The generated key (mode 0600), created once; a concurrent creator's key wins."""
+    create_once(path, Fernet.generate_key)
     return _read_key(path)
 
 
