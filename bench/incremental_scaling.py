@@ -31,6 +31,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.demo.sample_data import (
@@ -148,7 +149,7 @@ class Bench:
         shutil.copyfile(PROJECT_ROOT / "profiles.example.yml", self.profiles / "profiles.yml")
 
     def dsn(self, dbname: str) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.pg.port}/{dbname}"
+        return make_conninfo(self.pg.dsn, dbname=dbname)
 
     # ---- raw data ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,14 @@ from flows.redact import install_log_redaction, redact, register_dsn, register_s
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_PROJECT = "sqp-demo"
+# The embedded Postgres's password, in libpq's passfile format (0600, in the state directory).
+PG_PASSFILE = "pgpass"
+
+
+def embedded_dsn(port: int, passfile: Path) -> str:
+    """The embedded Postgres's DSN: libpq reads the password from `passfile`, so the DSN (shown
+    by `refresh stack up`, logged, copied into psql) carries none."""
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres?passfile={quote(str(passfile), safe='/')}"
 
 
 class Settings(BaseSettings):
@@ -164,6 +173,10 @@ class Settings(BaseSettings):
         return self.state_dir / "pg"
 
     @property
+    def pg_passfile(self) -> Path:
+        return self.state_dir / PG_PASSFILE
+
+    @property
     def bq_data_dir(self) -> Path:
         return self.state_dir / "bq"
 
@@ -187,7 +200,7 @@ class Settings(BaseSettings):
         """The Postgres DSN: configured, or the embedded server's."""
         if self.pg_dsn is not None:
             return self.pg_dsn.get_secret_value()
-        return f"postgresql://postgres@127.0.0.1:{self.local_pg_port}/postgres"
+        return embedded_dsn(self.local_pg_port, self.pg_passfile)
 
 
 def validate_dsn(dsn: str) -> str:

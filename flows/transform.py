@@ -141,6 +141,8 @@ def dbt_env(settings: Settings) -> dict[str, str]:
         "DBT_PG_USER": str(info.get("user") or "postgres"),
         "DBT_PG_DBNAME": str(info.get("dbname") or "postgres"),
         "DBT_ENV_SECRET_PG_PASSWORD": str(info.get("password") or ""),
+        # libpq (under dbt-postgres) reads the embedded Postgres's password from its passfile.
+        **({"PGPASSFILE": str(info["passfile"])} if info.get("passfile") else {}),
         "DBT_THREADS": str(settings.dbt_threads),
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
     }

@@ -1,4 +1,4 @@
-"""Webhooks per the Standard Webhooks specification: events, secrets, signing and delivery.
+"""Webhooks per the Standard Webhooks specification: events, signing and delivery.
 
 Events are written to the outbox (the control schema's `events` table) in the transaction of
 the audit row that causes them (flows.control.webhooks.emit); `dispatch` delivers them
@@ -9,8 +9,6 @@ housekeeping flow and the CLI call them.
 from __future__ import annotations
 
 import base64
-import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -24,13 +22,12 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from functools import lru_cache, partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 import psycopg
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import InvalidToken
 from standardwebhooks.webhooks import Webhook
 
 from flows.control import webhooks as store
@@ -38,6 +35,8 @@ from flows.control.runs import RunStatus
 from flows.db import connect
 from flows.errors import ConfigError, SchemaDriftError
 from flows.settings import Settings
+from flows.webhook_destinations import DestinationRefused, PinnedTransport, Resolver, system_resolver, vet
+from flows.webhook_secrets import SecretBox, open_secrets
 
 if TYPE_CHECKING:
     from flows.control.tables import TableOutcome
@@ -70,7 +69,6 @@ MAX_RESPONSE_CHARS = 1024
 MAX_URL_CHARS = 2000
 MAX_DESCRIPTION_CHARS = 500
 SECRET_BYTES = 32
-KEY_FILE = "webhook-secrets.key"
 USER_AGENT = "sqp-refresh-webhooks/1"
 
 
@@ -79,26 +77,6 @@ USER_AGENT = "sqp-refresh-webhooks/1"
 
 def new_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
-
-
-def _key_file(path: Path) -> bytes:
-    """The generated key (mode 0600), created once; a concurrent creator's key wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(Fernet.generate_key())
-    return path.read_bytes().strip()
-
-
-def cipher(settings: Settings) -> Fernet:
-    """Secrets must be recoverable to sign (HMAC needs the raw key), so they are encrypted."""
-    if settings.secret_key is not None:
-        digest = hashlib.sha256(settings.secret_key.get_secret_value().encode()).digest()
-        return Fernet(base64.urlsafe_b64encode(digest))
-    return Fernet(_key_file(settings.state_dir / KEY_FILE))
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -140,37 +118,12 @@ def validate_grace_hours(grace: float) -> float:
     return grace
 
 
-def _blocked(addr: str) -> bool:
-    ip = ipaddress.ip_address(addr.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_unspecified
-    )
-
-
-def check_destination(url: str, allow_private: bool) -> None:
-    """Refuse a host that resolves (any of its addresses) to loopback, link-local or private."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+def check_destination(url: str, allow_private: bool, resolver: Resolver = system_resolver) -> str:
+    """The vetted address to deliver `url` to (flows.webhook_destinations has the rules)."""
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
-    except (socket.gaierror, UnicodeError) as exc:
-        raise WebhookInputError("url", f"webhook host {host!r} does not resolve ({exc})") from exc
-    if allow_private:
-        return
-    bad = sorted({str(i[4][0]) for i in infos if _blocked(str(i[4][0]))})
-    if bad:
-        raise WebhookInputError(
-            "url",
-            f"webhook host {host!r} resolves to a loopback, link-local or private address "
-            f"({', '.join(bad)}): refused; set REFRESH_WEBHOOK_ALLOW_PRIVATE=true to allow it",
-        )
+        return vet(url, allow_private, resolver)
+    except DestinationRefused as exc:
+        raise WebhookInputError("url", str(exc)) from None
 
 
 def validate_url(url: str, allow_private: bool) -> str:
@@ -228,7 +181,7 @@ def add_endpoint(
             url=url,
             description=description,
             event_types=types,
-            secret_enc=cipher(settings).encrypt(secret.encode()).decode(),
+            secret_enc=open_secrets(settings, conn).encrypt(secret),
             who=who,
         )
     return NewEndpoint(eid, secret)
@@ -249,7 +202,7 @@ def rotate_secret(
             conn,
             settings.control_schema,
             endpoint_id,
-            new_secret_enc=cipher(settings).encrypt(secret.encode()).decode(),
+            new_secret_enc=open_secrets(settings, conn).encrypt(secret),
             grace_hours=grace,
             who=who,
         )
@@ -458,14 +411,22 @@ class AttemptResult:
 
 
 def send(
-    client: httpx.Client, row: dict[str, Any], fernet: Fernet, allow_private: bool, timeout_s: float
+    client: httpx.Client,
+    transport: PinnedTransport,
+    row: dict[str, Any],
+    box: SecretBox,
+    allow_private: bool,
+    timeout_s: float,
+    resolver: Resolver = system_resolver,
 ) -> AttemptResult:
-    """One HTTP attempt; never raises. Only 2xx is success; redirects are not followed."""
+    """One HTTP attempt to the address vetted now, all of it within `timeout_s` (a receiver
+    that dribbles its answer is cut there); never raises. Only 2xx is success; redirects are
+    not followed."""
     try:
-        check_destination(row["url"], allow_private)
-        keys = [fernet.decrypt(row["secret_enc"].encode()).decode()]
+        address = check_destination(row["url"], allow_private, resolver)
+        keys = [box.decrypt(row["secret_enc"])]
         if row["previous_secret_enc"]:
-            keys.append(fernet.decrypt(row["previous_secret_enc"].encode()).decode())
+            keys.append(box.decrypt(row["previous_secret_enc"]))
     except ConfigError as exc:
         return AttemptResult(False, error=str(exc))
     except InvalidToken:
@@ -478,9 +439,12 @@ def send(
     headers = sign_headers(row["event_id"], payload, keys, datetime.now(UTC))
     started = time.monotonic()
     try:
-        with client.stream(
-            "POST", row["url"], content=payload.encode(), headers=headers, timeout=timeout_s
-        ) as resp:
+        with (
+            transport.attempt(row["url"], address, timeout_s),
+            client.stream(
+                "POST", row["url"], content=payload.encode(), headers=headers, timeout=timeout_s
+            ) as resp,
+        ):
             got = b""
             for chunk in resp.iter_bytes():
                 got += chunk
@@ -500,7 +464,7 @@ def send(
         return AttemptResult(
             False,
             latency_ms=round((time.monotonic() - started) * 1000, 1),
-            error=_short(f"{type(exc).__name__}: {exc}"),
+            error=_short(f"{type(exc).__name__}: {exc} (address {address}, {timeout_s:g} s per attempt)"),
         )
 
 
@@ -599,6 +563,7 @@ def dispatch(
     clock: Callable[[], datetime] | None = None,
     delivery_ids: list[int] | None = None,
     batch_size: int = 32,
+    resolver: Resolver = system_resolver,
 ) -> DispatchResult:
     """Deliver what is due, for at most `deadline_s` seconds (each attempt's timeout is cut to
     what is left). With `wait`, also wait for retries that fall due before the deadline.
@@ -612,10 +577,11 @@ def dispatch(
     start = time.monotonic()
     result = DispatchResult()
     disabled: set[int] = set()
-    fernet: Fernet | None = None  # only when there is something to sign: no key file otherwise
+    box: SecretBox | None = None  # only when there is something to sign: no key file otherwise
     # No Nagle: headers and body go out as two writes, and the second would wait for an ACK.
-    transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-    with connect(settings) as conn, httpx.Client(transport=transport, follow_redirects=False) as client:
+    transport = PinnedTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    client = httpx.Client(transport=transport, follow_redirects=False, trust_env=False)
+    with connect(settings) as conn, client:
         while True:
             left = deadline_s - (time.monotonic() - start)
             if left <= 0.01:
@@ -623,12 +589,14 @@ def dispatch(
             with conn.transaction():
                 rows = store.claim_due(conn, schema, clock(), batch_size, delivery_ids)
                 if rows:
-                    fernet = fernet or cipher(settings)
+                    box = box or open_secrets(settings, conn)
                     timeout = min(settings.webhook_timeout_s, left)
                     one = partial(
                         send,
                         client,
-                        fernet=fernet,
+                        transport,
+                        box=box,
+                        resolver=resolver,
                         allow_private=settings.webhook_allow_private,
                         timeout_s=timeout,
                     )

@@ -25,7 +25,13 @@ def main() -> int:
     pg = EmbeddedPostgres(tmp / "pg", port)
     try:
         pg.start()
-        env = {**os.environ, "DBT_PG_HOST": "127.0.0.1", "DBT_PG_PORT": str(port), "DBT_TARGET": "postgres"}
+        env = {
+            **os.environ,
+            "DBT_PG_HOST": "127.0.0.1",
+            "DBT_PG_PORT": str(port),
+            "DBT_TARGET": "postgres",
+            "PGPASSFILE": str(pg.passfile),
+        }
         paths = sys.argv[1:] or ["models", "macros", "tests/dbt"]
         bin_dir = Path(sys.executable).parent
         return subprocess.call([str(bin_dir / "sqlfluff"), "lint", *paths], env=env)

@@ -35,13 +35,16 @@ class _Server(ThreadingHTTPServer):
 
 
 class Receiver:
-    """Answers `script` codes in order (then `default`), after `delay_s`; records everything."""
+    """Answers `script` codes in order (then `default`), after `delay_s`, with `body_out` (one
+    byte every `dribble_s` when set); records everything."""
 
     def __init__(self, secrets: list[str] | None = None, script: list[int] | None = None, default: int = 200):
         self.secrets = list(secrets or [])
         self.script = list(script or [])
         self.default = default
         self.delay_s = 0.0
+        self.dribble_s = 0.0
+        self.body_out = b"ok"
         self.headers_out: dict[str, str] = {}
         self.received: list[Received] = []
         self._lock = threading.Lock()
@@ -69,9 +72,14 @@ class Receiver:
                     self.send_response(code)
                     for k, v in receiver.headers_out.items():
                         self.send_header(k, v)
-                    self.send_header("content-length", "2")
+                    self.send_header("content-length", str(len(receiver.body_out)))
                     self.end_headers()
-                    self.wfile.write(b"ok")
+                    if not receiver.dribble_s:
+                        self.wfile.write(receiver.body_out)
+                    for i in range(len(receiver.body_out) if receiver.dribble_s else 0):
+                        self.wfile.write(receiver.body_out[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(receiver.dribble_s)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the sender gave up waiting (a timeout under test)
 

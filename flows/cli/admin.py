@@ -15,6 +15,7 @@ from flows.cli.common import (
     load_settings,
     one_line_errors,
     out,
+    plain,
 )
 from flows.redact import redact
 
@@ -30,7 +31,7 @@ def validate(with_stack: WithStackOption = True) -> None:
         for check in check_configuration(settings, PG_HINT):
             failed += not check.ok
             mark = "[green]ok  [/]" if check.ok else "[red]FAIL[/]"
-            out.print(f"{mark} {check.what}: {redact(check.detail)}")
+            out.print(f"{mark} {check.what}: {plain(redact(check.detail))}")
     if failed:
         fail(f"{failed} check(s) failed", "fix the lines marked FAIL, then run `refresh validate` again")
     out.print("[green]configuration is valid[/]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
@@ -13,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flows.errors import ConfigError, RefreshError
@@ -76,10 +78,27 @@ def exit_for(summary: dict[str, Any]) -> None:
         raise typer.Exit(1)
 
 
+# C0 and C1 control characters and DEL: an ESC starts a terminal escape sequence.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def no_controls(text: object) -> str:
+    """Text from outside (a receiver, a row, an error) with its control characters removed, so
+    it cannot move the cursor, retitle or clear the operator's terminal; line breaks and tabs
+    become spaces."""
+    return _CONTROL.sub(lambda m: " " if m.group() in "\t\n\r" else "", str(text))
+
+
+def plain(text: object) -> str:
+    """Text from outside, safe to print with `out`: no control characters, markup escaped
+    (a `[/]` in a receiver's answer would otherwise crash Rich or restyle the output)."""
+    return escape(no_controls(text))
+
+
 def fail(message: str, hint: str | None = None) -> NoReturn:
-    typer.secho(f"error: {redact(message)}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {no_controls(redact(message))}", fg=typer.colors.RED, err=True)
     if hint:
-        typer.echo(f"hint: {redact(hint)}", err=True)
+        typer.echo(f"hint: {no_controls(redact(hint))}", err=True)
     raise typer.Exit(1)
 
 

@@ -28,6 +28,7 @@ from flows.cli.common import (
     one_line_errors,
     out,
     parse_date,
+    plain,
     split_names,
 )
 from flows.errors import RefreshError
@@ -209,7 +210,7 @@ class _RunProgress:
 
 def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) -> None:
     color = {"success": "green", "warning": "yellow"}.get(str(summary["status"]), "red")
-    out.print(f"[{color}]refresh {summary['status']}[/]: {summary['message']} ({elapsed:.1f}s)")
+    out.print(f"[{color}]refresh {summary['status']}[/]: {plain(summary['message'])} ({elapsed:.1f}s)")
     table = new_grid("table", "status", "mode", "slices", "read", "inserted", "deleted", "seconds")
     for t in summary["tables"]:
         table.add_row(
@@ -232,7 +233,7 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
             )
     for t in summary["tables"]:
         if t["error"]:
-            out.print(f"  [red]{t['table']}[/]: {t['error']}")
+            out.print(f"  [red]{t['table']}[/]: {plain(t['error'])}")
     for t in summary["tables"]:
         for p in t.get("plan") or []:
             out.print(
@@ -250,7 +251,7 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
         if nodes:
             out.print(f"  [red]dbt {label}[/]: {', '.join(nodes)}")
     if summary["first_error"]:
-        out.print(f"  first error: {summary['first_error']}")
+        out.print(f"  first error: {plain(summary['first_error'])}")
     out.print("where to look next:")
     pg = settings.dsn() if settings.uses_embedded_postgres else "(REFRESH_PG_DSN)"
     schemas = f"{settings.raw_schema}, staging, marts, summaries, {settings.control_schema}"

@@ -16,6 +16,7 @@ from flows.cli.common import (
     one_line_errors,
     out,
     parse_date,
+    plain,
     seconds,
     ts,
 )
@@ -30,7 +31,7 @@ def _print_run(r: dict[str, Any]) -> None:
     )
     out.print(f"    run {r['run_id']}  flow run {r['flow_run_id'] or '-'}")
     if r["message"]:
-        out.print(f"    {r['message']}")
+        out.print(f"    {plain(r['message'])}")
 
 
 def _print_table_refresh(r: dict[str, Any]) -> None:
@@ -42,7 +43,7 @@ def _print_table_refresh(r: dict[str, Any]) -> None:
         f"deleted {r['rows_deleted']}  run {r['run_id']}"
     )
     if r["message"]:
-        out.print(f"    error: {r['message']}")
+        out.print(f"    error: {plain(r['message'])}")
 
 
 def status(

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli.common import PG_HINT, fail, load_settings, new_grid, one_line_errors, out, ts
+from flows.cli.common import PG_HINT, fail, load_settings, new_grid, one_line_errors, out, plain, ts
 from flows.control import webhooks as store
 from flows.errors import ConfigError
 from flows.settings import Settings
@@ -80,12 +80,12 @@ def list_() -> None:
     for r in rows:
         grid.add_row(
             str(r["id"]),
-            r["url"],
+            plain(r["url"]),
             ", ".join(r["event_types"]),
-            "yes" if r["enabled"] else f"no ({r['disabled_reason'] or 'disabled'})",
-            r["description"],
+            "yes" if r["enabled"] else f"no ({plain(r['disabled_reason'] or 'disabled')})",
+            plain(r["description"]),
             ts(r["previous_secret_expires_at"]),
-            f"{ts(r['updated_at'])} by {r['updated_by']}",
+            f"{ts(r['updated_at'])} by {plain(r['updated_by'])}",
         )
     out.print(grid if rows else "no webhook endpoint (add one with `refresh webhooks add URL`)")
 
@@ -163,8 +163,8 @@ def _print_attempts(settings: Settings, delivery_id: int) -> None:
             "yes" if a["success"] else "no",
             str(a["status_code"] or "-"),
             str(a["latency_ms"] or "-"),
-            a["error"] or "",
-            (a["response_body"] or "")[:80],
+            plain(a["error"] or ""),
+            plain((a["response_body"] or "")[:80]),
         )
     out.print(grid)
 
@@ -248,7 +248,7 @@ def _delivery_cells(r: dict[str, Any]) -> list[str]:
         str(r["attempts"]),
         f"{ts(r['last_attempt_at'])} {r['last_status_code'] or ''}".strip(),
         ts(r["next_attempt_at"]) if r["status"] == "pending" else "-",
-        r["last_error"] or "",
+        plain(r["last_error"] or ""),
     ]
 
 

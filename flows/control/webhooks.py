@@ -224,6 +224,36 @@ def rotate_secret(
     )
 
 
+SECRET_COLUMNS = ("secret_enc", "previous_secret_enc")
+
+
+def stored_secrets(conn: psycopg.Connection, schema: str) -> list[tuple[int, str, str]]:
+    """(endpoint id, column, encrypted value) of every secret a live endpoint keeps."""
+    rows = conn.execute(
+        sql.SQL(
+            "select id, secret_enc, previous_secret_enc from {w} where removed_at is null order by id"
+        ).format(w=_t(schema, "webhook_endpoints"))
+    ).fetchall()
+    return [
+        (r[0], col, value) for r in rows for col, value in zip(SECRET_COLUMNS, r[1:], strict=True) if value
+    ]
+
+
+def replace_stored_secret(
+    conn: psycopg.Connection, schema: str, endpoint_id: int, column: str, old: str, new: str
+) -> None:
+    """Re-encrypted: the same secret under another key. Only while the column still holds `old`,
+    so a rotation that ran meanwhile is kept."""
+    if column not in SECRET_COLUMNS:
+        raise ValueError(f"not a secret column: {column}")
+    conn.execute(
+        sql.SQL("update {w} set {c} = %s where id = %s and {c} = %s").format(
+            w=_t(schema, "webhook_endpoints"), c=sql.Identifier(column)
+        ),
+        (new, endpoint_id, old),
+    )
+
+
 def claim_due(
     conn: psycopg.Connection,
     schema: str,

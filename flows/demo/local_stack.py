@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,11 +31,19 @@ from pathlib import Path
 from typing import IO, Any
 
 from flows.errors import StackError
-from flows.settings import EMULATOR_PROJECT, Settings
+from flows.private_files import create_once
+from flows.settings import EMULATOR_PROJECT, PG_PASSFILE, Settings, embedded_dsn
 
 log = logging.getLogger(__name__)
 
 _PG_SYSTEM_USER = "pgserver"  # postgres refuses to run as root; pgserver's convention
+# Over TCP everyone needs the password; the Unix socket is in the data directory, which only
+# the server's owner can enter (postgres keeps it 0700), so it stays the way in to set it.
+PG_HBA = """# Written by sqp-refresh (flows/demo/local_stack.py); rewritten when it differs.
+local   all   all                  trust
+host    all   all   127.0.0.1/32   scram-sha-256
+host    all   all   ::1/128        scram-sha-256
+"""
 EMULATOR_MESSAGE_CAP = 96 * 1024 * 1024
 
 
@@ -145,8 +154,13 @@ class EmbeddedPostgres:
     started_here: bool = field(default=False, init=False)
 
     @property
+    def passfile(self) -> Path:
+        """The `postgres` role's password in libpq's passfile format, 0600, beside the data."""
+        return self.data_dir.parent / PG_PASSFILE
+
+    @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return embedded_dsn(self.port, self.passfile)
 
     @property
     def log_file(self) -> Path:
@@ -210,6 +224,8 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         if self.running_pid() is not None:
+            with contextlib.suppress(StackError):
+                self._secure()  # a server started before passwords: upgraded in place
             if self.is_ready():
                 log.info("embedded Postgres already running on port %s", self.port)
                 return
@@ -232,7 +248,8 @@ class EmbeddedPostgres:
                     self._bin("initdb"),
                     "-D",
                     str(self.data_dir),
-                    "--auth=trust",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
                     "--encoding=UTF8",
                     "--locale=C",
                     "-U",
@@ -260,6 +277,7 @@ class EmbeddedPostgres:
             "pg_ctl start",
         )
         self.started_here = True
+        self._secure()
         deadline = time.monotonic() + self.startup_timeout_s
         while not self.is_ready():
             if time.monotonic() > deadline:
@@ -268,6 +286,35 @@ class EmbeddedPostgres:
                     f"{self.startup_timeout_s:.0f}s; log:\n{_tail(self.log_file)}"
                 )
             time.sleep(0.2)
+
+    def _password(self) -> str:
+        line = create_once(self.passfile, lambda: f"*:*:*:postgres:{secrets.token_urlsafe(24)}\n".encode())
+        return line.decode().strip().rsplit(":", 1)[1]
+
+    def _secure(self) -> None:
+        """Password login over TCP: the generated password set on the `postgres` role (over the
+        Unix socket) and pg_hba.conf ours. Idempotent; it also upgrades a data directory that
+        was created trusting every local connection."""
+        import psycopg
+        from psycopg import sql
+
+        password = self._password()
+        hba = self.data_dir / "pg_hba.conf"
+        if hba.read_text() != PG_HBA:
+            hba.write_text(PG_HBA)  # written in place: the server's user keeps owning it
+        try:
+            with psycopg.connect(
+                host=str(self.data_dir),
+                port=self.port,
+                user="postgres",
+                dbname="postgres",
+                autocommit=True,
+                connect_timeout=5,
+            ) as conn:
+                conn.execute(sql.SQL("alter role postgres password {}").format(sql.Literal(password)))
+                conn.execute("select pg_reload_conf()")
+        except psycopg.Error as exc:
+            raise StackError(f"embedded Postgres: cannot set its password ({exc})") from None
 
     def _pg(self, cmd: list[str], user: str | None, what: str) -> None:
         try:

@@ -1,4 +1,4 @@
-"""A Postgres role that needs a password on the test stack (which trusts everyone else)."""
+"""A Postgres role of the tests' own, with a password the tests know (to look for it in outputs)."""
 
 from __future__ import annotations
 

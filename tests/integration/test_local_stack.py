@@ -1,13 +1,17 @@
-"""The embedded stack: clear errors for taken ports, reuse of running parts, clean stop."""
+"""The embedded stack: clear errors for taken ports, reuse of running parts, clean stop, and
+a password for every TCP connection to the embedded Postgres."""
 
 from __future__ import annotations
 
+import shutil
 import socket
+import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from flows.demo.local_stack import BigQueryEmulator, EmbeddedPostgres
+from flows.demo.local_stack import BigQueryEmulator, EmbeddedPostgres, free_port
 from flows.errors import StackError
 from flows.settings import Settings
 
@@ -143,3 +147,93 @@ def test_the_emulators_we_start_bound_their_read_sessions(stack: object, setting
     assert argv[1:4] == [b"-m", b"flows.demo.local_stack", b"start"], argv
     env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
     assert env.get(b"SQP_EMULATOR_SESSION_CAP_MB") == b"256", "the test session's cap did not reach it"
+
+
+def _psql() -> str:
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    return shutil.which("psql") or str(POSTGRES_BIN_PATH / "psql")
+
+
+def _without_password(port: int) -> str:
+    """The embedded server's address with no password from anywhere (no passfile, no env)."""
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres?passfile=/nonexistent&connect_timeout=5"
+
+
+def _started(tmp_path: Path) -> EmbeddedPostgres:
+    pg = EmbeddedPostgres(tmp_path / "pg", free_port())
+    pg.start()
+    return pg
+
+
+def test_embedded_postgres_wants_its_password_over_tcp(tmp_path: Path) -> None:
+    import psycopg
+
+    pg = _started(tmp_path)
+    try:
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(_without_password(pg.port)).close()
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(_without_password(pg.port), password="guessed").close()
+        with psycopg.connect(pg.dsn) as conn:
+            assert conn.execute("select current_user").fetchone() == ("postgres",)
+        assert stat.S_IMODE(pg.passfile.stat().st_mode) == 0o600
+        password = pg.passfile.read_text().strip().rsplit(":", 1)[1]
+        assert len(password) >= 24 and password not in pg.dsn
+        # The README's way in: one psql command with the DSN `refresh stack up` prints.
+        psql = subprocess.run(
+            [_psql(), pg.dsn, "-Atc", "select 40 + 2"], capture_output=True, text=True, timeout=30
+        )
+        assert psql.stdout.strip() == "42", psql.stderr
+    finally:
+        pg.stop()
+
+
+def _make_it_trusting_as_before(pg: EmbeddedPostgres) -> None:
+    """A data directory as earlier versions left it: trust for every local connection, no
+    password on the role, no passfile."""
+    import psycopg
+
+    (pg.data_dir / "pg_hba.conf").write_text("local all all trust\nhost all all 127.0.0.1/32 trust\n")
+    with psycopg.connect(host=str(pg.data_dir), port=pg.port, user="postgres", autocommit=True) as conn:
+        conn.execute("alter role postgres password null")
+        conn.execute("select pg_reload_conf()")
+    pg.passfile.unlink()
+
+
+def test_a_trusting_data_directory_is_upgraded_on_the_next_start(tmp_path: Path) -> None:
+    import psycopg
+
+    pg = _started(tmp_path)
+    try:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            conn.execute("create table kept (x int); insert into kept values (7)")
+        # Stopped, then started again by the new code (`make run` on an old state dir).
+        _make_it_trusting_as_before(pg)
+        psycopg.connect(_without_password(pg.port)).close()  # anyone gets in, as before
+        pg.stop()
+        pg.start()
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(_without_password(pg.port)).close()
+        with psycopg.connect(pg.dsn) as conn:
+            assert conn.execute("select x from kept").fetchone() == (7,), "the data stays"
+        # Still running from before (`refresh stack up` on an old server): upgraded in place.
+        _make_it_trusting_as_before(pg)
+        again = EmbeddedPostgres(pg.data_dir, pg.port)
+        again.start()
+        assert not again.started_here
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(_without_password(pg.port)).close()
+        with psycopg.connect(again.dsn) as conn:
+            assert conn.execute("select x from kept").fetchone() == (7,)
+    finally:
+        pg.stop()
+
+
+def test_the_test_stack_wants_the_password_too(stack: object, settings: Settings) -> None:
+    import psycopg
+
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(_without_password(settings.local_pg_port)).close()
+    with psycopg.connect(settings.dsn()) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

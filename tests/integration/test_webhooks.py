@@ -3,6 +3,8 @@ verifies every delivery with `standardwebhooks`, the real dispatcher and CLI."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import signal
 import subprocess
@@ -17,6 +19,8 @@ from uuid import UUID
 
 import psycopg
 import pytest
+from cryptography.fernet import Fernet
+from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from typer.testing import CliRunner
 
@@ -29,6 +33,7 @@ from flows.db import migrate
 from flows.demo.local_stack import free_port
 from flows.errors import ConfigError, SchemaDriftError
 from flows.settings import PROJECT_ROOT, Settings
+from flows.webhook_secrets import open_secrets
 from tests.integration.conftest import SPEC, pg_scalar
 from tests.webhook_receiver import Receiver
 
@@ -596,3 +601,129 @@ def test_cli_update_changes_an_endpoint_and_rejects_bad_input(wh: Settings, pg: 
     assert res.exit_code == 1 and "is disabled" in res.output
     assert runner.invoke(app, ["webhooks", "update", str(ep.id), "--enable"]).exit_code == 0
     assert pg.execute(f"{row} where id = %s", (ep.id,)).fetchone()[3:] == (True, None)  # type: ignore[index]
+
+
+def test_cli_prints_receiver_text_as_plain_text(wh: Settings, pg: psycopg.Connection) -> None:
+    """A receiver's answer and an endpoint's description are shown, not interpreted: Rich
+    markup stays literal and terminal escape sequences never reach the operator's terminal."""
+    hostile = "[/] [bold red]x\x1b[2J\x1b]0;pwned\x07\x9b31m"
+    runner = CliRunner(env={"COLUMNS": "250"})
+    with Receiver(default=500) as rx:
+        rx.body_out = hostile.encode()
+        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"], description=hostile)
+        finish_a_run(wh)
+        webhooks.dispatch(wh, deadline_s=10)
+    [(delivery, *_)] = delivery_rows(pg, ep.id)
+    pg.execute(
+        "update refresh_control.webhook_deliveries set last_error = %s where id = %s", (hostile, delivery)
+    )
+    for args in (["deliveries", "--id", str(delivery)], ["deliveries", "--endpoint", str(ep.id)], ["list"]):
+        res = runner.invoke(app, ["webhooks", *args])
+        assert res.exit_code == 0, (args, res.output, res.exception)
+        assert "[/] [bold red]x" in res.output, (args, res.output)
+        assert not any((ord(c) < 32 and c not in "\n") or 0x7F <= ord(c) <= 0x9F for c in res.output), args
+
+
+def _endpoint_at(settings: Settings, url: str, secret_enc: str | None = None) -> int:
+    """An endpoint stored as `add` stores it, without `add`'s checks: for a host name only the
+    test's resolver knows, or a secret encrypted as an earlier version did."""
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        return store.create_endpoint(
+            conn,
+            settings.control_schema,
+            url=url,
+            description="",
+            event_types=["refresh.completed"],
+            secret_enc=secret_enc or open_secrets(settings, conn).encrypt(webhooks.new_secret()),
+            who="test",
+        )
+
+
+def test_delivery_goes_to_the_vetted_address_without_a_second_resolution(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    """`.invalid` never resolves in real DNS: the delivery arrives only if the client connects to
+    the address the guard vetted instead of resolving the name again."""
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    with Receiver() as rx:
+        port = rx.server.server_address[1]
+        ep = _endpoint_at(wh, f"http://hooks.rebind.invalid:{port}/hook")
+        finish_a_run(wh)
+        result = webhooks.dispatch(wh, deadline_s=10, resolver=resolver)
+    assert result.succeeded == 1, (result, [attempts(pg, d) for d, *_ in delivery_rows(pg, ep)])
+    assert asked == ["hooks.rebind.invalid"], "resolved once, by the guard"
+    assert rx.received[0].headers["host"] == f"hooks.rebind.invalid:{port}"
+
+
+def test_link_local_answer_refused_even_when_private_targets_are_allowed(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    with Receiver() as rx:
+        ep = _endpoint_at(wh, f"http://metadata.rebind.invalid:{rx.server.server_address[1]}/hook")
+        finish_a_run(wh)
+        result = webhooks.dispatch(wh, deadline_s=10, resolver=lambda host, port: ["169.254.169.254"])
+    assert wh.webhook_allow_private and result.failed == 1 and rx.received == []
+    [(delivery, *_)] = delivery_rows(pg, ep)
+    assert "169.254.169.254 (a cloud metadata service)" in attempts(pg, delivery)[0][3]
+
+
+def test_a_receiver_dribbling_its_answer_is_cut_at_the_attempt_deadline(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    """Each byte arrives well within the per-read timeout; the attempt as a whole may not."""
+    wh = wh.model_copy(update={"webhook_timeout_s": 2.0})
+    with Receiver() as rx:
+        rx.body_out, rx.dribble_s = b"x" * 30, 0.5
+        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])
+        finish_a_run(wh)
+        started = time.monotonic()
+        result = webhooks.dispatch(wh, deadline_s=60)
+        took = time.monotonic() - started
+    assert result.failed == 1 and took < 2.0 + 2.5, (result, took)
+    [(delivery, *_)] = delivery_rows(pg, ep.id)
+    assert "ReadTimeout" in attempts(pg, delivery)[0][3]
+
+
+def test_passphrase_secrets_of_the_sha256_era_still_sign_and_are_re_encrypted(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    passphrase = "an operator's passphrase"
+    wh = wh.model_copy(update={"secret_key": SecretStr(passphrase)})
+    legacy = Fernet(base64.urlsafe_b64encode(hashlib.sha256(passphrase.encode()).digest()))
+    secret = webhooks.new_secret()
+    with Receiver(secrets=[secret]) as rx:
+        ep = _endpoint_at(wh, rx.url, secret_enc=legacy.encrypt(secret.encode()).decode())
+        finish_a_run(wh)
+        assert webhooks.dispatch(wh, deadline_s=10).succeeded == 1
+    assert rx.received[0].verified_with == [secret], "nothing lost: the old value still signs"
+    stored = pg_scalar(pg, "select secret_enc from refresh_control.webhook_endpoints where id = %s", (ep,))
+    assert stored.startswith("scrypt$") and open_secrets(wh, pg).decrypt(stored) == secret
+
+
+def test_no_key_on_this_machine_is_one_clear_line_and_creates_none(
+    wh: Settings, pg: psycopg.Connection
+) -> None:
+    """Endpoints exist, but neither REFRESH_SECRET_KEY nor the key file is here (another machine
+    created them): refuse in one line instead of minting a key nobody else can read."""
+    key = wh.state_dir / "webhook-secrets.key"
+    ep = _endpoint_at(wh, "http://127.0.0.1:9/hook")
+    moved = key.with_name("moved-away.key")
+    key.rename(moved)
+    try:
+        with pytest.raises(ConfigError, match="no key for their secrets") as err:
+            webhooks.add_endpoint(wh, "http://127.0.0.1:9/other", None)
+        assert "\n" not in str(err.value) and "REFRESH_SECRET_KEY" in str(err.value)
+        res = CliRunner().invoke(app, ["webhooks", "rotate-secret", str(ep)])
+        assert res.exit_code == 1 and "no key for their secrets" in res.output, res.output
+        assert not key.exists(), "no new key minted"
+        assert (
+            pg_scalar(pg, "select count(*) from refresh_control.webhook_endpoints where removed_at is null")
+            == 1
+        )
+    finally:
+        moved.rename(key)

@@ -91,3 +91,20 @@ def test_a_resumed_table_says_how_many_slices_it_did_not_read_again(
     printed = capsys.readouterr().out
     assert "sqp: resumed: 18 slice(s) an interrupted attempt committed were not read again" in printed
     assert "products: resumed" not in printed
+
+
+def test_outside_text_prints_literally_without_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+    from rich.console import Console
+
+    from flows.cli.common import fail, plain
+
+    hostile = "[/] [red]x[/red]\x1b[2J\x1b]0;t\x07\x9b1m\nnext\tcol\\"
+    console = Console(record=True, width=200)
+    console.print(plain(hostile))
+    shown = console.export_text()
+    assert shown.startswith("[/] [red]x[/red][2J]0;t1m next col\\"), shown
+    with pytest.raises(typer.Exit):
+        fail(hostile)
+    err = capsys.readouterr().err
+    assert "[/] [red]x" in err and "\x1b" not in err and "\x07" not in err

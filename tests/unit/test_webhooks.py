@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import socket
+import stat
+import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from standardwebhooks.webhooks import Webhook
 
+from flows import webhook_destinations as destinations
+from flows import webhook_secrets as secrets_at_rest
 from flows import webhooks
 from flows.control import webhooks as store
 from flows.errors import ConfigError
@@ -110,3 +119,139 @@ def test_fit_bounds_any_event_not_only_run_events() -> None:
     assert len(json.dumps(fitted).encode()) < 19_500
     assert fitted["periods_failed_omitted"] > 0 and fitted["n"] == 1
     assert len(fitted["message"]) < 2100
+
+
+@pytest.mark.parametrize(
+    ("address", "strict", "with_private"),
+    [
+        # (refused by default?, refused with REFRESH_WEBHOOK_ALLOW_PRIVATE?)
+        ("8.8.8.8", False, False),
+        ("2606:4700::1111", False, False),
+        ("::ffff:8.8.8.8", False, False),
+        ("2002:808:808::1", False, False),  # 6to4 of a public address
+        ("127.0.0.1", True, False),
+        ("::1", True, False),
+        ("10.1.2.3", True, False),
+        ("fc00::1", True, False),
+        ("::ffff:127.0.0.1", True, False),
+        ("100.64.0.1", True, False),  # shared (carrier-grade NAT) space
+        ("192.0.2.1", True, False),  # documentation
+        ("2002:7f00:1::1", True, False),  # 6to4 of 127.0.0.1
+        ("64:ff9b::a00:1", True, False),  # NAT64 of 10.0.0.1
+        ("169.254.169.254", True, True),
+        ("169.254.1.1", True, True),
+        ("fe80::1", True, True),
+        ("fe80::1%eth0", True, True),
+        ("::ffff:169.254.169.254", True, True),
+        ("2002:a9fe:a9fe::1", True, True),  # 6to4 of the metadata address
+        ("64:ff9b::a9fe:a9fe", True, True),  # NAT64 of the metadata address
+        ("100.100.100.200", True, True),  # Alibaba metadata
+        ("fd00:ec2::254", True, True),  # AWS metadata over IPv6
+        ("168.63.129.16", True, True),  # Azure WireServer: globally routable, still refused
+        ("224.0.0.1", True, True),
+        ("255.255.255.255", True, True),
+        ("0.0.0.0", True, True),
+        ("::", True, True),
+    ],
+)
+def test_destination_rules_per_address(address: str, strict: bool, with_private: bool) -> None:
+    assert (destinations.refusal(address, allow_private=False) is not None) is strict
+    assert (destinations.refusal(address, allow_private=True) is not None) is with_private
+
+
+def test_one_bad_address_refuses_the_host_and_the_name_is_resolved_once() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def resolver(answer: list[str]) -> destinations.Resolver:
+        def resolve(host: str, port: int) -> list[str]:
+            calls.append((host, port))
+            return answer
+
+        return resolve
+
+    url = "https://hooks.example.test/x"
+    assert destinations.vet(url, False, resolver(["93.184.215.14", "2606:2800::1"])) == "93.184.215.14"
+    assert calls == [("hooks.example.test", 443)]
+    for allow_private in (False, True):
+        with pytest.raises(ConfigError, match=r"169\.254\.169\.254 \(a cloud metadata service\)"):
+            destinations.vet(url, allow_private, resolver(["93.184.215.14", "169.254.169.254"]))
+    with pytest.raises(ConfigError, match=r"10\.0\.0\.7 .*REFRESH_WEBHOOK_ALLOW_PRIVATE"):
+        webhooks.check_destination(url, False, resolver(["10.0.0.7"]))
+    assert webhooks.check_destination(url, True, resolver(["10.0.0.7"])) == "10.0.0.7"
+
+    def broken(host: str, port: int) -> list[str]:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    with pytest.raises(ConfigError, match="does not resolve"):
+        destinations.vet(url, False, broken)
+
+
+@pytest.mark.parametrize(
+    ("url", "allow_private"),
+    [
+        ("http://100.100.100.200/latest/meta-data", False),
+        ("http://100.64.1.1/hook", False),
+        ("http://[2002:a9fe:a9fe::1]/hook", False),
+        ("http://169.254.169.254/latest/meta-data", True),
+        ("http://[fe80::1]/hook", True),
+        ("http://100.100.100.200/hook", True),
+    ],
+)
+def test_urls_refused_by_address_class(url: str, allow_private: bool) -> None:
+    """Literal addresses: getaddrinfo answers without asking DNS."""
+    with pytest.raises(ConfigError, match="refused"):
+        webhooks.validate_url(url, allow_private=allow_private)
+
+
+def _race_for_the_key(path: Path, creators: int = 8) -> tuple[list[bytes], list[bytes]]:
+    """`creators` threads create the key at once while one polls the path: (their keys, any
+    content the poller saw that was not a whole key)."""
+    start, keys, torn = threading.Barrier(creators + 1), [], []
+
+    def create() -> None:
+        start.wait()
+        keys.append(secrets_at_rest.key_file(path))
+
+    def watch() -> None:
+        start.wait()
+        for _ in range(2000):
+            if path.exists() and len(content := path.read_bytes().strip()) != 44:
+                torn.append(content)
+
+    threads = [threading.Thread(target=create) for _ in range(creators)] + [threading.Thread(target=watch)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return keys, torn
+
+
+def test_key_file_appears_whole_when_many_create_it_at_once(tmp_path: Path) -> None:
+    for n in range(40):
+        path = tmp_path / f"k{n}" / secrets_at_rest.KEY_FILE
+        path.parent.mkdir()
+        keys, torn = _race_for_the_key(path)
+        assert not torn, f"round {n}: a reader saw {torn[0]!r}"
+        assert len(keys) == 8 and len(set(keys)) == 1, "every creator uses the one key"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file left"
+
+
+def test_a_passphrase_goes_through_scrypt_with_a_salt_stored_beside_the_token() -> None:
+    box = secrets_at_rest.SecretBox(passphrase="correct horse")
+    one, two = box.encrypt("whsec_abc"), box.encrypt("whsec_abc")
+    assert one.startswith("scrypt$") and one.split("$")[1] != two.split("$")[1], "a fresh salt each"
+    salt, token = base64.urlsafe_b64decode(one.split("$")[1]), one.split("$")[2]
+    assert len(salt) == 16
+    kdf = Scrypt(salt=salt, length=32, n=2**14, r=8, p=1)
+    by_scrypt = Fernet(base64.urlsafe_b64encode(kdf.derive(b"correct horse")))
+    assert by_scrypt.decrypt(token.encode()) == b"whsec_abc"
+    by_sha256 = Fernet(base64.urlsafe_b64encode(hashlib.sha256(b"correct horse").digest()))
+    with pytest.raises(InvalidToken):
+        by_sha256.decrypt(token.encode())
+    assert box.decrypt(one) == box.decrypt(two) == "whsec_abc"
+    # A value from the earlier SHA-256 derivation is still read (and flagged for re-encryption).
+    legacy = by_sha256.encrypt(b"whsec_old").decode()
+    assert box.decrypt(legacy) == "whsec_old" and box.is_legacy(legacy) and not box.is_legacy(one)
+    with pytest.raises(InvalidToken):
+        secrets_at_rest.SecretBox(passphrase="wrong").decrypt(one)
