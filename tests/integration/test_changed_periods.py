@@ -491,6 +491,32 @@ def test_a_day_withdrawn_at_the_source_leaves_the_daily_models_with_the_next_nor
         _assert_equals_full_rebuild(settings, pg, DAILY_MODELS)
 
 
+@pytest.mark.parametrize(
+    "dbt_vars",
+    [{"refresh_start_date": "2026-11-01"}, {}],
+    ids=["refresh_start_date", "lookback"],
+)
+def test_a_withdrawn_week_leaves_the_models_rebuilt_from_a_date(
+    refreshed: dict[str, Any],
+    settings: Settings,
+    clients: BigQueryClients,
+    pg: psycopg.Connection,
+    dbt_vars: dict[str, Any],
+) -> None:
+    """Without refresh_days (a backfill's refresh_start_date, or a plain `dbt build`: the
+    lookback from each model's watermark) every period from the window start is replaced,
+    the emptied one included."""
+    assert refreshed["status"] == "success", refreshed["message"]
+    with _withdrawn(settings, clients, SQP_TABLE, _week_where(WITHDRAWN_WEEK)):
+        _load(settings, clients, [WITHDRAWN_WEEK])
+        dbt = run_dbt(settings, ["build", *SQP_BUILD, "--vars", json.dumps(dbt_vars)])
+        assert dbt.success, dbt.message
+        for model, column in WEEKLY_MODELS.items():
+            assert _count(pg, model, column, WITHDRAWN_WEEK) == 0, model
+        assert date(2026, 11, 1) in _rebuilt(pg, dbt.invocation_id)["summaries.monthly_summary"]
+        _assert_equals_full_rebuild(settings, pg)
+
+
 def _failed_tests(dbt: Any) -> dict[str, int | None]:
     return {n["name"]: n["failures"] for n in dbt.failed_nodes}
 
