@@ -392,7 +392,9 @@ def test_a_day_that_loses_all_its_rows_still_rebuilds_its_month(
 WITHDRAWN_WEEK = date(2026, 11, 8)
 WITHDRAWN_DAY = date(2026, 11, 18)
 DAILY_MODELS = {"marts.daily_search_terms": "search_date"}
-WEEKLY_MODELS = {m: c for m, c in MODELS.items() if m.startswith(("marts.", "intermediate.", "summaries.weekly"))}
+WEEKLY_MODELS = {
+    m: c for m, c in MODELS.items() if m.startswith(("marts.", "intermediate.", "summaries.weekly"))
+}
 
 
 @contextlib.contextmanager
