@@ -2,8 +2,9 @@
     Incremental models here replace whole periods: each run rebuilds every period (day, week,
     month, quarter, year) that contains a day the current refresh may have changed, and
     deletes all old rows of each rebuilt period before inserting its new ones, so rows that
-    vanished from a restated period vanish from the model too. (A period left with no rows at
-    all keeps its old rows until a --full-refresh.)
+    vanished from a restated period vanish from the model too, and a period left with no rows
+    at all vanishes whole (the delete covers the run's window, not only the periods of its new
+    rows: macros/period_replace_strategy.sql).
 
     A model declares how it is windowed once, in period_incremental_config; the window macros
     below and the test scoping (macros/refresh_window_tests.sql) read that declaration from
@@ -16,6 +17,8 @@
     key_columns: the model's grain, period_column first.
     grain: 'week' for models fed by weekly SQP rows, 'day' for daily rows.
     period: none, or 'month' / 'quarter' / 'year' when period_column starts such a period.
+    watermark_column: the column of this model whose max() marks how far it is built (the
+    lookback's anchor when no refresh var is set); period_column unless given.
     Postgres: period_replace (macros/period_replace_strategy.sql) keyed on the period column,
     plus a unique index on the grain (leading period column, so the delete and the window
     filter use it too); the build's transaction gets more sort and index memory
@@ -24,7 +27,7 @@
     BigQuery: insert_overwrite of day partitions on the period column, clustered by the rest
     of the grain.
 #}
-{% macro period_incremental_config(period_column, key_columns, grain='week', period=none) -%}
+{% macro period_incremental_config(period_column, key_columns, grain='week', period=none, watermark_column=none) -%}
     {%- if key_columns[0] != period_column -%}
         {{ exceptions.raise_compiler_error(
             "period_incremental_config: key_columns must start with " ~ period_column
@@ -34,7 +37,10 @@
     {%- set config = {
         'materialized': 'incremental',
         'on_schema_change': 'fail',
-        'meta': {'incremental_window': {'column': period_column, 'grain': grain, 'period': period}},
+        'meta': {'incremental_window': {
+            'column': period_column, 'grain': grain, 'period': period,
+            'watermark': watermark_column or period_column,
+        }},
     } -%}
     {%- if target.type == 'bigquery' -%}
         {%- do config.update({
@@ -299,27 +305,41 @@
 
 {#
     The rows an incremental run of the current model (configured with
-    period_incremental_config) reads from upstream, as a SQL condition on `filter_column`:
+    period_incremental_config) reads from upstream, as a SQL condition on `filter_column`
+    (rebuilt_periods_condition); logs the periods it rebuilds.
+#}
+{% macro incremental_window_filter(filter_column, as_utc_timestamp=false) -%}
+    {{ return(rebuilt_periods_condition(filter_column, as_utc_timestamp, log_periods=true)) }}
+{%- endmacro %}
+
+
+{#
+    The periods an incremental run of the current model (configured with
+    period_incremental_config) rebuilds, as a SQL condition on `column`: the model reads its
+    upstream rows with it (incremental_window_filter) and period_replace deletes its old rows
+    with it (on the period column), so a period that lost every upstream row is deleted too.
     - var refresh_days (the flow's daily run) or refresh_weeks set: the changed days or
       weeks, or the months, quarters or years containing them (refresh_ranges);
-    - else `filter_column >= incremental_window_start(watermark_column)`: refresh_start_date
-      (a backfill or an explicit date range) or the lookback from the watermark.
+    - else `column >= incremental_window_start()`: refresh_start_date (a backfill or an
+      explicit date range) or the lookback from the model's watermark.
 #}
-{% macro incremental_window_filter(filter_column, watermark_column, as_utc_timestamp=false) -%}
+{% macro rebuilt_periods_condition(column, as_utc_timestamp=false, log_periods=false) -%}
     {%- set window = config.meta_get('incremental_window') if execute else none -%}
     {%- set refresh = refresh_ranges(window or {}) if execute else none -%}
     {%- if refresh is none -%}
-        {{ return(filter_column ~ ' >= ' ~ incremental_window_start(watermark_column, as_utc_timestamp)) }}
+        {{ return(column ~ ' >= ' ~ incremental_window_start(as_utc_timestamp, log_start=log_periods)) }}
     {%- endif -%}
     {%- if not window -%}
         {{ exceptions.raise_compiler_error(
-            "incremental_window_filter: configure " ~ this ~ " with period_incremental_config"
+            "incremental window: configure " ~ this ~ " with period_incremental_config"
         ) }}
     {%- endif -%}
     {%- set ranges = refresh.ranges -%}
-    {{ log(this.identifier ~ ": rebuilding periods " ~ (ranges | map('join', '..') | join(', ') or 'none')
-        ~ " (" ~ refresh.source ~ ")", info=true) }}
-    {{ return(ranges_condition(filter_column, ranges, as_utc_timestamp)) }}
+    {%- if log_periods -%}
+        {{ log(this.identifier ~ ": rebuilding periods " ~ (ranges | map('join', '..') | join(', ') or 'none')
+            ~ " (" ~ refresh.source ~ ")", info=true) }}
+    {%- endif -%}
+    {{ return(ranges_condition(column, ranges, as_utc_timestamp)) }}
 {%- endmacro %}
 
 
@@ -382,12 +402,11 @@
 
 {#
     First period start to rebuild, as a SQL literal; use inside is_incremental() of a model
-    configured with period_incremental_config (its grain and period come from there).
-    watermark_column: the column of this model whose max() marks how far it is built.
-    as_utc_timestamp: compare a timestamp column (the UTC start of the first day).
+    configured with period_incremental_config (its grain, period and watermark column come
+    from there). as_utc_timestamp: compare a timestamp column (the UTC start of the first day).
     The start is refresh_start_date when set, else var lookback_days before the watermark.
 #}
-{% macro incremental_window_start(watermark_column, as_utc_timestamp=false) -%}
+{% macro incremental_window_start(as_utc_timestamp=false, log_start=true) -%}
     {%- set datetime = modules.datetime -%}
     {%- set everything = datetime.date(1, 1, 1) -%}
     {#- At parse time config.meta_get answers nothing; the SQL is not run then. -#}
@@ -400,6 +419,7 @@
             "incremental_window_start: configure " ~ this ~ " with period_incremental_config"
         ) }}
     {%- endif -%}
+    {%- set watermark_column = window.get('watermark') or window.column -%}
 
     {%- set requested = refresh_start_date() -%}
     {%- if requested is not none -%}
@@ -423,7 +443,9 @@
         {%- endset -%}
         {%- set watermark = run_query(watermark_sql).columns[0].values()[0] -%}
         {%- if watermark is none -%}
-            {{ log(this.identifier ~ ": target is empty, rebuilding everything", info=true) }}
+            {%- if log_start -%}
+                {{ log(this.identifier ~ ": target is empty, rebuilding everything", info=true) }}
+            {%- endif -%}
             {{ return(window_literal(everything, as_utc_timestamp)) }}
         {%- endif -%}
         {%- set watermark = datetime.date(watermark.year, watermark.month, watermark.day) -%}
@@ -432,6 +454,8 @@
     {%- endif -%}
 
     {%- set start = widen_window_start(start, window.grain, window.period) -%}
-    {{ log(this.identifier ~ ": incremental window starts at " ~ start ~ " (" ~ reason ~ ")", info=true) }}
+    {%- if log_start -%}
+        {{ log(this.identifier ~ ": incremental window starts at " ~ start ~ " (" ~ reason ~ ")", info=true) }}
+    {%- endif -%}
     {{ return(window_literal(start, as_utc_timestamp)) }}
 {%- endmacro %}

@@ -4,7 +4,9 @@
     what an index entry holds).
 #}
 {% macro summary_config(period) -%}
-    {{ return(period_incremental_config('period_start', ['period_start', 'search_query_key', 'asin'], period=period)) }}
+    {{ return(period_incremental_config(
+        'period_start', ['period_start', 'search_query_key', 'asin'], period=period, watermark_column='last_week_start'
+    )) }}
 {%- endmacro %}
 
 
@@ -66,7 +68,7 @@ period_sums as (
         week_start as last_week_start
     from {{ ref('search_query_performance') }}
     {%- if is_incremental() %}
-    where {{ incremental_window_filter('week_start', 'last_week_start') }}
+    where {{ incremental_window_filter('week_start') }}
     {%- endif %}
 
 ),
@@ -87,7 +89,7 @@ finer_periods as (
         last_week_start
     from {{ ref(finer_summary[period]) }}
     {%- if is_incremental() %}
-    where {{ incremental_window_filter('period_start', 'last_week_start') }}
+    where {{ incremental_window_filter('period_start') }}
     {%- endif %}
 
 ),

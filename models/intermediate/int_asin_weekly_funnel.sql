@@ -12,7 +12,7 @@ sqp_weeks as (
 
     select * from {{ ref('stg_sqp__search_query_performance') }}
     {%- if is_incremental() %}
-    where {{ incremental_window_filter('week_start_at', 'week_start', as_utc_timestamp=true) }}
+    where {{ incremental_window_filter('week_start_at', as_utc_timestamp=true) }}
     {%- endif %}
 
 ),

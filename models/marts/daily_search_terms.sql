@@ -10,7 +10,7 @@ search_days as (
 
     select * from {{ ref('stg_sqp__daily_search_terms') }}
     {%- if is_incremental() %}
-    where {{ incremental_window_filter('search_date', 'search_date') }}
+    where {{ incremental_window_filter('search_date') }}
     {%- endif %}
 
 ),

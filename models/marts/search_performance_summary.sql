@@ -10,7 +10,7 @@ sqp_weeks as (
 
     select * from {{ ref('search_query_performance') }}
     {%- if is_incremental() %}
-    where {{ incremental_window_filter('week_start', 'week_start') }}
+    where {{ incremental_window_filter('week_start') }}
     {%- endif %}
 
 ),

@@ -8,6 +8,10 @@ the args the flow computes from the outcomes. Exactly the expected weeks, months
 years carry the new dbt invocation; every incremental model and summary equals a
 `--full-refresh` build into `<schema>_cmp` (EXCEPT both ways). The source, the raw table and
 the models are put back afterwards.
+
+A week of SQP rows (and a day of the daily table) withdrawn whole at the source leaves every
+model with the next normal daily run, and its month, quarter and year are recomputed: the
+models equal a full rebuild of the same source.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
@@ -25,9 +29,11 @@ import pytest
 from flows import runbook
 from flows.bigquery import BigQueryClients
 from flows.control import rebuilds, registry
-from flows.demo.sample_data import PRODUCTS_TABLE, SQP_TABLE
+from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
+from flows.explain import explain
 from flows.periods import periods_to_rebuild
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.runbook import RunParams
 from flows.settings import Settings
 from flows.transform import run_dbt, target_dir
 from tests.integration.conftest import SPEC
@@ -305,20 +311,24 @@ def _source_changed(
         assert restored["status"] == "success", restored["message"]
 
 
-def _rebuilt(pg: psycopg.Connection, invocation_id: str | None) -> dict[str, set[date]]:
+def _rebuilt(
+    pg: psycopg.Connection, invocation_id: str | None, models: dict[str, str] | None = None
+) -> dict[str, set[date]]:
     """Per model, the periods whose rows all carry `invocation_id`."""
     return {
         m: {p for p, inv in _invocations(pg, m, c).items() if inv == {invocation_id}}
-        for m, c in MODELS.items()
+        for m, c in (models or MODELS).items()
     }
 
 
-def _assert_equals_full_rebuild(settings: Settings, pg: psycopg.Connection) -> None:
+def _assert_equals_full_rebuild(
+    settings: Settings, pg: psycopg.Connection, models: dict[str, str] | None = None
+) -> None:
     full = run_dbt(
         settings, ["run", *SQP_BUILD, "--full-refresh", "--vars", json.dumps({"schema_suffix": CMP})]
     )
     assert full.success, full.message
-    for model in MODELS:
+    for model in models or MODELS:
         columns = ", ".join(_columns(pg, model))
         assert columns
         schema, name = model.split(".")
@@ -371,10 +381,142 @@ def test_a_day_that_loses_all_its_rows_still_rebuilds_its_month(
         assert outcome.slice_days == {_slice(EMPTIED): [EMPTIED]}
         rebuilt = _build_changed_days(settings, pg, outcome, EMPTIED)
         # October (the month of the emptied day) is rebuilt; September (where its ISO week
-        # starts) is kept. The emptied week itself has no new rows to replace it with: a period
-        # left with no rows keeps its old rows until a --full-refresh (docs/dbt.md).
+        # starts) is kept.
         assert rebuilt["summaries.monthly_summary"] == {date(2026, 10, 1)}
         assert rebuilt["summaries.quarterly_summary"] == {date(2026, 10, 1)}
+
+
+# Withdrawn whole at the source inside the lookback: the SQP week of Sunday 2026-11-08 (its
+# month, quarter and year hold other weeks) and the daily table's Wednesday 2026-11-18 (its
+# ISO week, the slice, holds other days; the daily table's lookback starts 2026-11-14).
+WITHDRAWN_WEEK = date(2026, 11, 8)
+WITHDRAWN_DAY = date(2026, 11, 18)
+DAILY_MODELS = {"marts.daily_search_terms": "search_date"}
+WEEKLY_MODELS = {
+    m: c for m, c in MODELS.items() if m.startswith(("marts.", "intermediate.", "summaries.weekly"))
+}
+
+
+@contextlib.contextmanager
+def _withdrawn(settings: Settings, clients: BigQueryClients, table: str, where: str) -> Iterator[None]:
+    """Every row of `table` matching `where` deleted in the source; put back afterwards (source,
+    then the table reloaded and its models rebuilt in full)."""
+    path = f"`{clients.project}.{clients.dataset}.{table}`"
+    backup_dataset = f"{clients.project}.withdrawn_{uuid4().hex[:8]}"
+    clients.rest.create_dataset(backup_dataset)
+    backup = f"`{backup_dataset}.{table}`"
+
+    def run(statement: str) -> None:
+        clients.rest.query(statement).result()
+
+    try:
+        run(f"create table {backup} as select * from {path} where {where}")
+        run(f"delete from {path} where {where}")
+        yield
+    finally:
+        run(f"delete from {path} where {where}")
+        run(f"insert into {path} select * from {backup}")
+        clients.rest.delete_dataset(backup_dataset, delete_contents=True)
+        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+            for schema in ("staging", "intermediate", "marts", "summaries"):
+                conn.execute(f"drop schema if exists {schema}{CMP} cascade")
+        from flows.daily_refresh import daily_refresh
+
+        restored = daily_refresh(tables=[table], full_refresh=True, trigger="test")
+        assert restored["status"] == "success", restored["message"]
+
+
+def _normal_run(
+    settings: Settings, clients: BigQueryClients, pg: psycopg.Connection, table: str, day: date
+) -> str:
+    """A normal daily run of `table` (not forced, not full), after `refresh run --explain` of it:
+    the run's dbt invocation id. `day` (withdrawn) is among the days the explain predicted,
+    and the run hands dbt those days."""
+    from flows.daily_refresh import daily_refresh
+
+    ex = explain(settings, clients, RunParams(tables=[table]), datetime.now(UTC))
+    run = daily_refresh(tables=[table], trigger="test")
+    assert run["status"] == "success", run["message"]
+    invocation_id: str = run["dbt_invocation_id"]
+    assert invocation_id is not None, run
+    row = pg.execute(
+        f"select args from {settings.control_schema}.dbt_invocations where invocation_id = %s",
+        (invocation_id,),
+    ).fetchone()
+    assert row is not None
+    args = row[0]
+    audited = json.loads(args[args.index("--vars") + 1])
+    assert ex.dbt_vars is not None and day.isoformat() in ex.dbt_vars["refresh_days"], ex.dbt_vars
+    assert {k: audited.get(k) for k in ex.dbt_vars} == ex.dbt_vars, audited
+    return invocation_id
+
+
+def _count(pg: psycopg.Connection, model: str, column: str, period: date) -> int:
+    row = pg.execute(f"select count(*) from {model} where {column} = %s", (period,)).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_week_withdrawn_at_the_source_leaves_every_model_with_the_next_normal_run(
+    refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients, pg: psycopg.Connection
+) -> None:
+    assert refreshed["status"] == "success", refreshed["message"]
+    for model, column in WEEKLY_MODELS.items():
+        assert _count(pg, model, column, WITHDRAWN_WEEK) > 0, model
+    with _withdrawn(settings, clients, SQP_TABLE, _week_where(WITHDRAWN_WEEK)):
+        invocation_id = _normal_run(settings, clients, pg, SQP_TABLE, WITHDRAWN_WEEK)
+        # The week is gone from every weekly model, in the mart and the weekly summary too.
+        for model, column in WEEKLY_MODELS.items():
+            assert _count(pg, model, column, WITHDRAWN_WEEK) == 0, model
+        # Its month, quarter and year were recomputed by this run (without it).
+        rebuilt = _rebuilt(pg, invocation_id)
+        assert date(2026, 11, 1) in rebuilt["summaries.monthly_summary"]
+        assert date(2026, 10, 1) in rebuilt["summaries.quarterly_summary"]
+        assert date(2026, 1, 1) in rebuilt["summaries.yearly_summary"]
+        _assert_equals_full_rebuild(settings, pg)
+
+
+def test_a_day_withdrawn_at_the_source_leaves_the_daily_models_with_the_next_normal_run(
+    refreshed: dict[str, Any], settings: Settings, clients: BigQueryClients, pg: psycopg.Connection
+) -> None:
+    assert refreshed["status"] == "success", refreshed["message"]
+    mart = "marts.daily_search_terms"
+    staging = "staging.stg_sqp__daily_search_terms"
+    assert _count(pg, mart, "search_date", WITHDRAWN_DAY) > 0
+    with _withdrawn(settings, clients, DAILY_TABLE, f"`date` = date '{WITHDRAWN_DAY}'"):
+        invocation_id = _normal_run(settings, clients, pg, DAILY_TABLE, WITHDRAWN_DAY)
+        assert _count(pg, staging, "search_date", WITHDRAWN_DAY) == 0
+        assert _count(pg, mart, "search_date", WITHDRAWN_DAY) == 0
+        # The other days of its slice were rebuilt by this run.
+        rebuilt = _rebuilt(pg, invocation_id, DAILY_MODELS)[mart]
+        assert WITHDRAWN_DAY - timedelta(days=1) in rebuilt and WITHDRAWN_DAY + timedelta(days=1) in rebuilt
+        _assert_equals_full_rebuild(settings, pg, DAILY_MODELS)
+
+
+@pytest.mark.parametrize(
+    "dbt_vars",
+    [{"refresh_start_date": "2026-11-01"}, {}],
+    ids=["refresh_start_date", "lookback"],
+)
+def test_a_withdrawn_week_leaves_the_models_rebuilt_from_a_date(
+    refreshed: dict[str, Any],
+    settings: Settings,
+    clients: BigQueryClients,
+    pg: psycopg.Connection,
+    dbt_vars: dict[str, Any],
+) -> None:
+    """Without refresh_days (a backfill's refresh_start_date, or a plain `dbt build`: the
+    lookback from each model's watermark) every period from the window start is replaced,
+    the emptied one included."""
+    assert refreshed["status"] == "success", refreshed["message"]
+    with _withdrawn(settings, clients, SQP_TABLE, _week_where(WITHDRAWN_WEEK)):
+        _load(settings, clients, [WITHDRAWN_WEEK])
+        dbt = run_dbt(settings, ["build", *SQP_BUILD, "--vars", json.dumps(dbt_vars)])
+        assert dbt.success, dbt.message
+        for model, column in WEEKLY_MODELS.items():
+            assert _count(pg, model, column, WITHDRAWN_WEEK) == 0, model
+        assert date(2026, 11, 1) in _rebuilt(pg, dbt.invocation_id)["summaries.monthly_summary"]
+        _assert_equals_full_rebuild(settings, pg)
 
 
 def _failed_tests(dbt: Any) -> dict[str, int | None]:
