@@ -18,8 +18,40 @@ REFRESH_LOCK_KEY = 7_312_002
 FENCE_LOCK_KEY = 7_312_004
 
 
+# Every session the product opens reads and writes timestamps in UTC, whatever the server's
+# default zone. Set after connecting: libpq sends a client's PGTZ after, and so over, a
+# `-c TimeZone=` in the startup options.
+SESSION_TIME_ZONE = "UTC"
+_SET_TIME_ZONE = "select set_config('TimeZone', %s, false)"
+
+
+def use_utc(conn: psycopg.Connection) -> None:
+    """Put a new session in UTC (also a pool's `configure` callback)."""
+    conn.execute(_SET_TIME_ZONE, (SESSION_TIME_ZONE,))
+    if not conn.autocommit:
+        conn.commit()
+
+
+async def use_utc_async(conn: psycopg.AsyncConnection) -> None:
+    await conn.execute(_SET_TIME_ZONE, (SESSION_TIME_ZONE,))
+    if not conn.autocommit:
+        await conn.commit()
+
+
 def connect(settings: Settings, autocommit: bool = False) -> psycopg.Connection:
-    return psycopg.connect(settings.dsn(), autocommit=autocommit, application_name="sqp-refresh")
+    return connect_dsn(settings.dsn(), autocommit=autocommit)
+
+
+def connect_dsn(
+    dsn: str, autocommit: bool = False, application_name: str = "sqp-refresh"
+) -> psycopg.Connection:
+    conn = psycopg.connect(dsn, autocommit=autocommit, application_name=application_name)
+    try:
+        use_utc(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def migrate(settings: Settings) -> None:
