@@ -54,8 +54,9 @@ def connect_dsn(
     return conn
 
 
-def migrate(settings: Settings) -> None:
-    """Bring the control schema to the newest revision; safe to call from many processes."""
+def migrate(settings: Settings, revision: str = "head") -> None:
+    """Bring the control schema to the newest revision (or `revision`); safe to call from many
+    processes."""
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine, text
@@ -71,7 +72,7 @@ def migrate(settings: Settings) -> None:
             conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
             conn.execute(text(f'create schema if not exists "{settings.control_schema}"'))
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
     except DBAPIError as exc:
         # SQLAlchemy's wrapper repeats the message, the statement and a link: what Postgres
         # said is the psycopg error it wraps (the CLI turns that into one line).

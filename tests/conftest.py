@@ -2,7 +2,8 @@
 
 Everything goes to a temporary state directory on free ports, so tests never touch the demo's
 data (`make run`) or a user's configured databases. Set SQP_TEST_PG_DSN to run against an
-external Postgres instead (use a database that may be written to freely).
+external Postgres instead (use a database that may be written to freely; its default time
+zone is changed as below).
 
 The test database's default time zone is set to TEST_DB_TIME_ZONE (west of UTC, a half-hour
 offset, daylight saving), for an external database too: nothing the product reads or writes

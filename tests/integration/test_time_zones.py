@@ -18,7 +18,7 @@ from google.cloud import bigquery
 
 from flows import validation
 from flows.bigquery import BigQueryClients, make_clients
-from flows.control import registry
+from flows.control import checkpoints, registry, runs
 from flows.db import connect, migrate
 from flows.demo.sample_data import PRODUCTS_TABLE, SampleSpec, products_insert_sql, products_schema
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
@@ -198,3 +198,40 @@ def test_edge_timestamps_round_trip_through_three_runs(env: Env, cfg: TableConfi
         env.validate(cfg)
     finally:
         env.create_source(EDGES, EDGES_SCHEMA, EDGES_INSERT)
+
+
+def test_migration_moves_whole_table_slices_to_infinite_bounds(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control schemas written before migration 0010 kept a whole table's slice as
+    0001-01-01 .. 9999-12-31; after it the product reads them as the whole table."""
+    monkeypatch.setenv("REFRESH_CONTROL_SCHEMA", "tz_migrate")
+    settings = get_settings()
+    with connect(settings, autocommit=True) as conn:
+        conn.execute("drop schema if exists tz_migrate cascade")
+    migrate(settings, revision="0009")
+    whole = (datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC))
+    week = (datetime(2026, 1, 5, tzinfo=UTC), datetime(2026, 1, 12, tzinfo=UTC))
+    with connect(settings, autocommit=True) as conn:
+        run = runs.start_run(conn, "tz_migrate", flow_run_id=None, trigger="test", params={})
+        for table, (start, end) in (("full", whole), ("sliced", week)):
+            checkpoints.record(conn, "tz_migrate", table, start, end, run.run_id, 1)
+            conn.execute(
+                "insert into tz_migrate.slice_refreshes (run_id, table_name, slice_start, slice_end, status, "
+                "started_at) values (%s, %s, %s, %s, 'success', now())",
+                (run.run_id, table, start, end),
+            )
+    migrate(settings)
+    with connect(settings, autocommit=True) as conn:
+        rows = conn.execute(
+            "select 'checkpoints', table_name, slice_start::text, slice_end::text from tz_migrate.checkpoints "
+            "union all select 'slice_refreshes', table_name, slice_start::text, slice_end::text "
+            "from tz_migrate.slice_refreshes order by 1, 2"
+        ).fetchall()
+    dated = ("2026-01-05 00:00:00+00", "2026-01-12 00:00:00+00")
+    assert rows == [
+        ("checkpoints", "full", "-infinity", "infinity"),
+        ("checkpoints", "sliced", *dated),
+        ("slice_refreshes", "full", "-infinity", "infinity"),
+        ("slice_refreshes", "sliced", *dated),
+    ]

@@ -112,3 +112,18 @@ def test_other_runs_never_move_a_due_time_later() -> None:
     assert next_due(due_cfg(T), T + timedelta(hours=12), scheduled=False) == T + timedelta(days=1)
     assert next_due(due_cfg(T), T + timedelta(days=3, hours=1), scheduled=False) == T + timedelta(days=4)
     assert next_due(due_cfg(None), T, scheduled=False) == T
+
+
+def test_the_whole_table_slice_has_no_timestamp_bounds() -> None:
+    # No timestamp stands for "unbounded": one at the edge of the range breaks in some zone.
+    whole = plan_slices(cfg(write_strategy=WriteStrategy.FULL_REPLACE, cursor_column=None), None)
+    assert [(s.start_ts, s.end_ts) for s in whole] == [(None, None)]
+    week = Slice(date(2026, 1, 5), date(2026, 1, 12))
+    assert (week.start_ts, week.end_ts) == (
+        datetime(2026, 1, 5, tzinfo=UTC),
+        datetime(2026, 1, 12, tzinfo=UTC),
+    )
+    span = Slice(date(2026, 1, 5), date(2026, 1, 19))
+    assert week.within(span) and week.within(whole[0])
+    assert not span.within(week) and not whole[0].within(span)
+    assert not Slice(date(2026, 1, 12), date(2026, 1, 26)).within(span)
