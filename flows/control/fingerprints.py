@@ -76,6 +76,7 @@ def confirm(
     """The source still held exactly the checkpointed rows at `as_of` (fingerprints equal)."""
     if not slice_starts:
         return
+    # One statement for many slices: START_PARAM's mapping (None: the whole table) per element.
     conn.execute(
         sql.SQL(
             "update {} set source_as_of = greatest(source_as_of, %s) where table_name = %s "
