@@ -297,9 +297,7 @@ def detect(
         fps = by_period(days, size)
         det.as_of = stats.started_at.astimezone(UTC) if stats.started_at else None
         # Every slice inside the queried span is fingerprinted whole, compared or not.
-        covered = [
-            s for s in slices if span is None or (span.start_ts <= s.start_ts and s.end_ts <= span.end_ts)
-        ]
+        covered = [s for s in slices if span is None or s.within(span)]
         det.source = {s.start: fps.get(s.start, EMPTY) for s in covered}
         det.source_days = {
             s.start: sorted(d for d, fp in days.items() if d is not None and s.start <= d < s.end and fp.rows)

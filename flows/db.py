@@ -18,12 +18,45 @@ REFRESH_LOCK_KEY = 7_312_002
 FENCE_LOCK_KEY = 7_312_004
 
 
+# Every session the product opens reads and writes timestamps in UTC, whatever the server's
+# default zone. Set after connecting: libpq sends a client's PGTZ after, and so over, a
+# `-c TimeZone=` in the startup options.
+SESSION_TIME_ZONE = "UTC"
+_SET_TIME_ZONE = "select set_config('TimeZone', %s, false)"
+
+
+def use_utc(conn: psycopg.Connection) -> None:
+    """Put a new session in UTC (also a pool's `configure` callback)."""
+    conn.execute(_SET_TIME_ZONE, (SESSION_TIME_ZONE,))
+    if not conn.autocommit:
+        conn.commit()
+
+
+async def use_utc_async(conn: psycopg.AsyncConnection) -> None:
+    await conn.execute(_SET_TIME_ZONE, (SESSION_TIME_ZONE,))
+    if not conn.autocommit:
+        await conn.commit()
+
+
 def connect(settings: Settings, autocommit: bool = False) -> psycopg.Connection:
-    return psycopg.connect(settings.dsn(), autocommit=autocommit, application_name="sqp-refresh")
+    return connect_dsn(settings.dsn(), autocommit=autocommit)
 
 
-def migrate(settings: Settings) -> None:
-    """Bring the control schema to the newest revision; safe to call from many processes."""
+def connect_dsn(
+    dsn: str, autocommit: bool = False, application_name: str = "sqp-refresh"
+) -> psycopg.Connection:
+    conn = psycopg.connect(dsn, autocommit=autocommit, application_name=application_name)
+    try:
+        use_utc(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate(settings: Settings, revision: str = "head") -> None:
+    """Bring the control schema to the newest revision (or `revision`); safe to call from many
+    processes."""
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine, text
@@ -39,7 +72,7 @@ def migrate(settings: Settings) -> None:
             conn.execute(text("select pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
             conn.execute(text(f'create schema if not exists "{settings.control_schema}"'))
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
     except DBAPIError as exc:
         # SQLAlchemy's wrapper repeats the message, the statement and a link: what Postgres
         # said is the psycopg error it wraps (the CLI turns that into one line).

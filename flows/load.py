@@ -36,7 +36,7 @@ from psycopg import sql
 from flows.control import checkpoints
 from flows.db import relation_columns
 from flows.errors import BadSourceValueError, SchemaDriftError
-from flows.planning import Slice
+from flows.planning import Slice, to_ts
 from flows.type_mapping import ColumnMapping, diff_schema, pg_column_name
 
 # Advisory lock (two-key form: key, hashtext(schema)) held while creating or altering raw tables.
@@ -294,7 +294,7 @@ def apply_slice(
         # insert: the second waits here, then deletes the first's rows.
         conn.execute(
             "select pg_advisory_xact_lock(%s, hashtext(%s))",
-            (SLICE_LOCK_KEY, f"{checkpoint_key or table}:{piece.start_ts.isoformat()}"),
+            (SLICE_LOCK_KEY, f"{checkpoint_key or table}:{piece.label}"),
         )
         conn.execute(
             "select set_config('TimeZone', 'UTC', true), set_config(%s, %s, true), set_config(%s, %s, true)",
@@ -302,7 +302,7 @@ def apply_slice(
                 RUN_SETTING,
                 str(run_id),
                 SLICE_SETTING,
-                "" if piece.start is None else piece.start_ts.isoformat(),
+                "" if piece.start is None else to_ts(piece.start).isoformat(),
             ),
         )
         day = None if piece.start is None or cursor is None else cursor_day(cursor)

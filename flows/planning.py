@@ -25,13 +25,26 @@ class Slice:
     def label(self) -> str:
         return "full" if self.start is None else f"{self.start}..{self.end}"
 
+    # None for the whole table: no timestamp stands for "unbounded" (the control schema
+    # stores it as -infinity..infinity, flows.control.checkpoints).
     @property
-    def start_ts(self) -> datetime:
-        return to_ts(self.start) if self.start else datetime(1, 1, 1, tzinfo=UTC)
+    def start_ts(self) -> datetime | None:
+        return None if self.start is None else to_ts(self.start)
 
     @property
-    def end_ts(self) -> datetime:
-        return to_ts(self.end) if self.end else datetime(9999, 12, 31, tzinfo=UTC)
+    def end_ts(self) -> datetime | None:
+        return None if self.end is None else to_ts(self.end)
+
+    def within(self, other: Slice) -> bool:
+        """Whether this slice lies inside `other` (every slice lies inside the whole table)."""
+        if other.start is None or other.end is None:
+            return True
+        return (
+            self.start is not None
+            and self.end is not None
+            and other.start <= self.start
+            and self.end <= other.end
+        )
 
 
 def to_ts(d: date) -> datetime:

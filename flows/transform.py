@@ -29,7 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from flows.control.dbt_audit import FAILED_NODE_STATUSES, NodeRun, NodeStatus
-from flows.db import relation_columns
+from flows.db import SESSION_TIME_ZONE, relation_columns
 from flows.settings import Settings
 
 # Resource types whose adapter_response counts rows written. A test's response counts the
@@ -145,6 +145,9 @@ def dbt_env(settings: Settings) -> dict[str, str]:
         **({"PGPASSFILE": str(info["passfile"])} if info.get("passfile") else {}),
         "DBT_THREADS": str(settings.dbt_threads),
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        # dbt's sessions (libpq) in UTC like every other session of the product (flows.db):
+        # the models' date_trunc/::date of timestamptz columns depend on the session's zone.
+        "PGTZ": SESSION_TIME_ZONE,
     }
     return env
 

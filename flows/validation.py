@@ -271,11 +271,12 @@ def _pg_day(col: Col) -> sql.Composable:
 
 
 def _pg_bounds(col: Col, s: Slice) -> list[Any]:
+    assert s.start is not None and s.end is not None
     if col.kind == "DATE":
         return [s.start, s.end]
     if col.kind == "TIMESTAMP":
-        return [s.start_ts, s.end_ts]
-    return [s.start_ts.replace(tzinfo=None), s.end_ts.replace(tzinfo=None)]
+        return [to_ts(s.start), to_ts(s.end)]
+    return [to_ts(s.start).replace(tzinfo=None), to_ts(s.end).replace(tzinfo=None)]
 
 
 def _bq_fp(n: Any, hi: Any, lo: Any) -> Fingerprint:
@@ -915,8 +916,6 @@ def validate(
 
 # A registry table opts out of the after-refresh step with custom_params {"validate_after_refresh": false}.
 AFTER_REFRESH_PARAM = "validate_after_refresh"
-# A full_replace slice is recorded from 0001-01-01 (Slice.start_ts): the whole table.
-_WHOLE_TABLE_BEFORE = date(1, 1, 2)
 
 
 @dataclass
@@ -989,10 +988,11 @@ def validate_touched(
             if not touched:
                 out.skipped = "no slice committed (unchanged)"
                 return out
-            whole = any(a < _WHOLE_TABLE_BEFORE for a, _ in touched)
-            first = None if whole else touched[0][0]
-            last = None if whole else max(b for _, b in touched) - timedelta(days=1)
-            periods = None if whole else frozenset(a for a, _ in touched)
+            dated = [t for t in touched if t is not None]
+            whole = len(dated) < len(touched)
+            first = None if whole else dated[0][0]
+            last = None if whole else max(b for _, b in dated) - timedelta(days=1)
+            periods = None if whole else frozenset(a for a, _ in dated)
             loaded = LoadedBy(settings.control_schema, run_id, periods)
             results = validate_table(
                 clients, conn, cfg, settings.raw_schema, first, last, stats, loaded, plan

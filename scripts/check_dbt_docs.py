@@ -22,9 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
-from flows.db import migrate
+from flows.db import connect_dsn, migrate
 from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.demo.sample_data import (
     DAILY_TABLE,
@@ -81,7 +79,7 @@ def undocumented(manifest: dict[str, Any], catalog: dict[str, Any]) -> list[str]
 
 
 def _create_empty_raw_tables(dsn: str, schema: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect_dsn(dsn, autocommit=True) as conn:
         for table, fields, cursor in (
             (SQP_TABLE, sqp_schema(), "date"),
             (PRODUCTS_TABLE, products_schema(), None),

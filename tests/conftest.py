@@ -2,7 +2,12 @@
 
 Everything goes to a temporary state directory on free ports, so tests never touch the demo's
 data (`make run`) or a user's configured databases. Set SQP_TEST_PG_DSN to run against an
-external Postgres instead (use a database that may be written to freely).
+external Postgres instead (use a database that may be written to freely; its default time
+zone is changed as below).
+
+The test database's default time zone is set to TEST_DB_TIME_ZONE (west of UTC, a half-hour
+offset, daylight saving), for an external database too: nothing the product reads or writes
+may depend on the server's zone, so every integration test runs where that would show.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import pytest
 
 from flows.demo.local_stack import free_port
 
+TEST_DB_TIME_ZONE = "America/St_Johns"
 STATE_DIR = Path(tempfile.mkdtemp(prefix="sqp-refresh-test-"))
 for var in list(os.environ):
     if var.startswith("REFRESH_"):
         del os.environ[var]
+# Sessions take the database's zone unless a test sets PGTZ itself.
+os.environ.pop("PGTZ", None)
 os.environ.update(
     {
         "REFRESH_STATE_DIR": str(STATE_DIR),
@@ -54,7 +62,21 @@ def stack() -> Iterator[object]:
     s = LocalStack(get_settings(), throwaway=True)
     s.start()
     try:
+        set_default_time_zone(get_settings().dsn(), TEST_DB_TIME_ZONE)
         yield s
     finally:
         s.stop()
         shutil.rmtree(STATE_DIR, ignore_errors=True)
+
+
+def set_default_time_zone(dsn: str, zone: str) -> None:
+    """The database's default `timezone` for every session opened from now on."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("select current_database()").fetchone()
+        assert row is not None
+        conn.execute(
+            sql.SQL("alter database {} set timezone = {}").format(sql.Identifier(row[0]), sql.Literal(zone))
+        )

@@ -19,6 +19,7 @@ from flows import runbook
 from flows.api import dashboard, problems, rollout_routes, routes, webhook_routes
 from flows.api.responses import FastJSONResponse
 from flows.api.status_cache import StatusCache
+from flows.db import use_utc, use_utc_async
 from flows.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "kwargs": {"autocommit": True, "application_name": "sqp-refresh-api"},
             "open": False,
         }
-        pool: ConnectionPool = ConnectionPool(settings.dsn(), **options)
+        pool: ConnectionPool = ConnectionPool(settings.dsn(), configure=use_utc, **options)
         pool.open(wait=True, timeout=30)
         # The hot reads (token checks, status, history) run on the event loop with async
         # connections: no thread hop per request.
-        apool: AsyncConnectionPool = AsyncConnectionPool(settings.dsn(), **options)
+        apool: AsyncConnectionPool = AsyncConnectionPool(settings.dsn(), configure=use_utc_async, **options)
         try:
             await apool.open(wait=True, timeout=30)
         except BaseException:

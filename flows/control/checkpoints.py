@@ -2,8 +2,10 @@
 
 A table's checkpoints give its high-water mark (where the next incremental run starts) and the
 slices an interrupted attempt already committed (which a resumed attempt skips). Shadow tables
-checkpoint under their own key (`shadow:<table>`). Full-replace tables checkpoint one slice that
-starts at 0001-01-01; the high-water mark ignores it.
+checkpoint under their own key (`shadow:<table>`). Full-replace tables checkpoint one slice, the
+whole table: '-infinity'..'infinity' here and in `slice_refreshes` (no session time zone shifts
+it, no source value equals it), None in Python (flows.planning.Slice); the high-water mark
+ignores it. The helpers below are the one place that maps the two.
 """
 
 from __future__ import annotations
@@ -19,12 +21,27 @@ def _t(schema: str) -> sql.Composable:
     return sql.Identifier(schema, "checkpoints")
 
 
+# A slice bound as a query parameter: a datetime, or None for the whole table's.
+START_PARAM = sql.SQL("coalesce(%s::timestamptz, '-infinity')")
+END_PARAM = sql.SQL("coalesce(%s::timestamptz, 'infinity')")
+
+
+def bound(column: sql.Composable) -> sql.Composable:
+    """A slice bound column as Python reads it: None for the whole table's."""
+    return sql.SQL("case when isfinite({c}) then {c} end").format(c=column)
+
+
+def dated(column: sql.Composable) -> sql.Composable:
+    """Whether a slice start column is a dated slice's (not the whole table's)."""
+    return sql.SQL("isfinite({})").format(column)
+
+
 def record(
     conn: psycopg.Connection,
     schema: str,
     key: str,
-    slice_start: datetime,
-    slice_end: datetime,
+    slice_start: datetime | None,
+    slice_end: datetime | None,
     run_id: UUID,
     rows_loaded: int,
 ) -> None:
@@ -32,10 +49,10 @@ def record(
     conn.execute(
         sql.SQL(
             "insert into {cp} (table_name, slice_start, slice_end, run_id, rows_loaded) "
-            "values (%s, %s, %s, %s, %s) on conflict (table_name, slice_start) do update set "
+            "values (%s, {start}, {end}, %s, %s) on conflict (table_name, slice_start) do update set "
             "slice_end = excluded.slice_end, run_id = excluded.run_id, "
             "rows_loaded = excluded.rows_loaded, committed_at = now()"
-        ).format(cp=_t(schema)),
+        ).format(cp=_t(schema), start=START_PARAM, end=END_PARAM),
         (key, slice_start, slice_end, run_id, rows_loaded),
     )
 
@@ -49,10 +66,14 @@ def high_water(conn: psycopg.Connection, schema: str, key: str, table: str) -> d
     """
     row = conn.execute(
         sql.SQL(
-            "select max(c.slice_end) from {cp} c where c.table_name = %s and c.slice_start > '0001-01-02' "
+            "select max(c.slice_end) from {cp} c where c.table_name = %s and {dated} "
             "and exists (select 1 from {tr} t where t.run_id = c.run_id and t.table_name = %s "
             "and t.status = 'success')"
-        ).format(cp=_t(schema), tr=sql.Identifier(schema, "table_refreshes")),
+        ).format(
+            cp=_t(schema),
+            dated=dated(sql.Identifier("c", "slice_start")),
+            tr=sql.Identifier(schema, "table_refreshes"),
+        ),
         (key, table),
     ).fetchone()
     return row[0].astimezone(UTC).date() if row and row[0] else None
@@ -61,14 +82,19 @@ def high_water(conn: psycopg.Connection, schema: str, key: str, table: str) -> d
 def committed_since_last_success(
     conn: psycopg.Connection, schema: str, key: str, table: str, max_age_hours: int
 ) -> set[date]:
-    """Slices an interrupted attempt already committed after the table's last success."""
+    """Dated slices an interrupted attempt already committed after the table's last success
+    (a whole-table slice is always loaded again: it replaces the table in one transaction)."""
     rows = conn.execute(
         sql.SQL(
-            "select c.slice_start from {cp} c where c.table_name = %s "
+            "select c.slice_start from {cp} c where c.table_name = %s and {dated} "
             "and c.committed_at > now() - make_interval(hours => %s) "
             "and c.committed_at > coalesce((select max(finished_at) from {tr} "
             "  where table_name = %s and status = 'success'), '-infinity')"
-        ).format(cp=_t(schema), tr=sql.Identifier(schema, "table_refreshes")),
+        ).format(
+            cp=_t(schema),
+            dated=dated(sql.Identifier("c", "slice_start")),
+            tr=sql.Identifier(schema, "table_refreshes"),
+        ),
         (key, max_age_hours, table),
     ).fetchall()
     return {r[0].astimezone(UTC).date() for r in rows}
@@ -115,10 +141,9 @@ def expire(conn: psycopg.Connection, schema: str, retention_days: int) -> int:
         sql.SQL(
             "delete from {cp} c where c.committed_at < now() - make_interval(days => %s) "
             "and (c.table_name, c.slice_start) not in ("
-            "  select distinct on (table_name, slice_start > '0001-01-02') table_name, slice_start "
-            "  from {cp} order by table_name, slice_start > '0001-01-02', slice_end desc, "
-            "  committed_at desc)"
-        ).format(cp=_t(schema)),
+            "  select distinct on (table_name, {dated}) table_name, slice_start "
+            "  from {cp} order by table_name, {dated}, slice_end desc, committed_at desc)"
+        ).format(cp=_t(schema), dated=dated(sql.Identifier("slice_start"))),
         (retention_days,),
     )
     return cur.rowcount

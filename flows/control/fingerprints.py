@@ -17,8 +17,9 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-# A full_replace table's one slice is checkpointed from 0001-01-01 (planning.Slice.start_ts).
-_WHOLE_TABLE_BEFORE = datetime(1, 1, 2, tzinfo=UTC)
+from flows.control.checkpoints import END_PARAM, START_PARAM, bound
+
+_START = sql.Identifier("slice_start")
 
 
 @dataclass(frozen=True)
@@ -30,20 +31,20 @@ class Stored:
     as_of: datetime | None
 
 
-def _key(ts: datetime) -> date | None:
-    return None if ts < _WHOLE_TABLE_BEFORE else ts.astimezone(UTC).date()
+def _day(ts: datetime | None) -> date | None:
+    return None if ts is None else ts.astimezone(UTC).date()
 
 
 def stored(conn: psycopg.Connection, schema: str, key: str) -> dict[date | None, Stored]:
     """Every checkpoint of `key` (a table, or `shadow:<table>`), by slice start (None: whole table)."""
     rows = conn.execute(
         sql.SQL(
-            "select slice_start, source_rows, source_checksum, source_as_of from {} where table_name = %s"
-        ).format(sql.Identifier(schema, "checkpoints")),
+            "select {start}, source_rows, source_checksum, source_as_of from {cp} where table_name = %s"
+        ).format(start=bound(_START), cp=sql.Identifier(schema, "checkpoints")),
         (key,),
     ).fetchall()
     return {
-        _key(start): Stored(n, None if checksum is None else int(checksum), as_of)
+        _day(start): Stored(n, None if checksum is None else int(checksum), as_of)
         for start, n, checksum, as_of in rows
     }
 
@@ -52,7 +53,7 @@ def store(
     conn: psycopg.Connection,
     schema: str,
     key: str,
-    slice_start: datetime,
+    slice_start: datetime | None,
     rows: int | None,
     checksum: int | None,
     as_of: datetime | None,
@@ -63,22 +64,23 @@ def store(
         sql.SQL(
             "update {} set source_rows = %s, source_checksum = %s, source_as_of = %s, "
             "loaded_xid = case when %s::bigint is null then null else pg_current_xact_id() end "
-            "where table_name = %s and slice_start = %s"
-        ).format(sql.Identifier(schema, "checkpoints")),
+            "where table_name = %s and slice_start = {start}"
+        ).format(sql.Identifier(schema, "checkpoints"), start=START_PARAM),
         (rows, checksum, as_of, rows, key, slice_start),
     )
 
 
 def confirm(
-    conn: psycopg.Connection, schema: str, key: str, slice_starts: list[datetime], as_of: datetime
+    conn: psycopg.Connection, schema: str, key: str, slice_starts: list[datetime | None], as_of: datetime
 ) -> None:
     """The source still held exactly the checkpointed rows at `as_of` (fingerprints equal)."""
     if not slice_starts:
         return
+    # One statement for many slices: START_PARAM's mapping (None: the whole table) per element.
     conn.execute(
         sql.SQL(
-            "update {} set source_as_of = greatest(source_as_of, %s) "
-            "where table_name = %s and slice_start = any(%s)"
+            "update {} set source_as_of = greatest(source_as_of, %s) where table_name = %s "
+            "and slice_start in (select coalesce(s, '-infinity') from unnest(%s::timestamptz[]) s)"
         ).format(sql.Identifier(schema, "checkpoints")),
         (as_of, key, slice_starts),
     )
@@ -100,32 +102,28 @@ def loaded_by(conn: psycopg.Connection, schema: str, key: str, run_id: UUID) -> 
     id now (how old each load is, in transactions)."""
     rows = conn.execute(
         sql.SQL(
-            "select slice_start, slice_end, source_rows, source_checksum, loaded_xid::text from {} "
+            "select {start}, {end}, source_rows, source_checksum, loaded_xid::text from {cp} "
             "where table_name = %s and run_id = %s and loaded_xid is not null and source_rows is not null"
-        ).format(sql.Identifier(schema, "checkpoints")),
+        ).format(
+            start=bound(_START),
+            end=bound(sql.Identifier("slice_end")),
+            cp=sql.Identifier(schema, "checkpoints"),
+        ),
         (key, run_id),
     ).fetchall()
     now = conn.execute("select pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()
     assert now is not None
-    out = []
-    for start, end, n, checksum, xid in rows:
-        whole = _key(start) is None
-        out.append(
-            Loaded(
-                None if whole else _key(start),
-                None if whole else end.astimezone(UTC).date(),
-                int(n),
-                int(checksum),
-                int(xid),
-            )
-        )
+    out = [
+        Loaded(_day(start), _day(end), int(n), int(checksum), int(xid))
+        for start, end, n, checksum, xid in rows
+    ]
     return out, int(now[0])
 
 
 @dataclass(frozen=True)
 class UnchangedSlice:
-    slice_start: datetime
-    slice_end: datetime
+    slice_start: datetime | None  # None: the whole table
+    slice_end: datetime | None
     reason: str
 
 
@@ -141,20 +139,20 @@ def record_unchanged(
         cur.executemany(
             sql.SQL(
                 "insert into {} (run_id, table_name, slice_start, slice_end, status, change_reason, "
-                "started_at) values (%s, %s, %s, %s, 'unchanged', %s, %s)"
-            ).format(sql.Identifier(schema, "slice_refreshes")),
+                "started_at) values (%s, %s, {start}, {end}, 'unchanged', %s, %s)"
+            ).format(sql.Identifier(schema, "slice_refreshes"), start=START_PARAM, end=END_PARAM),
             [(run_id, table, s.slice_start, s.slice_end, s.reason, started_at) for s in slices],
         )
 
 
 def note_reason(
-    conn: psycopg.Connection, schema: str, run_id: UUID, table: str, slice_start: datetime, reason: str
+    conn: psycopg.Connection, schema: str, run_id: UUID, table: str, slice_start: datetime | None, reason: str
 ) -> None:
     conn.execute(
         sql.SQL(
-            "update {} set change_reason = %s where run_id = %s and table_name = %s and slice_start = %s "
-            "and status = 'success'"
-        ).format(sql.Identifier(schema, "slice_refreshes")),
+            "update {} set change_reason = %s where run_id = %s and table_name = %s "
+            "and slice_start = {start} and status = 'success'"
+        ).format(sql.Identifier(schema, "slice_refreshes"), start=START_PARAM),
         (reason, run_id, table, slice_start),
     )
 

@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from flows.control import history, registry
+from flows.control import checkpoints, history, registry
 from flows.registry import Mode
 
 
@@ -173,10 +173,14 @@ def run_detail(conn: psycopg.Connection, schema: str, run_id: UUID) -> dict[str,
     run["slices"] = _rows(
         conn,
         sql.SQL(
-            "select table_name, slice_start, slice_end, status, rows_read, rows_inserted, rows_deleted, "
-            "bytes_read, started_at, finished_at, error from {s} where run_id = %s "
-            "order by table_name, slice_start"
-        ).format(s=_t(schema, "slice_refreshes")),
+            "select table_name, {start} as slice_start, {end} as slice_end, status, rows_read, "
+            "rows_inserted, rows_deleted, bytes_read, started_at, finished_at, error from {s} "
+            "where run_id = %s order by table_name, 2 nulls first"
+        ).format(
+            start=checkpoints.bound(sql.Identifier("slice_start")),
+            end=checkpoints.bound(sql.Identifier("slice_end")),
+            s=_t(schema, "slice_refreshes"),
+        ),
         (rid,),
     )
     run["dbt_nodes"] = _rows(

@@ -14,6 +14,8 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from flows.control import checkpoints
+
 
 def slices_awaiting_dbt(
     conn: psycopg.Connection, schema: str, table: str, run_id: UUID, within_days: int
@@ -23,7 +25,9 @@ def slices_awaiting_dbt(
     (the flow's selector `source:<dbt source>.<table>+`, see flows.runbook.dbt_build_args) or
     was a --full-refresh."""
     rows = _awaiting(conn, schema, table, run_id, within_days, whole_table=False)
-    return [(start.astimezone(UTC).date(), end.astimezone(UTC).date()) for start, end in rows]
+    return [
+        (start.astimezone(UTC).date(), end.astimezone(UTC).date()) for start, end in rows if start and end
+    ]
 
 
 def whole_table_awaiting_dbt(
@@ -37,14 +41,14 @@ def whole_table_awaiting_dbt(
 
 def _awaiting(
     conn: psycopg.Connection, schema: str, table: str, run_id: UUID, within_days: int, *, whole_table: bool
-) -> list[tuple[datetime, datetime]]:
+) -> list[tuple[datetime | None, datetime | None]]:
     # `_` is a LIKE wildcard; `.` before and `+` after the name keep other tables' selectors out.
     selector = "%source:%." + table.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%") + "+%"
-    # A whole-table load is recorded as the slice starting 0001-01-01 (flows.planning.Slice).
-    kind = sql.SQL("s.slice_start <= '0001-01-02'" if whole_table else "s.slice_start > '0001-01-02'")
+    dated = checkpoints.dated(sql.Identifier("s", "slice_start"))
+    kind = sql.SQL("not {}").format(dated) if whole_table else dated
     rows = conn.execute(
         sql.SQL(
-            "select distinct s.slice_start, s.slice_end from {sr} s "
+            "select distinct {start}, {end} from {sr} s "
             "where s.table_name = %s and s.status = 'success' and s.run_id <> %s "
             "and {kind} "
             "and s.finished_at > now() - make_interval(days => %s) "
@@ -53,6 +57,8 @@ def _awaiting(
             "  and (i.args @> '[\"--full-refresh\"]'::jsonb or i.args::text like %s)) "
             "order by 1"
         ).format(
+            start=checkpoints.bound(sql.Identifier("s", "slice_start")),
+            end=checkpoints.bound(sql.Identifier("s", "slice_end")),
             sr=sql.Identifier(schema, "slice_refreshes"),
             inv=sql.Identifier(schema, "dbt_invocations"),
             runs=sql.Identifier(schema, "refresh_runs"),

@@ -17,6 +17,8 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from flows.control.checkpoints import START_PARAM
+
 
 @dataclass
 class RetryCount:
@@ -44,14 +46,19 @@ def add(n: int) -> None:
 
 
 def set_slice_attempts(
-    conn: psycopg.Connection, schema: str, run_id: UUID, table: str, slice_start: datetime, attempts: int
+    conn: psycopg.Connection,
+    schema: str,
+    run_id: UUID,
+    table: str,
+    slice_start: datetime | None,
+    attempts: int,
 ) -> None:
     """On the slice's audit row just written in this transaction (its newest for the slice)."""
     conn.execute(
         sql.SQL(
             "update {s} set attempts = %s where id = (select max(id) from {s} where run_id = %s "
-            "and table_name = %s and slice_start = %s)"
-        ).format(s=sql.Identifier(schema, "slice_refreshes")),
+            "and table_name = %s and slice_start = {start})"
+        ).format(s=sql.Identifier(schema, "slice_refreshes"), start=START_PARAM),
         (attempts, run_id, table, slice_start),
     )
 

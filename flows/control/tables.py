@@ -15,6 +15,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from flows.control.checkpoints import END_PARAM, START_PARAM, bound
 from flows.planning import Window, to_ts
 from flows.registry import Mode
 
@@ -145,8 +146,8 @@ def write_slice_audit(
     *,
     run_id: UUID,
     table: str,
-    slice_start: datetime,
-    slice_end: datetime,
+    slice_start: datetime | None,
+    slice_end: datetime | None,
     status: SliceStatus,
     rows_read: int,
     rows_inserted: int,
@@ -159,8 +160,8 @@ def write_slice_audit(
         sql.SQL(
             "insert into {s} (run_id, table_name, slice_start, slice_end, status, rows_read, "
             "rows_inserted, rows_deleted, bytes_read, started_at, error) values "
-            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        ).format(s=sql.Identifier(schema, "slice_refreshes")),
+            "(%s, %s, {start}, {end}, %s, %s, %s, %s, %s, %s, %s)"
+        ).format(s=sql.Identifier(schema, "slice_refreshes"), start=START_PARAM, end=END_PARAM),
         (
             run_id,
             table,
@@ -179,13 +180,18 @@ def write_slice_audit(
 
 def touched_slices(
     conn: psycopg.Connection, schema: str, run_id: UUID, table: str
-) -> list[tuple[date, date]]:
-    """The slices (first day, end day exclusive) this run committed for the table."""
+) -> list[tuple[date, date] | None]:
+    """The slices (first day, end day exclusive; None: the whole table) this run committed
+    for the table."""
     rows = conn.execute(
         sql.SQL(
-            "select distinct slice_start, slice_end from {} where run_id = %s and table_name = %s "
+            "select distinct {start}, {end} from {s} where run_id = %s and table_name = %s "
             "and status = 'success' order by 1"
-        ).format(sql.Identifier(schema, "slice_refreshes")),
+        ).format(
+            start=bound(sql.Identifier("slice_start")),
+            end=bound(sql.Identifier("slice_end")),
+            s=sql.Identifier(schema, "slice_refreshes"),
+        ),
         (run_id, table),
     ).fetchall()
-    return [(a.astimezone(UTC).date(), b.astimezone(UTC).date()) for a, b in rows]
+    return [None if a is None else (a.astimezone(UTC).date(), b.astimezone(UTC).date()) for a, b in rows]

@@ -6,8 +6,9 @@
 with periods as (
     select
         table_name,
-        slice_start as period_start,
-        slice_end as period_end,
+        -- a whole-table (full_replace) load is stored as -infinity..infinity: no period
+        case when isfinite(slice_start) then slice_start end as period_start,
+        case when isfinite(slice_start) then slice_end end as period_end,
         rows_loaded,
         avg(rows_loaded) over (
             partition by table_name order by slice_start

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from flows.bigquery import BigQueryClients
+from flows.db import use_utc
 from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
 from tests.integration.conftest import SPEC, bq_scalar, pg_scalar
 
@@ -91,6 +92,8 @@ def test_numeric_unicode_nulls_and_timezones_round_trip(
     from decimal import Decimal
 
     exp = json.loads(src)
+    # Read in UTC like every session of the product: the database's default zone is not.
+    use_utc(pg)
     row = pg.execute("""
         select sum(total_median_click_price_amount), count(*) filter (where total_median_click_price_amount is null),
                count(*) filter (where parent_asin is null), min(date),

@@ -551,7 +551,7 @@ def test_checkpoint_cleanup_keeps_every_tables_high_water_mark(
     first = datetime(2026, 1, 5, tzinfo=UTC)
     rows = [("hk_sliced", first + i * week, first + (i + 1) * week, old) for i in range(5)]
     rows += [
-        ("hk_full", datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, tzinfo=UTC), old),
+        ("hk_full", None, None, old),  # the whole table (flows.control.checkpoints)
         ("hk_recent", first, first + week, old),
         ("hk_recent", first + week, first + 2 * week, datetime.now(UTC)),
         ("hk_recent", first + 2 * week, first + 3 * week, old),
@@ -559,7 +559,8 @@ def test_checkpoint_cleanup_keeps_every_tables_high_water_mark(
     with pg.cursor() as cur:
         cur.executemany(
             "insert into orch_control.checkpoints (table_name, slice_start, slice_end, run_id, rows_loaded, "
-            "committed_at) values (%s, %s, %s, %s, 1, %s)",
+            "committed_at) values (%s, coalesce(%s, '-infinity'::timestamptz), "
+            "coalesce(%s, 'infinity'::timestamptz), %s, 1, %s)",
             [(t, s, e, uuid4(), c) for t, s, e, c in rows],
         )
     high_water = "select max(slice_end) from orch_control.checkpoints where table_name = %s and slice_start > '0001-01-02'"
@@ -567,11 +568,12 @@ def test_checkpoint_cleanup_keeps_every_tables_high_water_mark(
 
     assert cleanup_checkpoints(orch, retention_days=90) == 4 + 1
     kept = pg.execute(
-        "select table_name, slice_start from orch_control.checkpoints where table_name = any(%s) order by 1, 2",
+        "select table_name, case when isfinite(slice_start) then slice_start end from orch_control.checkpoints "
+        "where table_name = any(%s) order by 1, 2",
         (["hk_sliced", "hk_full", "hk_recent"],),
     ).fetchall()
-    assert [(t, s.astimezone(UTC).date().isoformat()) for t, s in kept] == [
-        ("hk_full", "0001-01-01"),
+    assert [(t, s.astimezone(UTC).date().isoformat() if s else "whole table") for t, s in kept] == [
+        ("hk_full", "whole table"),
         ("hk_recent", "2026-01-12"),
         ("hk_recent", "2026-01-19"),
         ("hk_sliced", "2026-02-02"),

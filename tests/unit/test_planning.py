@@ -185,3 +185,18 @@ def test_a_bad_schedule_is_a_config_error_naming_the_setting() -> None:
         RefreshSchedule("every day", "UTC")
     with pytest.raises(ConfigError, match="REFRESH_SCHEDULE_TIMEZONE"):
         RefreshSchedule("0 2 * * *", "Mars/Olympus")
+
+
+def test_the_whole_table_slice_has_no_timestamp_bounds() -> None:
+    # No timestamp stands for "unbounded": one at the edge of the range breaks in some zone.
+    whole = plan_slices(cfg(write_strategy=WriteStrategy.FULL_REPLACE, cursor_column=None), None)
+    assert [(s.start_ts, s.end_ts) for s in whole] == [(None, None)]
+    week = Slice(date(2026, 1, 5), date(2026, 1, 12))
+    assert (week.start_ts, week.end_ts) == (
+        datetime(2026, 1, 5, tzinfo=UTC),
+        datetime(2026, 1, 12, tzinfo=UTC),
+    )
+    span = Slice(date(2026, 1, 5), date(2026, 1, 19))
+    assert week.within(span) and week.within(whole[0])
+    assert not span.within(week) and not whole[0].within(span)
+    assert not Slice(date(2026, 1, 12), date(2026, 1, 26)).within(span)
