@@ -33,6 +33,7 @@ from flows.control.history import (
 )
 from flows.control.runs import lock_holder, refresh_running
 from flows.control.tokens import Scope, TokenInfo
+from flows.errors import ConfigError
 from flows.registry import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
 
 router = APIRouter(prefix="/api/refresh")
@@ -305,7 +306,10 @@ async def _page(request: Request, q: HistoryQuery, cursor: str | None = None) ->
                 "give page or cursor, not both",
                 errors=[{"field": "cursor", "problem": "cannot be combined with page"}],
             )
-        after = HistoryCursor.decode(cursor)
+        try:
+            after = HistoryCursor.decode(cursor)
+        except ConfigError as exc:
+            raise Problem(422, str(exc), errors=[{"field": "cursor", "problem": str(exc)}]) from None
         async with request.app.state.apool.connection() as conn:
             rows, next_cursor = await history_after_async(conn, _schema(request), q, after)
         return FastJSONResponse(

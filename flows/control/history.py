@@ -70,13 +70,17 @@ class HistoryCursor:
 
     @classmethod
     def decode(cls, text: str) -> HistoryCursor:
+        # Any text reaches here (a query parameter): every shape other than the one encode()
+        # writes is refused by name, never left to fail deeper.
         try:
-            started_at, run_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            at = datetime.fromisoformat(started_at)
+            value = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+                raise ValueError("not [started_at, run_id]")
+            at = datetime.fromisoformat(value[0])
             if at.tzinfo is None:
                 raise ValueError("no time zone")
-            return cls(at, UUID(run_id))
-        except (ValueError, TypeError) as exc:
+            return cls(at, UUID(value[1]))
+        except (ValueError, RecursionError) as exc:
             raise ConfigError(
                 "cursor is not one this API gave out: pass next_cursor from the previous page unchanged"
             ) from exc
