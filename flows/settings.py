@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     api_deployment: str = "daily-refresh/daily"
     # How long a computed status answer is served again (Age header); 0 = computed every time.
     api_status_cache_seconds: float = Field(default=2.0, ge=0, le=60)
+    # Most slices one trigger may ask for, over all its tables (a backfill's start_date to its
+    # end_date, or today); above it the trigger is a 422. Larger backfills: `refresh run`.
+    api_max_slices: int = Field(default=2000, ge=1, le=1_000_000)
 
     # --- Scale-out: slices on Dask (flows/scale_out.py, docs/scaling.md) -----------------
     slice_workers: int = Field(

@@ -351,8 +351,9 @@ def test_trigger_starts_a_real_run_idempotently_and_409s_while_it_runs(
     client: TestClient, api_tokens: dict[str, str], settings: Settings
 ) -> None:
     # A real flow run in a background process, as a dry run: it takes the refresh lock and
-    # writes its audit rows (removed at the end), but not the session's shared raw data.
-    h = {**auth(api_tokens["trigger"]), "Idempotency-Key": f"test-{uuid.uuid4()}"}
+    # writes its audit rows (removed at the end), but not the session's shared raw data. The
+    # session's run refreshed products < 1 h ago: forcing past that takes an admin token.
+    h = {**auth(api_tokens["admin"]), "Idempotency-Key": f"test-{uuid.uuid4()}"}
     body = {"tables": ["products"], "force": True, "dry_run": True}
     first = client.post("/api/refresh/trigger", json=body, headers=h)
     assert first.status_code == 202, first.text
