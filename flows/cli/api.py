@@ -83,7 +83,8 @@ def api(
         bool | None,
         typer.Option(
             "--anonymous-read/--no-anonymous-read",
-            help="Reads without a token (default REFRESH_API_ANONYMOUS_READ); loopback addresses only",
+            help="Reads without a token for loopback clients (default REFRESH_API_ANONYMOUS_READ); "
+            "binds to a loopback address only",
         ),
     ] = None,
     workers: Annotated[
@@ -113,17 +114,23 @@ def api(
         reads = "anonymous reads allowed" if settings.api_anonymous_read else "reads need a token"
         out.print(
             f"dashboard: http://{settings.api_host}:{settings.api_port}/  "
-            f"API docs: http://{settings.api_host}:{settings.api_port}/api/docs  ({reads})"
+            f"OpenAPI: http://{settings.api_host}:{settings.api_port}/api/openapi.json  ({reads})"
         )
+        # proxy_headers off: the app itself decides whom X-Forwarded-For may name the client for
+        # (REFRESH_API_TRUSTED_PROXIES, flows/api/clients.py); uvicorn would trust 127.0.0.1.
         if workers == 1:
-            uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+            uvicorn.run(
+                create_app(settings), host=settings.api_host, port=settings.api_port, proxy_headers=False
+            )
             return
         # Worker processes build their own app from the environment: pass the options on.
         os.environ["REFRESH_API_ANONYMOUS_READ"] = str(settings.api_anonymous_read).lower()
+        os.environ["REFRESH_API_HOST"] = settings.api_host
         uvicorn.run(
             "flows.api.app:create_app",
             factory=True,
             workers=workers,
             host=settings.api_host,
             port=settings.api_port,
+            proxy_headers=False,
         )

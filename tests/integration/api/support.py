@@ -47,14 +47,18 @@ def auth(token: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def api_process(env: dict[str, str], log_path: Path, timeout_s: float = 300) -> Iterator[str]:
-    """`refresh api` in its own process on a free port (its output in `log_path`): yields its
-    URL once /api/openapi.json answers, stops it at the end. The wait is generous: the API's
-    start (imports, migrations, the pool) on a loaded 2-core machine."""
+def api_process(
+    env: dict[str, str], log_path: Path, timeout_s: float = 300, server: list[str] | None = None
+) -> Iterator[str]:
+    """`refresh api` (or `server`, given the port as its last argument) in its own process on a
+    free port (its output in `log_path`): yields its URL once /api/openapi.json answers, stops
+    it at the end. The wait is generous: the API's start (imports, migrations, the pool) on a
+    loaded 2-core machine."""
     port = free_port()
+    command = server or [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)],
+            [*command, str(port)],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=log,

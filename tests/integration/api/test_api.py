@@ -61,7 +61,11 @@ def test_reads_need_a_token_unless_anonymous_reads_are_on(
     revoked = problem(client.get("/api/refresh/status", headers=auth(api_tokens["revoked"])), 401)
     assert "revoked" in revoked["detail"]
     assert api_tokens["revoked"] not in revoked["detail"]
-    with TestClient(create_app(settings.model_copy(update={"api_anonymous_read": True}))) as anon:
+    # anonymous reads are for loopback clients (TestClient's default client is "testclient")
+    local = ("127.0.0.1", 50000)
+    with TestClient(
+        create_app(settings.model_copy(update={"api_anonymous_read": True})), client=local
+    ) as anon:
         assert anon.get("/api/refresh/status").status_code == 200
         # a wrong token is refused even when anonymous reads are on
         problem(anon.get("/api/refresh/status", headers=auth(api_tokens["revoked"])), 401)
