@@ -44,7 +44,7 @@ def require(scope: Scope) -> Callable[..., Awaitable[TokenInfo | None]]:
         async with state.apool.connection() as conn:
             info = await tokens.verify_async(conn, state.settings.control_schema, creds.credentials)
         if info is None:
-            raise Problem(401, "the bearer token is unknown or revoked", headers=CHALLENGE)
+            raise Problem(401, "the bearer token is unknown, revoked or expired", headers=CHALLENGE)
         if not info.allows(scope):
             raise Problem(
                 403,

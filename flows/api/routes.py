@@ -236,7 +236,7 @@ def trigger(
     with state.pool.connection() as conn, conn.transaction():
         triggers.lock(conn)
         if idempotency_key is not None:
-            seen = triggers.by_key(conn, schema, idempotency_key)
+            seen = triggers.by_key(conn, schema, token.token_id, idempotency_key)
             if seen is not None:
                 if seen.request_sha256 != request_hash:
                     raise Problem(
@@ -274,7 +274,11 @@ def trigger(
         flow_run_id: UUID | None = None
         pid: int | None = None
         if launch.prefect_configured():
-            flow_run_id = launch.start_flow_run(state.settings.api_deployment, params, idempotency_key)
+            prefect_key = idempotency_key
+            if prefect_key is not None and triggers.key_used(conn, schema, prefect_key):
+                # Prefect's keys are per deployment: another token's run must not come back here.
+                prefect_key = f"{prefect_key}:{token.token_id}"
+            flow_run_id = launch.start_flow_run(state.settings.api_deployment, params, prefect_key)
             via = "prefect"
         else:
             proc = launch.start_process(params, state.settings.state_dir / "logs")
@@ -291,7 +295,7 @@ def trigger(
             flow_run_id=flow_run_id,
             pid=pid,
             hostname=socket.gethostname(),
-            token_id=token.token_id if token else None,
+            token_id=token.token_id,
         )
         recorded = triggers.get(conn, schema, trigger_id)
     state.status_cache.clear()

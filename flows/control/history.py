@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from flows.control.runs import RunStatus, lock_held_for
 from flows.control.tables import TableStatus
 from flows.errors import ConfigError
+from flows.identifiers import validate_pg_identifier
 
 
 def _t(schema: str, name: str) -> sql.Composable:
@@ -37,6 +38,10 @@ class HistoryQuery:
     page_size: int = 20
 
     def __post_init__(self) -> None:
+        if self.table is not None:
+            # Registry names are Postgres identifiers; anything else (a NUL byte, which Postgres
+            # refuses in text) is bad input, named, rather than a database error.
+            validate_pg_identifier(self.table, "table name")
         allowed = [s.value for s in (TableStatus if self.table else RunStatus)]
         if self.status is not None and self.status not in allowed:
             raise ConfigError(f"unknown status {self.status!r}: use one of {', '.join(allowed)}")

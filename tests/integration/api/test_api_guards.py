@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from flows.control import registry, runs
+from flows.control import registry, runs, tokens, triggers
 from flows.errors import ConfigError
 from flows.registry import Mode, TableConfig
 from flows.settings import Settings
@@ -293,3 +294,132 @@ def test_bodies_over_the_limit_are_refused_before_parsing_chunked_too(
         err = problem(c.post("/api/refresh/trigger", content=small, headers={**trigger, **json_headers}), 422)
         assert "unknown table" in err["detail"]
     assert control_fingerprint(settings) == unchanged
+
+
+def _token_id(secret: str) -> str:
+    return secret.split("_")[1]
+
+
+def test_tokens_expire_and_record_their_last_use(client: TestClient, settings: Settings) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    schema = settings.control_schema
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        with pytest.raises(ConfigError, match="not in the future"):
+            tokens.create(conn, schema, "guard-past", ["read"], expires_at=datetime.now(UTC))
+        secret, info = tokens.create(
+            conn, schema, "guard-expiring", ["read"], expires_at=datetime.now(UTC) + timedelta(days=1)
+        )
+
+        def listed() -> tokens.TokenInfo:
+            return next(t for t in tokens.list_tokens(conn, schema) if t.token_id == info.token_id)
+
+        try:
+            assert listed().last_used_at is None and listed().expires_at == info.expires_at
+            assert client.get("/api/refresh/config", headers=auth(secret)).status_code == 200
+            used = listed().last_used_at
+            assert used is not None and datetime.now(UTC) - used < timedelta(minutes=1)
+            # written at most once a minute, not on every request
+            assert client.get("/api/refresh/config", headers=auth(secret)).status_code == 200
+            assert listed().last_used_at == used
+            runner = CliRunner(env={"COLUMNS": "250"})
+            out = runner.invoke(app, ["token", "list"]).output
+            assert "expires (UTC)" in out and "last used (UTC)" in out
+            assert f"{used.astimezone(UTC):%Y-%m-%d %H:%M:%S}" in out
+            conn.execute(
+                f"update {schema}.api_tokens set expires_at = now() - interval '1 second' where token_id = %s",
+                (info.token_id,),
+            )
+            err = problem(client.get("/api/refresh/config", headers=auth(secret)), 401)
+            assert "expired" in err["detail"] and secret not in err["detail"]
+            assert "(expired)" in runner.invoke(app, ["token", "list"]).output
+            made = runner.invoke(
+                app, ["token", "create", "guard-cli", "--scope", "read", "--expires-in-days", "7"]
+            )
+            assert made.exit_code == 0 and "expires" in made.output, made.output
+            bad = runner.invoke(
+                app, ["token", "create", "guard-cli-2", "--scope", "read", "--expires-in-days", "0"]
+            )
+            assert bad.exit_code != 0
+        finally:
+            for name in ("guard-expiring", "guard-cli"):
+                conn.execute(f"delete from {schema}.api_tokens where name = %s", (name,))
+
+
+def test_an_idempotency_key_finds_only_its_own_tokens_trigger(
+    client: TestClient, api_tokens: dict[str, str], settings: Settings
+) -> None:
+    from flows import runbook
+    from flows.api.routes import _request_hash
+
+    schema = settings.control_schema
+    body = {"tables": ["products"], "force": True, "dry_run": True}
+    params = runbook.validate_params(["products"], None, None, False, True, True, trigger="api")
+    mine = uuid.uuid4()
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        triggers.record(
+            conn,
+            schema,
+            trigger_id=mine,
+            idempotency_key="shared-key",
+            request_sha256=_request_hash(params),
+            params={},
+            via="process",
+            flow_run_id=None,
+            pid=None,
+            hostname=None,
+            token_id=_token_id(api_tokens["admin"]),
+        )
+    try:
+        key = {"Idempotency-Key": "shared-key"}
+        again = client.post("/api/refresh/trigger", json=body, headers={**auth(api_tokens["admin"]), **key})
+        assert again.status_code == 202 and again.json()["trigger_id"] == str(mine), again.text
+        with runs.refresh_lock(settings):
+            # another token with the same key: its own new request (here refused as busy),
+            # never the first token's trigger, nor a conflict with its body
+            other = client.post(
+                "/api/refresh/trigger", json=body, headers={**auth(api_tokens["trigger"]), **key}
+            )
+            assert str(mine) not in problem(other, 409)["detail"]
+            other = client.post(
+                "/api/refresh/trigger", json={"force": True}, headers={**auth(api_tokens["trigger"]), **key}
+            )
+            problem(other, 409)
+    finally:
+        with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+            conn.execute(f"delete from {schema}.api_triggers where trigger_id = %s", (mine,))
+
+
+def test_housekeeping_prunes_old_api_triggers(settings: Settings) -> None:
+    from flows.housekeeping import prune_audit
+
+    schema = settings.control_schema
+    old, recent = uuid.uuid4(), uuid.uuid4()
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        for trigger_id, age in ((old, "400 days"), (recent, "1 day")):
+            conn.execute(
+                f"insert into {schema}.api_triggers (trigger_id, request_sha256, params, via, created_at) "
+                "values (%s, 'x', '{}', 'process', now() - %s::interval)",
+                (trigger_id, age),
+            )
+        try:
+            assert prune_audit(settings, 365)["api_triggers"] == 1
+            left = conn.execute(
+                f"select trigger_id from {schema}.api_triggers where trigger_id = any(%s)", ([old, recent],)
+            ).fetchall()
+            assert left == [(recent,)]
+        finally:
+            conn.execute(f"delete from {schema}.api_triggers where trigger_id = any(%s)", ([old, recent],))
+
+
+def test_a_history_table_that_is_no_table_name_is_a_422(
+    client: TestClient, api_tokens: dict[str, str]
+) -> None:
+    # a NUL byte (Postgres refuses it in text) was a 500
+    for table in ("pro\x00ducts", "bad name;"):
+        err = problem(
+            client.get("/api/refresh/history", params={"table": table}, headers=auth(api_tokens["read"])), 422
+        )
+        assert "table name" in err["detail"]
