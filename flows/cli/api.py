@@ -130,11 +130,15 @@ def api(
     from flows.api.app import create_app
 
     with one_line_errors(PG_HINT), embedded_stack(settings, with_stack):
-        reads = "anonymous reads allowed" if settings.api_anonymous_read else "reads need a token"
+        reads = (
+            "anonymous reads for loopback clients" if settings.api_anonymous_read else "reads need a token"
+        )
         out.print(
             f"dashboard: http://{settings.api_host}:{settings.api_port}/  "
             f"OpenAPI: http://{settings.api_host}:{settings.api_port}/api/openapi.json  ({reads})"
         )
+        # Other names (the machine's, a proxy's) are refused until configured: say which pass.
+        out.print(f"answers Host: {', '.join(settings.api_allowed_hosts)} (REFRESH_API_ALLOWED_HOSTS)")
         # proxy_headers off: the app itself decides whom X-Forwarded-For may name the client for
         # (REFRESH_API_TRUSTED_PROXIES, flows/api/clients.py); uvicorn would trust 127.0.0.1.
         if workers == 1:
