@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows import maintenance, transform, webhooks
-from flows.control import checkpoints, runs
+from flows.control import checkpoints, runs, triggers
 from flows.control.dbt_audit import record_dbt
 from flows.db import connect, migrate
 from flows.errors import ConfigError
@@ -55,15 +55,17 @@ def cleanup_checkpoints(settings: Settings, retention_days: int = DEFAULT_CHECKP
 
 
 def prune_audit(settings: Settings, retention_days: int = DEFAULT_AUDIT_RETENTION_DAYS) -> dict[str, int]:
-    """Delete runs (with their table, slice, dbt and data-quality rows) and events older than
-    `retention_days`; returns rows deleted per table.
+    """Delete runs (with their table, slice, dbt and data-quality rows), events and API
+    triggers older than `retention_days`; returns rows deleted per table.
 
     Running runs are never deleted, nor the latest run of any table, so `refresh status` and
     the freshness views still know when every table was last refreshed.
     """
     _check_retention(retention_days, "audit")
     with connect(settings) as conn:
-        return runs.prune(conn, settings.control_schema, retention_days)
+        deleted = runs.prune(conn, settings.control_schema, retention_days)
+        deleted["api_triggers"] = triggers.prune(conn, settings.control_schema, retention_days)
+        return deleted
 
 
 # The weekly full `dbt test` waits at most this long for a running refresh to end.
@@ -145,8 +147,9 @@ def housekeeping(
     Args:
         checkpoint_retention_days: Delete checkpoints committed more than this many days ago
             (1-36500, default 90); each table's newest checkpoint (its high-water mark) is kept.
-        audit_retention_days: Delete runs and their table, slice, dbt and event rows older than
-            this many days (1-36500, default 365); the latest run of every table is kept.
+        audit_retention_days: Delete runs and their table, slice, dbt and event rows, and API
+            triggers, older than this many days (1-36500, default 365); the latest run of
+            every table is kept.
             Empty: keep the audit forever.
         full_dbt_test: Also run `dbt test` over every row (the weekly schedule sets it); the
             run fails when a test fails, after the other housekeeping is done.

@@ -78,6 +78,18 @@ def slices_between(first: date, last: date, size: SliceSize) -> list[Slice]:
     return out
 
 
+def count_slices(first: date, last: date, size: SliceSize) -> int:
+    """len(slices_between(first, last, size)), computed without listing them (a request may
+    name a range of centuries)."""
+    if first > last:
+        return 0
+    if size is SliceSize.DAY:
+        return (last - first).days + 1
+    if size is SliceSize.WEEK:
+        return (align(last, size) - align(first, size)).days // 7 + 1
+    return (last.year - first.year) * 12 + last.month - first.month + 1
+
+
 @dataclass(frozen=True)
 class Window:
     first: date
@@ -105,15 +117,27 @@ def plan_window(
     if source_min is None or source_max is None:
         return None
     if start_date or end_date:
-        first = start_date or source_min
+        # Days before the source's first are empty slices: one start_date far in the past
+        # would plan thousands of them.
+        first = max(start_date or source_min, source_min)
         last = end_date or source_max
+        if start_date and end_date and start_date > end_date:
+            raise ValueError(f"start date {start_date} is after end date {end_date}")
         if first > last:
-            raise ValueError(f"start date {first} is after end date {last}")
+            return None  # the whole range is before the source's first date
         return Window(first, last, "requested range")
     if full_refresh or high_water is None:
         return Window(source_min, source_max, "full refresh" if full_refresh else "first load")
     first = max(source_min, min(high_water, source_max) - timedelta(days=cfg.lookback_days))
     return Window(first, source_max, f"lookback {cfg.lookback_days}d from {high_water}")
+
+
+def requested_slices(cfg: TableConfig, start_date: date, end_date: date) -> int:
+    """Slices a backfill of [start_date, end_date] plans for the table at most (the run clips
+    the range to the source's dates): one for a full_replace table."""
+    if cfg.write_strategy is WriteStrategy.FULL_REPLACE:
+        return 1
+    return count_slices(start_date, end_date, cfg.slice_size)
 
 
 def plan_slices(cfg: TableConfig, window: Window | None) -> list[Slice]:

@@ -6,13 +6,14 @@ Unset BigQuery project -> the local BigQuery emulator, filled with sample data b
 
 from __future__ import annotations
 
+import ipaddress
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import quote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from flows.errors import ConfigError
 from flows.identifiers import validate_dataset, validate_pg_identifier, validate_project
@@ -109,21 +110,53 @@ class Settings(BaseSettings):
     # --- HTTP API (`refresh api`) ---------------------------------------------------------
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
-    # Reads (status, history, metrics, config, the dashboard) without a token. Off unless the
-    # operator turns it on; the local demo does, bound to 127.0.0.1. Changes always need one.
+    # Reads (status, history, metrics, config, the dashboard) without a token, for loopback
+    # clients only (decided per request, flows/api/clients.py). Off unless the operator turns
+    # it on; the local demo does. Changes always need a token.
     api_anonymous_read: bool = False
+    # Host header values the API answers (any other is a 400, against DNS rebinding); `*.x`
+    # matches subdomains. The address `refresh api` binds to is added. Comma-separated.
+    api_allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client; a
+    # forwarded request from any other peer is never a loopback client. Comma-separated.
+    api_trusted_proxies: Annotated[list[str], NoDecode] = []
+    # Largest request body accepted (bytes), checked before the body is parsed: a 413 above it.
+    api_max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024**2)
     # Postgres connections the API keeps open (one per concurrent request at most).
     api_pool_size: int = Field(default=8, ge=1, le=64)
     # Deployment a trigger starts when a Prefect API is configured (PREFECT_API_URL).
     api_deployment: str = "daily-refresh/daily"
     # How long a computed status answer is served again (Age header); 0 = computed every time.
     api_status_cache_seconds: float = Field(default=2.0, ge=0, le=60)
+    # Most slices one trigger may ask for, over all its tables (a backfill's start_date to its
+    # end_date, or today); above it the trigger is a 422. Larger backfills: `refresh run`.
+    api_max_slices: int = Field(default=2000, ge=1, le=1_000_000)
 
     # --- Scale-out: slices on Dask (flows/scale_out.py, docs/scaling.md) -----------------
     slice_workers: int = Field(
         default=0, ge=0, le=256, description="0 = in the table's thread; N = a local Dask cluster of N"
     )
     dask_address: str | None = Field(default=None, description="an existing Dask scheduler, tcp://host:8786")
+
+    @field_validator("api_allowed_hosts", "api_trusted_proxies", mode="before")
+    @classmethod
+    def _comma_list(cls, v: object) -> object:
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+    @field_validator("api_allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        return [h.lower().removeprefix("[").removesuffix("]") for h in v]
+
+    @field_validator("api_trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                ipaddress.ip_network(p, strict=False)
+            except ValueError:
+                raise ValueError(f"{p!r} is not an IP address or network") from None
+        return v
 
     @field_validator("raw_schema", "control_schema")
     @classmethod

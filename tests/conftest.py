@@ -39,6 +39,8 @@ os.environ.update(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        # The API's default Host names plus the one Starlette's TestClient sends.
+        "REFRESH_API_ALLOWED_HOSTS": "localhost,127.0.0.1,::1,testserver",
     }
 )
 # The session's emulator keeps Storage read sessions up to this cap (flows.demo.local_stack's

@@ -16,13 +16,17 @@ from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from flows import runbook
-from flows.api import dashboard, problems, rollout_routes, routes, webhook_routes
+from flows.api import clients, dashboard, problems, rollout_routes, routes, webhook_routes
+from flows.api.guards import Guards, host_name
 from flows.api.responses import FastJSONResponse
 from flows.api.status_cache import StatusCache
 from flows.db import use_utc, use_utc_async
+from flows.errors import ConfigError
 from flows.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+# Bind addresses that are no host name a client would send.
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
 
 
 async def warm_up(app: FastAPI, settings: Settings) -> None:
@@ -83,12 +87,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="See and start the daily BigQuery -> Postgres refresh. Errors are RFC 9457 "
         "problem details (application/problem+json). Bearer tokens: `refresh token create`.",
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # No Swagger UI page: FastAPI's loads its script from a CDN, inline, on the origin
+        # whose sessionStorage holds the dashboard's token. The document is enough for clients.
+        docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
         default_response_class=FastJSONResponse,
     )
+    allowed_hosts = list(settings.api_allowed_hosts)
+    if settings.api_host not in WILDCARD_BINDS:
+        allowed_hosts.append(host_name(settings.api_host))
+    if settings.api_anonymous_read and "*" in allowed_hosts:
+        raise ConfigError(
+            "REFRESH_API_ALLOWED_HOSTS=* with anonymous reads lets any web page read the API through "
+            "DNS rebinding: name the hosts, or turn anonymous reads off"
+        )
+    app.add_middleware(Guards, allowed_hosts=allowed_hosts, max_body=settings.api_max_body_bytes)
     app.state.settings = settings
+    app.state.trusted_proxies = clients.networks(settings.api_trusted_proxies)
     app.state.status_cache = StatusCache(settings.api_status_cache_seconds)
     # Background refreshes this process started (no Prefect API): trigger id -> process.
     app.state.children = dict[UUID, subprocess.Popen[bytes]]()

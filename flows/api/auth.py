@@ -9,12 +9,21 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from flows.api import clients
 from flows.api.problems import Problem
 from flows.control import tokens
 from flows.control.tokens import Scope, TokenInfo
 
 bearer = HTTPBearer(auto_error=False, description="A token from `refresh token create`")
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="refresh"'}
+
+
+def anonymous_read(request: Request) -> bool:
+    """Reads without a token: when the operator allowed them, for a loopback client only."""
+    state = request.app.state
+    return bool(state.settings.api_anonymous_read) and clients.is_loopback(
+        request.scope, state.trusted_proxies
+    )
 
 
 def require(scope: Scope) -> Callable[..., Awaitable[TokenInfo | None]]:
@@ -26,13 +35,16 @@ def require(scope: Scope) -> Callable[..., Awaitable[TokenInfo | None]]:
     ) -> TokenInfo | None:
         state = request.app.state
         if creds is None:
-            if scope is Scope.READ and state.settings.api_anonymous_read:
+            if scope is Scope.READ and anonymous_read(request):
                 return None
-            raise Problem(401, f"this needs a bearer token with scope {scope.value!r}", headers=CHALLENGE)
+            local_only = " (reads without one are for loopback clients only)" if scope is Scope.READ else ""
+            raise Problem(
+                401, f"this needs a bearer token with scope {scope.value!r}{local_only}", headers=CHALLENGE
+            )
         async with state.apool.connection() as conn:
             info = await tokens.verify_async(conn, state.settings.control_schema, creds.credentials)
         if info is None:
-            raise Problem(401, "the bearer token is unknown or revoked", headers=CHALLENGE)
+            raise Problem(401, "the bearer token is unknown, revoked or expired", headers=CHALLENGE)
         if not info.allows(scope):
             raise Problem(
                 403,

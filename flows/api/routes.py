@@ -16,9 +16,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from flows import runbook
+from flows import planning, runbook
 from flows.api import launch
 from flows.api.auth import require
 from flows.api.problems import Problem
@@ -33,7 +34,9 @@ from flows.control.history import (
 )
 from flows.control.runs import lock_holder, refresh_running
 from flows.control.tokens import Scope, TokenInfo
+from flows.errors import ConfigError
 from flows.registry import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
+from flows.settings import Settings
 
 router = APIRouter(prefix="/api/refresh")
 Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]
@@ -106,7 +109,8 @@ class TriggerRequest(BaseModel):
         default=None, max_length=200, description="Registry table names; empty = every due table"
     )
     force: bool = Field(
-        default=False, description="Refresh even if not due, refreshed < 1 h ago, or disabled"
+        default=False,
+        description="Refresh even if not due; with an admin token also if refreshed < 1 h ago, or disabled",
     )
     dry_run: bool = Field(default=False, description="Plan only: write nothing")
     start_date: date | None = Field(default=None, description="Reload from this date (backfill)")
@@ -166,6 +170,33 @@ def _busy(request: Request, conn: Any) -> dict[str, Any] | None:
     }
 
 
+def _check_scope_and_size(
+    settings: Settings, token: TokenInfo, params: runbook.RunParams, chosen: list[TableConfig], today: date
+) -> None:
+    """What a trigger token may not do: refresh a table an admin disabled (that needs admin),
+    or ask for more slices than REFRESH_API_MAX_SLICES."""
+    disabled = [c.table_name for c in chosen if not c.enabled or c.mode is Mode.DISABLED]
+    if disabled and not token.allows(Scope.ADMIN):
+        raise Problem(
+            403,
+            f"table(s) {', '.join(disabled)} are disabled: refreshing a disabled table needs a token "
+            f"with scope 'admin' (token {token.name!r} has {', '.join(s.value for s in token.scopes)})",
+        )
+    if params.start_date is None:
+        return
+    end = params.end_date or today
+    counts = {c.table_name: planning.requested_slices(c, params.start_date, end) for c in chosen}
+    if sum(counts.values()) > settings.api_max_slices:
+        per_table = ", ".join(f"{name} {n}" for name, n in counts.items())
+        raise Problem(
+            422,
+            f"{params.start_date} to {end} is {sum(counts.values())} slices ({per_table}), more than "
+            f"REFRESH_API_MAX_SLICES ({settings.api_max_slices}) one trigger may start: move start_date "
+            "later, name fewer tables, or run the backfill with `refresh run`",
+            errors=[{"field": "start_date", "problem": f"more than {settings.api_max_slices} slices"}],
+        )
+
+
 @router.post(
     "/trigger",
     status_code=202,
@@ -194,6 +225,7 @@ def trigger(
     """Start a refresh: a flow run of the daily-refresh deployment when a Prefect API is
     configured, else the flow in a background process. Everything is checked before anything
     starts."""
+    assert token is not None  # only reads may be anonymous
     params = runbook.validate_params(
         body.tables, body.start_date, body.end_date, False, body.dry_run, body.force, trigger="api"
     )
@@ -204,7 +236,7 @@ def trigger(
     with state.pool.connection() as conn, conn.transaction():
         triggers.lock(conn)
         if idempotency_key is not None:
-            seen = triggers.by_key(conn, schema, idempotency_key)
+            seen = triggers.by_key(conn, schema, token.token_id, idempotency_key)
             if seen is not None:
                 if seen.request_sha256 != request_hash:
                     raise Problem(
@@ -214,7 +246,8 @@ def trigger(
                     )
                 return _accepted(seen, replayed=True)
         configs = registry.load_all(conn, schema)
-        runbook.select_tables(configs, params.tables, force=params.force, now=now)
+        chosen = runbook.select_tables(configs, params.tables, force=params.force, now=now)
+        _check_scope_and_size(state.settings, token, params, chosen, now.date())
         busy = _busy(request, conn)
         if busy is not None:
             raise Problem(
@@ -222,7 +255,7 @@ def trigger(
                 f"a refresh is running ({busy.pop('detail')}): try again when it ends",
                 **jsonable_encoder(busy),
             )
-        if not params.force:
+        if not (params.force and token.allows(Scope.ADMIN)):
             names = params.tables or [
                 c.table_name for c in configs if c.enabled and c.mode is not Mode.DISABLED
             ]
@@ -233,7 +266,7 @@ def trigger(
                 raise Problem(
                     429,
                     f"every table asked for was refreshed less than an hour ago ({', '.join(names)}): "
-                    f"retry in {wait}s, or set force",
+                    f"retry in {wait}s, or set force with an admin token",
                     headers={"Retry-After": str(wait)},
                     retry_after_s=wait,
                 )
@@ -241,7 +274,11 @@ def trigger(
         flow_run_id: UUID | None = None
         pid: int | None = None
         if launch.prefect_configured():
-            flow_run_id = launch.start_flow_run(state.settings.api_deployment, params, idempotency_key)
+            prefect_key = idempotency_key
+            if prefect_key is not None and triggers.key_used(conn, schema, prefect_key):
+                # Prefect's keys are per deployment: another token's run must not come back here.
+                prefect_key = f"{prefect_key}:{token.token_id}"
+            flow_run_id = launch.start_flow_run(state.settings.api_deployment, params, prefect_key)
             via = "prefect"
         else:
             proc = launch.start_process(params, state.settings.state_dir / "logs")
@@ -258,7 +295,7 @@ def trigger(
             flow_run_id=flow_run_id,
             pid=pid,
             hostname=socket.gethostname(),
-            token_id=token.token_id if token else None,
+            token_id=token.token_id,
         )
         recorded = triggers.get(conn, schema, trigger_id)
     state.status_cache.clear()
@@ -305,7 +342,10 @@ async def _page(request: Request, q: HistoryQuery, cursor: str | None = None) ->
                 "give page or cursor, not both",
                 errors=[{"field": "cursor", "problem": "cannot be combined with page"}],
             )
-        after = HistoryCursor.decode(cursor)
+        try:
+            after = HistoryCursor.decode(cursor)
+        except ConfigError as exc:
+            raise Problem(422, str(exc), errors=[{"field": "cursor", "problem": str(exc)}]) from None
         async with request.app.state.apool.connection() as conn:
             rows, next_cursor = await history_after_async(conn, _schema(request), q, after)
         return FastJSONResponse(
@@ -426,7 +466,9 @@ class ConfigChanges(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool | None = None
-    mode: Mode | None = None
+    # Mode changes only by cutover/rollback (validation gate, `mode_changes` row, rollback):
+    # refused here by name, and left out of the OpenAPI document.
+    mode: SkipJsonSchema[Any] = None
     priority: int | str | None = Field(
         default=None, description="0-1000, or critical/high/medium/low/background"
     )
@@ -438,6 +480,14 @@ class ConfigChanges(BaseModel):
     write_strategy: WriteStrategy | None = None
     custom_params: dict[str, Any] | None = None
     change_detection: ChangeDetection | None = None
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        raise ValueError(
+            "a table's mode changes only through POST /api/refresh/config/{table}/cutover "
+            "(dry_run -> shadow -> live, validated) or /rollback, which audit the change"
+        )
 
 
 @router.put(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import typer
@@ -28,17 +29,23 @@ def token_create(
     scope: Annotated[
         list[str], typer.Option("--scope", "-s", help="read, trigger (includes read) or admin (everything)")
     ],
+    expires_in_days: Annotated[
+        int | None,
+        typer.Option(min=1, max=3650, help="Refused after this many days (default: valid until revoked)"),
+    ] = None,
 ) -> None:
     """Create a token; it is shown once, only its hash is kept."""
     from flows.control import tokens
     from flows.db import connect, migrate
 
     settings = load_settings()
+    expires_at = None if expires_in_days is None else datetime.now(UTC) + timedelta(days=expires_in_days)
     with one_line_errors(PG_HINT):
         migrate(settings)
         with connect(settings) as conn:
-            secret, info = tokens.create(conn, settings.control_schema, name, scope, who="cli")
-    out.print(f"token {info.name} (id {info.token_id}, scopes {', '.join(info.scopes)}):")
+            secret, info = tokens.create(conn, settings.control_schema, name, scope, "cli", expires_at)
+    until = f", expires {ts(info.expires_at)} UTC" if info.expires_at else ""
+    out.print(f"token {info.name} (id {info.token_id}, scopes {', '.join(info.scopes)}{until}):")
     out.print(secret, soft_wrap=True)
     out.print("store it now: it is not shown again. Use it as `Authorization: Bearer <token>`.")
 
@@ -59,7 +66,7 @@ def token_revoke(name: Annotated[str, typer.Argument(help="Token name or id")]) 
 
 @token_app.command("list")
 def token_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked tokens")] = False) -> None:
-    """Tokens: id, name, scopes, created, revoked (never the token itself)."""
+    """Tokens: id, name, scopes, created, expires, last used, revoked (never the token itself)."""
     from flows.control import tokens
     from flows.db import connect, migrate
 
@@ -68,9 +75,21 @@ def token_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked
         migrate(settings)
         with connect(settings) as conn:
             found = tokens.list_tokens(conn, settings.control_schema, include_revoked=all_)
-    grid = new_grid("id", "name", "scopes", "created (UTC)", "revoked (UTC)")
+    grid = new_grid(
+        "id", "name", "scopes", "created (UTC)", "expires (UTC)", "last used (UTC)", "revoked (UTC)"
+    )
+    now = datetime.now(UTC)
     for t in found:
-        grid.add_row(t.token_id, t.name, ",".join(t.scopes), ts(t.created_at), ts(t.revoked_at))
+        expires = ts(t.expires_at) + (" (expired)" if t.expires_at and t.expires_at <= now else "")
+        grid.add_row(
+            t.token_id,
+            t.name,
+            ",".join(t.scopes),
+            ts(t.created_at),
+            expires,
+            ts(t.last_used_at),
+            ts(t.revoked_at),
+        )
     out.print(grid if found else "no tokens (create one with `refresh token create NAME --scope read`)")
 
 
@@ -83,7 +102,8 @@ def api(
         bool | None,
         typer.Option(
             "--anonymous-read/--no-anonymous-read",
-            help="Reads without a token (default REFRESH_API_ANONYMOUS_READ); loopback addresses only",
+            help="Reads without a token for loopback clients (default REFRESH_API_ANONYMOUS_READ); "
+            "binds to a loopback address only",
         ),
     ] = None,
     workers: Annotated[
@@ -110,20 +130,30 @@ def api(
     from flows.api.app import create_app
 
     with one_line_errors(PG_HINT), embedded_stack(settings, with_stack):
-        reads = "anonymous reads allowed" if settings.api_anonymous_read else "reads need a token"
+        reads = (
+            "anonymous reads for loopback clients" if settings.api_anonymous_read else "reads need a token"
+        )
         out.print(
             f"dashboard: http://{settings.api_host}:{settings.api_port}/  "
-            f"API docs: http://{settings.api_host}:{settings.api_port}/api/docs  ({reads})"
+            f"OpenAPI: http://{settings.api_host}:{settings.api_port}/api/openapi.json  ({reads})"
         )
+        # Other names (the machine's, a proxy's) are refused until configured: say which pass.
+        out.print(f"answers Host: {', '.join(settings.api_allowed_hosts)} (REFRESH_API_ALLOWED_HOSTS)")
+        # proxy_headers off: the app itself decides whom X-Forwarded-For may name the client for
+        # (REFRESH_API_TRUSTED_PROXIES, flows/api/clients.py); uvicorn would trust 127.0.0.1.
         if workers == 1:
-            uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port)
+            uvicorn.run(
+                create_app(settings), host=settings.api_host, port=settings.api_port, proxy_headers=False
+            )
             return
         # Worker processes build their own app from the environment: pass the options on.
         os.environ["REFRESH_API_ANONYMOUS_READ"] = str(settings.api_anonymous_read).lower()
+        os.environ["REFRESH_API_HOST"] = settings.api_host
         uvicorn.run(
             "flows.api.app:create_app",
             factory=True,
             workers=workers,
             host=settings.api_host,
             port=settings.api_port,
+            proxy_headers=False,
         )

@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from flows.control.runs import RunStatus, lock_held_for
 from flows.control.tables import TableStatus
 from flows.errors import ConfigError
+from flows.identifiers import validate_pg_identifier
 
 
 def _t(schema: str, name: str) -> sql.Composable:
@@ -37,6 +38,10 @@ class HistoryQuery:
     page_size: int = 20
 
     def __post_init__(self) -> None:
+        if self.table is not None:
+            # Registry names are Postgres identifiers; anything else (a NUL byte, which Postgres
+            # refuses in text) is bad input, named, rather than a database error.
+            validate_pg_identifier(self.table, "table name")
         allowed = [s.value for s in (TableStatus if self.table else RunStatus)]
         if self.status is not None and self.status not in allowed:
             raise ConfigError(f"unknown status {self.status!r}: use one of {', '.join(allowed)}")
@@ -70,13 +75,17 @@ class HistoryCursor:
 
     @classmethod
     def decode(cls, text: str) -> HistoryCursor:
+        # Any text reaches here (a query parameter): every shape other than the one encode()
+        # writes is refused by name, never left to fail deeper.
         try:
-            started_at, run_id = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
-            at = datetime.fromisoformat(started_at)
+            value = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+                raise ValueError("not [started_at, run_id]")
+            at = datetime.fromisoformat(value[0])
             if at.tzinfo is None:
                 raise ValueError("no time zone")
-            return cls(at, UUID(run_id))
-        except (ValueError, TypeError) as exc:
+            return cls(at, UUID(value[1]))
+        except (ValueError, RecursionError) as exc:
             raise ConfigError(
                 "cursor is not one this API gave out: pass next_cursor from the previous page unchanged"
             ) from exc

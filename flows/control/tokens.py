@@ -2,7 +2,8 @@
 
 A token reads `sqpr_<token_id>_<secret>`. The id finds the row; the secret's SHA-256 (the
 secret is 256 random bits, so a plain hash is enough, no slow KDF) is compared with
-hmac.compare_digest, so the comparison takes the same time whatever matches.
+hmac.compare_digest, so the comparison takes the same time whatever matches. A token may
+expire (`expires_at`); its last use is recorded to the minute (`last_used_at`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -22,6 +23,8 @@ from flows.errors import ConfigError
 
 PREFIX = "sqpr"
 MAX_NAME_LENGTH = 80
+# last_used_at is written at most this often per token: not a write per request.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 class Scope(StrEnum):
@@ -45,6 +48,8 @@ class TokenInfo:
     scopes: tuple[Scope, ...]
     created_at: datetime
     revoked_at: datetime | None = None
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
 
     def allows(self, scope: Scope) -> bool:
         return any(scope in IMPLIES[s] for s in self.scopes)
@@ -68,29 +73,37 @@ def parse_scopes(values: list[str]) -> tuple[Scope, ...]:
 
 
 def create(
-    conn: psycopg.Connection, schema: str, name: str, scopes: list[str], who: str = "cli"
+    conn: psycopg.Connection,
+    schema: str,
+    name: str,
+    scopes: list[str],
+    who: str = "cli",
+    expires_at: datetime | None = None,
 ) -> tuple[str, TokenInfo]:
-    """A new token; the plain text is returned once and never stored."""
+    """A new token, valid until `expires_at` (None: until revoked); the plain text is returned
+    once and never stored."""
     name = name.strip()
     if not name or len(name) > MAX_NAME_LENGTH:
         raise ConfigError(f"token name must be 1-{MAX_NAME_LENGTH} characters")
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        raise ConfigError(f"token expiry {expires_at:%Y-%m-%d %H:%M} UTC is not in the future")
     parsed = parse_scopes(scopes)
     token_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
     try:
         row = conn.execute(
             sql.SQL(
-                "insert into {t} (token_id, name, scopes, secret_sha256, created_by) "
-                "values (%s, %s, %s, %s, %s) returning created_at"
+                "insert into {t} (token_id, name, scopes, secret_sha256, created_by, expires_at) "
+                "values (%s, %s, %s, %s, %s, %s) returning created_at"
             ).format(t=_t(schema)),
-            (token_id, name, [s.value for s in parsed], _digest(secret), who),
+            (token_id, name, [s.value for s in parsed], _digest(secret), who, expires_at),
         ).fetchone()
     except psycopg.errors.UniqueViolation as exc:
         raise ConfigError(
             f"an active token is already named {name!r}: revoke it or pick another name"
         ) from exc
     assert row is not None
-    return f"{PREFIX}_{token_id}_{secret}", TokenInfo(token_id, name, parsed, row[0])
+    return f"{PREFIX}_{token_id}_{secret}", TokenInfo(token_id, name, parsed, row[0], expires_at=expires_at)
 
 
 def _parts(token: str) -> tuple[str, str] | None:
@@ -103,23 +116,33 @@ def _parts(token: str) -> tuple[str, str] | None:
 
 def _verify_query(schema: str) -> sql.Composed:
     return sql.SQL(
-        "select name, scopes, secret_sha256, created_at from {t} where token_id = %s and revoked_at is null"
+        "select name, scopes, secret_sha256, created_at, expires_at, last_used_at, now() from {t} "
+        "where token_id = %s and revoked_at is null and (expires_at is null or expires_at > now())"
     ).format(t=_t(schema))
 
 
-def _verified(row: tuple[Any, ...] | None, token_id: str, secret: str) -> TokenInfo | None:
+def _touch_query(schema: str) -> sql.Composed:
+    return sql.SQL("update {t} set last_used_at = now() where token_id = %s").format(t=_t(schema))
+
+
+def _verified(row: tuple[Any, ...] | None, token_id: str, secret: str) -> tuple[TokenInfo | None, bool]:
+    """The token if the secret matches, and whether its last use is to be recorded."""
     if row is None or not hmac.compare_digest(bytes(row[2]), _digest(secret)):
-        return None
-    return TokenInfo(token_id, row[0], tuple(Scope(s) for s in row[1]), row[3])
+        return None, False
+    info = TokenInfo(token_id, row[0], tuple(Scope(s) for s in row[1]), row[3], None, row[4], row[5])
+    return info, row[5] is None or row[6] - row[5] >= LAST_USED_RESOLUTION
 
 
 def verify(conn: psycopg.Connection, schema: str, token: str) -> TokenInfo | None:
-    """The active token this string is, or None (malformed, unknown, revoked or wrong secret)."""
+    """The active token this string is, or None (malformed, unknown, revoked, expired or wrong
+    secret); records its use."""
     parts = _parts(token)
     if parts is None:
         return None
-    row = conn.execute(_verify_query(schema), (parts[0],)).fetchone()
-    return _verified(row, *parts)
+    info, touch = _verified(conn.execute(_verify_query(schema), (parts[0],)).fetchone(), *parts)
+    if touch:
+        conn.execute(_touch_query(schema), (parts[0],))
+    return info
 
 
 async def verify_async(conn: psycopg.AsyncConnection[Any], schema: str, token: str) -> TokenInfo | None:
@@ -128,7 +151,17 @@ async def verify_async(conn: psycopg.AsyncConnection[Any], schema: str, token: s
     if parts is None:
         return None
     cur = await conn.execute(_verify_query(schema), (parts[0],))
-    return _verified(await cur.fetchone(), *parts)
+    info, touch = _verified(await cur.fetchone(), *parts)
+    if touch:
+        await conn.execute(_touch_query(schema), (parts[0],))
+    return info
+
+
+COLUMNS = sql.SQL("token_id, name, scopes, created_at, revoked_at, expires_at, last_used_at")
+
+
+def _info(row: tuple[Any, ...]) -> TokenInfo:
+    return TokenInfo(row[0], row[1], tuple(Scope(s) for s in row[2]), *row[3:])
 
 
 def revoke(conn: psycopg.Connection, schema: str, name_or_id: str) -> TokenInfo:
@@ -136,21 +169,21 @@ def revoke(conn: psycopg.Connection, schema: str, name_or_id: str) -> TokenInfo:
     row = conn.execute(
         sql.SQL(
             "update {t} set revoked_at = now() where revoked_at is null and (token_id = %s or name = %s) "
-            "returning token_id, name, scopes, created_at, revoked_at"
-        ).format(t=_t(schema)),
+            "returning {c}"
+        ).format(t=_t(schema), c=COLUMNS),
         (name_or_id, name_or_id),
     ).fetchone()
     if row is None:
         raise ConfigError(f"no active token named {name_or_id!r} (see `refresh token list`)")
-    return TokenInfo(row[0], row[1], tuple(Scope(s) for s in row[2]), row[3], row[4])
+    return _info(row)
 
 
 def list_tokens(conn: psycopg.Connection, schema: str, include_revoked: bool = False) -> list[TokenInfo]:
+    """Tokens not revoked (expired ones too: their expiry says so), or all of them."""
     rows = conn.execute(
-        sql.SQL(
-            "select token_id, name, scopes, created_at, revoked_at from {t} "
-            "where %s or revoked_at is null order by created_at"
-        ).format(t=_t(schema)),
+        sql.SQL("select {c} from {t} where %s or revoked_at is null order by created_at").format(
+            c=COLUMNS, t=_t(schema)
+        ),
         (include_revoked,),
     ).fetchall()
-    return [TokenInfo(r[0], r[1], tuple(Scope(s) for s in r[2]), r[3], r[4]) for r in rows]
+    return [_info(r) for r in rows]

@@ -1,5 +1,6 @@
-"""Refreshes started through the API: one row per accepted trigger, keyed by the client's
-Idempotency-Key, so a retried request finds the run it already started."""
+"""Refreshes started through the API: one row per accepted trigger, keyed by the token and
+its Idempotency-Key, so a retried request finds the run it already started (and no other
+token's). Pruned with the audit (flows.housekeeping)."""
 
 from __future__ import annotations
 
@@ -57,19 +58,36 @@ _SELECT = sql.SQL(
 )
 
 
-def _one(conn: psycopg.Connection, schema: str, where: sql.Composable, value: Any) -> Trigger | None:
+def _one(conn: psycopg.Connection, schema: str, where: sql.Composable, *values: Any) -> Trigger | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_SELECT.format(a=_t(schema), r=sql.Identifier(schema, "refresh_runs")) + where, (value,))
+        cur.execute(_SELECT.format(a=_t(schema), r=sql.Identifier(schema, "refresh_runs")) + where, values)
         row = cur.fetchone()
     return None if row is None else Trigger(**row)
 
 
-def by_key(conn: psycopg.Connection, schema: str, key: str) -> Trigger | None:
-    return _one(conn, schema, sql.SQL("where a.idempotency_key = %s"), key)
+def by_key(conn: psycopg.Connection, schema: str, token_id: str, key: str) -> Trigger | None:
+    """The trigger this token sent with this Idempotency-Key."""
+    return _one(conn, schema, sql.SQL("where a.token_id = %s and a.idempotency_key = %s"), token_id, key)
+
+
+def key_used(conn: psycopg.Connection, schema: str, key: str) -> bool:
+    """Whether any token has sent this Idempotency-Key."""
+    row = conn.execute(
+        sql.SQL("select exists (select 1 from {a} where idempotency_key = %s)").format(a=_t(schema)), (key,)
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def get(conn: psycopg.Connection, schema: str, trigger_id: UUID) -> Trigger | None:
     return _one(conn, schema, sql.SQL("where a.trigger_id = %s"), trigger_id)
+
+
+def prune(conn: psycopg.Connection, schema: str, retention_days: int) -> int:
+    """Delete triggers older than `retention_days`; returns how many."""
+    return conn.execute(
+        sql.SQL("delete from {a} where created_at < now() - make_interval(days => %s)").format(a=_t(schema)),
+        (retention_days,),
+    ).rowcount
 
 
 def record(

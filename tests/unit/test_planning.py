@@ -2,16 +2,20 @@ import itertools
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flows.errors import ConfigError
 from flows.planning import (
     RefreshSchedule,
     Slice,
+    count_slices,
     due_tolerance,
     is_due,
     next_due,
     plan_slices,
     plan_window,
+    requested_slices,
     resumable,
     slices_between,
 )
@@ -200,3 +204,29 @@ def test_the_whole_table_slice_has_no_timestamp_bounds() -> None:
     assert week.within(span) and week.within(whole[0])
     assert not span.within(week) and not whole[0].within(span)
     assert not Slice(date(2026, 1, 12), date(2026, 1, 26)).within(span)
+
+
+def test_a_backfill_start_before_the_source_is_clipped_to_its_first_date() -> None:
+    c = cfg()
+    lo, hi = date(2023, 1, 1), date(2024, 6, 30)
+    w = plan_window(c, lo, hi, None, start_date=date(1, 1, 1))
+    assert w is not None and (w.first, w.last) == (lo, hi)
+    assert len(plan_slices(c, w)) == count_slices(lo, hi, SliceSize.WEEK) < 80
+    w = plan_window(c, lo, hi, None, start_date=date(1900, 1, 1), end_date=date(2023, 2, 1))
+    assert w is not None and (w.first, w.last) == (lo, date(2023, 2, 1))
+    # a range wholly before the source's first date holds nothing to load
+    assert plan_window(c, lo, hi, None, start_date=date(1900, 1, 1), end_date=date(1901, 1, 1)) is None
+
+
+@given(st.dates(max_value=date(9000, 1, 1)), st.integers(0, 3000), st.sampled_from(list(SliceSize)))
+def test_count_slices_is_the_number_of_slices_between(first: date, days: int, size: SliceSize) -> None:
+    last = first + timedelta(days=days)
+    assert count_slices(first, last, size) == len(slices_between(first, last, size))
+    assert count_slices(last + timedelta(days=1), last, size) == 0
+
+
+def test_requested_slices_per_table() -> None:
+    assert requested_slices(cfg(slice_size="day"), date(2024, 1, 1), date(2024, 1, 31)) == 31
+    assert requested_slices(cfg(), date(1, 1, 1), date(2026, 1, 1)) > 100_000
+    full = cfg(write_strategy=WriteStrategy.FULL_REPLACE, cursor_column=None)
+    assert requested_slices(full, date(1, 1, 1), date(2026, 1, 1)) == 1

@@ -18,6 +18,9 @@ from flows.demo.local_stack import free_port
 from flows.settings import PROJECT_ROOT, Settings
 from tests.prefect_server import stop, tail
 
+# Bookkeeping a request writes whatever its outcome, not a change it makes: a token's last use.
+NOT_FINGERPRINTED = {("api_tokens", "last_used_at")}
+
 
 def control_fingerprint(settings: Settings) -> dict[str, str]:
     """md5 of every control-schema table's rows (in a stable order), per table."""
@@ -32,10 +35,23 @@ def control_fingerprint(settings: Settings) -> dict[str, str]:
         ]
         out = {}
         for name in names:
+            columns = [
+                r[0]
+                for r in conn.execute(
+                    "select column_name from information_schema.columns where table_schema = %s "
+                    "and table_name = %s order by ordinal_position",
+                    (settings.control_schema, name),
+                ).fetchall()
+                if (name, r[0]) not in NOT_FINGERPRINTED
+            ]
             row = conn.execute(
                 sql.SQL(
-                    "select md5(coalesce(string_agg(t::text, '|' order by t::text), '')) from {} t"
-                ).format(sql.Identifier(settings.control_schema, name))
+                    "select md5(coalesce(string_agg(t::text, '|' order by t::text), '')) "
+                    "from (select {} from {}) t"
+                ).format(
+                    sql.SQL(", ").join(map(sql.Identifier, columns)),
+                    sql.Identifier(settings.control_schema, name),
+                )
             ).fetchone()
             assert row is not None
             out[name] = row[0]
@@ -47,14 +63,18 @@ def auth(token: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def api_process(env: dict[str, str], log_path: Path, timeout_s: float = 300) -> Iterator[str]:
-    """`refresh api` in its own process on a free port (its output in `log_path`): yields its
-    URL once /api/openapi.json answers, stops it at the end. The wait is generous: the API's
-    start (imports, migrations, the pool) on a loaded 2-core machine."""
+def api_process(
+    env: dict[str, str], log_path: Path, timeout_s: float = 300, server: list[str] | None = None
+) -> Iterator[str]:
+    """`refresh api` (or `server`, given the port as its last argument) in its own process on a
+    free port (its output in `log_path`): yields its URL once /api/openapi.json answers, stops
+    it at the end. The wait is generous: the API's start (imports, migrations, the pool) on a
+    loaded 2-core machine."""
     port = free_port()
+    command = server or [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "api", "--no-stack", "--port", str(port)],
+            [*command, str(port)],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=log,

@@ -61,7 +61,11 @@ def test_reads_need_a_token_unless_anonymous_reads_are_on(
     revoked = problem(client.get("/api/refresh/status", headers=auth(api_tokens["revoked"])), 401)
     assert "revoked" in revoked["detail"]
     assert api_tokens["revoked"] not in revoked["detail"]
-    with TestClient(create_app(settings.model_copy(update={"api_anonymous_read": True}))) as anon:
+    # anonymous reads are for loopback clients (TestClient's default client is "testclient")
+    local = ("127.0.0.1", 50000)
+    with TestClient(
+        create_app(settings.model_copy(update={"api_anonymous_read": True})), client=local
+    ) as anon:
         assert anon.get("/api/refresh/status").status_code == 200
         # a wrong token is refused even when anonymous reads are on
         problem(anon.get("/api/refresh/status", headers=auth(api_tokens["revoked"])), 401)
@@ -351,8 +355,9 @@ def test_trigger_starts_a_real_run_idempotently_and_409s_while_it_runs(
     client: TestClient, api_tokens: dict[str, str], settings: Settings
 ) -> None:
     # A real flow run in a background process, as a dry run: it takes the refresh lock and
-    # writes its audit rows (removed at the end), but not the session's shared raw data.
-    h = {**auth(api_tokens["trigger"]), "Idempotency-Key": f"test-{uuid.uuid4()}"}
+    # writes its audit rows (removed at the end), but not the session's shared raw data. The
+    # session's run refreshed products < 1 h ago: forcing past that takes an admin token.
+    h = {**auth(api_tokens["admin"]), "Idempotency-Key": f"test-{uuid.uuid4()}"}
     body = {"tables": ["products"], "force": True, "dry_run": True}
     first = client.post("/api/refresh/trigger", json=body, headers=h)
     assert first.status_code == 202, first.text
