@@ -1,15 +1,15 @@
 """API guards: tokens get an optional expiry and a last-used time; an Idempotency-Key is
 unique per token, not across tokens.
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-07
 """
 
 from alembic import context, op
 
-revision = "0010"
-down_revision = "0009"
+revision = "0011"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
