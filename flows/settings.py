@@ -116,10 +116,11 @@ class Settings(BaseSettings):
     api_anonymous_read: bool = False
     # Host header values the API answers (any other is a 400, against DNS rebinding); `*.x`
     # matches subdomains. The address `refresh api` binds to is added. Comma-separated.
-    api_allowed_hosts: Annotated[list[str], NoDecode] = ["localhost", "127.0.0.1", "::1"]
+    # Tuples, not lists: Settings is frozen and hashed (cached clients per settings).
+    api_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ("localhost", "127.0.0.1", "::1")
     # Reverse proxies (addresses or networks) whose X-Forwarded-For names the client; a
     # forwarded request from any other peer is never a loopback client. Comma-separated.
-    api_trusted_proxies: Annotated[list[str], NoDecode] = []
+    api_trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
     # Largest request body accepted (bytes), checked before the body is parsed: a 413 above it.
     api_max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=64 * 1024**2)
     # Postgres connections the API keeps open (one per concurrent request at most).
@@ -141,16 +142,16 @@ class Settings(BaseSettings):
     @field_validator("api_allowed_hosts", "api_trusted_proxies", mode="before")
     @classmethod
     def _comma_list(cls, v: object) -> object:
-        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+        return tuple(p.strip() for p in v.split(",") if p.strip()) if isinstance(v, str) else v
 
     @field_validator("api_allowed_hosts")
     @classmethod
-    def _hosts(cls, v: list[str]) -> list[str]:
-        return [h.lower().removeprefix("[").removesuffix("]") for h in v]
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower().removeprefix("[").removesuffix("]") for h in v)
 
     @field_validator("api_trusted_proxies")
     @classmethod
-    def _proxies(cls, v: list[str]) -> list[str]:
+    def _proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for p in v:
             try:
                 ipaddress.ip_network(p, strict=False)

@@ -88,3 +88,16 @@ def test_the_client_address_behind_trusted_proxies_only(
 ) -> None:
     found = client_address(_scope(peer, *headers), PROXIES)
     assert found == (ip_address(client) if client else None)
+
+
+def test_settings_with_hosts_and_proxies_stay_hashable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings is frozen and hashed (scale-out workers cache their clients per settings): the
+    comma-separated settings parse to tuples, not lists."""
+    from flows.settings import Settings
+
+    monkeypatch.setenv("REFRESH_API_ALLOWED_HOSTS", "API.example.com, [::1]")
+    monkeypatch.setenv("REFRESH_API_TRUSTED_PROXIES", "10.0.0.1,10.1.0.0/16")
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert s.api_allowed_hosts == ("api.example.com", "::1")
+    assert s.api_trusted_proxies == ("10.0.0.1", "10.1.0.0/16")
+    assert hash(s) == hash(s.model_copy())
