@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -381,16 +382,21 @@ class BoundedReadSessions(OrderedDict[str, Any]):
         super().__init__()
         self.cap_bytes, self.ttl_s, self.min_idle_s = cap_bytes, ttl_s, min_idle_s
         self.last_used: dict[str, float] = {}
+        # The emulator's gRPC threads create and read sessions at once: reordering (get) or
+        # evicting while another thread iterates is "OrderedDict mutated during iteration".
+        self._lock = threading.RLock()
 
     def __setitem__(self, key: str, value: Any) -> None:
-        super().__setitem__(key, value)
-        self._touch(key)
-        self._evict(keep=key)
+        with self._lock:
+            super().__setitem__(key, value)
+            self._touch(key)
+            self._evict(keep=key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        if key in self:
-            self._touch(key)
-        return super().get(key, default)
+        with self._lock:
+            if key in self:
+                self._touch(key)
+            return super().get(key, default)
 
     def _touch(self, key: str) -> None:
         self.last_used[key] = time.monotonic()
@@ -698,8 +704,6 @@ def _raise_system_exit(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def local_stack(settings: Settings, throwaway: bool = False) -> Iterator[LocalStack]:
     """Start what is needed, yield, and stop what was started, also on SIGTERM."""
-    import threading
-
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM's default action skips `finally`: turn it into SystemExit so children stop.
