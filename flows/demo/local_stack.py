@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -135,6 +135,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _await_ready(
+    is_ready: Callable[[], bool], alive: Callable[[], bool], timeout_s: float, late: str
+) -> bool:
+    """Wait for a part whose process runs but does not answer yet (still starting, or too busy
+    to answer a readiness check on a loaded machine) rather than start a second one on its
+    ports and data: True once it answers, False if its process ended first, StackError(`late`)
+    after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not is_ready():
+        if not alive():
+            return False
+        if time.monotonic() > deadline:
+            raise StackError(late)
+        time.sleep(0.2)
+    return True
+
+
 def _tail(path: Path, lines: int = 20) -> str:
     if not path.exists():
         return "(no log)"
@@ -210,6 +227,13 @@ class EmbeddedPostgres:
             return None
         return pid if _pid_alive(pid) else None
 
+    def _running_port(self) -> int | None:
+        """The port in postmaster.pid (its fourth line), None if it is not there."""
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().splitlines()[3])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def is_ready(self) -> bool:
         import psycopg
 
@@ -223,17 +247,9 @@ class EmbeddedPostgres:
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        if self.running_pid() is not None:
-            with contextlib.suppress(StackError):
-                self._secure()  # a server started before passwords: upgraded in place
-            if self.is_ready():
-                log.info("embedded Postgres already running on port %s", self.port)
-                return
-            raise StackError(
-                f"a Postgres server runs on {self.data_dir} but does not answer on port "
-                f"{self.port}: stop it with `refresh stack down` or set REFRESH_LOCAL_PG_PORT "
-                "to the port it uses"
-            )
+        pid = self.running_pid()
+        if pid is not None and self._reuse(pid):
+            return
         if not port_is_free(self.port):
             raise StackError(
                 f"port {self.port} is taken by another program: set REFRESH_LOCAL_PG_PORT to a "
@@ -286,6 +302,37 @@ class EmbeddedPostgres:
                     f"{self.startup_timeout_s:.0f}s; log:\n{_tail(self.log_file)}"
                 )
             time.sleep(0.2)
+
+    def _reuse(self, pid: int) -> bool:
+        """The server already running on the data directory, once it answers: True; False if
+        it stopped meanwhile (then it is started as usual)."""
+        if self._running_port() not in (None, self.port):
+            raise StackError(
+                f"a Postgres server (pid {pid}) runs on {self.data_dir} on port "
+                f"{self._running_port()}, not {self.port}: stop it with `refresh stack down` or "
+                "set REFRESH_LOCAL_PG_PORT to the port it uses"
+            )
+        secured = False
+
+        def ready() -> bool:
+            nonlocal secured
+            if not secured:
+                with contextlib.suppress(StackError):
+                    self._secure()  # a server started before passwords: upgraded in place
+                    secured = True
+            return secured and self.is_ready()
+
+        if not _await_ready(
+            ready,
+            lambda: self.running_pid() == pid,
+            self.startup_timeout_s,
+            f"a Postgres server (pid {pid}) runs on {self.data_dir} but did not answer on port "
+            f"{self.port} within {self.startup_timeout_s:.0f}s: stop it with `refresh stack down` "
+            "or set REFRESH_LOCAL_PG_PORT to the port it uses",
+        ):
+            return False
+        log.info("embedded Postgres already running on port %s", self.port)
+        return True
 
     def _password(self) -> str:
         line = create_once(self.passfile, lambda: f"*:*:*:postgres:{secrets.token_urlsafe(24)}\n".encode())
@@ -435,10 +482,28 @@ class BigQueryEmulator:
     project: str = EMULATOR_PROJECT
     startup_timeout_s: float = 60.0
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    started_here: bool = field(default=False, init=False)
 
     @property
     def pid_file(self) -> Path:
         return self.log_file.parent / f"bqemulator-{self.rest_port}.pid"
+
+    def running_pid(self) -> int | None:
+        """The emulator process the pid file names, if it still runs (a pid the system gave
+        to another program since does not count, where /proc tells)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if not _pid_alive(pid):
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return pid  # no /proc (macOS): alive is all we can tell
+        launcher = any(b"flows.demo.local_stack" in a or b"bqemulator" in a for a in argv)
+        ours = launcher and str(self.rest_port).encode() in argv
+        return pid if ours else None
 
     def is_ready(self) -> bool:
         url = f"http://127.0.0.1:{self.rest_port}/bigquery/v2/projects/{self.project}/datasets"
@@ -450,7 +515,18 @@ class BigQueryEmulator:
         return ok and port_accepts(self.grpc_port)
 
     def start(self) -> None:
-        if self.is_ready():
+        pid = self.running_pid()
+        if pid is not None and _await_ready(
+            self.is_ready,
+            lambda: self.running_pid() == pid,
+            self.startup_timeout_s,
+            f"the BigQuery emulator (pid {pid}) did not answer on port {self.rest_port} within "
+            f"{self.startup_timeout_s:.0f}s: stop it with `refresh stack down`; see its log "
+            f"{self.log_file}",
+        ):
+            log.info("BigQuery emulator already running on port %s", self.rest_port)
+            return
+        if self.is_ready():  # one that another program (or an older release) started
             log.info("BigQuery emulator already running on port %s", self.rest_port)
             return
         for port, var in ((self.rest_port, "REST"), (self.grpc_port, "GRPC")):
@@ -495,6 +571,7 @@ class BigQueryEmulator:
                 start_new_session=True,
                 cwd=self.log_file.parent,
             )
+        self.started_here = True
         self.pid_file.write_text(str(self.process.pid))
         deadline = time.monotonic() + self.startup_timeout_s
         while not self.is_ready():
@@ -512,10 +589,7 @@ class BigQueryEmulator:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        pid = self.process.pid if self.process is not None else None
-        if pid is None and self.pid_file.exists():
-            with contextlib.suppress(ValueError):
-                pid = int(self.pid_file.read_text().strip())
+        pid = self.process.pid if self.process is not None else self.running_pid()
         if pid is None or not _pid_alive(pid):
             self.pid_file.unlink(missing_ok=True)
             return
@@ -623,13 +697,14 @@ class LocalStack:
         with self._exclusive():
             try:
                 for name, part in self._parts().items():
-                    was_ready = part.is_ready()
+                    # Not "was it ready": a part too busy to answer one check is still running,
+                    # and reused (part.start waits for it) without a start recorded.
                     part.start()
-                    if not was_ready:
+                    if part.started_here:
                         self._record(f"started {name}")
                     if self.keep_running:
                         self._marker(name).unlink(missing_ok=True)
-                    elif not was_ready:
+                    elif part.started_here:
                         self._started.append(part)
                         self._marker(name).touch()
             except BaseException:

@@ -14,6 +14,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO
+
+import pytest
 
 from flows.db import REFRESH_LOCK_KEY
 from flows.demo.local_stack import free_port
@@ -215,4 +218,98 @@ def test_refused_run_backfill_and_demo_exit_at_once_while_the_winner_runs() -> N
         assert winner_running, "the winner ended before the refused commands: nothing was measured"
     finally:
         refresh("stack", "down")
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("command", ["run", "backfill", "demo"])
+def test_a_refused_command_that_started_the_stack_frees_its_output_at_once(command: str) -> None:
+    """A command started on a stack that is down starts both parts, then finds another refresh
+    holding the lock (here the test, as a run would: the lock and a lease on the stack): it is
+    refused, and its stdout and stderr (pipes, as under `| tee`, `$(...)` or CI) reach EOF and
+    its process ends within seconds of its message, while the parts it started run on for the
+    refresh that holds the lock; the last one out stops them."""
+    from flows.control.runs import refresh_lock
+    from flows.demo.local_stack import LocalStack
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="sqp-refused-starter-"))
+    env = {
+        **os.environ,
+        "REFRESH_STATE_DIR": str(tmp_path),
+        "REFRESH_LOCAL_PG_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "COLUMNS": "200",
+    }
+    settings = Settings(
+        _env_file=None,
+        state_dir=tmp_path,
+        local_pg_port=int(env["REFRESH_LOCAL_PG_PORT"]),
+        local_bq_rest_port=int(env["REFRESH_LOCAL_BQ_REST_PORT"]),
+        local_bq_grpc_port=int(env["REFRESH_LOCAL_BQ_GRPC_PORT"]),
+    )  # type: ignore[call-arg]
+    args = {
+        "run": ["run", "--force"],
+        "backfill": ["backfill", "--start-date", "2020-01-01", "--end-date", "2020-12-31"],
+        "demo": ["demo", "--sqp-rows", "300", "--weeks", "3"],
+    }[command]
+    t0 = time.monotonic()
+    proc = subprocess.Popen([REFRESH, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen: dict[str, float] = {}
+    text: dict[str, bytes] = {}
+
+    def follow(name: str, stream: IO[bytes]) -> None:
+        chunks = []
+        for line in stream:
+            if line.startswith(b"error:"):
+                seen.setdefault("error", time.monotonic() - t0)
+            chunks.append(line)
+        seen[f"{name} EOF"] = time.monotonic() - t0
+        text[name] = b"".join(chunks)
+
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [
+        threading.Thread(target=follow, args=("stdout", proc.stdout), daemon=True),
+        threading.Thread(target=follow, args=("stderr", proc.stderr), daemon=True),
+    ]
+    for r in readers:
+        r.start()
+    try:
+        # The lock, once the command has started Postgres and while it starts the emulator.
+        import psycopg
+
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "Postgres never came up"
+            try:
+                psycopg.connect(settings.dsn(), connect_timeout=2).close()
+                break
+            except psycopg.Error:
+                time.sleep(0.1)
+        with refresh_lock(settings, trigger="test") as _lock:
+            lease = LocalStack(settings)
+            lease.start()  # waits for the command's emulator start; reuses both parts
+            try:
+                proc.wait(timeout=300)
+                seen["exit"] = time.monotonic() - t0
+                for r in readers:
+                    r.join(timeout=30)
+                stderr = text.get("stderr", b"").decode()
+                print(f"refused {command}: seconds from its start:", seen)
+                assert proc.returncode == 1 and "another refresh is running" in stderr, stderr
+                assert "stdout EOF" in seen and "stderr EOF" in seen, ("a pipe is still open", seen)
+                for event in ("stdout EOF", "stderr EOF", "exit"):
+                    assert seen[event] - seen["error"] < 3, (event, seen)
+                events = (tmp_path / "logs" / "stack.log").read_text().splitlines()
+                starts = {e.split()[-1]: e.split()[2] for e in events if " started " in e}
+                assert starts == {"postgres": str(proc.pid), "bigquery-emulator": str(proc.pid)}, events
+                assert lease.status() == {"postgres": "up", "bigquery-emulator": "up"}, "stopped under a user"
+            finally:
+                lease.stop()
+        assert LocalStack(settings).status() == {"postgres": "down", "bigquery-emulator": "down"}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        LocalStack(settings).stop_all()
         shutil.rmtree(tmp_path, ignore_errors=True)

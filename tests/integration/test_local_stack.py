@@ -1,12 +1,19 @@
-"""The embedded stack: clear errors for taken ports, reuse of running parts, clean stop, and
-a password for every TCP connection to the embedded Postgres."""
+"""The embedded stack: clear errors for taken ports, reuse of running parts (waited for while
+they do not answer yet, never started twice), clean stop, and a password for every TCP
+connection to the embedded Postgres."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -237,3 +244,114 @@ def test_the_test_stack_wants_the_password_too(stack: object, settings: Settings
         psycopg.connect(_without_password(settings.local_pg_port)).close()
     with psycopg.connect(settings.dsn()) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+@contextlib.contextmanager
+def _stopped_for(pid: int, seconds: float) -> Iterator[None]:
+    """The process frozen (SIGSTOP) for `seconds`, as a part too busy to answer on a loaded
+    machine: its pid runs, its ports are bound, readiness checks time out."""
+    os.kill(pid, signal.SIGSTOP)
+    timer = threading.Timer(seconds, os.kill, (pid, signal.SIGCONT))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_an_emulator_too_busy_to_answer_is_waited_for_not_started_again(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A command that finds the emulator's process running but not answering waits for it: no
+    second emulator on the same ports and data, no 'port taken', and no start recorded (a
+    command that did not start a part must not stop it as the last one out)."""
+    from flows.demo.local_stack import LocalStack
+    from flows.settings import get_settings
+
+    own = get_settings(
+        state_dir=tmp_path,
+        pg_dsn=settings.dsn(),  # the session's Postgres: only the emulator is embedded here
+        local_bq_rest_port=free_port(),
+        local_bq_grpc_port=free_port(),
+    )
+    first, second = LocalStack(own), LocalStack(own)
+    first.start()
+    try:
+        assert first.emulator is not None and second.emulator is not None
+        assert first.emulator.process is not None
+        pid = first.emulator.process.pid
+        t0 = time.monotonic()
+        with _stopped_for(pid, 4):
+            second.start()
+        assert time.monotonic() - t0 >= 3.5, "it did not wait for the emulator"
+        assert second.emulator.is_ready() and second.emulator.process is None
+        assert int(second.emulator.pid_file.read_text()) == pid
+        starts = [e for e in (tmp_path / "logs" / "stack.log").read_text().splitlines() if " started " in e]
+        assert len(starts) == 1 and f"pid {os.getpid()} " in starts[0], starts
+        second.stop()
+        assert first.emulator.is_ready(), "the command that reused it stopped it"
+    finally:
+        first.stop()
+        LocalStack(own).stop_all()
+    assert first.emulator.process is not None and first.emulator.process.poll() is not None, (
+        "the last command out left it running"
+    )
+
+
+def test_an_emulator_still_starting_is_waited_for_not_started_twice(tmp_path: Path) -> None:
+    """Two starts on the same ports and data, the second while the first emulator's process
+    runs but does not answer yet: one emulator process, both ready."""
+    rest, grpc = free_port(), free_port()
+
+    def emulator() -> BigQueryEmulator:
+        return BigQueryEmulator(
+            rest_port=rest, grpc_port=grpc, data_dir=tmp_path / "bq", log_file=tmp_path / "logs" / "emu.log"
+        )
+
+    first, second = emulator(), emulator()
+    errors: list[BaseException] = []
+
+    def start_first() -> None:
+        try:
+            first.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    starting = threading.Thread(target=start_first)
+    starting.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not first.pid_file.exists():
+            assert starting.is_alive() and time.monotonic() < deadline, errors
+            time.sleep(0.02)
+        assert not first.is_ready(), "it answered already: nothing was measured"
+        second.start()
+        starting.join(timeout=120)
+        assert not errors, errors
+        assert first.process is not None and second.process is None, "a second emulator started"
+        assert first.is_ready() and int(first.pid_file.read_text()) == first.process.pid
+    finally:
+        starting.join(timeout=120)
+        first.stop()
+
+
+def test_a_running_postgres_too_busy_to_answer_is_waited_for(tmp_path: Path) -> None:
+    """The postmaster runs but answers no connection for longer than one readiness check (and
+    the password check) takes: the next start waits for it instead of failing; a server that
+    runs on another port is a clear error at once."""
+    pg = _started(tmp_path)
+    try:
+        pid = pg.running_pid()
+        assert pid is not None
+        again = EmbeddedPostgres(pg.data_dir, pg.port)
+        t0 = time.monotonic()
+        with _stopped_for(pid, 9):
+            again.start()
+        assert time.monotonic() - t0 >= 8.5, "it did not wait for the server"
+        assert not again.started_here and again.running_pid() == pid and again.is_ready()
+        elsewhere = free_port()
+        with pytest.raises(StackError, match=f"on port {pg.port}, not {elsewhere}"):
+            EmbeddedPostgres(pg.data_dir, elsewhere).start()
+    finally:
+        pg.stop()
