@@ -11,12 +11,35 @@ from flows.bigquery import BigQueryClients, make_clients
 from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE, SampleSpec, generate
 from flows.settings import Settings, get_settings
 
-# The flow starts Prefect's ephemeral API server; on a busy 2-core machine it needs more than
-# the default 20 s.
+# A test that runs without the session's Prefect server (its own home, a bare environment) starts
+# Prefect's ephemeral API server; on a busy 2-core machine it needs more than the default 20 s.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 # Small but complete: every week type, unicode queries, NULLs; fast on 2 cores.
 SPEC = SampleSpec(sqp_rows=4_000, weeks=12, asins=20, daily_rows=1_500)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One standing Prefect server for the session, as a user's stack has one: in-process flows
+    and every `refresh` subprocess report to it instead of each starting Prefect's ephemeral
+    server (seconds per process). Tests that need a server of their own (deployments served
+    by a worker, a scan of the server's database) start one; tests of the first-run path drop
+    PREFECT_API_URL from their subprocess's environment."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.prefect_server import prefect_server
+
+    # A run waiting for a deployment's concurrency slot asks again after 1 s, not 30 s.
+    with prefect_server(
+        tmp_path_factory.mktemp("prefect"), PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1"
+    ) as url:
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                yield url
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,8 @@ def fault_stack(name: str, spec: SampleSpec = SPEC) -> Iterator[FaultStack]:
         "REFRESH_BQ_ENDPOINT": str(base.rest_endpoint),
         "REFRESH_BQ_STORAGE_ENDPOINT": str(base.storage_endpoint),
         "COLUMNS": "200",
-        # Each `refresh run` starts Prefect's ephemeral server; on a loaded machine it needs long.
+        # `refresh run` reports to the session's Prefect server (PREFECT_API_URL); a test that
+        # drops it starts Prefect's ephemeral server, which on a loaded machine needs long.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
         # the webhook receiver of the kill trials listens on 127.0.0.1
         "REFRESH_WEBHOOK_ALLOW_PRIVATE": "true",

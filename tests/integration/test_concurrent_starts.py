@@ -25,19 +25,27 @@ from flows.settings import Settings
 REFRESH = str(Path(sys.executable).parent / "refresh")
 
 
+def own_stack_env(state_dir: Path) -> dict[str, str]:
+    """The environment of commands on a stack of their own under `state_dir`, as on a user's
+    machine: free ports, their own Prefect home and no Prefect server of the test session (the
+    winner starts Prefect's ephemeral server, as a first run does)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return {
+        **env,
+        "REFRESH_STATE_DIR": str(state_dir),
+        "REFRESH_LOCAL_PG_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
+        "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
+        "PREFECT_HOME": str(state_dir / "prefect"),
+        "COLUMNS": "200",
+    }
+
+
 def test_three_runs_started_together_on_a_stack_that_is_down() -> None:
     # Not pytest's tmp_path: its base is mode 0700, out of reach of the `pgserver` user that
     # runs Postgres as root, and pytest resets that mode whenever another session starts.
     tmp_path = Path(tempfile.mkdtemp(prefix="sqp-concurrent-"))
-    env = {
-        **os.environ,
-        "REFRESH_STATE_DIR": str(tmp_path),
-        "REFRESH_LOCAL_PG_PORT": str(free_port()),
-        "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
-        "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "COLUMNS": "200",
-    }
+    env = own_stack_env(tmp_path)
 
     def refresh(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([REFRESH, *args], env=env, capture_output=True, text=True, timeout=900)
@@ -141,15 +149,7 @@ def test_refused_run_backfill_and_demo_exit_at_once_while_the_winner_runs() -> N
     its message (1-3 s on a loaded 2-core machine), while the winner is still running: nothing
     of theirs waits for it."""
     tmp_path = Path(tempfile.mkdtemp(prefix="sqp-refused-"))
-    env = {
-        **os.environ,
-        "REFRESH_STATE_DIR": str(tmp_path),
-        "REFRESH_LOCAL_PG_PORT": str(free_port()),
-        "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
-        "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "COLUMNS": "200",
-    }
+    env = own_stack_env(tmp_path)
 
     def refresh(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([REFRESH, *args], env=env, capture_output=True, text=True, timeout=900)
@@ -232,15 +232,7 @@ def test_a_refused_command_that_started_the_stack_frees_its_output_at_once(comma
     from flows.demo.local_stack import LocalStack
 
     tmp_path = Path(tempfile.mkdtemp(prefix="sqp-refused-starter-"))
-    env = {
-        **os.environ,
-        "REFRESH_STATE_DIR": str(tmp_path),
-        "REFRESH_LOCAL_PG_PORT": str(free_port()),
-        "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
-        "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "COLUMNS": "200",
-    }
+    env = own_stack_env(tmp_path)
     settings = Settings(
         _env_file=None,
         state_dir=tmp_path,

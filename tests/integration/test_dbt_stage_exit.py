@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from uuid import UUID
 
 import pytest
 
 from tests.integration.fault_support import SPEC, FaultStack, fault_stack
-from tests.prefect_server import prefect_server
 
 TRIALS = int(os.environ.get("DBT_EXIT_TRIALS", "2"))
 # What a run that shut down with node tasks still running prints on stderr.
@@ -36,12 +33,6 @@ EXECUTED = ("model", "test", "seed", "snapshot")
 @pytest.fixture(scope="module")
 def ds(stack: object) -> Iterator[FaultStack]:
     yield from fault_stack("dbt_exit", SPEC)
-
-
-@pytest.fixture(scope="module")
-def prefect_api() -> Iterator[str]:
-    with prefect_server(Path(tempfile.mkdtemp(prefix="sqp-dbt-exit-prefect-"))) as url:
-        yield url
 
 
 def _node_tasks(api: str, flow_run_id: UUID, expected: int) -> dict[str, str]:

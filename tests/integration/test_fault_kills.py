@@ -22,11 +22,9 @@ import os
 import random
 import signal
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -40,7 +38,6 @@ from tests.integration.fault_support import (
     runs_left_running,
     wait_for_sessions_to_end,
 )
-from tests.prefect_server import prefect_server
 from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.faults
@@ -57,14 +54,6 @@ EMULATOR_RSS_LIMIT_MB = 1200
 @pytest.fixture(scope="module")
 def ft(stack: object) -> Iterator[FaultStack]:
     yield from fault_stack("ft_kills")
-
-
-@pytest.fixture(scope="module")
-def prefect_api() -> Iterator[str]:
-    """One Prefect server for every run of the trials: each CLI process then skips starting its
-    own ephemeral one (seconds per run on two busy cores)."""
-    with prefect_server(Path(tempfile.mkdtemp(prefix="sqp-faults-prefect-"))) as url:
-        yield url
 
 
 def _rss_mb(pid: int) -> float:
