@@ -103,7 +103,8 @@ def committed_since_last_success(
 def committed_by_same_backfill(
     conn: psycopg.Connection, schema: str, key: str, table: str, run_id: UUID
 ) -> set[date]:
-    """Slices committed by earlier attempts of the backfill run `run_id` repeats: runs with the
+    """Dated slices committed by earlier attempts of the backfill run `run_id` repeats (a
+    whole-table slice is always loaded again, as above): runs with the
     same tables and date range (their recorded params; not dry runs), started before it and
     after the last of them in which the table succeeded. No age limit: the range was asked for
     again explicitly, and a year-long backfill must not start over because it died overnight."""
@@ -123,8 +124,13 @@ def committed_by_same_backfill(
             "  select coalesce(max(a.started_at), '-infinity') as at from attempts a "
             "  join {tr} t on t.run_id = a.run_id and t.table_name = %(table)s and t.status = 'success') "
             "select c.slice_start from {cp} c join attempts a on a.run_id = c.run_id, done "
-            "where c.table_name = %(key)s and a.started_at > done.at"
-        ).format(r=runs, tr=sql.Identifier(schema, "table_refreshes"), cp=_t(schema)),
+            "where c.table_name = %(key)s and a.started_at > done.at and {dated}"
+        ).format(
+            r=runs,
+            tr=sql.Identifier(schema, "table_refreshes"),
+            cp=_t(schema),
+            dated=dated(sql.Identifier("c", "slice_start")),
+        ),
         {"run": run_id, "table": table, "key": key},
     ).fetchall()
     return {r[0].astimezone(UTC).date() for r in rows}

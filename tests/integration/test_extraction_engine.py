@@ -474,6 +474,29 @@ def test_backfill_killed_twice_then_run_again_skips_what_its_attempts_committed(
     assert again.slices_skipped == 0 and again.slices_done == days - 1
 
 
+def test_a_repeated_backfill_loads_a_whole_table_again(engine: Engine) -> None:
+    """A whole-table (full_replace) slice committed by an attempt of the same backfill that did
+    not succeed is read again, not skipped (and its unbounded checkpoint does not break the
+    resume rule)."""
+    e = engine
+    e.create_source("events", CRASH_SCHEMA, CRASH_INSERT)
+    name = "xt_backfill_whole"
+    cfg = table_cfg(name, "events", write_strategy="full_replace")
+    first, last = date(2026, 1, 5), date(2026, 1, 20)
+    params = _backfill_params(name, first, last)
+    assert e.refresh(cfg, RefreshOptions(first, last), params).status == "success"
+    with e.pg() as conn:  # as if that attempt had died after committing its slice
+        conn.execute(
+            sql.SQL("update {} set status = 'failed' where table_name = %s").format(
+                sql.Identifier(e.settings.control_schema, "table_refreshes")
+            ),
+            (name,),
+        )
+    again = e.refresh(cfg, RefreshOptions(first, last), params)
+    assert again.status == "success", again.error
+    assert (again.slices_done, again.slices_skipped) == (1, 0)
+
+
 # --------------------------------------------------------------------------------------
 # 2. Late restatement
 # --------------------------------------------------------------------------------------
