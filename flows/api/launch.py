@@ -15,6 +15,10 @@ from flows.runbook import RunParams
 from flows.settings import PROJECT_ROOT
 
 
+class DeploymentMissing(Exception):
+    """The configured Prefect API does not know the deployment a trigger starts."""
+
+
 def prefect_configured() -> bool:
     from prefect.settings import get_current_settings
 
@@ -38,14 +42,22 @@ def start_flow_run(deployment: str, params: RunParams, idempotency_key: str | No
     back the same flow run for the same idempotency key."""
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
 
-    run = run_deployment(
-        name=deployment,
-        parameters=flow_parameters(params),
-        timeout=0,
-        idempotency_key=idempotency_key,
-        tags=["api"],
-    )
+    try:
+        run = run_deployment(
+            name=deployment,
+            parameters=flow_parameters(params),
+            timeout=0,
+            idempotency_key=idempotency_key,
+            tags=["api"],
+        )
+    except ObjectNotFound:
+        raise DeploymentMissing(
+            f"the Prefect API at {get_current_settings().api.url} has no deployment {deployment!r}: "
+            "start `refresh serve` (it registers and serves it), or set REFRESH_API_DEPLOYMENT"
+        ) from None
     assert isinstance(run, FlowRun)  # called from a worker thread: synchronous
     return run.id
 

@@ -278,7 +278,10 @@ def trigger(
             if prefect_key is not None and triggers.key_used(conn, schema, prefect_key):
                 # Prefect's keys are per deployment: another token's run must not come back here.
                 prefect_key = f"{prefect_key}:{token.token_id}"
-            flow_run_id = launch.start_flow_run(state.settings.api_deployment, params, prefect_key)
+            try:
+                flow_run_id = launch.start_flow_run(state.settings.api_deployment, params, prefect_key)
+            except launch.DeploymentMissing as exc:
+                raise Problem(503, str(exc)) from None
             via = "prefect"
         else:
             proc = launch.start_process(params, state.settings.state_dir / "logs")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -19,6 +20,17 @@ from tests.integration.api.support import auth, control_fingerprint
 
 PROBLEM = "application/problem+json"
 TABLES = {"search_query_performance", "daily_search_terms", "products"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_prefect_api() -> Iterator[None]:
+    """No Prefect API configured here (as on a machine without one): a trigger starts the flow
+    in a process of its own. Deployment runs: test_trigger_deployment.py."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with pytest.MonkeyPatch.context() as mp, temporary_settings(restore_defaults={PREFECT_API_URL}):
+        mp.delenv("PREFECT_API_URL", raising=False)
+        yield
 
 
 def problem(resp: Any, status: int) -> dict[str, Any]:

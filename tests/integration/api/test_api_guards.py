@@ -105,6 +105,22 @@ def test_a_trigger_plans_at_most_the_configured_number_of_slices(
         problem(client.post("/api/refresh/trigger", json=ok, headers=h), 409)
 
 
+def test_a_deployment_the_prefect_api_does_not_know_is_a_503_that_changes_nothing(
+    api_tokens: dict[str, str], settings: Settings
+) -> None:
+    """With a Prefect API configured (the session's server) but no such deployment on it, the
+    trigger says what to start instead of failing with a 500, and records nothing."""
+    from prefect.settings import get_current_settings
+
+    assert get_current_settings().api.url, "the session's Prefect server is configured"
+    unchanged = control_fingerprint(settings)
+    with TestClient(create_app_with(settings, api_deployment="nobody/here")) as c:
+        body = {"tables": ["products"], "force": True, "dry_run": True}
+        err = problem(c.post("/api/refresh/trigger", json=body, headers=auth(api_tokens["admin"])), 503)
+    assert "'nobody/here'" in err["detail"] and "refresh serve" in err["detail"], err
+    assert control_fingerprint(settings) == unchanged
+
+
 def create_app_with(settings: Settings, **changes: object) -> object:
     from flows.api.app import create_app
 
