@@ -40,7 +40,10 @@ def api(ft: FaultStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tu
     with ft.pg() as conn:
         token, _ = tokens.create(conn, ft.settings.control_schema, "fault-triggers", ["read", "trigger"])
     log_path = tmp_path_factory.mktemp("fault-api") / "api.log"
-    with api_process({**ft.env, "REFRESH_API_ANONYMOUS_READ": "false"}, log_path) as url:
+    # No Prefect API for the API process: its trigger starts the flow as a process of its own
+    # (the deployment path has its own test, test_trigger_deployment.py).
+    env = {k: v for k, v in ft.env.items() if k != "PREFECT_API_URL"}
+    with api_process({**env, "REFRESH_API_ANONYMOUS_READ": "false"}, log_path) as url:
         yield url, token
 
 
