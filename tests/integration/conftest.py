@@ -78,6 +78,22 @@ def pg(settings: Settings) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+def migrated_with_dataset() -> tuple[Settings, BigQueryClients]:
+    """Settings from the environment as it stands (a module's own dataset and schemas), the
+    control schema migrated and the BigQuery dataset created; the caller closes the clients."""
+    from google.cloud import bigquery
+
+    from flows.db import migrate
+
+    settings = get_settings()
+    migrate(settings)
+    clients = make_clients(settings)
+    ds = bigquery.Dataset(f"{clients.project}.{clients.dataset}")
+    ds.location = settings.bq_location
+    clients.rest.create_dataset(ds, exists_ok=True)
+    return settings, clients
+
+
 def bq_scalar(clients: BigQueryClients, sql: str) -> Any:
     return next(iter(clients.rest.query(sql).result()))[0]
 

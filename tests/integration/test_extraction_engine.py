@@ -36,14 +36,15 @@ from google.cloud import bigquery
 from psycopg import sql
 
 from flows import runbook
-from flows.bigquery import BigQueryClients, make_clients
+from flows.bigquery import BigQueryClients
 from flows.control import runs
-from flows.db import migrate, relation_columns
+from flows.db import relation_columns
 from flows.extract import ReadStats, read_rest, read_storage
 from flows.refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.registry import TableConfig
-from flows.settings import Settings, get_settings
+from flows.settings import Settings
 from flows.type_mapping import pg_column_name
+from tests.integration.conftest import migrated_with_dataset
 
 S = bigquery.SchemaField
 CONTROL = "xt_control"
@@ -130,12 +131,7 @@ def engine(
     # Every session of these tests (and of the crash test's child) runs in a zone that is not
     # UTC, so a loader that relied on the server's zone would shift timestamps.
     monkeypatch.setenv("PGTZ", "Asia/Kolkata")
-    settings = get_settings()
-    migrate(settings)
-    clients = make_clients(settings)
-    ds = bigquery.Dataset(f"{clients.project}.{clients.dataset}")
-    ds.location = settings.bq_location
-    clients.rest.create_dataset(ds, exists_ok=True)
+    settings, clients = migrated_with_dataset()
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         conn.execute(sql.SQL("drop schema if exists {} cascade").format(sql.Identifier(settings.raw_schema)))
         conn.execute(

@@ -17,7 +17,7 @@ import pytest
 from google.cloud import bigquery
 
 from flows import validation
-from flows.bigquery import BigQueryClients, make_clients
+from flows.bigquery import BigQueryClients
 from flows.control import checkpoints, registry, runs
 from flows.db import connect, migrate
 from flows.demo.sample_data import PRODUCTS_TABLE, SampleSpec, products_insert_sql, products_schema
@@ -26,6 +26,7 @@ from flows.registry import TableConfig
 from flows.settings import Settings, get_settings
 from flows.transform import dbt_env
 from tests.conftest import TEST_DB_TIME_ZONE
+from tests.integration.conftest import migrated_with_dataset
 from tests.integration.test_extraction_engine import locked_run
 
 MIN_TS = datetime(1, 1, 1, tzinfo=UTC)
@@ -118,12 +119,7 @@ def env(stack: object) -> Iterator[Env]:
     mp.setenv("REFRESH_BQ_DATASET", "tz_source")
     mp.setenv("REFRESH_RAW_SCHEMA", "tz_raw")
     mp.setenv("REFRESH_CONTROL_SCHEMA", "tz_control")
-    settings = get_settings()
-    migrate(settings)
-    clients = make_clients(settings)
-    ds = bigquery.Dataset(f"{clients.project}.{clients.dataset}")
-    ds.location = settings.bq_location
-    clients.rest.create_dataset(ds, exists_ok=True)
+    settings, clients = migrated_with_dataset()
     e = Env(settings, clients)
     e.create_source(PRODUCTS_TABLE, products_schema(), products_insert_sql("{t}", SampleSpec(asins=12)))
     e.create_source(EDGES, EDGES_SCHEMA, EDGES_INSERT)
