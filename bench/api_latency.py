@@ -29,10 +29,10 @@ import httpx
 import psutil
 import psycopg
 
-from flows import runbook
 from flows.control import tokens
+from flows.core.settings import get_settings
 from flows.demo.local_stack import EmbeddedPostgres, free_port
-from flows.settings import get_settings
+from flows.orchestration import runbook
 
 ENDPOINTS = {
     "status": "/api/refresh/status?hours=24",

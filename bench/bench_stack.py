@@ -12,10 +12,10 @@ from flows.demo.local_stack import free_port, standing_prefect_server
 __all__ = ["refresh", "register", "standing_prefect_server", "throwaway_env"]
 
 if TYPE_CHECKING:
-    from flows.bigquery import BigQueryClients
-    from flows.refresh import TableOutcome
-    from flows.registry import TableConfig
-    from flows.settings import Settings
+    from flows.core.settings import Settings
+    from flows.core.table_config import TableConfig
+    from flows.engine.bigquery import BigQueryClients
+    from flows.engine.table_refresh import TableOutcome
 
 
 def throwaway_env(state: str, dataset: str, **extra: str) -> None:
@@ -54,7 +54,7 @@ def refresh(
     """One table refreshed as a run does it: under the refresh lock, with its own run row (the
     previous bench run's row marked abandoned); fails loudly unless it succeeded."""
     from flows.control import runs
-    from flows.refresh import RefreshOptions, refresh_table
+    from flows.engine.table_refresh import RefreshOptions, refresh_table
 
     with runs.refresh_lock(settings, wait_s=30) as lock:
         runs.mark_abandoned(lock, settings.control_schema)

@@ -2,8 +2,8 @@
 
 A raw SQP table of --rows rows over --weeks weekly slices is first loaded slice by slice, then
 --days simulated daily runs each replace the lookback window (the registry's SQP settings:
-weekly slices, 60 days back, i.e. the window flows.planning plans) through the product's
-`flows.load.apply_slice` (delete + COPY + checkpoint, one transaction per slice), with fresh
+weekly slices, 60 days back, i.e. the window flows.core.planning plans) through the product's
+`flows.engine.load.apply_slice` (delete + COPY + checkpoint, one transaction per slice), with fresh
 values each day. Each candidate mechanism gets its own table and the same rows:
 
   none          autovacuum off on the table, nothing else: how fast the table grows unaided
@@ -11,7 +11,7 @@ values each day. Each candidate mechanism gets its own table and the same rows:
                 autovacuum's own trigger holds (dead rows > 50 + 0.2 x rows, or rows inserted
                 since the last vacuum > 1000 + 0.2 x rows); emulated, so the result does not
                 depend on when autovacuum's 60 s naptime happens to fall
-  vacuum_run    the product (flows.maintenance): VACUUM of the changed table after the run,
+  vacuum_run    the product (flows.engine.maintenance): VACUUM of the changed table after the run,
                 plus the emulated autovacuum
   vacuum_slice  VACUUM after every slice commit
   partition     declarative partitions, one per week; a replacement COPYs into a new table
@@ -55,13 +55,13 @@ from load_throughput import (  # a sibling script: bench/ is on sys.path
 )
 from psycopg import sql
 
-from flows.db import migrate
-from flows.load import apply_slice, ensure_raw_table
-from flows.maintenance import vacuum_tables
-from flows.planning import Slice, plan_window, slices_between
-from flows.registry import TableConfig
-from flows.settings import Settings, get_settings
-from flows.type_mapping import ColumnMapping
+from flows.core.db import migrate
+from flows.core.planning import Slice, plan_window, slices_between
+from flows.core.settings import Settings, get_settings
+from flows.core.table_config import TableConfig
+from flows.core.type_mapping import ColumnMapping
+from flows.engine.load import apply_slice, ensure_raw_table
+from flows.engine.maintenance import vacuum_tables
 
 SCHEMA = "bench_bloat"
 CANDIDATES = ("none", "autovacuum", "vacuum_run", "vacuum_slice", "partition")

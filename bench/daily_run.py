@@ -104,9 +104,9 @@ def child(scenario: str, result_file: Path) -> None:
     t0 = time.perf_counter()
     import psycopg
 
-    from flows.daily_refresh import daily_refresh
+    from flows.core.settings import get_settings
     from flows.demo.sample_data import SQP_TABLE
-    from flows.settings import get_settings
+    from flows.orchestration.daily_refresh import daily_refresh
 
     import_s = time.perf_counter() - t0
     settings = get_settings()
@@ -321,11 +321,11 @@ def main() -> int:
     os.environ.update(env)
     import psycopg
 
-    from flows.bigquery import make_clients
-    from flows.db import migrate
+    from flows.core.db import migrate
+    from flows.core.settings import get_settings
     from flows.demo.local_stack import local_stack
     from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-    from flows.settings import get_settings
+    from flows.engine.bigquery import make_clients
 
     settings = get_settings()
     spec = SampleSpec(

@@ -40,11 +40,11 @@ import psycopg
 from incremental_scaling import LAST_WEEK, RAW_SCHEMA, Bench, History  # bench/ on sys.path
 from psycopg import sql
 
+from flows.core.settings import PROJECT_ROOT, get_settings
 from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
-from flows.runbook import DBT_SOURCE
-from flows.settings import PROJECT_ROOT, get_settings
-from flows.transform import dbt_env, invoke_dbt, read_run_results
+from flows.engine.transform import dbt_env, invoke_dbt, read_run_results
+from flows.orchestration.runbook import DBT_SOURCE
 
 MODEL_SCHEMAS = ("staging", "intermediate", "marts", "summaries")
 

@@ -9,12 +9,12 @@ would. Then the flow's daily dbt command for that one changed week
         --vars {refresh_weeks: [<newest ISO week>]}
 
 is timed, `repeats` times each, alternating so that other load hits all alike:
-- plain: dbt's own runner in this process, no Prefect (flows.transform.invoke_dbt);
-- flow (one dbt task): flows.daily_refresh.dbt_task inside a Prefect flow, as the daily flow
+- plain: dbt's own runner in this process, no Prefect (flows.engine.transform.invoke_dbt);
+- flow (one dbt task): flows.orchestration.daily_refresh.dbt_task inside a Prefect flow, as the daily flow
   runs it by default: one Prefect task for the stage, dbt's own runner, dbt's warnings and
   errors forwarded to the task's log, the changed weeks passed by environment variable (so
   partial parsing holds), a table artifact with every node;
-- flow, task per node: flows.transform.run_dbt with REFRESH_DBT_NODE_TASKS (PrefectDbtRunner:
+- flow, task per node: flows.engine.transform.run_dbt with REFRESH_DBT_NODE_TASKS (PrefectDbtRunner:
   one Prefect task per dbt node, waiting for every node's task to end);
 Medians of wall time and of this process's CPU time (every thread's, the node tasks' too;
 steadier on a shared machine; the Prefect server and Postgres are other processes) reported,
@@ -41,12 +41,12 @@ from pathlib import Path
 
 from incremental_scaling import LAST_WEEK, RAW_SCHEMA, Bench, History
 
-from flows.db import migrate
+from flows.core.db import migrate
+from flows.core.settings import PROJECT_ROOT, get_settings
 from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
-from flows.runbook import CONTROL_SOURCE, DBT_SOURCE
-from flows.settings import PROJECT_ROOT, get_settings
-from flows.transform import run_dbt
+from flows.engine.transform import run_dbt
+from flows.orchestration.runbook import CONTROL_SOURCE, DBT_SOURCE
 
 FLOW = "flow (one dbt task)"
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from prefect import flow
 
-        from flows.daily_refresh import dbt_task
+        from flows.orchestration.daily_refresh import dbt_task
 
         # Each variant its own target dir: dbt keeps one partial-parse state per target dir,
         # and variants with other vars alternating in one would each force a full parse.

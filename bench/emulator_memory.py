@@ -10,11 +10,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from flows.bigquery import make_clients
+from flows.core.settings import Settings
 from flows.demo.local_stack import BigQueryEmulator, free_port
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-from flows.extract import ReadStats, read_storage
-from flows.settings import Settings
+from flows.engine.bigquery import make_clients
+from flows.engine.extract import ReadStats, read_storage
 
 
 def rss_mb(pid: int) -> float:

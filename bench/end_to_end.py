@@ -12,7 +12,7 @@ first). Per stage, the flow's own functions are timed by wrappers installed in t
   validate the validation after the refresh (runbook.validate_after_refresh: per-period row
            counts and checksums of what the run committed, in BigQuery and in Postgres)
   dbt      dbt build of what is downstream of the changed sources (in process)
-  vacuum   flows.maintenance.vacuum_after_run
+  vacuum   flows.engine.maintenance.vacuum_after_run
   prefect  starting Prefect's ephemeral API server (a child process), as `refresh run` does
            without PREFECT_API_URL
   audit    everything else in the flow: run/table/slice audit rows, lock, due times, Prefect's
@@ -55,8 +55,8 @@ from bench_stack import standing_prefect_server  # bench/ on sys.path
 from load_throughput import _own_peak_rss_kib, _settings_overrides, local_services
 from psycopg import sql
 
-from flows.db import migrate
-from flows.settings import PROJECT_ROOT, Settings, get_settings
+from flows.core.db import migrate
+from flows.core.settings import PROJECT_ROOT, Settings, get_settings
 
 STAGES = ("plan", "read", "load", "validate", "dbt", "vacuum", "prefect", "audit")
 SQP_RAW = "search_query_performance"
@@ -161,19 +161,20 @@ def length(intervals: list[Interval]) -> float:
 def child(out: Path) -> None:
     """Runs in the child: the daily_refresh flow (force: every table), stages timed."""
     started = time.perf_counter()
-    from flows import daily_refresh as dr
-    from flows import maintenance, refresh, runbook
+    from flows.engine import maintenance, table_refresh
+    from flows.orchestration import daily_refresh as dr
+    from flows.orchestration import runbook
 
     rec = Recorder()
     runbook.plan_tables = rec.timed("plan", runbook.plan_tables)  # type: ignore[assignment]
     from flows.control import checkpoints
 
     for name in ("describe", "cursor_range"):
-        setattr(refresh, name, rec.timed("plan", getattr(refresh, name)))
+        setattr(table_refresh, name, rec.timed("plan", getattr(table_refresh, name)))
     for name in ("high_water", "committed_since_last_success"):
         setattr(checkpoints, name, rec.timed("plan", getattr(checkpoints, name)))
-    refresh.read_slice = rec.reading(refresh.read_slice)  # type: ignore[assignment]
-    refresh.apply_slice = rec.loading(refresh.apply_slice)  # type: ignore[assignment]
+    table_refresh.read_slice = rec.reading(table_refresh.read_slice)  # type: ignore[assignment]
+    table_refresh.apply_slice = rec.loading(table_refresh.apply_slice)  # type: ignore[assignment]
     dr.run_dbt = rec.timed("dbt", dr.run_dbt)  # type: ignore[assignment]
     runbook.validate_after_refresh = rec.timed("validate", runbook.validate_after_refresh)  # type: ignore[assignment]
     from prefect.server.api.server import SubprocessASGIServer
@@ -275,9 +276,9 @@ def report(what: str, res: dict[str, Any], wall: float, peak_tree: float, per_na
 
 def raw_copy(settings: Settings, state: Path) -> tuple[int, float]:
     """Raw COPY of the SQP raw table's rows into an identical table: (rows, seconds)."""
-    from flows.db import relation_columns
-    from flows.load import ensure_raw_table
-    from flows.type_mapping import ColumnMapping
+    from flows.core.db import relation_columns
+    from flows.core.type_mapping import ColumnMapping
+    from flows.engine.load import ensure_raw_table
 
     schema = settings.raw_schema
     dump = state / "sqp.csv"
@@ -315,8 +316,8 @@ def raw_copy(settings: Settings, state: Path) -> tuple[int, float]:
 
 def restate(settings: Settings) -> str:
     """Change a value in the newest weeks of the source, as a late restatement does."""
-    from flows.bigquery import make_clients
     from flows.demo.sample_data import SQP_TABLE
+    from flows.engine.bigquery import make_clients
 
     clients = make_clients(settings)
     try:
@@ -348,8 +349,8 @@ def main() -> None:
     if args.child:
         child(args.child)
         return
-    from flows.bigquery import make_clients
     from flows.demo.sample_data import SampleSpec, generate
+    from flows.engine.bigquery import make_clients
 
     state = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     try:

@@ -10,10 +10,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.bigquery import make_clients
+from flows.core.settings import Settings
 from flows.demo.local_stack import BigQueryEmulator, free_port
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-from flows.settings import Settings
+from flows.engine.bigquery import make_clients
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Builds two SQP histories in a throwaway embedded Postgres (its own port and temp folder, so it
 never touches the demo's or the tests' data): N weeks and factor x N weeks, each in its own
-database. Raw tables are created exactly as the extractor creates them (flows.load) and filled
+database. Raw tables are created exactly as the extractor creates them (flows.engine.load) and filled
 by set-based SQL in Postgres. Each history gets a full `dbt build`; then the newest week is
 reloaded (as a slice replace would) and the flow's own command is timed:
 
@@ -33,6 +33,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from flows.core.settings import PROJECT_ROOT, get_settings
+from flows.core.type_mapping import ColumnMapping, map_schema
 from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.demo.sample_data import (
     DAILY_TABLE,
@@ -42,11 +44,9 @@ from flows.demo.sample_data import (
     products_schema,
     sqp_schema,
 )
-from flows.load import ensure_raw_table
-from flows.runbook import DBT_SOURCE
-from flows.settings import PROJECT_ROOT, get_settings
-from flows.transform import dbt_env, invoke_dbt, read_run_results
-from flows.type_mapping import ColumnMapping, map_schema
+from flows.engine.load import ensure_raw_table
+from flows.engine.transform import dbt_env, invoke_dbt, read_run_results
+from flows.orchestration.runbook import DBT_SOURCE
 
 RAW_SCHEMA = "raw_bench"
 LAST_WEEK = date(2026, 11, 22)  # a Sunday, like the sample data's weeks

@@ -3,7 +3,7 @@
 The same N SQP-shaped Arrow rows (deterministic, built in memory) are loaded into identical
 raw tables four ways, each timed on its own:
 
-  ours     flows.load.apply_slice: one transaction, COPY (FORMAT csv) encoded from the batches
+  ours     flows.engine.load.apply_slice: one transaction, COPY (FORMAT csv) encoded from the batches
   copy     raw `COPY ... FROM STDIN (FORMAT csv)` of bytes encoded before the clock starts:
            the limit for CSV COPY of these rows
   dlt      dlt's postgres destination with default settings: pipeline.run(arrow_table)
@@ -12,7 +12,7 @@ raw tables four ways, each timed on its own:
 
 `ours` and `copy` run --repeats times, alternating, best time kept. Then a 2M-row SQP table is
 generated in the BigQuery emulator (flows.demo.sample_data) and a child process extracts it as ONE
-slice through flows.extract.read_slice + flows.load.apply_slice. Its peak RSS is the kernel's
+slice through flows.engine.extract.read_slice + flows.engine.load.apply_slice. Its peak RSS is the kernel's
 high-water mark of the child's own memory (VmHWM, read by the child as it ends), cross-checked
 by psutil sampling from here. Not wait4()/RUSAGE_CHILDREN: Linux charges a child spawned by
 vfork+exec with the parent's RSS at exec time, here the >1 GB of benchmark data. The last
@@ -47,13 +47,13 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
 
-from flows.db import migrate
+from flows.core.db import migrate
+from flows.core.planning import Slice
+from flows.core.settings import Settings, get_settings
+from flows.core.type_mapping import ColumnMapping, map_schema
 from flows.demo.local_stack import free_port
 from flows.demo.sample_data import SQP_TABLE, sqp_schema
-from flows.load import apply_slice, ensure_raw_table
-from flows.planning import Slice
-from flows.settings import Settings, get_settings
-from flows.type_mapping import ColumnMapping, map_schema
+from flows.engine.load import apply_slice, ensure_raw_table
 
 SCHEMA = "bench_load"
 CONTROL = "bench_control"
@@ -328,9 +328,9 @@ def count(settings: Settings, schema: str, table: str) -> int:
 
 def extract_child() -> None:
     """Runs in the child: the whole SQP table as ONE slice, read_slice -> apply_slice."""
-    from flows.bigquery import make_clients
-    from flows.extract import ReadStats, describe, read_slice
-    from flows.registry import TableConfig
+    from flows.core.table_config import TableConfig
+    from flows.engine.bigquery import make_clients
+    from flows.engine.extract import ReadStats, describe, read_slice
 
     settings = get_settings()
     clients = make_clients(settings)
@@ -376,8 +376,8 @@ def measure_extraction(env: dict[str, str], rows: int) -> tuple[int, float, floa
     """(rows loaded, seconds, peak RSS MB, max sampled RSS MB) of a child extracting `rows` rows."""
     import psutil
 
-    from flows.bigquery import make_clients
     from flows.demo.sample_data import SampleSpec, generate
+    from flows.engine.bigquery import make_clients
 
     settings = get_settings(**_settings_overrides(env))
     clients = make_clients(settings)

@@ -4,13 +4,13 @@ N SQP rows (flows.demo.sample_data) are generated in a throwaway BigQuery emulat
 embedded Postgres receives them. Then, on this machine:
 
   stages     the SQP table's slices once more, each stage timed on its own in this process:
-             read    flows.extract.read_slice, batches discarded (BigQuery -> Arrow)
-             encode  flows.load.encode_csv of those batches, in COPY-sized chunks (Arrow -> CSV)
+             read    flows.engine.extract.read_slice, batches discarded (BigQuery -> Arrow)
+             encode  flows.engine.load.encode_csv of those batches, in COPY-sized chunks (Arrow -> CSV)
              copy    `COPY ... FROM STDIN (FORMAT csv)` of the encoded bytes into a raw table
              (client side negligible: Postgres parsing and inserting)
-  extract    flows.refresh.refresh_table of the SQP table (full refresh): in this process
+  extract    flows.engine.table_refresh.refresh_table of the SQP table (full refresh): in this process
              (workers=0, today's default) and on a Dask LocalCluster of 1 and 2 worker
-             processes (flows.scale_out; the cluster's start-up, workers importing the
+             processes (flows.engine.scale_out; the cluster's start-up, workers importing the
              loader included, timed apart)
   dbt        `dbt build` of everything downstream (full refresh), as the flow runs it;
              outside a flow this wall time includes starting Prefect's ephemeral API
@@ -73,18 +73,20 @@ def run(state: str) -> None:
     import psycopg
     from psycopg import sql
 
-    from flows import registry, runbook, scale_out
-    from flows.bigquery import make_clients
-    from flows.db import migrate
+    from flows.core import table_config
+    from flows.core.db import migrate
+    from flows.core.planning import slices_between
+    from flows.core.settings import get_settings
+    from flows.core.type_mapping import map_schema
     from flows.demo.local_stack import local_stack
     from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-    from flows.extract import ReadStats, describe, read_slice, row_restriction
-    from flows.load import CHUNK_ROWS, encode_csv, ensure_raw_table
-    from flows.planning import slices_between
-    from flows.refresh import TableOutcome
-    from flows.settings import get_settings
-    from flows.transform import run_dbt
-    from flows.type_mapping import map_schema
+    from flows.engine import scale_out
+    from flows.engine.bigquery import make_clients
+    from flows.engine.extract import ReadStats, describe, read_slice, row_restriction
+    from flows.engine.load import CHUNK_ROWS, encode_csv, ensure_raw_table
+    from flows.engine.table_refresh import TableOutcome
+    from flows.engine.transform import run_dbt
+    from flows.orchestration import runbook
 
     settings = get_settings()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}")
@@ -93,7 +95,7 @@ def run(state: str) -> None:
         clients = make_clients(settings)
         spec = SampleSpec(sqp_rows=args.rows, weeks=args.weeks, asins=200, daily_rows=args.rows // 10)
         generate(clients, spec)
-        configs = {c.table_name: c for c in registry.load_file(settings.tables_file)}
+        configs = {c.table_name: c for c in table_config.load_file(settings.tables_file)}
         sqp = configs[SQP_TABLE]
         register(settings, list(configs.values()))
 
@@ -156,7 +158,7 @@ def run(state: str) -> None:
             with scale_out.slice_runner(on) as runner:
                 # The workers import the loader's modules once, before the clock: part of the
                 # cluster's start-up, paid once per run, not per slice.
-                runner.client.run(importlib.import_module, "flows.refresh")
+                runner.client.run(importlib.import_module, "flows.engine.table_refresh")
                 started = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 refresh(SQP_TABLE)

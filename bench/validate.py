@@ -1,18 +1,18 @@
 """How long does exact validation take next to a bare `select count(*)`, and what does it ship?
 
 N identical SQP rows (flows.demo.sample_data) are generated in a throwaway BigQuery emulator and
-loaded into a throwaway embedded Postgres by the real refresh (flows.refresh.refresh_table,
+loaded into a throwaway embedded Postgres by the real refresh (flows.engine.table_refresh.refresh_table,
 change detection on, so each slice's load stores Postgres' fingerprint of it). Then, best of
 --repeats each, wall time and CPU seconds (Postgres: the backend plus its parallel workers;
 BigQuery: the emulator process):
 
   count     `select count(*)` of the table in BigQuery and in Postgres (reads no values)
   read      Postgres `sum(length(t::text))`: every value of every row formatted once
-  checksum  flows.validation.fingerprint_pg / fingerprint_bq alone: per-day row count and
+  checksum  flows.engine.validation.fingerprint_pg / fingerprint_bq alone: per-day row count and
             checksum of every column, in each engine
-  validate  flows.validation.validate_table (`refresh validate-data`): both checksums at once,
+  validate  flows.engine.validation.validate_table (`refresh validate-data`): both checksums at once,
             summed into weekly periods, compared (no period differs here)
-  after     flows.validation.validate_touched, the step after a live refresh: BigQuery's
+  after     flows.engine.validation.validate_touched, the step after a live refresh: BigQuery's
             checksum, and Postgres' proof that each loaded week is untouched since its load
             (tuple headers only), reusing the load's fingerprint
   after+plan  the same step after a daily run (lookback over every week, every week restated
@@ -117,13 +117,13 @@ def run(state: str) -> None:
     )
     import psycopg
 
-    from flows import validation
-    from flows.bigquery import make_clients
-    from flows.db import migrate
+    from flows.core.db import migrate
+    from flows.core.settings import get_settings
+    from flows.core.table_config import TableConfig
     from flows.demo.local_stack import local_stack
     from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-    from flows.registry import TableConfig
-    from flows.settings import get_settings
+    from flows.engine import validation
+    from flows.engine.bigquery import make_clients
 
     settings = get_settings()
     with local_stack(settings, throwaway=True) as stack:

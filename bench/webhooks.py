@@ -23,12 +23,13 @@ from pathlib import Path
 
 import psycopg
 
-from flows import runbook, webhooks
-from flows.control import webhooks as store
+from flows.control import outbox
 from flows.control.runs import start_run
-from flows.db import migrate
+from flows.core.db import migrate
+from flows.core.settings import PROJECT_ROOT, Settings, get_settings
 from flows.demo.local_stack import EmbeddedPostgres, free_port
-from flows.settings import PROJECT_ROOT, Settings, get_settings
+from flows.notify import webhooks
+from flows.orchestration import runbook
 
 sys.path.insert(0, str(PROJECT_ROOT))
 from tests.webhook_receiver import Receiver
@@ -36,8 +37,8 @@ from tests.webhook_receiver import Receiver
 
 def _clear_endpoints(settings: Settings) -> None:
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-        for ep in store.list_endpoints(conn, settings.control_schema):
-            store.remove_endpoint(conn, settings.control_schema, ep["id"], "bench")
+        for ep in outbox.list_endpoints(conn, settings.control_schema):
+            outbox.remove_endpoint(conn, settings.control_schema, ep["id"], "bench")
 
 
 def throughput(settings: Settings, events: int) -> None:
@@ -46,7 +47,7 @@ def throughput(settings: Settings, events: int) -> None:
         rx.secrets = [ep.secret]
         with psycopg.connect(settings.dsn(), autocommit=True) as conn:
             for i in range(events):
-                store.emit(conn, settings.control_schema, "table.failed", {"i": i, "error": "x" * 200})
+                outbox.emit(conn, settings.control_schema, "table.failed", {"i": i, "error": "x" * 200})
         t0 = time.perf_counter()
         result = webhooks.dispatch(settings, deadline_s=600)
         wall = time.perf_counter() - t0

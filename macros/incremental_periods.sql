@@ -138,12 +138,12 @@
 {#
     The var refresh_weeks: the ISO weeks (Monday starts) whose data this refresh changed, as a
     sorted list of python dates; none when unset. Given as a list or a JSON list of
-    'YYYY-MM-DD' strings (flows.runbook.dbt_build_args); an empty list means no week changed.
+    'YYYY-MM-DD' strings (flows.orchestration.runbook.dbt_build_args); an empty list means no week changed.
     It is templated into SQL, so anything else stops the run, as does setting it together
     with refresh_start_date (one says "these weeks", the other "everything from this day").
     The flow passes it as the environment variable SQP_REFRESH_WEEKS instead (the same JSON),
     read only while executing: vars that change every run make dbt re-parse the whole
-    project, an env var read at execution is no parse input (flows.transform.vars_to_env).
+    project, an env var read at execution is no parse input (flows.engine.transform.vars_to_env).
 #}
 {% macro refresh_weeks() -%}
     {%- set weeks = date_list_var('refresh_weeks', 'SQP_REFRESH_WEEKS', mondays=true) -%}
@@ -158,7 +158,7 @@
 
 {#
     The var refresh_days: the days whose data this refresh changed (the UTC days of the cursor
-    values the applied slices deleted or inserted, flows.load), as a sorted list of python
+    values the applied slices deleted or inserted, flows.engine.load), as a sorted list of python
     dates; none when unset. Same forms, validation and environment variable rule as
     refresh_weeks (here SQP_REFRESH_DAYS); excludes refresh_weeks and refresh_start_date.
 #}
@@ -260,7 +260,7 @@
     The half-open date ranges [start, end) a model windowed by `window` rebuilds for the
     changed half-open day ranges `spans` (sorted by start), merged where they touch. The spans
     themselves for weekly and daily data (a row's period column is its cursor day); with a
-    period, every month, quarter or year overlapping a span. Same rule as flows/periods.py.
+    period, every month, quarter or year overlapping a span. Same rule as flows/engine/periods.py.
 #}
 {% macro refresh_day_ranges(spans, window) -%}
     {%- do check_window_grain(window.get('grain', 'week'), window.get('period')) -%}

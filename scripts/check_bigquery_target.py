@@ -31,6 +31,8 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
+from flows.core.settings import EMULATOR_PROJECT, PROJECT_ROOT
+from flows.core.type_mapping import pg_column_name
 from flows.demo.local_stack import BigQueryEmulator, free_port
 from flows.demo.sample_data import (
     DAILY_TABLE,
@@ -40,9 +42,7 @@ from flows.demo.sample_data import (
     products_schema,
     sqp_schema,
 )
-from flows.settings import EMULATOR_PROJECT, PROJECT_ROOT
-from flows.transform import invoke_dbt
-from flows.type_mapping import pg_column_name
+from flows.engine.transform import invoke_dbt
 
 RAW_DATASET = "raw"
 

@@ -22,7 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flows.db import connect_dsn, migrate
+from flows.core.db import connect_dsn, migrate
+from flows.core.settings import PROJECT_ROOT, get_settings
+from flows.core.type_mapping import map_schema
 from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.demo.sample_data import (
     DAILY_TABLE,
@@ -32,10 +34,8 @@ from flows.demo.sample_data import (
     products_schema,
     sqp_schema,
 )
-from flows.load import ensure_raw_table
-from flows.settings import PROJECT_ROOT, get_settings
-from flows.transform import dbt_env, invoke_dbt
-from flows.type_mapping import map_schema
+from flows.engine.load import ensure_raw_table
+from flows.engine.transform import dbt_env, invoke_dbt
 
 PROJECT = "sqp_refresh"
 

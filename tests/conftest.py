@@ -58,8 +58,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[object]:
+    from flows.core.settings import get_settings
     from flows.demo.local_stack import LocalStack
-    from flows.settings import get_settings
 
     s = LocalStack(get_settings(), throwaway=True)
     s.start()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.core.errors import StackError
 from flows.demo.local_stack import standing_prefect_server
-from flows.errors import StackError
 
 
 def tail(path: Path, lines: int = 40) -> str:

@@ -15,14 +15,14 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from flows import runbook
 from flows.api import clients, dashboard, problems, rollout_routes, routes, webhook_routes
 from flows.api.guards import Guards, host_name
 from flows.api.responses import FastJSONResponse
 from flows.api.status_cache import StatusCache
-from flows.db import use_utc, use_utc_async
-from flows.errors import ConfigError
-from flows.settings import Settings, get_settings
+from flows.core.db import use_utc, use_utc_async
+from flows.core.errors import ConfigError
+from flows.core.settings import Settings, get_settings
+from flows.orchestration import runbook
 
 log = logging.getLogger(__name__)
 # Bind addresses that are no host name a client would send.

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from flows.runbook import RunParams
-from flows.settings import PROJECT_ROOT
+from flows.core.settings import PROJECT_ROOT
+from flows.orchestration.runbook import RunParams
 
 
 class DeploymentMissing(Exception):

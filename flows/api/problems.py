@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flows.errors import ConfigError
+from flows.core.errors import ConfigError
 
 MEDIA_TYPE = "application/problem+json"
 TITLES = {

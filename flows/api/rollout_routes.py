@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.api.problems import Problem
 from flows.api.routes import COMMON_ERRORS, PROBLEM, Admin, TablePath, _find, _schema
 from flows.control import rollout
-from flows.errors import ConfigError
+from flows.core.errors import ConfigError
 
 router = APIRouter(prefix="/api/refresh")
 ERRORS: dict[int | str, dict[str, Any]] = {

@@ -1,5 +1,5 @@
 """The /api/refresh endpoints: each parses its input, calls the plain functions the CLI and
-the flow call (flows.registry, flows.runbook, flows.control), and formats."""
+the flow call (flows.core.table_config, flows.orchestration.runbook, flows.control), and formats."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from flows import planning, runbook
 from flows.api import launch
 from flows.api.auth import require
 from flows.api.problems import Problem
@@ -34,9 +33,11 @@ from flows.control.history import (
 )
 from flows.control.runs import lock_holder, refresh_running
 from flows.control.tokens import Scope, TokenInfo
-from flows.errors import ConfigError
-from flows.registry import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
-from flows.settings import Settings
+from flows.core import planning
+from flows.core.errors import ConfigError
+from flows.core.settings import Settings
+from flows.core.table_config import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
+from flows.orchestration import runbook
 
 router = APIRouter(prefix="/api/refresh")
 Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]

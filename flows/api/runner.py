@@ -14,10 +14,10 @@ import psycopg
 
 from flows.control import triggers
 from flows.control.runs import RefreshBusyError
-from flows.daily_refresh import daily_refresh
-from flows.db import connect
-from flows.errors import RefreshError
-from flows.settings import get_settings
+from flows.core.db import connect
+from flows.core.errors import RefreshError
+from flows.core.settings import get_settings
+from flows.orchestration.daily_refresh import daily_refresh
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """/api/refresh/webhooks: endpoints, their deliveries, a test event and secret rotation, all
-with the `admin` scope. Thin: the same functions `refresh webhooks` calls (flows.webhooks for
-changes, flows.control.webhooks for reads). A secret appears only in the answers to create and
+with the `admin` scope. Thin: the same functions `refresh webhooks` calls (flows.notify.webhooks for
+changes, flows.control.outbox for reads). A secret appears only in the answers to create and
 rotate-secret."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows import webhooks
 from flows.api.problems import Problem
 from flows.api.responses import FastJSONResponse
 from flows.api.routes import COMMON_ERRORS, PROBLEM, Admin, Page
-from flows.control import webhooks as store
+from flows.control import outbox
 from flows.control.tokens import TokenInfo
+from flows.notify import webhooks
 
 router = APIRouter(prefix="/api/refresh/webhooks", tags=["webhooks"])
 
@@ -41,7 +41,7 @@ def _problems() -> Iterator[None]:
     """Bad input names its field (422); an unknown endpoint is a 404."""
     try:
         yield
-    except store.EndpointNotFound as exc:
+    except outbox.EndpointNotFound as exc:
         raise Problem(404, str(exc)) from None
     except webhooks.WebhookInputError as exc:
         raise Problem(422, str(exc), errors=[{"field": exc.field, "problem": str(exc)}]) from None
@@ -85,7 +85,7 @@ class Rotation(BaseModel):
 def list_endpoints(request: Request, _: Admin) -> FastJSONResponse:
     """Every endpoint (never a secret)."""
     with request.app.state.pool.connection() as conn:
-        return FastJSONResponse(store.list_endpoints(conn, request.app.state.settings.control_schema))
+        return FastJSONResponse(outbox.list_endpoints(conn, request.app.state.settings.control_schema))
 
 
 @router.post(
@@ -102,7 +102,7 @@ def create_endpoint(request: Request, token: Admin, body: EndpointCreate) -> JSO
     with _problems():
         new = webhooks.add_endpoint(settings, body.url, body.event_types, body.description, who=_who(token))
     with request.app.state.pool.connection() as conn:
-        endpoint = store.get_endpoint(conn, settings.control_schema, new.id)
+        endpoint = outbox.get_endpoint(conn, settings.control_schema, new.id)
     return FastJSONResponse(
         {**endpoint, "secret": new.secret},
         status_code=201,
@@ -115,7 +115,7 @@ def get_endpoint(request: Request, _: Admin, endpoint_id: EndpointId) -> FastJSO
     """One endpoint (never its secret)."""
     with _problems(), request.app.state.pool.connection() as conn:
         return FastJSONResponse(
-            store.get_endpoint(conn, request.app.state.settings.control_schema, endpoint_id)
+            outbox.get_endpoint(conn, request.app.state.settings.control_schema, endpoint_id)
         )
 
 
@@ -140,7 +140,7 @@ def update_endpoint(
 def delete_endpoint(request: Request, token: Admin, endpoint_id: EndpointId) -> Response:
     """Remove: nothing more is sent to it (pending deliveries are cancelled); its history stays."""
     with _problems(), request.app.state.pool.connection() as conn, conn.transaction():
-        store.remove_endpoint(conn, request.app.state.settings.control_schema, endpoint_id, _who(token))
+        outbox.remove_endpoint(conn, request.app.state.settings.control_schema, endpoint_id, _who(token))
     return Response(status_code=204)
 
 
@@ -160,9 +160,9 @@ def deliveries(
     latency, the first 1 KB of the answer, error)."""
     schema = request.app.state.settings.control_schema
     with _problems(), request.app.state.pool.connection() as conn:
-        store.get_endpoint(conn, schema, endpoint_id)
-        total = store.count_deliveries(conn, schema, endpoint_id=endpoint_id, status=status)
-        rows = store.list_deliveries(
+        outbox.get_endpoint(conn, schema, endpoint_id)
+        total = outbox.count_deliveries(conn, schema, endpoint_id=endpoint_id, status=status)
+        rows = outbox.list_deliveries(
             conn,
             schema,
             endpoint_id=endpoint_id,
@@ -170,7 +170,7 @@ def deliveries(
             limit=page_size,
             offset=(page - 1) * page_size,
         )
-        tries = store.attempts_of(conn, schema, [r["id"] for r in rows])
+        tries = outbox.attempts_of(conn, schema, [r["id"] for r in rows])
     return FastJSONResponse(
         {
             "page": page,
@@ -194,8 +194,8 @@ def test_endpoint(request: Request, token: Admin, endpoint_id: EndpointId) -> Fa
     with _problems():
         sent = webhooks.send_test(settings, endpoint_id, who=_who(token))
     with request.app.state.pool.connection() as conn:
-        [row] = store.list_deliveries(conn, settings.control_schema, delivery_id=sent.delivery_id)
-        tries = store.list_attempts(conn, settings.control_schema, sent.delivery_id)
+        [row] = outbox.list_deliveries(conn, settings.control_schema, delivery_id=sent.delivery_id)
+        tries = outbox.list_attempts(conn, settings.control_schema, sent.delivery_id)
     return FastJSONResponse({**row, "delivered": sent.result.succeeded > 0, "attempt_log": tries})
 
 
@@ -210,5 +210,5 @@ def rotate_secret(
     with _problems():
         secret = webhooks.rotate_secret(settings, endpoint_id, grace, who=_who(token))
     with request.app.state.pool.connection() as conn:
-        endpoint = store.get_endpoint(conn, settings.control_schema, endpoint_id)
+        endpoint = outbox.get_endpoint(conn, settings.control_schema, endpoint_id)
     return FastJSONResponse({**endpoint, "secret": secret}, headers={"Cache-Control": "no-store"})

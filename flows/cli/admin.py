@@ -17,14 +17,14 @@ from flows.cli.common import (
     out,
     plain,
 )
-from flows.redact import redact
+from flows.core.redact import redact
 
 
 def validate(with_stack: WithStackOption = True) -> None:
     """Check the configuration: registry file, Postgres, BigQuery credentials, source tables
     and cursor columns. Exit code 1 when anything fails."""
     settings = load_settings()
-    from flows.preflight import check_configuration
+    from flows.orchestration.preflight import check_configuration
 
     failed = 0
     with one_line_errors(settings=settings), embedded_stack(settings, with_stack):
@@ -56,7 +56,7 @@ def serve(
             "no Prefect server configured, so nothing would see the schedule or the UI",
             "start one (`prefect server start`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`",
         )
-    from flows.deployments import build_deployments, serve_deployments
+    from flows.orchestration.deployments import build_deployments, serve_deployments
 
     with one_line_errors("see docs/deployment.md"):
         build_deployments(settings)  # the schedule is checked before anything starts
@@ -66,7 +66,7 @@ def serve(
 
 def migrate() -> None:
     """Create or upgrade the control schema."""
-    from flows.db import migrate as do_migrate
+    from flows.core.db import migrate as do_migrate
 
     settings = load_settings()
     with one_line_errors(PG_HINT, settings):

@@ -36,7 +36,7 @@ def token_create(
 ) -> None:
     """Create a token; it is shown once, only its hash is kept."""
     from flows.control import tokens
-    from flows.db import connect, migrate
+    from flows.core.db import connect, migrate
 
     settings = load_settings()
     expires_at = None if expires_in_days is None else datetime.now(UTC) + timedelta(days=expires_in_days)
@@ -54,7 +54,7 @@ def token_create(
 def token_revoke(name: Annotated[str, typer.Argument(help="Token name or id")]) -> None:
     """Revoke a token: requests with it are refused from now on."""
     from flows.control import tokens
-    from flows.db import connect, migrate
+    from flows.core.db import connect, migrate
 
     settings = load_settings()
     with one_line_errors(PG_HINT):
@@ -68,7 +68,7 @@ def token_revoke(name: Annotated[str, typer.Argument(help="Token name or id")]) 
 def token_list(all_: Annotated[bool, typer.Option("--all", help="Include revoked tokens")] = False) -> None:
     """Tokens: id, name, scopes, created, expires, last used, revoked (never the token itself)."""
     from flows.control import tokens
-    from flows.db import connect, migrate
+    from flows.core.db import connect, migrate
 
     settings = load_settings()
     with one_line_errors(PG_HINT):

@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows.errors import ConfigError, RefreshError
-from flows.redact import redact
-from flows.settings import Settings, get_settings
+from flows.core.errors import ConfigError, RefreshError
+from flows.core.redact import redact
+from flows.core.settings import Settings, get_settings
 
 # What the Makefile exports, for a CLI started any other way (a shell, cron, CI): no usage
 # statistics sent by Prefect's local server or dbt (and no notice about them). Set before
@@ -157,7 +157,7 @@ def embedded_stack(settings: Settings, with_stack: bool) -> contextlib.AbstractC
 
 def synced_registry(settings: Settings) -> Any:
     """The registry as it stands (the file synced in first, so file-only tables are there)."""
-    from flows import runbook
+    from flows.orchestration import runbook
 
     return runbook.prepare(settings)
 

@@ -10,7 +10,7 @@ import typer
 
 from flows.cli.common import exit_for, fail, load_settings, one_line_errors, out
 from flows.cli.run import run_refresh
-from flows.redact import redact
+from flows.core.redact import redact
 
 
 def demo(
@@ -24,9 +24,9 @@ def demo(
             "the demo fills the local BigQuery emulator with sample data",
             "unset REFRESH_BQ_PROJECT, or use `refresh run` against your BigQuery",
         )
-    from flows.bigquery import make_clients
     from flows.demo.local_stack import local_stack
     from flows.demo.sample_data import SampleSpec, generate
+    from flows.engine.bigquery import make_clients
 
     t0 = time.monotonic()
     with one_line_errors(), local_stack(settings):
@@ -57,9 +57,9 @@ def generate(
 ) -> None:
     """Fill the BigQuery dataset with deterministic sample data."""
     settings = load_settings()
-    from flows.bigquery import make_clients
     from flows.demo.sample_data import SampleSpec
     from flows.demo.sample_data import generate as gen
+    from flows.engine.bigquery import make_clients
 
     with one_line_errors("is the BigQuery emulator up? (`refresh stack up`)"):
         clients = make_clients(settings)

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import PG_HINT, fail, load_settings, out
-from flows.settings import PROJECT_ROOT
+from flows.core.settings import PROJECT_ROOT
 
 
 def docs(
@@ -20,7 +20,7 @@ def docs(
 ) -> None:
     """Generate dbt docs (lineage) and serve them locally."""
     settings = load_settings()
-    from flows.transform import dbt_env, profiles_dir, with_project_vars
+    from flows.engine.transform import dbt_env, profiles_dir, with_project_vars
 
     env = {**os.environ, **dbt_env(settings)}
     base = [sys.executable, "-m", "dbt.cli.main"]

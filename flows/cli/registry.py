@@ -1,4 +1,4 @@
-"""`refresh config get|set`: the table registry (flows.registry, as the API's config endpoints)."""
+"""`refresh config get|set`: the table registry (flows.core.table_config, as the API's config endpoints)."""
 
 from __future__ import annotations
 
@@ -46,14 +46,15 @@ def config_set(
 ) -> None:
     """Change settings of one table; the row then keeps its edits when the registry file changes."""
     settings = load_settings()
-    from flows import registry
     from flows.control import registry as config_rows
-    from flows.db import connect
+    from flows.core import table_config
+    from flows.core.db import connect
 
     with one_line_errors(
-        "`refresh config get TABLE` shows the current values; fields: " + ", ".join(registry.EDITABLE_FIELDS)
+        "`refresh config get TABLE` shows the current values; fields: "
+        + ", ".join(table_config.EDITABLE_FIELDS)
     ):
-        changes = registry.parse_assignments(assignments)
+        changes = table_config.parse_assignments(assignments)
         synced_registry(settings)
         with connect(settings) as conn:
             new = config_rows.update(conn, settings.control_schema, table, changes, who="cli")

@@ -18,7 +18,7 @@ from flows.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from flows.settings import Settings
+    from flows.core.settings import Settings
 
 TablesOption = Annotated[
     list[str] | None,
@@ -48,8 +48,8 @@ def validate_data(
         _validate_summaries()
         return
 
-    from flows.bigquery import make_clients
-    from flows.validation import validate
+    from flows.engine.bigquery import make_clients
+    from flows.engine.validation import validate
 
     settings = load_settings()
     first, last = parse_date(from_, "--from"), parse_date(to, "--to")
@@ -100,8 +100,8 @@ def validate_data(
 
 
 def _validate_summaries() -> None:
-    from flows.db import connect
-    from flows.validation import check_summaries, record_summary_checks
+    from flows.core.db import connect
+    from flows.engine.validation import check_summaries, record_summary_checks
 
     settings = load_settings()
     with (
@@ -127,8 +127,8 @@ def cutover(
 ) -> None:
     """Move a table one step: dry_run -> shadow -> live (live only after a passing validation)."""
     from flows.control import rollout
-    from flows.db import connect
-    from flows.registry import Mode
+    from flows.core.db import connect
+    from flows.core.table_config import Mode
 
     settings = load_settings()
     with one_line_errors(
@@ -162,7 +162,7 @@ def rollback(
 ) -> None:
     """Return a table to the mode it had before its last cutover; its data stays as it is."""
     from flows.control import rollout
-    from flows.db import connect
+    from flows.core.db import connect
 
     settings = load_settings()
     with one_line_errors("`refresh config get TABLE` shows its mode"):
@@ -178,6 +178,6 @@ def rollback(
 def _notify(settings: Settings) -> None:
     """Send the events just written (validation.failed, table.cutover, table.rollback) now rather
     than at the next run or housekeeping pass; bounded, never raises (the outbox keeps the rest)."""
-    from flows.webhooks import dispatch_after_run
+    from flows.notify.webhooks import dispatch_after_run
 
     dispatch_after_run(settings)

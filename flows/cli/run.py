@@ -31,8 +31,8 @@ from flows.cli.common import (
     plain,
     split_names,
 )
-from flows.errors import RefreshError
-from flows.settings import Settings
+from flows.core.errors import RefreshError
+from flows.core.settings import Settings
 
 
 def _start_ephemeral_prefect(settings: Settings) -> None:
@@ -94,7 +94,7 @@ class DbtLogProgress:
 
 class _DbtLogTail:
     """Reads what dbt appended to its log file since the run started (dbt writes it under the
-    state directory, flows.transform.run_dbt); a log dbt rotated is read from its start."""
+    state directory, flows.engine.transform.run_dbt); a log dbt rotated is read from its start."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -127,7 +127,7 @@ class _RunProgress:
     """
 
     def __init__(self, settings: Settings) -> None:
-        from flows.transform import target_dir
+        from flows.engine.transform import target_dir
 
         self.settings = settings
         self.dbt_log = _DbtLogTail(target_dir(settings).parent / "logs" / "dbt.log")
@@ -163,7 +163,7 @@ class _RunProgress:
     def _poll(self) -> None:
         import psycopg
 
-        from flows.db import connect
+        from flows.core.db import connect
 
         conn: psycopg.Connection | None = None
         while not self.stop.wait(0.5):
@@ -314,7 +314,7 @@ def run_refresh(
         # one line now; the refused command has started nothing (no Prefect server, no flow
         # run, not even Prefect's import) and exits at once. The flow run adopts this lock.
         with refresh_lock(settings, trigger=trigger) as lock_conn:
-            from flows.daily_refresh import daily_refresh, lock_taken_by_caller
+            from flows.orchestration.daily_refresh import daily_refresh, lock_taken_by_caller
 
             _start_ephemeral_prefect(settings)
             _quiet_console()
@@ -379,9 +379,9 @@ def _explain(
     full_refresh: bool,
     force: bool,
 ) -> None:
-    from flows import runbook
-    from flows.bigquery import make_clients
-    from flows.explain import explain, render
+    from flows.engine.bigquery import make_clients
+    from flows.orchestration import runbook
+    from flows.orchestration.explain import explain, render
 
     with one_line_errors(settings=settings), embedded_stack(settings, with_stack):
         params = runbook.validate_params(

@@ -8,7 +8,7 @@ import json
 import typer
 
 from flows.cli.common import load_settings, one_line_errors, out
-from flows.redact import redact
+from flows.core.redact import redact
 
 stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emulator).", no_args_is_help=True)
 

@@ -54,7 +54,7 @@ def status(
     from flows.control.history import HistoryQuery, read_history, table_status
     from flows.control.runs import refresh_running
     from flows.control.status import has_table
-    from flows.db import connect
+    from flows.core.db import connect
 
     with one_line_errors(PG_HINT, settings), connect(settings, autocommit=True) as conn:
         if not has_table(conn, settings.control_schema, "refresh_runs"):
@@ -94,7 +94,7 @@ def history(
     """Past runs (or one table's refreshes), newest first, filtered and paged."""
     settings = load_settings()
     from flows.control.history import HistoryQuery, read_history
-    from flows.db import connect
+    from flows.core.db import connect
 
     with one_line_errors("see `refresh history --help`", settings):
         q = HistoryQuery(

@@ -9,9 +9,9 @@ from typing import Annotated, Any
 import typer
 
 from flows.cli.common import PG_HINT, fail, load_settings, new_grid, one_line_errors, out, plain, ts
-from flows.control import webhooks as store
-from flows.errors import ConfigError
-from flows.settings import Settings
+from flows.control import outbox
+from flows.core.errors import ConfigError
+from flows.core.settings import Settings
 
 webhooks_app = typer.Typer(
     help="Webhooks (Standard Webhooks): endpoints, secrets, test, replay, deliveries.",
@@ -28,7 +28,7 @@ def _who() -> str:
 
 def _ready() -> Settings:
     """Settings, with the control schema migrated (the webhook tables exist)."""
-    from flows.db import migrate
+    from flows.core.db import migrate
 
     settings = load_settings()
     with one_line_errors(PG_HINT):
@@ -59,7 +59,7 @@ def add(
     description: Annotated[str, typer.Option("--description", "-d")] = "",
 ) -> None:
     """Register an endpoint; prints its signing secret ONCE (store it in the receiver)."""
-    from flows import webhooks
+    from flows.notify import webhooks
 
     settings = _ready()
     with one_line_errors("see `refresh webhooks add --help`"):
@@ -72,10 +72,10 @@ def add(
 def list_() -> None:
     """Endpoints (never their secrets)."""
     settings = _ready()
-    from flows.db import connect
+    from flows.core.db import connect
 
     with one_line_errors(PG_HINT), connect(settings) as conn:
-        rows = store.list_endpoints(conn, settings.control_schema)
+        rows = outbox.list_endpoints(conn, settings.control_schema)
     grid = new_grid("id", "url", "events", "enabled", "description", "rotation grace until", "updated")
     for r in rows:
         grid.add_row(
@@ -104,7 +104,7 @@ def update(
     ] = None,
 ) -> None:
     """Change an endpoint's URL, events, description or enabled state (the secret stays)."""
-    from flows import webhooks
+    from flows.notify import webhooks
 
     settings = _ready()
     with one_line_errors("see `refresh webhooks update --help`"):
@@ -124,10 +124,10 @@ def update(
 def remove(endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list`)")]) -> None:
     """Remove an endpoint: nothing more is sent to it; its delivery history stays."""
     settings = _ready()
-    from flows.db import connect
+    from flows.core.db import connect
 
     with one_line_errors(PG_HINT), connect(settings) as conn, conn.transaction():
-        store.remove_endpoint(conn, settings.control_schema, endpoint_id, _who())
+        outbox.remove_endpoint(conn, settings.control_schema, endpoint_id, _who())
     out.print(f"endpoint {endpoint_id} removed")
 
 
@@ -142,7 +142,7 @@ def rotate_secret(
     ] = None,
 ) -> None:
     """New signing secret, printed ONCE; both are sent (two signatures) for the grace period."""
-    from flows import webhooks
+    from flows.notify import webhooks
 
     settings = _ready()
     with one_line_errors(PG_HINT):
@@ -151,10 +151,10 @@ def rotate_secret(
 
 
 def _print_attempts(settings: Settings, delivery_id: int) -> None:
-    from flows.db import connect
+    from flows.core.db import connect
 
     with connect(settings) as conn:
-        rows = store.list_attempts(conn, settings.control_schema, delivery_id)
+        rows = outbox.list_attempts(conn, settings.control_schema, delivery_id)
     grid = new_grid("attempt", "at", "ok", "status", "ms", "error", "response")
     for a in rows:
         grid.add_row(
@@ -172,7 +172,7 @@ def _print_attempts(settings: Settings, delivery_id: int) -> None:
 @webhooks_app.command("test")
 def test(endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list`)")]) -> None:
     """Send a signed `webhook.test` event to one endpoint now and show the answer."""
-    from flows import webhooks
+    from flows.notify import webhooks
 
     settings = _ready()
     with one_line_errors(PG_HINT):
@@ -191,16 +191,16 @@ def replay(
     ] = 60,
 ) -> None:
     """Queue the events since a time again (same webhook-id, so receivers deduplicate) and send."""
-    from flows import webhooks
-    from flows.db import connect
+    from flows.core.db import connect
+    from flows.notify import webhooks
 
     settings = _ready()
     with one_line_errors(PG_HINT):
         when = parse_since(since)
         with connect(settings) as conn, conn.transaction():
             if endpoint_id is not None:
-                store.get_endpoint(conn, settings.control_schema, endpoint_id)
-            queued = store.queue_replay(conn, settings.control_schema, when, endpoint_id)
+                outbox.get_endpoint(conn, settings.control_schema, endpoint_id)
+            queued = outbox.queue_replay(conn, settings.control_schema, when, endpoint_id)
         result = webhooks.dispatch(settings, deadline_s=deadline_s, delivery_ids=queued)
     out.print(
         f"{len(queued)} deliveries queued since {when:%Y-%m-%d %H:%M} UTC; sent now: {result.to_dict()}"
@@ -218,16 +218,16 @@ def deliveries(
 ) -> None:
     """Recent deliveries (newest first), or every attempt of one with --id."""
     settings = _ready()
-    from flows.db import connect
+    from flows.core.db import connect
 
-    if status is not None and status not in store.DELIVERY_STATUSES:
-        fail(f"unknown status {status!r}", f"use one of {', '.join(store.DELIVERY_STATUSES)}")
+    if status is not None and status not in outbox.DELIVERY_STATUSES:
+        fail(f"unknown status {status!r}", f"use one of {', '.join(outbox.DELIVERY_STATUSES)}")
     with one_line_errors(PG_HINT):
         if delivery_id is not None:
             _print_attempts(settings, delivery_id)
             return
         with connect(settings) as conn:
-            rows = store.list_deliveries(
+            rows = outbox.list_deliveries(
                 conn, settings.control_schema, endpoint_id=endpoint_id, status=status, limit=limit
             )
     grid = new_grid(
@@ -257,7 +257,7 @@ def dispatch(
     deadline_s: Annotated[float, typer.Option(help="Seconds to keep sending and waiting for retries")] = 60,
 ) -> None:
     """Deliver what is due now (housekeeping does this hourly); waits for retries due before the deadline."""
-    from flows import webhooks
+    from flows.notify import webhooks
 
     settings = _ready()
     with one_line_errors(PG_HINT):

@@ -4,7 +4,7 @@ A table's checkpoints give its high-water mark (where the next incremental run s
 slices an interrupted attempt already committed (which a resumed attempt skips). Shadow tables
 checkpoint under their own key (`shadow:<table>`). Full-replace tables checkpoint one slice, the
 whole table: '-infinity'..'infinity' here and in `slice_refreshes` (no session time zone shifts
-it, no source value equals it), None in Python (flows.planning.Slice); the high-water mark
+it, no source value equals it), None in Python (flows.core.planning.Slice); the high-water mark
 ignores it. The helpers below are the one place that maps the two.
 """
 

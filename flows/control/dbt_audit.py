@@ -1,21 +1,19 @@
 """dbt audit (`dbt_invocations`, `dbt_node_runs`): one row per dbt invocation, one per node.
 
-Rows come from dbt's run_results.json (flows.transform.read_run_results); statuses are dbt's own.
+Rows come from dbt's run_results.json (flows.engine.transform.read_run_results); statuses are dbt's own.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, TypedDict
+from typing import Any, TypedDict
 from uuid import UUID
 
 import psycopg
 from psycopg import sql
-
-if TYPE_CHECKING:
-    from flows.transform import DbtOutcome
 
 
 class NodeStatus(StrEnum):
@@ -47,6 +45,43 @@ class NodeRun(TypedDict):
     rows_affected: int | None
     message: str | None
     failures: int | None
+
+
+@dataclass
+class DbtOutcome:
+    invocation_id: str | None
+    success: bool
+    command: str
+    args: list[str]
+    nodes: list[NodeRun] = field(default_factory=list)
+    message: str | None = None
+
+    @property
+    def failed_nodes(self) -> list[NodeRun]:
+        return [n for n in self.nodes if n["status"] in FAILED_NODE_STATUSES]
+
+    def node_table(self) -> list[dict[str, Any]]:
+        """One row per node, slowest first: the dbt stage's Prefect table artifact."""
+        rows = [
+            {
+                "node": f"{n['resource_type']} {n['name']}",
+                "status": n["status"],
+                "seconds": round(n["execution_time_s"] or 0.0, 2),
+                "rows": n["rows_affected"],
+                "failures": n["failures"],
+                "message": (n["message"] or "")[:200],
+            }
+            for n in self.nodes
+        ]
+        return sorted(rows, key=lambda r: -r["seconds"])
+
+    @property
+    def models_built(self) -> int:
+        return sum(
+            1
+            for n in self.nodes
+            if n["resource_type"] in ("model", "snapshot", "seed") and n["status"] == NodeStatus.SUCCESS
+        )
 
 
 NODE_RUN_COLUMNS: tuple[str, ...] = tuple(NodeRun.__annotations__)

@@ -16,7 +16,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from flows.control import webhooks
+from flows.control import outbox
 
 VALIDATION_FAILED = "validation.failed"
 
@@ -66,7 +66,7 @@ def emit_event(
 ) -> None:
     """The one place validation and rollout raise an event: into the webhook outbox, in the
     caller's transaction (with the dq or mode-change rows), queued for subscribed endpoints."""
-    webhooks.emit(conn, schema, event, {"table": table_name, **payload}, table_name=table_name, run_id=run_id)
+    outbox.emit(conn, schema, event, {"table": table_name, **payload}, table_name=table_name, run_id=run_id)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""Slice fingerprints in the control schema (change detection, flows.change_detection).
+"""Slice fingerprints in the control schema (change detection, flows.engine.change_detection).
 
 `checkpoints.source_rows/source_checksum` hold the fingerprint of the rows a slice's load
 committed (written in the load's transaction); `source_as_of` the BigQuery time at which the
 source was last known to hold exactly those rows; `loaded_xid` the load's transaction (the
 validation after a refresh reuses the fingerprint of a slice whose rows all still carry it,
-flows.validation.unchanged_since_load). Slices found unchanged get a
+flows.engine.validation.unchanged_since_load). Slices found unchanged get a
 `slice_refreshes` row with status `unchanged`, and the table's audit row the cost.
 """
 

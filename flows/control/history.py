@@ -15,8 +15,8 @@ from psycopg.rows import dict_row
 
 from flows.control.runs import RunStatus, lock_held_for
 from flows.control.tables import TableStatus
-from flows.errors import ConfigError
-from flows.identifiers import validate_pg_identifier
+from flows.core.errors import ConfigError
+from flows.core.identifiers import validate_pg_identifier
 
 
 def _t(schema: str, name: str) -> sql.Composable:

@@ -19,7 +19,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from flows.control import checkpoints, history, registry
-from flows.registry import Mode
+from flows.core.table_config import Mode
 
 
 class Freshness(StrEnum):

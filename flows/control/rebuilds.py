@@ -1,7 +1,7 @@
 """Slices whose dbt rebuild is still owed: applied by an earlier run whose dbt build did not
 succeed (it failed, or the run died before it), and not covered by a successful build since.
 
-A daily run rebuilds only the periods of the slices it applied (flows.periods); a slice
+A daily run rebuilds only the periods of the slices it applied (flows.engine.periods); a slice
 applied by a run whose dbt failed would otherwise never be rebuilt once the next run finds it
 unchanged and skips it. The run adds these slices to its own (TableOutcome.changed_slices).
 """
@@ -22,7 +22,7 @@ def slices_awaiting_dbt(
 ) -> list[tuple[date, date]]:
     """Dated slices of `table` applied in the last `within_days` days by other runs than
     `run_id` with no successful dbt build of a refresh run after them that selected the table
-    (the flow's selector `source:<dbt source>.<table>+`, see flows.runbook.dbt_build_args) or
+    (the flow's selector `source:<dbt source>.<table>+`, see flows.orchestration.runbook.dbt_build_args) or
     was a --full-refresh."""
     rows = _awaiting(conn, schema, table, run_id, within_days, whole_table=False)
     return [

@@ -15,9 +15,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from pydantic import ValidationError
 
-from flows.control import webhooks as webhook_events
-from flows.errors import ConfigError
-from flows.registry import (
+from flows.control import outbox
+from flows.core.errors import ConfigError
+from flows.core.table_config import (
     EDITABLE_FIELDS,
     PRIORITY_NAMES,
     Mode,
@@ -121,7 +121,7 @@ def register_new_tables(
     conn: psycopg.Connection, schema: str, source_tables: list[str], known: list[TableConfig]
 ) -> list[TableConfig]:
     """Register source tables the registry has never seen, in dry_run mode; emit events."""
-    from flows.type_mapping import pg_column_name
+    from flows.core.type_mapping import pg_column_name
 
     have = {c.source_table for c in known} | {c.table_name for c in known}
     added = []
@@ -140,7 +140,7 @@ def register_new_tables(
         except (ValidationError, ConfigError):
             continue  # a name we cannot map is reported by `refresh validate`, not registered
         sync_from_file(conn, schema, [cfg])
-        webhook_events.emit(
+        outbox.emit(
             conn,
             schema,
             "table.registered",

@@ -39,7 +39,7 @@ def bump(_exc: BaseException | None = None) -> None:
 
 
 def add(n: int) -> None:
-    """Adds `n` retries made elsewhere (a slice's on a Dask worker, flows.scale_out)."""
+    """Adds `n` retries made elsewhere (a slice's on a Dask worker, flows.engine.scale_out)."""
     count = _current.get()
     if count is not None:
         count.n += n

@@ -20,8 +20,8 @@ import psycopg
 from psycopg import sql
 
 from flows.control import dq, registry
-from flows.errors import ConfigError
-from flows.registry import Mode
+from flows.core.errors import ConfigError
+from flows.core.table_config import Mode
 
 NEXT_MODE = {Mode.DRY_RUN: Mode.SHADOW, Mode.SHADOW: Mode.LIVE}
 NEEDS_VALIDATION = {Mode.LIVE}

@@ -22,9 +22,9 @@ from uuid import UUID, uuid4
 import psycopg
 from psycopg import sql
 
-from flows.db import FENCE_LOCK_KEY, REFRESH_LOCK_KEY, connect
-from flows.errors import LockLostError, TerminalError
-from flows.settings import Settings
+from flows.core.db import FENCE_LOCK_KEY, REFRESH_LOCK_KEY, connect
+from flows.core.errors import LockLostError, TerminalError
+from flows.core.settings import Settings
 
 
 class RunStatus(StrEnum):

@@ -16,11 +16,11 @@ import psycopg
 from psycopg import sql
 
 from flows.control.checkpoints import END_PARAM, START_PARAM, bound
-from flows.planning import Window, to_ts
-from flows.registry import Mode
+from flows.core.planning import Window, to_ts
+from flows.core.table_config import Mode
 
 if TYPE_CHECKING:
-    from flows.validation import PlanFingerprints
+    from flows.engine.validation import PlanFingerprints
 
 
 class TableStatus(StrEnum):
@@ -29,7 +29,7 @@ class TableStatus(StrEnum):
     RUNNING = "running"
     SUCCESS = "success"
     FAILED = "failed"
-    UNCHANGED = "unchanged"  # fingerprint equal to its checkpoint's: not read (flows.change_detection)
+    UNCHANGED = "unchanged"  # fingerprint equal to its checkpoint's: not read (flows.engine.change_detection)
     SKIPPED = "skipped"
     PLANNED = "planned"
 
@@ -65,18 +65,18 @@ class TableOutcome:
     plan: list[dict[str, Any]] = field(default_factory=list)
     # Half-open cursor ranges of the slices this run applied, plus those earlier runs applied
     # without a successful dbt build since (flows.control.rebuilds): what dbt must rebuild
-    # (flows.periods). A full_replace table has none.
+    # (flows.engine.periods). A full_replace table has none.
     changed_slices: list[tuple[date, date]] = field(default_factory=list)
     # A whole table (full_replace) this run loaded, or one an earlier run loaded without a
     # successful dbt build since: dbt rebuilds what is downstream of it. A whole table found
     # unchanged and owed nothing changes no model.
     replaced_whole: bool = False
-    # The days each slice applied in this run changed (flows.load.SliceResult.days), for those
+    # The days each slice applied in this run changed (flows.engine.load.SliceResult.days), for those
     # known: dbt rebuilds the periods of these days only. A changed slice missing here (owed by
     # an earlier run, or its days unknown) counts as every day of its range.
     slice_days: dict[tuple[date, date], list[date]] = field(default_factory=dict)
     # BigQuery's fingerprints of the slices read, from change detection before the read: the
-    # validation step's BigQuery side for those periods (flows.validation.validate_touched).
+    # validation step's BigQuery side for those periods (flows.engine.validation.validate_touched).
     plan_fingerprints: PlanFingerprints | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None

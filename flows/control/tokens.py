@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from flows.errors import ConfigError
+from flows.core.errors import ConfigError
 
 PREFIX = "sqpr"
 MAX_NAME_LENGTH = 80

@@ -1,6 +1,6 @@
 """Refreshes started through the API: one row per accepted trigger, keyed by the token and
 its Idempotency-Key, so a retried request finds the run it already started (and no other
-token's). Pruned with the audit (flows.housekeeping)."""
+token's). Pruned with the audit (flows.orchestration.housekeeping)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from flows.db import REFRESH_LOCK_KEY
+from flows.core.db import REFRESH_LOCK_KEY
 
 # Serialises trigger requests (check, start, record) across API workers; next to the
-# refresh lock's key (flows/db.py).
+# refresh lock's key (flows/core/db.py).
 TRIGGER_LOCK_KEY = REFRESH_LOCK_KEY + 1000
 
 

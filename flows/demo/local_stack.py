@@ -31,9 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from flows.errors import StackError
-from flows.private_files import create_once
-from flows.settings import EMULATOR_PROJECT, PG_PASSFILE, Settings, embedded_dsn
+from flows.core.errors import StackError
+from flows.core.private_files import create_once
+from flows.core.settings import EMULATOR_PROJECT, PG_PASSFILE, Settings, embedded_dsn
 
 log = logging.getLogger(__name__)
 

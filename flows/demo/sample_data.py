@@ -20,8 +20,8 @@ from datetime import date, timedelta
 from google.api_core import exceptions as gexc
 from google.cloud import bigquery
 
-from flows.bigquery import BigQueryClients
-from flows.identifiers import bq_table_path
+from flows.core.identifiers import bq_table_path
+from flows.engine.bigquery import BigQueryClients
 
 SQP_TABLE = "search_query_performance"
 PRODUCTS_TABLE = "products"

@@ -7,9 +7,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from flows.bigquery import BigQueryClients, make_clients
+from flows.core.settings import Settings, get_settings
 from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE, SampleSpec, generate
-from flows.settings import Settings, get_settings
+from flows.engine.bigquery import BigQueryClients, make_clients
 
 # A test that runs without the session's Prefect server (its own home, a bare environment) starts
 # Prefect's ephemeral API server; on a busy 2-core machine it needs more than the default 20 s.
@@ -67,7 +67,7 @@ def refreshed(settings: Settings, clients: BigQueryClients) -> dict[str, Any]:
         PRODUCTS_TABLE: SPEC.asins,
         DAILY_TABLE: SPEC.daily_rows,
     }
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     return daily_refresh(force=True, trigger="test")  # type: ignore[no-any-return]
 
@@ -83,7 +83,7 @@ def migrated_with_dataset() -> tuple[Settings, BigQueryClients]:
     control schema migrated and the BigQuery dataset created; the caller closes the clients."""
     from google.cloud import bigquery
 
-    from flows.db import migrate
+    from flows.core.db import migrate
 
     settings = get_settings()
     migrate(settings)

@@ -22,14 +22,14 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from flows import validation
-from flows.bigquery import BigQueryClients, make_clients
 from flows.control import registry
-from flows.db import migrate
+from flows.core.db import migrate
+from flows.core.settings import Settings, get_settings
+from flows.core.type_mapping import pg_column_name
 from flows.demo.sample_data import SampleSpec, generate
-from flows.refresh import target_schema
-from flows.settings import Settings, get_settings
-from flows.type_mapping import pg_column_name
+from flows.engine import validation
+from flows.engine.bigquery import BigQueryClients, make_clients
+from flows.engine.table_refresh import target_schema
 
 REFRESH = str(Path(sys.executable).parent / "refresh")
 # Small but complete: every week type, NULLs, three tables (two sliced by week, one full).
@@ -103,7 +103,7 @@ def fault_stack(name: str, spec: SampleSpec = SPEC) -> Iterator[FaultStack]:
 
 
 def assert_exact(stack: FaultStack) -> dict[str, int]:
-    """Postgres equals the source: flows.validation's per-period row counts and per-column
+    """Postgres equals the source: flows.engine.validation's per-period row counts and per-column
     checksums of every live table, and no key twice. Returns the periods checked per table."""
     clients = stack.clients()
     try:

@@ -7,7 +7,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
-from flows.settings import Settings
+from flows.core.settings import Settings
 
 # Distinctive, so a scan for it finds nothing else.
 SECRET_PASSWORD = "Pw7xQ2-sEcReT-91zK"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.core.settings import Settings
 from flows.demo.local_stack import free_port
-from flows.settings import Settings
 from tests.integration.pg_password import SECRET_PASSWORD, SECRET_USER, password_dsn
 
 REFRESH = str(Path(sys.executable).parent / "refresh")
@@ -87,7 +87,7 @@ def test_registry_file_that_is_not_yaml_is_one_line_with_line_and_column(
 def test_bad_webhook_and_api_settings_are_one_line_naming_the_variable(
     settings: Settings, command: list[str], variable: str, value: str
 ) -> None:
-    """Every setting lives in flows.settings: a bad one stops any command at start, named as
+    """Every setting lives in flows.core.settings: a bad one stops any command at start, named as
     the user sets it, whether or not that command uses it."""
     result = _refresh(*command, **{variable: value})
     lines = result.stderr.strip().splitlines()

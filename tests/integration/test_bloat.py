@@ -1,4 +1,4 @@
-"""A raw table whose lookback window is replaced every day stays compact (flows.maintenance),
+"""A raw table whose lookback window is replaced every day stays compact (flows.engine.maintenance),
 and readers see a slice's old rows or its new rows, never part of either."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pyarrow as pa
 import pytest
 from psycopg import sql
 
-from flows import maintenance
-from flows.db import migrate
-from flows.load import apply_slice, ensure_raw_table
-from flows.planning import Slice, slices_between
-from flows.registry import Mode, SliceSize
-from flows.settings import Settings
-from flows.type_mapping import ColumnMapping, map_schema
+from flows.core.db import migrate
+from flows.core.planning import Slice, slices_between
+from flows.core.settings import Settings
+from flows.core.table_config import Mode, SliceSize
+from flows.core.type_mapping import ColumnMapping, map_schema
+from flows.engine import maintenance
+from flows.engine.load import apply_slice, ensure_raw_table
 
 pytestmark = pytest.mark.integration
 

@@ -18,18 +18,19 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from flows import change_detection, refresh, runbook, validation
-from flows.bigquery import BigQueryClients, make_clients
 from flows.cli import app
 from flows.control import registry
-from flows.db import migrate
+from flows.core.db import migrate
+from flows.core.errors import SourceError
+from flows.core.settings import Settings, get_settings
+from flows.core.table_config import ChangeDetection, TableConfig
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-from flows.errors import SourceError
-from flows.explain import explain, render
-from flows.refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.registry import ChangeDetection, TableConfig
-from flows.runbook import RunParams
-from flows.settings import Settings, get_settings
+from flows.engine import change_detection, table_refresh, validation
+from flows.engine.bigquery import BigQueryClients, make_clients
+from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.orchestration import runbook
+from flows.orchestration.explain import explain, render
+from flows.orchestration.runbook import RunParams
 from tests.integration.test_dry_run import snapshot
 from tests.integration.test_extraction_engine import locked_run
 
@@ -317,7 +318,7 @@ def test_a_row_changed_between_fingerprint_and_read_is_not_claimed(
         )
         return det
 
-    monkeypatch.setattr(refresh.change_detection, "detect", detect_then_restate)
+    monkeypatch.setattr(table_refresh.change_detection, "detect", detect_then_restate)
     _, audit = env.run()
     monkeypatch.undo()
     assert {s for s, (status, *_) in audit.items() if status == "success"} == {slice_of(RESTATED)}
@@ -342,14 +343,14 @@ def test_a_dropped_raw_table_is_read_whole(env: Env) -> None:
 
 
 def _slice(sunday: date) -> Any:
-    from flows.planning import Slice
+    from flows.core.planning import Slice
 
     start = sunday - timedelta(days=6)
     return Slice(start, start + timedelta(days=7))
 
 
 def _detection(env: Env) -> change_detection.Detection:
-    from flows.extract import describe
+    from flows.engine.extract import describe
 
     source = describe(env.clients, SQP_TABLE)
     with env.pg() as conn:

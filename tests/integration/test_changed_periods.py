@@ -26,16 +26,16 @@ from uuid import uuid4
 import psycopg
 import pytest
 
-from flows import runbook
-from flows.bigquery import BigQueryClients
 from flows.control import rebuilds, registry
+from flows.core.settings import Settings
 from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
-from flows.explain import explain
-from flows.periods import periods_to_rebuild
-from flows.refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.runbook import RunParams
-from flows.settings import Settings
-from flows.transform import run_dbt, target_dir
+from flows.engine.bigquery import BigQueryClients
+from flows.engine.periods import periods_to_rebuild
+from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.engine.transform import run_dbt, target_dir
+from flows.orchestration import runbook
+from flows.orchestration.explain import explain
+from flows.orchestration.runbook import RunParams
 from tests.integration.conftest import SPEC
 from tests.integration.test_extraction_engine import locked_run
 
@@ -125,7 +125,7 @@ def changed_source(refreshed: dict[str, Any], settings: Settings, clients: BigQu
 def _full_refresh() -> dict[str, Any]:
     """The SQP table reloaded and its models rebuilt in full by the flow (recorded, so no slice
     is left awaiting a dbt build)."""
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     return daily_refresh(tables=[SQP_TABLE], full_refresh=True, trigger="test")  # type: ignore[no-any-return]
 
@@ -185,7 +185,7 @@ def test_a_whole_table_changes_models_only_when_loaded_or_owed(
     args = runbook.dbt_build_args([owed], False, sources)
     assert args is not None and args[2].startswith(f"source:sqp.{PRODUCTS_TABLE}+") and args[4] == "{}"
     # A successful build of its selection settles it.
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     settled = daily_refresh(tables=[PRODUCTS_TABLE], trigger="test")
     assert settled["status"] == "success" and settled["dbt_invocation_id"] is not None, settled
@@ -420,7 +420,7 @@ def _withdrawn(settings: Settings, clients: BigQueryClients, table: str, where: 
         with psycopg.connect(settings.dsn(), autocommit=True) as conn:
             for schema in ("staging", "intermediate", "marts", "summaries"):
                 conn.execute(f"drop schema if exists {schema}{CMP} cascade")
-        from flows.daily_refresh import daily_refresh
+        from flows.orchestration.daily_refresh import daily_refresh
 
         restored = daily_refresh(tables=[table], full_refresh=True, trigger="test")
         assert restored["status"] == "success", restored["message"]
@@ -432,7 +432,7 @@ def _normal_run(
     """A normal daily run of `table` (not forced, not full), after `refresh run --explain` of it:
     the run's dbt invocation id. `day` (withdrawn) is among the days the explain predicted,
     and the run hands dbt those days."""
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     ex = explain(settings, clients, RunParams(tables=[table]), datetime.now(UTC))
     run = daily_refresh(tables=[table], trigger="test")
@@ -650,7 +650,7 @@ def test_a_bad_memory_var_stops_the_build_with_one_clear_error(
 def test_weekly_full_dbt_test_checks_every_row_and_is_recorded(
     refreshed: dict[str, Any], settings: Settings, pg: psycopg.Connection
 ) -> None:
-    from flows.housekeeping import run_full_dbt_test
+    from flows.orchestration.housekeeping import run_full_dbt_test
 
     result = run_full_dbt_test(settings, wait_s=60, poll_s=1)
     assert result["success"] and result["failed"] == [], result

@@ -18,9 +18,9 @@ from typing import IO
 
 import pytest
 
-from flows.db import REFRESH_LOCK_KEY
+from flows.core.db import REFRESH_LOCK_KEY
+from flows.core.settings import Settings
 from flows.demo.local_stack import free_port
-from flows.settings import Settings
 
 REFRESH = str(Path(sys.executable).parent / "refresh")
 
@@ -130,8 +130,8 @@ def test_the_flow_run_adopts_the_lock_its_command_took(settings: Settings) -> No
     """`refresh run` takes the refresh lock before Prefect starts; the flow run in that process
     uses that lock (another session's try-lock would refuse it) and releases it when it ends."""
     from flows.control.runs import refresh_lock
-    from flows.daily_refresh import _refresh_lock, lock_taken_by_caller
-    from flows.db import connect
+    from flows.core.db import connect
+    from flows.orchestration.daily_refresh import _refresh_lock, lock_taken_by_caller
 
     with refresh_lock(settings) as taken, lock_taken_by_caller(taken):
         with _refresh_lock(settings, "cli") as conn:

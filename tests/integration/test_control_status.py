@@ -13,8 +13,8 @@ from psycopg import sql
 from flows.control import runs, tables
 from flows.control.status import RunProgress, TableProgress, has_table, run_progress
 from flows.control.tables import TableOutcome, TableStatus
-from flows.db import migrate
-from flows.settings import Settings, get_settings
+from flows.core.db import migrate
+from flows.core.settings import Settings, get_settings
 
 CONTROL = "cs_control"
 

@@ -7,9 +7,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from flows.bigquery import BigQueryClients
-from flows.db import use_utc
+from flows.core.db import use_utc
 from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
+from flows.engine.bigquery import BigQueryClients
 from tests.integration.conftest import SPEC, bq_scalar, pg_scalar
 
 
@@ -155,7 +155,7 @@ def test_audit_rows_link_run_tables_slices_and_dbt(first_run: dict[str, Any], pg
 def test_second_run_duplicates_nothing(
     first_run: dict[str, Any], pg: psycopg.Connection, clients: BigQueryClients
 ) -> None:
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     before = pg_scalar(pg, "select count(*) from raw.search_query_performance")
     second = daily_refresh(force=True, trigger="test")

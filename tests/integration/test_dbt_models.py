@@ -28,12 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from flows.bigquery import BigQueryClients
-from flows.control.dbt_audit import NodeRun, record_dbt
-from flows.db import migrate
+from flows.control.dbt_audit import DbtOutcome, NodeRun, record_dbt
+from flows.core.db import migrate
+from flows.core.settings import Settings
 from flows.demo.sample_data import SQP_TABLE
-from flows.settings import Settings
-from flows.transform import DbtOutcome, run_dbt, target_dir
+from flows.engine.bigquery import BigQueryClients
+from flows.engine.transform import run_dbt, target_dir
 from tests.integration.conftest import SPEC, pg_scalar
 
 SUMMARY_TABLES = {
@@ -219,7 +219,7 @@ def first_rebuilt_period(refresh_start: date, period: str) -> date:
 
 
 def backfill_restated_week() -> dict[str, Any]:
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     run: dict[str, Any] = daily_refresh(
         tables=[SQP_TABLE],

@@ -4,7 +4,7 @@ control schema.
 
 By default the stage is one Prefect task (`dbt build`) with every node's result in its table
 artifact. With REFRESH_DBT_NODE_TASKS, prefect-dbt runs each node's Prefect task in a thread of
-its own that `invoke` does not wait for (flows.transform.run_dbt waits for them). Without that
+its own that `invoke` does not wait for (flows.engine.transform.run_dbt waits for them). Without that
 wait, one run in two on this machine ended with ~36 event tracebacks after the summary and at
 times exit 134; the failure depends on timing, so that run is repeated (DBT_EXIT_TRIALS,
 default 2; 4 to prove a fix).

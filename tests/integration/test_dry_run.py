@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from flows.settings import Settings
+from flows.core.settings import Settings
 
 _SYSTEM = ("pg_catalog", "information_schema", "pg_toast")
 
@@ -36,7 +36,7 @@ def snapshot(conn: psycopg.Connection) -> dict[str, tuple[int, str]]:
 def test_dry_run_changes_nothing_but_its_own_run_record(
     refreshed: dict[str, Any], settings: Settings, pg: psycopg.Connection
 ) -> None:
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     before = snapshot(pg)
     assert before[f"{settings.raw_schema}.search_query_performance"][0] > 0

@@ -35,15 +35,15 @@ import pytest
 from google.cloud import bigquery
 from psycopg import sql
 
-from flows import runbook
-from flows.bigquery import BigQueryClients
 from flows.control import runs
-from flows.db import relation_columns
-from flows.extract import ReadStats, read_rest, read_storage
-from flows.refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.registry import TableConfig
-from flows.settings import Settings
-from flows.type_mapping import pg_column_name
+from flows.core.db import relation_columns
+from flows.core.settings import Settings
+from flows.core.table_config import TableConfig
+from flows.core.type_mapping import pg_column_name
+from flows.engine.bigquery import BigQueryClients
+from flows.engine.extract import ReadStats, read_rest, read_storage
+from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.orchestration import runbook
 from tests.integration.conftest import migrated_with_dataset
 
 S = bigquery.SchemaField
@@ -271,10 +271,10 @@ from (
 CRASH_CHILD = """
 import sys
 from flows.control import runs
-from flows.bigquery import make_clients
-from flows.refresh import RefreshOptions, refresh_table
-from flows.registry import TableConfig
-from flows.settings import get_settings
+from flows.engine.bigquery import make_clients
+from flows.engine.table_refresh import RefreshOptions, refresh_table
+from flows.core.table_config import TableConfig
+from flows.core.settings import get_settings
 settings = get_settings()
 clients = make_clients(settings)
 cfg = TableConfig.model_validate_json(sys.argv[1])
@@ -391,10 +391,10 @@ BACKFILL_CHILD = """
 import json, sys
 from datetime import date
 from flows.control import runs
-from flows.bigquery import make_clients
-from flows.refresh import RefreshOptions, refresh_table
-from flows.registry import TableConfig
-from flows.settings import get_settings
+from flows.engine.bigquery import make_clients
+from flows.engine.table_refresh import RefreshOptions, refresh_table
+from flows.core.table_config import TableConfig
+from flows.core.settings import get_settings
 settings = get_settings()
 clients = make_clients(settings)
 cfg = TableConfig.model_validate_json(sys.argv[1])
@@ -886,8 +886,8 @@ def test_parallel_first_loads_create_the_raw_schema_without_a_race(engine: Engin
     violation on pg_namespace failed one table of the flow's first run)."""
     import threading
 
-    from flows.load import ensure_raw_table
-    from flows.type_mapping import map_schema
+    from flows.core.type_mapping import map_schema
+    from flows.engine.load import ensure_raw_table
 
     fields: list[tuple[str, str, str, int | None, int | None]] = [
         ("Id", "INT64", "NULLABLE", None, None),
@@ -924,9 +924,9 @@ def test_days_a_slice_changed_come_from_the_rows_it_deleted_and_inserted(engine:
     for a whole-table slice."""
     import pyarrow as pa
 
-    from flows.load import apply_slice, ensure_raw_table
-    from flows.planning import Slice
-    from flows.type_mapping import ColumnMapping
+    from flows.core.planning import Slice
+    from flows.core.type_mapping import ColumnMapping
+    from flows.engine.load import apply_slice, ensure_raw_table
 
     e = engine
     piece = Slice(date(2026, 11, 30), date(2026, 12, 7))  # an ISO week across a month end

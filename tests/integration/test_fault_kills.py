@@ -5,7 +5,7 @@ and everything it started, in its own process group), waits until the run reache
 target phase (taken in turn: extract, dbt, audit, dispatch, start) and kills the group with
 SIGKILL after a random part of that phase. Where the kill landed is read afterwards from what
 the dead process had committed (`phase_of`). Then a normal `refresh run` must complete, leave
-Postgres equal to the source (flows.validation per period, no duplicate keys) and mark the
+Postgres equal to the source (flows.engine.validation per period, no duplicate keys) and mark the
 killed run `abandoned`; no run stays `running`.
 
 A webhook endpoint (tests/webhook_receiver.py, answering after 0.3 s) makes every run dispatch
@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import pytest
 
-from flows import webhooks
+from flows.notify import webhooks
 from tests.integration.fault_support import (
     FaultStack,
     assert_exact,

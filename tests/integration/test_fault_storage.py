@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.refresh import RefreshOptions, refresh_table
-from flows.settings import get_settings
+from flows.core.settings import get_settings
+from flows.engine.table_refresh import RefreshOptions, refresh_table
 from tests.integration import test_extraction_engine as xt
 from tests.integration.test_extraction_engine import CONTROL, Engine, locked_run, table_cfg
 from tests.integration.test_faults import BIG_INSERT, BIG_SCHEMA

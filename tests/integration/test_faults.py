@@ -25,14 +25,14 @@ from uuid import UUID
 import psycopg
 import pytest
 
-from flows.bigquery import make_clients
 from flows.control import history, runs
-from flows.db import FENCE_LOCK_KEY
+from flows.core.db import FENCE_LOCK_KEY
+from flows.core.errors import TransientError
+from flows.core.settings import get_settings
 from flows.demo.local_stack import EmbeddedPostgres, free_port
-from flows.errors import TransientError
-from flows.extract import ReadStats, read_storage
-from flows.refresh import RefreshOptions, refresh_table
-from flows.settings import get_settings
+from flows.engine.bigquery import make_clients
+from flows.engine.extract import ReadStats, read_storage
+from flows.engine.table_refresh import RefreshOptions, refresh_table
 from tests.faults import FaultProxy
 from tests.integration import test_extraction_engine as xt
 from tests.integration.test_extraction_engine import (
@@ -383,8 +383,8 @@ def test_pgrestart_mid_run_cli_prints_one_line_and_the_run_ends_failed(
 
 def test_unreachable_bigquery_at_the_start_fails_within_the_call_deadline() -> None:
     """The flow calls check_reachable before it plans, takes the lock or writes a run row."""
-    from flows.errors import SourceError
-    from flows.extract import check_reachable
+    from flows.core.errors import SourceError
+    from flows.engine.extract import check_reachable
 
     dead = free_port()  # nobody listens there
     settings = get_settings(bq_endpoint=f"http://127.0.0.1:{dead}", bq_timeout_s=3.0)
@@ -458,9 +458,9 @@ def test_firstbatch_is_read_before_the_slice_transaction_opens(engine: Engine) -
     import pyarrow as pa
     from psycopg.pq import TransactionStatus
 
-    from flows.load import apply_slice, ensure_raw_table
-    from flows.planning import Slice
-    from flows.type_mapping import map_schema
+    from flows.core.planning import Slice
+    from flows.core.type_mapping import map_schema
+    from flows.engine.load import apply_slice, ensure_raw_table
 
     e = engine
     columns = map_schema([("Id", "INT64", "NULLABLE", None, None)], "xt_firstbatch_t")

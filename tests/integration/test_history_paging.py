@@ -11,9 +11,9 @@ import pytest
 from psycopg import sql
 
 from flows.control import history
-from flows.db import migrate
-from flows.errors import ConfigError
-from flows.settings import Settings, get_settings
+from flows.core.db import migrate
+from flows.core.errors import ConfigError
+from flows.core.settings import Settings, get_settings
 
 SCHEMA = "paging_control"
 

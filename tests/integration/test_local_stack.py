@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.core.errors import StackError
+from flows.core.settings import Settings
 from flows.demo.local_stack import BigQueryEmulator, EmbeddedPostgres, free_port
-from flows.errors import StackError
-from flows.settings import Settings
 
 
 def _listening_socket() -> socket.socket:
@@ -80,9 +80,9 @@ def test_postgres_start_stop_and_restart_keeps_data(tmp_path: Path) -> None:
 
 def test_emulator_serves_storage_slices_larger_than_its_default_message_cap(tmp_path: Path) -> None:
     """60,000 SQP rows in one week: one Storage batch is far above the emulator's ~11 MB default."""
-    from flows.bigquery import make_clients
     from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-    from flows.extract import ReadStats, read_storage
+    from flows.engine.bigquery import make_clients
+    from flows.engine.extract import ReadStats, read_storage
 
     ports = []
     for _ in range(2):
@@ -108,8 +108,8 @@ def test_emulator_serves_storage_slices_larger_than_its_default_message_cap(tmp_
 def test_a_command_never_stops_a_part_another_command_still_uses(tmp_path: Path) -> None:
     """The first command starts Postgres; the second reuses it; the first leaving stops
     nothing, the last one out stops what commands started."""
+    from flows.core.settings import get_settings
     from flows.demo.local_stack import LocalStack, free_port
-    from flows.settings import get_settings
 
     settings = get_settings(state_dir=tmp_path, local_pg_port=free_port(), bq_project="not-the-emulator")
     first, second = LocalStack(settings), LocalStack(settings)
@@ -126,8 +126,8 @@ def test_a_command_never_stops_a_part_another_command_still_uses(tmp_path: Path)
 
 
 def test_parts_started_by_stack_up_outlive_every_command(tmp_path: Path) -> None:
+    from flows.core.settings import get_settings
     from flows.demo.local_stack import LocalStack, free_port
-    from flows.settings import get_settings
 
     settings = get_settings(state_dir=tmp_path, local_pg_port=free_port(), bq_project="not-the-emulator")
     LocalStack(settings, keep_running=True).start()
@@ -266,8 +266,8 @@ def test_an_emulator_too_busy_to_answer_is_waited_for_not_started_again(
     """A command that finds the emulator's process running but not answering waits for it: no
     second emulator on the same ports and data, no 'port taken', and no start recorded (a
     command that did not start a part must not stop it as the last one out)."""
+    from flows.core.settings import get_settings
     from flows.demo.local_stack import LocalStack
-    from flows.settings import get_settings
 
     own = get_settings(
         state_dir=tmp_path,

@@ -28,9 +28,9 @@ import yaml
 from psycopg import sql
 from typer.testing import CliRunner
 
-from flows.bigquery import make_clients
+from flows.core.settings import PROJECT_ROOT, Settings, get_settings
 from flows.demo.sample_data import PRODUCTS_TABLE, SampleSpec, generate
-from flows.settings import PROJECT_ROOT, Settings, get_settings
+from flows.engine.bigquery import make_clients
 from tests.integration.conftest import pg_scalar
 from tests.prefect_server import prefect_server, stop, tail
 
@@ -263,9 +263,10 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(
     assert not _undocumented(daily.parameter_openapi_schema)
     assert not _undocumented(housekeeping.parameter_openapi_schema)
     assert (
-        daily.work_pool_name == "sqp-refresh" and daily.entrypoint == "flows/daily_refresh.py:daily_refresh"
+        daily.work_pool_name == "sqp-refresh"
+        and daily.entrypoint == "flows/orchestration/daily_refresh.py:daily_refresh"
     )
-    assert housekeeping.entrypoint == "flows/housekeeping.py:housekeeping"
+    assert housekeeping.entrypoint == "flows/orchestration/housekeeping.py:housekeeping"
     [schedule] = daily.schedules
     # prefect.yaml carries the same defaults `refresh serve` reads from the settings.
     defaults = Settings.model_fields
@@ -356,7 +357,7 @@ def test_two_runs_triggered_together_never_refresh_at_the_same_time(
 
 def test_a_second_refresh_fails_fast_while_one_holds_the_lock(orch: Settings, pg: psycopg.Connection) -> None:
     from flows.control.runs import RefreshBusyError, refresh_lock
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     before = pg_scalar(pg, "select count(*) from orch_control.refresh_runs")
     with refresh_lock(orch):
@@ -373,7 +374,7 @@ def test_a_second_refresh_fails_fast_while_one_holds_the_lock(orch: Settings, pg
 def test_dry_run_changes_no_row_but_its_own_audit_record(
     api_run: Any, orch: Settings, pg: psycopg.Connection
 ) -> None:
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     before = _row_counts(pg)
     assert before["raw_orch.orch_daily"] == ORCH_SPEC.daily_rows and before["orch_control.checkpoints"] > 0
@@ -404,8 +405,8 @@ def test_permanent_errors_fail_their_table_only_without_retries(
 ) -> None:
     from flows.cli import app
     from flows.control import registry
-    from flows.daily_refresh import daily_refresh
-    from flows.registry import TableConfig
+    from flows.core.table_config import TableConfig
+    from flows.orchestration.daily_refresh import daily_refresh
 
     broken = ["orch_missing_source", "orch_bad_cursor"]
     with psycopg.connect(orch.dsn()) as conn:
@@ -459,9 +460,9 @@ def test_transient_table_failures_retry_and_a_crash_stops_no_other_table(
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows import daily_refresh as module
-    from flows.refresh import RefreshOptions, TableOutcome
-    from flows.registry import TableConfig
+    from flows.core.table_config import TableConfig
+    from flows.engine.table_refresh import RefreshOptions, TableOutcome
+    from flows.orchestration import daily_refresh as module
 
     calls: dict[str, int] = {}
 
@@ -510,8 +511,8 @@ def test_abandoned_runs_are_marked_only_when_no_refresh_holds_the_lock(
     orch: Settings, pg: psycopg.Connection
 ) -> None:
     from flows.control.runs import refresh_lock
-    from flows.housekeeping import mark_abandoned_runs
-    from flows.runbook import prepare
+    from flows.orchestration.housekeeping import mark_abandoned_runs
+    from flows.orchestration.runbook import prepare
 
     prepare(orch)
     run_id = uuid4()
@@ -544,7 +545,7 @@ def test_abandoned_runs_are_marked_only_when_no_refresh_holds_the_lock(
 def test_checkpoint_cleanup_keeps_every_tables_high_water_mark(
     api_run: Any, orch: Settings, pg: psycopg.Connection
 ) -> None:
-    from flows.housekeeping import cleanup_checkpoints
+    from flows.orchestration.housekeeping import cleanup_checkpoints
 
     old = datetime.now(UTC) - timedelta(days=200)
     week = timedelta(days=7)
@@ -586,7 +587,7 @@ def test_checkpoint_cleanup_keeps_every_tables_high_water_mark(
 
 
 def test_audit_pruning_keeps_running_and_latest_runs(orch: Settings, pg: psycopg.Connection) -> None:
-    from flows.housekeeping import housekeeping
+    from flows.orchestration.housekeeping import housekeeping
 
     long_ago = datetime.now(UTC) - timedelta(days=500)
     pruned, kept = uuid4(), uuid4()
@@ -719,7 +720,7 @@ def test_cli_run_ending_warning_exits_2_and_names_what_failed(
     audit row and `refresh status` say what failed and the first error line."""
     from flows.cli import app
     from flows.control import registry
-    from flows.registry import TableConfig
+    from flows.core.table_config import TableConfig
 
     with psycopg.connect(orch.dsn()) as conn:
         registry.sync_from_file(
@@ -762,10 +763,10 @@ def test_a_scheduled_run_counts_the_next_due_time_from_its_scheduled_start(
     the table's refresh ended."""
     from prefect.client.orchestration import get_client
 
-    from flows.daily_refresh import daily_refresh
+    from flows.orchestration.daily_refresh import daily_refresh
 
     # Due for this run, as a table is when the schedule starts (a run refreshing a table that
-    # was not due keeps its earlier due time: flows.planning.next_due).
+    # was not due keeps its earlier due time: flows.core.planning.next_due).
     pg.execute(
         "update orch_control.refresh_config set next_refresh_at = now() where table_name = 'orch_products'"
     )

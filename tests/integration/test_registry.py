@@ -6,11 +6,11 @@ import psycopg
 import pytest
 from google.cloud import bigquery
 
-from flows import runbook
-from flows.bigquery import BigQueryClients, make_clients
 from flows.control import registry
-from flows.errors import ConfigError
-from flows.settings import get_settings
+from flows.core.errors import ConfigError
+from flows.core.settings import get_settings
+from flows.engine.bigquery import BigQueryClients, make_clients
+from flows.orchestration import runbook
 
 
 @pytest.fixture

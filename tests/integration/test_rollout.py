@@ -9,13 +9,13 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from flows import validation
 from flows.control import registry, rollout
-from flows.db import migrate
-from flows.errors import ConfigError
-from flows.registry import Mode, TableConfig
-from flows.settings import Settings, get_settings
-from flows.validation import Fingerprint, PeriodResult
+from flows.core.db import migrate
+from flows.core.errors import ConfigError
+from flows.core.settings import Settings, get_settings
+from flows.core.table_config import Mode, TableConfig
+from flows.engine import validation
+from flows.engine.validation import Fingerprint, PeriodResult
 
 CONTROL = "ro_control"
 TABLE = "ro_sqp"

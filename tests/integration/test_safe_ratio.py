@@ -17,8 +17,8 @@ from typing import Any
 
 import psycopg
 
-from flows.settings import Settings
-from flows.transform import dbt_env, invoke_dbt, profiles_dir
+from flows.core.settings import Settings
+from flows.engine.transform import dbt_env, invoke_dbt, profiles_dir
 
 SIX_PLACES = Decimal("0.000001")
 BIGINT_MAX = 2**63 - 1

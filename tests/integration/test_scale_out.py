@@ -2,7 +2,7 @@
 
 - a LocalCluster of 2 worker processes (REFRESH_SLICE_WORKERS=2) loads a multi-slice table:
   the slices ran in both workers, none in this process, and Postgres equals the source
-  (flows.validation: per-period row counts and checksums);
+  (flows.engine.validation: per-period row counts and checksums);
 - a bad slice among good ones: the later slices commit, the bad one does not; once the source
   is fixed, the next run loads exactly that slice and skips the others;
 - the flow process killed mid-run while workers are loading: the orphaned workers commit
@@ -33,15 +33,15 @@ import pyarrow as pa
 import pytest
 from google.cloud import bigquery
 
-from flows import scale_out
 from flows.control import runs
-from flows.load import apply_slice, ensure_raw_table
-from flows.planning import Slice
-from flows.refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.registry import TableConfig
-from flows.settings import get_settings
-from flows.type_mapping import ColumnMapping
-from flows.validation import validate_table
+from flows.core.planning import Slice
+from flows.core.settings import get_settings
+from flows.core.table_config import TableConfig
+from flows.core.type_mapping import ColumnMapping
+from flows.engine import scale_out
+from flows.engine.load import apply_slice, ensure_raw_table
+from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.engine.validation import validate_table
 from tests.integration.test_extraction_engine import (
     CONTROL,
     Engine,
@@ -75,7 +75,7 @@ def _cfg(name: str, **kw: Any) -> TableConfig:
 
 
 def _exact(e: Engine, cfg: TableConfig) -> None:
-    """Postgres equals the source: every period's row count and checksum (flows.validation)."""
+    """Postgres equals the source: every period's row count and checksum (flows.engine.validation)."""
     with e.pg() as conn:
         results = validate_table(e.clients, conn, cfg, e.raw)
     failed = [(r.period_start, r.bigquery, r.postgres) for r in results if not r.passed]
@@ -227,12 +227,12 @@ def test_retries_made_on_workers_are_counted_in_the_table_audit(
 # The flow's side, as the flow runs it: lock, run row, slices on the Dask cluster it is given.
 CHILD = """
 import sys
-from flows import scale_out
+from flows.engine import scale_out
 from flows.control import runs
-from flows.bigquery import make_clients
-from flows.refresh import RefreshOptions, refresh_table
-from flows.registry import TableConfig
-from flows.settings import get_settings
+from flows.engine.bigquery import make_clients
+from flows.engine.table_refresh import RefreshOptions, refresh_table
+from flows.core.table_config import TableConfig
+from flows.core.settings import get_settings
 
 if __name__ == "__main__":
     settings = get_settings()
@@ -409,7 +409,7 @@ def test_a_worker_killed_mid_run_its_slice_runs_again_elsewhere_and_data_is_exac
 
 
 def test_two_transactions_of_one_slice_at_once_leave_one_copy(engine: Engine) -> None:  # noqa: F811
-    """The second waits for the first (flows.load.SLICE_LOCK_KEY), then replaces its rows."""
+    """The second waits for the first (flows.engine.load.SLICE_LOCK_KEY), then replaces its rows."""
     e = engine
     table = "xt_two_events"
     cols = [ColumnMapping("Id", "id", "INT64", "bigint"), ColumnMapping("Day", "day", "DATE", "date")]

@@ -1,7 +1,7 @@
 """The schedule's cadence: which tables each run selects, and the due times it leaves behind.
 
-The real selection (flows.runbook.prepare + select_tables / plan_tables) and the real due-time
-update (flows.runbook.advance_due_times) run against the session's Postgres, each test in its
+The real selection (flows.orchestration.runbook.prepare + select_tables / plan_tables) and the real due-time
+update (flows.orchestration.runbook.advance_due_times) run against the session's Postgres, each test in its
 own control schema. Time is simulated: every run's anchor is passed in, nothing sleeps. A
 simulated run succeeds for every table it selects (what it loads is tested elsewhere).
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from flows import runbook
-from flows.bigquery import make_clients
+from flows.core.errors import ConfigError
+from flows.core.settings import Settings, get_settings
 from flows.demo.sample_data import SampleSpec, generate
-from flows.errors import ConfigError
-from flows.refresh import TableOutcome
-from flows.settings import Settings, get_settings
+from flows.engine.bigquery import make_clients
+from flows.engine.table_refresh import TableOutcome
+from flows.orchestration import runbook
 
 TABLES_FILE = """
 tables:

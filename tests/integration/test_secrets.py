@@ -19,9 +19,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from flows.bigquery import make_clients
+from flows.core.settings import Settings, get_settings
 from flows.demo.sample_data import SampleSpec, generate
-from flows.settings import Settings, get_settings
+from flows.engine.bigquery import make_clients
 from tests.integration.pg_password import SECRET_PASSWORD, SECRET_USER, password_dsn
 from tests.prefect_server import prefect_server
 

@@ -11,11 +11,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from flows import runbook
+from flows.core.settings import Settings
+from flows.core.table_config import Mode, TableConfig
 from flows.demo.sample_data import SQP_TABLE
-from flows.refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.registry import Mode, TableConfig
-from flows.settings import Settings
+from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.orchestration import runbook
 from tests.integration.test_extraction_engine import locked_run
 
 SHADOW_SCHEMAS = ("raw_shadow", "staging_shadow", "intermediate_shadow", "marts_shadow", "summaries_shadow")

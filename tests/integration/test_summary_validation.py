@@ -6,8 +6,8 @@ from typing import Any
 
 import psycopg
 
-from flows import validation
-from flows.settings import Settings
+from flows.core.settings import Settings
+from flows.engine import validation
 
 
 def test_every_summary_period_matches_raw_and_a_changed_raw_count_is_found(

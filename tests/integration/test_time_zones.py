@@ -16,15 +16,15 @@ import psycopg
 import pytest
 from google.cloud import bigquery
 
-from flows import validation
-from flows.bigquery import BigQueryClients
 from flows.control import checkpoints, registry, runs
-from flows.db import connect, migrate
+from flows.core.db import connect, migrate
+from flows.core.settings import Settings, get_settings
+from flows.core.table_config import TableConfig
 from flows.demo.sample_data import PRODUCTS_TABLE, SampleSpec, products_insert_sql, products_schema
-from flows.refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.registry import TableConfig
-from flows.settings import Settings, get_settings
-from flows.transform import dbt_env
+from flows.engine import validation
+from flows.engine.bigquery import BigQueryClients
+from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.engine.transform import dbt_env
 from tests.conftest import TEST_DB_TIME_ZONE
 from tests.integration.conftest import migrated_with_dataset
 from tests.integration.test_extraction_engine import locked_run

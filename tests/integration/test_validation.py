@@ -19,15 +19,15 @@ import pytest
 from google.cloud import bigquery
 from psycopg import sql
 
-from flows import validation
-from flows.bigquery import BigQueryClients, make_clients
 from flows.control import registry
-from flows.db import migrate
+from flows.core.db import migrate
+from flows.core.planning import align
+from flows.core.settings import Settings, get_settings
+from flows.core.table_config import SliceSize, TableConfig
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-from flows.planning import align
-from flows.refresh import RefreshOptions, refresh_table
-from flows.registry import SliceSize, TableConfig
-from flows.settings import Settings, get_settings
+from flows.engine import validation
+from flows.engine.bigquery import BigQueryClients, make_clients
+from flows.engine.table_refresh import RefreshOptions, refresh_table
 from tests.integration.test_extraction_engine import locked_run
 
 S = bigquery.SchemaField
@@ -322,7 +322,7 @@ def test_a_table_wider_than_a_postgres_call_validates_and_names_the_column(env: 
 
 
 def test_unknown_table_and_unloaded_table_are_clear_errors(env: Env) -> None:
-    from flows.errors import ConfigError
+    from flows.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown table"):
         validation.validate(env.settings, env.clients, ["nope"])

@@ -17,15 +17,16 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from flows import change_detection, runbook, validation
-from flows.bigquery import BigQueryClients, make_clients
 from flows.control import registry
-from flows.db import migrate
+from flows.core.db import migrate
+from flows.core.planning import align
+from flows.core.settings import Settings, get_settings
+from flows.core.table_config import ChangeDetection, SliceSize, TableConfig
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-from flows.planning import align
-from flows.refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.registry import ChangeDetection, SliceSize, TableConfig
-from flows.settings import Settings, get_settings
+from flows.engine import change_detection, validation
+from flows.engine.bigquery import BigQueryClients, make_clients
+from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.orchestration import runbook
 from tests.integration.test_extraction_engine import locked_run
 
 

@@ -11,12 +11,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from flows import validation, webhooks
 from flows.control import registry, rollout
-from flows.db import migrate
-from flows.registry import Mode, TableConfig
-from flows.settings import Settings, get_settings
-from flows.validation import Fingerprint, PeriodResult
+from flows.core.db import migrate
+from flows.core.settings import Settings, get_settings
+from flows.core.table_config import Mode, TableConfig
+from flows.engine import validation
+from flows.engine.validation import Fingerprint, PeriodResult
+from flows.notify import webhooks
 from tests.webhook_receiver import Receiver
 
 CONTROL = "wv_control"

@@ -24,16 +24,16 @@ from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from typer.testing import CliRunner
 
-from flows import runbook, webhooks
 from flows.cli import app
-from flows.control import runs, tables
-from flows.control import webhooks as store
+from flows.control import outbox, runs, tables
 from flows.control.tables import TableOutcome, TableStatus
-from flows.db import migrate
+from flows.core.db import migrate
+from flows.core.errors import ConfigError, SchemaDriftError
+from flows.core.settings import PROJECT_ROOT, Settings
 from flows.demo.local_stack import free_port
-from flows.errors import ConfigError, SchemaDriftError
-from flows.settings import PROJECT_ROOT, Settings
-from flows.webhook_secrets import open_secrets
+from flows.notify import webhooks
+from flows.notify.secrets import open_secrets
+from flows.orchestration import runbook
 from tests.integration.conftest import SPEC, pg_scalar
 from tests.webhook_receiver import Receiver
 
@@ -47,8 +47,8 @@ def wh(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings
     migrate(settings)
     yield settings.model_copy(update={"webhook_allow_private": True})
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-        for ep in store.list_endpoints(conn, settings.control_schema):
-            store.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
+        for ep in outbox.list_endpoints(conn, settings.control_schema):
+            outbox.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
 
 
 def finish_a_run(
@@ -117,9 +117,9 @@ KILLED_RUN = textwrap.dedent(
     """
     import sys, time
     import psycopg
-    from flows import runbook
+    from flows.orchestration import runbook
     from flows.control import runs
-    from flows.settings import get_settings
+    from flows.core.settings import get_settings
 
     s = get_settings()
     with psycopg.connect(s.dsn(), autocommit=True) as conn:
@@ -288,7 +288,7 @@ def test_concurrent_dispatchers_never_send_the_same_attempt(wh: Settings, pg: ps
         rx.secrets = [ep.secret]
         with psycopg.connect(wh.dsn(), autocommit=True) as conn:
             for i in range(60):
-                store.emit(conn, wh.control_schema, "table.failed", {"i": i}, table_name="t")
+                outbox.emit(conn, wh.control_schema, "table.failed", {"i": i}, table_name="t")
         results: list[webhooks.DispatchResult] = []
 
         def go() -> None:
@@ -433,9 +433,9 @@ def test_daily_refresh_delivers_refresh_completed_with_its_run_id(
     refreshed: dict[str, Any], wh: Settings, pg: psycopg.Connection
 ) -> None:
     from flows.control import registry
-    from flows.daily_refresh import daily_refresh
+    from flows.core.table_config import TableConfig
     from flows.demo.sample_data import PRODUCTS_TABLE
-    from flows.registry import TableConfig
+    from flows.orchestration.daily_refresh import daily_refresh
 
     # A table of its own (no dbt model reads it), so the session's shared raw tables stay as
     # the `refreshed` run left them.
@@ -472,7 +472,7 @@ def test_daily_refresh_delivers_refresh_completed_with_its_run_id(
 def test_housekeeping_sends_leftovers_and_waits_for_a_retry_due_soon(
     wh: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.housekeeping import dispatch_webhooks
+    from flows.orchestration.housekeeping import dispatch_webhooks
 
     wh = wh.model_copy(update={"webhook_housekeeping_deadline_s": 15})
     with Receiver(script=[503]) as rx:
@@ -505,8 +505,8 @@ def test_run_row_and_its_event_commit_together(wh: Settings, pg: psycopg.Connect
 def test_failed_table_writes_table_failed_with_its_audit_row(
     wh: Settings, clients: Any, pg: psycopg.Connection
 ) -> None:
-    from flows.refresh import RefreshOptions, refresh_table
-    from flows.registry import TableConfig, WriteStrategy
+    from flows.core.table_config import TableConfig, WriteStrategy
+    from flows.engine.table_refresh import RefreshOptions, refresh_table
 
     with Receiver() as rx:
         ep = webhooks.add_endpoint(wh, rx.url, ["table.failed"])
@@ -538,7 +538,7 @@ def test_redirect_is_a_failure_and_not_followed(wh: Settings, pg: psycopg.Connec
 
 
 def test_abandoned_run_is_reported_as_refresh_failed(wh: Settings, pg: psycopg.Connection) -> None:
-    from flows.housekeeping import mark_abandoned_runs
+    from flows.orchestration.housekeeping import mark_abandoned_runs
 
     with psycopg.connect(wh.dsn(), autocommit=True) as conn:
         runs.mark_abandoned(conn, wh.control_schema)
@@ -628,7 +628,7 @@ def _endpoint_at(settings: Settings, url: str, secret_enc: str | None = None) ->
     """An endpoint stored as `add` stores it, without `add`'s checks: for a host name only the
     test's resolver knows, or a secret encrypted as an earlier version did."""
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-        return store.create_endpoint(
+        return outbox.create_endpoint(
             conn,
             settings.control_schema,
             url=url,

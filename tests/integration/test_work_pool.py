@@ -27,10 +27,10 @@ import psycopg
 import pytest
 import yaml
 
-from flows.bigquery import make_clients
+from flows.core.settings import PROJECT_ROOT, Settings, get_settings
 from flows.demo.sample_data import SampleSpec, generate
-from flows.settings import PROJECT_ROOT, Settings, get_settings
-from flows.validation import validate
+from flows.engine.bigquery import make_clients
+from flows.engine.validation import validate
 from tests.prefect_server import prefect_server, stop, tail
 
 SPEC = SampleSpec(sqp_rows=200, weeks=6, asins=8, daily_rows=420)
@@ -106,7 +106,7 @@ def worker(pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
         "SQP_REFRESH_DIR": str(PROJECT_ROOT),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_LOGGING_LEVEL": "INFO",
-        # The flow run's slices: a LocalCluster of 2 worker processes (flows.scale_out).
+        # The flow run's slices: a LocalCluster of 2 worker processes (flows.engine.scale_out).
         "REFRESH_SLICE_WORKERS": "2",
     }
     with log.open("wb") as out:

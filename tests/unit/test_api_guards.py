@@ -93,7 +93,7 @@ def test_the_client_address_behind_trusted_proxies_only(
 def test_settings_with_hosts_and_proxies_stay_hashable(monkeypatch: pytest.MonkeyPatch) -> None:
     """Settings is frozen and hashed (scale-out workers cache their clients per settings): the
     comma-separated settings parse to tuples, not lists."""
-    from flows.settings import Settings
+    from flows.core.settings import Settings
 
     monkeypatch.setenv("REFRESH_API_ALLOWED_HOSTS", "API.example.com, [::1]")
     monkeypatch.setenv("REFRESH_API_TRUSTED_PROXIES", "10.0.0.1,10.1.0.0/16")

@@ -10,7 +10,7 @@ import pytest
 from flows.api.problems import _field
 from flows.control.monitoring import Freshness, Health, freshness, health
 from flows.control.tokens import Scope, TokenInfo, parse_scopes
-from flows.errors import ConfigError
+from flows.core.errors import ConfigError
 
 NOW = datetime(2026, 11, 29, 6, tzinfo=UTC)
 

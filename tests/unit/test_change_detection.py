@@ -1,10 +1,13 @@
-"""Change detection's decisions (flows.change_detection.decide, partitions_unchanged): pure."""
+"""Change detection's decisions (flows.engine.change_detection.decide, partitions_unchanged): pure."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
-from flows.change_detection import (
+from flows.control.fingerprints import Stored
+from flows.core.planning import Slice, slices_between
+from flows.core.table_config import ChangeDetection, SliceSize, TableConfig
+from flows.engine.change_detection import (
     Change,
     Detection,
     Partition,
@@ -13,11 +16,8 @@ from flows.change_detection import (
     decide,
     partitions_unchanged,
 )
-from flows.control.fingerprints import Stored
-from flows.extract import SourceColumn, SourceTable
-from flows.planning import Slice, slices_between
-from flows.registry import ChangeDetection, SliceSize, TableConfig
-from flows.validation import EMPTY, Fingerprint, columns_of, signature
+from flows.engine.extract import SourceColumn, SourceTable
+from flows.engine.validation import EMPTY, Fingerprint, columns_of, signature
 
 W = slices_between(date(2026, 3, 2), date(2026, 3, 29), SliceSize.WEEK)  # four ISO weeks
 AS_OF = datetime(2026, 3, 30, 6, tzinfo=UTC)

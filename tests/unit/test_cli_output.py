@@ -64,9 +64,9 @@ def test_the_log_is_read_from_where_the_run_started_and_again_after_rotation(tmp
 
 
 def test_a_run_that_needed_no_dbt_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    from flows import runbook
     from flows.cli.run import _print_summary
-    from flows.settings import Settings
+    from flows.core.settings import Settings
+    from flows.orchestration import runbook
 
     quiet = runbook.RunSummary("r1", runbook.RunStatus.SUCCESS, "3 table(s) refreshed").to_dict()
     _print_summary(quiet, Settings(), 1.0)
@@ -79,10 +79,10 @@ def test_a_run_that_needed_no_dbt_says_so(capsys: pytest.CaptureFixture[str]) ->
 def test_a_resumed_table_says_how_many_slices_it_did_not_read_again(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from flows import runbook
     from flows.cli.run import _print_summary
     from flows.control.tables import TableOutcome, TableStatus
-    from flows.settings import Settings
+    from flows.core.settings import Settings
+    from flows.orchestration import runbook
 
     resumed = TableOutcome("sqp", TableStatus.SUCCESS, "live", slices_done=34, slices_skipped=18)
     fresh = TableOutcome("products", TableStatus.SUCCESS, "live", slices_done=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from flows.settings import PROJECT_ROOT
+from flows.core.settings import PROJECT_ROOT
 
 MODELS = PROJECT_ROOT / "models"
 REF = re.compile(r"""ref\(\s*['"]([A-Za-z0-9_]+)['"]\s*\)""")

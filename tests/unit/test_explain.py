@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import date
 
 from flows.control.tables import TableOutcome, TableStatus
-from flows.explain import Explanation, day_ranges, owed_slices, rebuild_periods, render
-from flows.refresh import RefreshOptions
+from flows.engine.table_refresh import RefreshOptions
+from flows.orchestration.explain import Explanation, day_ranges, owed_slices, rebuild_periods, render
 
 # An ISO week across a month end whose rows all lie on its Sunday, in November.
 CROSSING = (date(2026, 10, 26), date(2026, 11, 2))

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flows.control.history import HistoryCursor
-from flows.errors import ConfigError
+from flows.core.errors import ConfigError
 
 REFUSED = "cursor is not one this API gave out"
 

@@ -1,7 +1,7 @@
 import pytest
 
-from flows.errors import ConfigError
-from flows.identifiers import (
+from flows.core.errors import ConfigError
+from flows.core.identifiers import (
     bq_quote,
     bq_table_path,
     validate_dataset,

@@ -1,9 +1,9 @@
-"""Which raw tables the flow vacuums after a run (flows.maintenance.changed_raw_tables)."""
+"""Which raw tables the flow vacuums after a run (flows.engine.maintenance.changed_raw_tables)."""
 
 from __future__ import annotations
 
-from flows.maintenance import changed_raw_tables
-from flows.settings import Settings
+from flows.core.settings import Settings
+from flows.engine.maintenance import changed_raw_tables
 
 
 def test_only_tables_whose_run_deleted_rows_are_vacuumed_in_their_schema() -> None:

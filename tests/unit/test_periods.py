@@ -1,4 +1,4 @@
-"""flows.periods: the weeks and periods a run's changed slices rebuild."""
+"""flows.engine.periods: the weeks and periods a run's changed slices rebuild."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import date, timedelta
 
 import pytest
 
-from flows.periods import changed_days, days_periods, period_start, periods_to_rebuild, weeks_touched
+from flows.engine.periods import changed_days, days_periods, period_start, periods_to_rebuild, weeks_touched
 
 
 def test_a_quiet_day_rebuilds_the_new_week_its_month_quarter_and_year() -> None:

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flows.errors import ConfigError
-from flows.planning import (
+from flows.core.errors import ConfigError
+from flows.core.planning import (
     RefreshSchedule,
     Slice,
     count_slices,
@@ -19,7 +19,7 @@ from flows.planning import (
     resumable,
     slices_between,
 )
-from flows.registry import SliceSize, TableConfig, WriteStrategy
+from flows.core.table_config import SliceSize, TableConfig, WriteStrategy
 
 
 def cfg(**kw: object) -> TableConfig:

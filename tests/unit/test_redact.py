@@ -1,4 +1,4 @@
-"""Masking of secrets in text and log records (flows.redact)."""
+"""Masking of secrets in text and log records (flows.core.redact)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from flows import redact as r
+from flows.core import redact as r
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.bigquery import load_service_account_info
-from flows.errors import ConfigError
-from flows.registry import TableConfig, load_file
-from flows.settings import PROJECT_ROOT
+from flows.core.errors import ConfigError
+from flows.core.settings import PROJECT_ROOT
+from flows.core.table_config import TableConfig, load_file
+from flows.engine.bigquery import load_service_account_info
 
 
 def test_checked_in_registry_is_valid() -> None:

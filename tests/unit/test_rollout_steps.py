@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from uuid import uuid4
 
-from flows import runbook
-from flows.refresh import TableOutcome
-from flows.settings import get_settings
-from flows.transform import shadow_build_args
-from flows.validation import AfterRefresh, compared_columns
+from flows.core.settings import get_settings
+from flows.engine.table_refresh import TableOutcome
+from flows.engine.transform import shadow_build_args
+from flows.engine.validation import AfterRefresh, compared_columns
+from flows.orchestration import runbook
 
 
 def test_a_difference_makes_a_successful_run_a_warning_naming_table_and_period() -> None:

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import yaml
 
-from flows import runbook
+from flows.control.dbt_audit import DbtOutcome
 from flows.control.history import HistoryQuery
-from flows.errors import ConfigError
-from flows.planning import Window
-from flows.refresh import TableOutcome
-from flows.registry import TableConfig
-from flows.settings import PROJECT_ROOT, get_settings
-from flows.transform import DbtOutcome
+from flows.core.errors import ConfigError
+from flows.core.planning import Window
+from flows.core.settings import PROJECT_ROOT, get_settings
+from flows.core.table_config import TableConfig
+from flows.engine.table_refresh import TableOutcome
+from flows.orchestration import runbook
 
 TODAY = date(2026, 11, 28)
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
@@ -326,7 +326,7 @@ def test_dry_run_report_lists_the_plan() -> None:
 
 
 def test_bad_schedules_fail_with_the_setting_to_fix() -> None:
-    from flows.deployments import validate_schedule
+    from flows.orchestration.deployments import validate_schedule
 
     validate_schedule("0 2 * * *", "Europe/Berlin")
     with pytest.raises(ConfigError, match="REFRESH_SCHEDULE_CRON"):
@@ -336,7 +336,8 @@ def test_bad_schedules_fail_with_the_setting_to_fix() -> None:
 
 
 def test_prefect_yaml_matches_the_served_deployments() -> None:
-    from flows.deployments import (
+    from flows.core.settings import Settings
+    from flows.orchestration.deployments import (
         DAILY_DEPLOYMENT,
         FULL_DBT_TEST_CRON,
         HOUSEKEEPING_CONCURRENCY,
@@ -344,7 +345,6 @@ def test_prefect_yaml_matches_the_served_deployments() -> None:
         HOUSEKEEPING_DEPLOYMENT,
         REFRESH_CONCURRENCY,
     )
-    from flows.settings import Settings
 
     doc = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
     daily, hourly = doc["deployments"]
@@ -365,7 +365,7 @@ def test_prefect_yaml_matches_the_served_deployments() -> None:
 
 
 def test_config_assignments_are_parsed() -> None:
-    from flows.registry import parse_assignments
+    from flows.core.table_config import parse_assignments
 
     changes = parse_assignments(
         ["mode=live", "priority = high", 'custom_params={"a": 1}', "cursor_column=null"]

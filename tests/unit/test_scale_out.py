@@ -1,4 +1,4 @@
-"""flows.scale_out: which runner the settings ask for, what a worker receives, in-process order."""
+"""flows.engine.scale_out: which runner the settings ask for, what a worker receives, in-process order."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from flows import scale_out
-from flows.bigquery import BigQueryClients
 from flows.control import retries
-from flows.errors import ConfigError
-from flows.settings import Settings
+from flows.core.errors import ConfigError
+from flows.core.settings import Settings
+from flows.engine import scale_out
+from flows.engine.bigquery import BigQueryClients
 
 
 def test_off_by_default_and_a_local_cluster_or_an_address_when_set() -> None:

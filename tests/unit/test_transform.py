@@ -1,4 +1,4 @@
-"""flows.transform without a database: reading dbt's run_results.json and building dbt args."""
+"""flows.engine.transform without a database: reading dbt's run_results.json and building dbt args."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flows.settings import get_settings
-from flows.transform import (
+from flows.core.settings import get_settings
+from flows.engine.transform import (
     REFRESH_DAYS_ENV,
     REFRESH_WEEKS_ENV,
     DbtOutcome,
@@ -166,7 +166,7 @@ def test_prefect_dbt_still_runs_node_tasks_in_threads_named_after_run_task() -> 
 
     from prefect_dbt.core._tracker import NodeTaskTracker
 
-    from flows.transform import NODE_TASK_THREAD_SUFFIX
+    from flows.engine.transform import NODE_TASK_THREAD_SUFFIX
 
     source = inspect.getsource(NodeTaskTracker.run_task_in_thread)
     assert "def run_task():" in source and "threading.Thread(target=run_task)" in source
@@ -176,7 +176,7 @@ def test_prefect_dbt_still_runs_node_tasks_in_threads_named_after_run_task() -> 
 def test_wait_for_node_tasks_joins_the_threads_started_since_and_counts_stuck_ones() -> None:
     import threading
 
-    from flows.transform import node_task_threads, wait_for_node_tasks
+    from flows.engine.transform import node_task_threads, wait_for_node_tasks
 
     release = threading.Event()
 

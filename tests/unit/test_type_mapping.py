@@ -1,7 +1,7 @@
 import pytest
 
-from flows.errors import ConfigError, SchemaDriftError
-from flows.type_mapping import diff_schema, map_schema, pg_column_name, pg_type
+from flows.core.errors import ConfigError, SchemaDriftError
+from flows.core.type_mapping import diff_schema, map_schema, pg_column_name, pg_type
 
 
 @pytest.mark.parametrize(

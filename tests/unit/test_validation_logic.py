@@ -1,4 +1,4 @@
-"""Pure parts of flows.validation: period roll-up, pairing of differing rows, SQL building."""
+"""Pure parts of flows.engine.validation: period roll-up, pairing of differing rows, SQL building."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from datetime import date
 
 import pytest
 
-from flows.errors import ConfigError
-from flows.extract import SourceColumn
-from flows.registry import SliceSize
-from flows.validation import Col, Fingerprint, _pair, bq_row_hash, by_period, pg_row_hash
+from flows.core.errors import ConfigError
+from flows.core.table_config import SliceSize
+from flows.engine.extract import SourceColumn
+from flows.engine.validation import Col, Fingerprint, _pair, bq_row_hash, by_period, pg_row_hash
 
 
 def col(name: str, ftype: str = "STRING", mode: str = "NULLABLE") -> Col:
-    from flows.type_mapping import pg_column_name
+    from flows.core.type_mapping import pg_column_name
 
     return Col(SourceColumn(name, ftype, mode, None, None), pg_column_name(name))
 

@@ -16,11 +16,10 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from standardwebhooks.webhooks import Webhook
 
-from flows import webhook_destinations as destinations
-from flows import webhook_secrets as secrets_at_rest
-from flows import webhooks
-from flows.control import webhooks as store
-from flows.errors import ConfigError
+from flows.control import outbox
+from flows.core.errors import ConfigError
+from flows.notify import destinations, webhooks
+from flows.notify import secrets as secrets_at_rest
 
 
 def test_retry_schedule_follows_the_spec_with_bounded_jitter() -> None:
@@ -106,16 +105,16 @@ def test_body_is_deterministic() -> None:
 
 def test_fit_drops_tables_to_stay_under_the_limit() -> None:
     data = {"tables": [{"error": "x" * 500} for _ in range(100)]}
-    fitted = store.fit(data)
+    fitted = outbox.fit(data)
     assert len(str(fitted).encode()) < 20_000 and fitted["tables_omitted"] > 0
     small = {"tables": [{"error": "x"}]}
-    assert store.fit(small) == {"tables": [{"error": "x"}]}
+    assert outbox.fit(small) == {"tables": [{"error": "x"}]}
 
 
 def test_fit_bounds_any_event_not_only_run_events() -> None:
     """validation.failed lists its periods; a table validated by day for years must still fit."""
     data = {"periods_failed": [f"2020-01-01 day {i}" for i in range(5000)], "message": "m" * 9000, "n": 1}
-    fitted = store.fit(data)
+    fitted = outbox.fit(data)
     assert len(json.dumps(fitted).encode()) < 19_500
     assert fitted["periods_failed_omitted"] > 0 and fitted["n"] == 1
     assert len(fitted["message"]) < 2100

@@ -13,14 +13,14 @@ from fastapi.testclient import TestClient
 
 from flows.api.app import create_app
 from flows.control import tokens
-from flows.settings import Settings
+from flows.core.settings import Settings
 from tests.integration.api.support import api_process
 
 
 @pytest.fixture(scope="module")
 def api_tokens(refreshed: dict[str, Any], settings: Settings) -> dict[str, str]:
     """One token per scope (plus one revoked), names unique per module."""
-    from flows.db import migrate
+    from flows.core.db import migrate
 
     migrate(settings)
     made = {}

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from flows.core.settings import PROJECT_ROOT, Settings
 from flows.demo.local_stack import free_port
-from flows.settings import PROJECT_ROOT, Settings
 from tests.prefect_server import stop, tail
 
 # Bookkeeping a request writes whatever its outcome, not a change it makes: a token's last use.

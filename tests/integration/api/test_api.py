@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from flows.api.app import create_app
 from flows.control import runs
-from flows.settings import Settings
+from flows.core.settings import Settings
 from tests.integration.api.support import auth, control_fingerprint
 
 PROBLEM = "application/problem+json"

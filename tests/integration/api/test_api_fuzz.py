@@ -17,9 +17,8 @@ import schemathesis
 from psycopg import sql
 from schemathesis.generation.modes import GenerationMode
 
-from flows.control import runs
-from flows.control import webhooks as store
-from flows.settings import Settings
+from flows.control import outbox, runs
+from flows.core.settings import Settings
 from tests.integration.api.support import auth, control_fingerprint
 
 EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 350}
@@ -53,8 +52,8 @@ def webhooks_removed(settings: Settings) -> Any:
     """Endpoints an accepted POST created would receive the other tests' events: remove them."""
     yield
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-        for ep in store.list_endpoints(conn, settings.control_schema):
-            store.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
+        for ep in outbox.list_endpoints(conn, settings.control_schema):
+            outbox.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
 
 
 def test_fuzz_from_the_openapi_document(

@@ -18,9 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from flows.control import registry, runs, tokens, triggers
-from flows.errors import ConfigError
-from flows.registry import Mode, TableConfig
-from flows.settings import Settings
+from flows.core.errors import ConfigError
+from flows.core.settings import Settings
+from flows.core.table_config import Mode, TableConfig
 from tests.integration.api.support import api_process, auth, control_fingerprint
 from tests.integration.api.test_api import problem
 
@@ -367,8 +367,8 @@ def test_tokens_expire_and_record_their_last_use(client: TestClient, settings: S
 def test_an_idempotency_key_finds_only_its_own_tokens_trigger(
     client: TestClient, api_tokens: dict[str, str], settings: Settings
 ) -> None:
-    from flows import runbook
     from flows.api.routes import _request_hash
+    from flows.orchestration import runbook
 
     schema = settings.control_schema
     body = {"tables": ["products"], "force": True, "dry_run": True}
@@ -409,7 +409,7 @@ def test_an_idempotency_key_finds_only_its_own_tokens_trigger(
 
 
 def test_housekeeping_prunes_old_api_triggers(settings: Settings) -> None:
-    from flows.housekeeping import prune_audit
+    from flows.orchestration.housekeeping import prune_audit
 
     schema = settings.control_schema
     old, recent = uuid.uuid4(), uuid.uuid4()

@@ -9,8 +9,8 @@ from typing import Any
 import psycopg
 from fastapi.testclient import TestClient
 
-from flows.settings import Settings
-from flows.transform import run_dbt
+from flows.core.settings import Settings
+from flows.engine.transform import run_dbt
 from tests.integration.api.support import auth
 
 TABLES = {"search_query_performance", "daily_search_terms", "products"}

@@ -10,11 +10,11 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from flows import validation
 from flows.control import registry
-from flows.registry import Mode, TableConfig
-from flows.settings import Settings
-from flows.validation import Fingerprint, PeriodResult
+from flows.core.settings import Settings
+from flows.core.table_config import Mode, TableConfig
+from flows.engine import validation
+from flows.engine.validation import Fingerprint, PeriodResult
 from tests.integration.api.support import auth
 from tests.integration.api.test_api import problem
 

@@ -19,8 +19,8 @@ import pytest
 
 from flows.control import tokens
 from flows.control.runs import refresh_lock
-from flows.db import migrate
-from flows.settings import Settings, get_settings
+from flows.core.db import migrate
+from flows.core.settings import Settings, get_settings
 from tests.integration.api.support import api_process, auth
 from tests.prefect_server import prefect_server
 
@@ -39,7 +39,7 @@ def deployed(stack: object, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     module's settings (own control schema and registry)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.deployments import daily_refresh_deployment
+    from flows.orchestration.deployments import daily_refresh_deployment
 
     tables_file = tmp_path_factory.mktemp("deploy") / "tables.yml"
     tables_file.write_text(TABLES_FILE)

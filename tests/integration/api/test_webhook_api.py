@@ -12,8 +12,8 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
-from flows.control import webhooks as store
-from flows.settings import Settings
+from flows.control import outbox
+from flows.core.settings import Settings
 from tests.integration.api.support import auth, control_fingerprint
 from tests.webhook_receiver import Receiver
 
@@ -35,8 +35,8 @@ def private_ok(client: TestClient, settings: Settings) -> Iterator[None]:
     finally:
         state.settings = before
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-        for ep in store.list_endpoints(conn, settings.control_schema):
-            store.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
+        for ep in outbox.list_endpoints(conn, settings.control_schema):
+            outbox.remove_endpoint(conn, settings.control_schema, ep["id"], "test")
 
 
 def problem(resp: Any, status: int) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def test_create_list_get_update_delete_and_the_secret_shown_once(
     )
     # Disabling cancels what is pending; enabling clears the reason.
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-        store.emit(conn, settings.control_schema, "validation.failed", {"table": "t"})
+        outbox.emit(conn, settings.control_schema, "validation.failed", {"table": "t"})
     off = client.patch(f"{BASE}/{ep['id']}", json={"enabled": False}, headers=h).json()
     assert off["enabled"] is False and off["disabled_reason"].startswith("disabled by api:")
     page = client.get(f"{BASE}/{ep['id']}/deliveries", headers=h).json()
@@ -155,7 +155,7 @@ def test_bad_input_names_the_field_and_changes_nothing(
 ) -> None:
     h = auth(api_tokens["admin"])
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-        eid = store.create_endpoint(
+        eid = outbox.create_endpoint(
             conn,
             settings.control_schema,
             url="https://hooks.example.com/x",
@@ -218,7 +218,7 @@ def test_bad_input_names_the_field_and_changes_nothing(
         assert control_fingerprint(settings) == before, "a rejected request changed the control schema"
     finally:
         with psycopg.connect(settings.dsn(), autocommit=True) as conn:
-            store.remove_endpoint(conn, settings.control_schema, eid, "test")
+            outbox.remove_endpoint(conn, settings.control_schema, eid, "test")
 
 
 def test_test_event_is_verified_by_a_real_receiver_and_rotation_signs_twice(
