@@ -3,8 +3,8 @@
 A throwaway embedded Postgres (own port and temp folder) gets the control schema, the
 registry from config/tables.yml, and `--runs` runs of history made by set-based SQL: per run
 one row per table, a slice per table, a dbt invocation with a node per model. Then the real
-`refresh api --workers 2` (uvicorn) serves it; `--clients` threads (http.client), each with its
-own keep-alive connection and a `read` bearer token (so every request also checks the token),
+`refresh api --workers 2` (uvicorn) serves it; `--clients` clients (one asyncio loop), each with
+its own keep-alive connection and a `read` bearer token (so every request also checks the token),
 send `--requests` requests per endpoint each, after a warm-up. Goal: p99 < 50 ms. The API
 caches status for REFRESH_API_STATUS_CACHE_SECONDS (default 2; set 0 in the environment to
 measure computing it on every request).

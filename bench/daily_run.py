@@ -1,4 +1,4 @@
-"""A daily run on a year of history: what a quiet day, a restatement and today's full lookback cost.
+"""A daily run on a year of history: what a quiet day, a restatement and a full lookback cost.
 
 A throwaway stack (embedded Postgres, BigQuery emulator, one Prefect server for all runs as
 the daily deployment has; free ports, a temp folder) holds `--weeks` weeks of SQP at `--rows-per-week` rows
@@ -7,9 +7,9 @@ the daily deployment has; free ports, a temp folder) holds `--weeks` weeks of SQ
 
   (a) quiet day     one new week arrives in the source; the daily run (change-aware: skips
                     unchanged slices by fingerprint where that is on, rebuilds the changed
-                    weeks' periods in dbt: var refresh_weeks)
+                    days' periods in dbt: var refresh_days)
   (b) restatement   one old week inside the lookback window changes; the daily run
-  (c) full lookback one new week arrives; today's behaviour: every slice of the lookback
+  (c) full lookback one new week arrives; no change detection: every slice of the lookback
                     window re-read and re-written, dbt rebuilding every period from the
                     window start (an explicit date range from the lookback start: var
                     refresh_start_date, no fingerprint skip)

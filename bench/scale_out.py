@@ -9,7 +9,7 @@ embedded Postgres receives them. Then, on this machine:
              copy    `COPY ... FROM STDIN (FORMAT csv)` of the encoded bytes into a raw table
              (client side negligible: Postgres parsing and inserting)
   extract    flows.engine.table_refresh.refresh_table of the SQP table (full refresh): in this process
-             (workers=0, today's default) and on a Dask LocalCluster of 1 and 2 worker
+             (workers=0, the default) and on a Dask LocalCluster of 1 and 2 worker
              processes (flows.engine.scale_out; the cluster's start-up, workers importing the
              loader included, timed apart)
   dbt        `dbt build` of everything downstream (full refresh), as the flow runs it;

@@ -6,7 +6,7 @@ no row leaves BigQuery), summed per slice. Each checkpoint holds the fingerprint
 its load committed, computed by Postgres over the loaded rows in the load's own transaction
 (flows.engine.validation.fingerprint_pg), so it never claims a row the load did not contain, even if
 the source changed between the fingerprint query and the read. Equal fingerprints: the slice
-is not read (`unchanged` in the slice audit); otherwise it is read and applied as before.
+is not read (`unchanged` in the slice audit); otherwise it is read and applied.
 
 Before the checksum, partition metadata (INFORMATION_SCHEMA.PARTITIONS, a metadata query) can
 already prove a slice unchanged: every partition of the slice last modified before the time its

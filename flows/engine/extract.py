@@ -71,7 +71,7 @@ def check_reachable(clients: BigQueryClients) -> None:
 
     One dataset lookup within REFRESH_BQ_TIMEOUT_S. Only unreachability stops the run here; any
     other answer (even an error such as not found) shows the endpoint is up, and the steps that
-    follow report it as before.
+    follow report it as usual.
     """
     try:
         clients.rest.get_dataset(f"{clients.project}.{clients.dataset}", **clients.call_options())

@@ -13,7 +13,7 @@ What stays as without Dask (docs/scaling.md):
   COPY, checkpoint, slice audit and the fence (flows.control.runs.check_lock), then commit;
 - the refresh lock stays on the flow's connection. The fence needs no lock of its own: it
   checks, from any session, that the run's named lock session still holds the lock;
-- a table fails as before: a slice failing for good lets the slices already running end
+- a table fails as without Dask: a slice failing for good lets the slices already running end
   (each commits or rolls back), starts no new one, and the table's outcome is final only then.
 
 No secret travels through Dask: a worker takes the Postgres DSN and the BigQuery key from its
@@ -175,7 +175,7 @@ def _run_on_worker(job: SliceJob, deadline_epoch: float) -> _Done:
 def run_slices(jobs: Sequence[J], deadline: float) -> Generator[tuple[J, Callable[[], Any]], None, None]:
     """Each job with a callable that returns its result or raises its error, as they finish.
 
-    Without Dask: in order, each run when its callable is called (today's sequential loop).
+    Without Dask: in order, each run when its callable is called (a plain sequential loop).
     With Dask: at most two per cluster worker thread in flight, in completion order. Close
     the iterator when done (contextlib.closing): a consumer that stops early (a slice failed
     for good) starts no new slice, and closing waits for those already sent to the cluster.

@@ -26,7 +26,7 @@ contain ',' so they need no prefix. The row hash is the md5 of that one text (on
 row); its first 60 bits (15 hex digits) are the row's number and the checksum is their sum:
 Postgres sums them directly (its sum of bigint is exact), BigQuery as two INT64 sums of 28 and
 32 bits (no overflow below 2^31 rows per day), combined as hi * 2^32 + lo. docs/benchmarks.md
-("Exact validation vs count(*)") has what each choice costs.
+("Exact validation vs count(*)") has what it costs.
 
 A period that differs is bisected by row-hash prefix (two hex digits per level, one GROUP BY
 per side per level, restricted to the buckets that still differ) until each differing bucket

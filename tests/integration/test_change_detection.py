@@ -1,4 +1,4 @@
-"""Change detection (issue 14 parts 1 and 4) against the emulator and real Postgres.
+"""Change detection against the emulator and real Postgres.
 
 A restated week (same row count), a week with rows deleted and a new week are read; every
 other slice of the lookback window is skipped as `unchanged`; raw equals the source after

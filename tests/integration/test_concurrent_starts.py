@@ -98,7 +98,7 @@ def test_three_runs_started_together_on_a_stack_that_is_down() -> None:
         assert rc == 1 and "another refresh is running" in err and "Traceback" not in err, err
         assert len(lines) <= 3 and lines[0].startswith("error:"), err
         # Refused before it started Prefect: its process ends with its message, not with the
-        # winner (it used to take 8-26 s more, tearing down what it had started).
+        # winner (with Prefect started, tearing it down takes 8-26 s more).
         assert exited_at[i] - error_at[i] < 5, (error_at, exited_at)
         assert exited_at[i] < max(exited_at[w] for w, r in enumerate(results) if r[0] == 0), exited_at
 

@@ -162,7 +162,7 @@ def test_second_run_duplicates_nothing(
     assert second["status"] == "success", second["message"]
     sqp = next(t for t in second["tables"] if t["table"] == SQP_TABLE)
     # Nothing changed in the source: the lookback window's slices are fingerprinted, found
-    # unchanged and not read (issue 14; tests/integration/test_change_detection.py re-reads).
+    # unchanged and not read (tests/integration/test_change_detection.py re-reads).
     assert sqp["slices"] == 0
     unchanged = pg_scalar(
         pg,

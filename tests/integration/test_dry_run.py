@@ -1,4 +1,4 @@
-"""A dry run writes nothing but its own run record (issue 12), and records the plan it prints."""
+"""A dry run writes nothing but its own run record, and records the plan it prints."""
 
 from __future__ import annotations
 

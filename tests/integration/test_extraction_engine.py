@@ -1,4 +1,4 @@
-"""Proofs for the extraction engine (issue 3), against real Postgres and the BigQuery emulator.
+"""Proofs for the extraction engine, against real Postgres and the BigQuery emulator.
 
 - crash: SIGKILL the extracting process at random moments, then resume: every slice is either
   applied and checkpointed or untouched, and the final raw table equals the source exactly;

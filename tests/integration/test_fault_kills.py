@@ -1,4 +1,4 @@
-"""Issue 13.1: SIGKILL of the `refresh run` process group at random moments of the whole run.
+"""SIGKILL of the `refresh run` process group at random moments of the whole run.
 
 FAULT_TRIALS trials (default 25). Each trial starts `refresh run --no-stack --force` (the CLI
 and everything it started, in its own process group), waits until the run reaches the trial's

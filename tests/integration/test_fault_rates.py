@@ -1,4 +1,4 @@
-"""Issue 13.1: a run through proxies that fail a share of the BigQuery calls completes exact.
+"""A run through proxies that fail a share of the BigQuery calls completes exact.
 
 The REST port sits behind tests/faults.py's HttpFaultProxy (429, 503, reset, stall: before the
 request is forwarded) and the Storage Read (gRPC) port behind FaultProxy.fail_calls (a reset or

@@ -1,4 +1,4 @@
-"""Issue 13.1: Postgres refuses a slice's COPY (disk full, a read-only raw table).
+"""Postgres refuses a slice's COPY (disk full, a read-only raw table).
 
 Disk full cannot be made honestly here without root tricks the CI machine may not allow (a
 tablespace on a tiny tmpfs or loop device), so a BEFORE INSERT trigger on the raw table raises

@@ -1,4 +1,4 @@
-"""Issue 13.1: triggers from the CLI, the schedule and the API arriving together.
+"""Triggers from the CLI, the schedule and the API arriving together.
 
 Each round starts at once `refresh run --force` (a person), `refresh run --scheduled` (cron;
 trigger `schedule`) and `POST /api/refresh/trigger` on a running `refresh api` (which starts the

@@ -1,4 +1,4 @@
-"""Faults in the middle of a run (issue 9), against real Postgres and the BigQuery emulator.
+"""Faults in the middle of a run, against real Postgres and the BigQuery emulator.
 
 - lock loss: the refresh lock's session ends mid-run (as on a Postgres restart or failover) and a
   second run starts: the first commits no slice after the loss and fails with a clear error;

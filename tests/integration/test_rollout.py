@@ -1,4 +1,4 @@
-"""Cutover and rollback (issue 12) against real Postgres, in their own control schema."""
+"""Cutover and rollback against real Postgres, in their own control schema."""
 
 from __future__ import annotations
 

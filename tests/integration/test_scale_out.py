@@ -1,4 +1,4 @@
-"""Scale-out (issue 13 part 2): slices on a real Dask cluster of worker processes.
+"""Scale-out: slices on a real Dask cluster of worker processes.
 
 - a LocalCluster of 2 worker processes (REFRESH_SLICE_WORKERS=2) loads a multi-slice table:
   the slices ran in both workers, none in this process, and Postgres equals the source

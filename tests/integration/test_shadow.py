@@ -1,4 +1,4 @@
-"""Shadow mode end to end (issue 12): a shadow table is loaded into raw_shadow, dbt builds every
+"""Shadow mode end to end: a shadow table is loaded into raw_shadow, dbt builds every
 model from it into `*_shadow` schemas, and the shadow marts and summaries are compared with the
 live ones (built by the session's real refresh) with the validation checksums."""
 

@@ -1,4 +1,4 @@
-"""Nothing the product reads or writes depends on a session's time zone (issue 21 A1).
+"""Nothing the product reads or writes depends on a session's time zone.
 
 The test database's default zone is America/St_Johns (tests/conftest.py): west of UTC, a
 half-hour offset, daylight saving. A whole-table (full_replace) table refreshes again and
@@ -153,7 +153,8 @@ def test_every_session_the_product_opens_is_in_utc(env: Env, monkeypatch: pytest
 
 def test_a_whole_table_refreshes_again_and_again(env: Env) -> None:
     """The products table (full_replace): the second run, with change detection reading the
-    first's checkpoint, used to fail with 'timestamp too small (before year 1)'."""
+    first's whole-table checkpoint ('-infinity'..'infinity'), refreshes it again; a year-1 bound
+    read west of UTC would fail with 'timestamp too small (before year 1)'."""
     first = env.refresh(PRODUCTS)
     assert first.slices_done == 1
     for _ in range(2):

@@ -1,4 +1,4 @@
-"""Exact BigQuery-vs-Postgres validation (issue 12) against the emulator and real Postgres.
+"""Exact BigQuery-vs-Postgres validation against the emulator and real Postgres.
 
 The SQP proof runs on SQP_VALIDATION_ROWS rows (default 100,000 so the suite stays quick on two
 cores; `SQP_VALIDATION_ROWS=1000000` gives the 1M-row proof of the issue). Everything lives in

@@ -1,4 +1,4 @@
-"""Validation as a step of every live refresh (issue 12): exactly the periods a run committed.
+"""Validation as a step of every live refresh: exactly the periods a run committed.
 
 The session's daily refresh (the `refreshed` fixture, a real flow run) is checked first; the rest
 runs in its own dataset, raw and control schemas (`va_*`).

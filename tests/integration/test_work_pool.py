@@ -1,4 +1,4 @@
-"""Whole runs on a work pool (issue 13 part 2): a real process work pool, a real worker.
+"""Whole runs on a work pool: a real process work pool, a real worker.
 
 `prefect deploy` of the project's prefect.yaml onto a process pool, `prefect worker start`
 polling it, and a flow run of `daily-refresh` created through the API: the worker runs it in

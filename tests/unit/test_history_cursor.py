@@ -67,7 +67,7 @@ def test_every_cursor_given_out_decodes_to_itself(at: datetime, run_id: object) 
 @pytest.mark.parametrize(
     "crafted",
     [
-        # ["2024-01-01T00:00:00+00:00", 1]: a number where the run id goes (was a 500)
+        # ["2024-01-01T00:00:00+00:00", 1]: a number where the run id goes (a 400, not a 500)
         "WyIyMDI0LTAxLTAxVDAwOjAwOjAwKzAwOjAwIiwgMV0",
         _b64(b'["2024-01-01T00:00:00+00:00", {"a": 1}]'),
         _b64(b'[1, "00000000-0000-0000-0000-000000000001"]'),

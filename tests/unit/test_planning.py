@@ -126,7 +126,7 @@ def test_other_runs_never_move_a_due_time_later() -> None:
     assert next_due(
         due_cfg(T), T + timedelta(days=3, hours=1), scheduled=False, schedule=DAILY
     ) == T + timedelta(days=4)
-    # never refreshed: the next tick (it used to stay due at the run's anchor, in the past)
+    # never refreshed: the next tick, not the run's anchor (in the past)
     assert next_due(due_cfg(None), T, scheduled=False, schedule=DAILY) == T + timedelta(days=1)
 
 
