@@ -8,13 +8,13 @@ BigQuery: the emulator process):
 
   count     `select count(*)` of the table in BigQuery and in Postgres (reads no values)
   read      Postgres `sum(length(t::text))`: every value of every row formatted once
-  checksum  flows.engine.validation.fingerprint_pg / fingerprint_bq alone: per-day row count and
+  checksum  flows.engine.fingerprinting.fingerprint_pg / fingerprint_bq alone: per-day row count and
             checksum of every column, in each engine
-  validate  flows.engine.validation.validate_table (`refresh validate-data`): both checksums at once,
-            summed into weekly periods, compared (no period differs here)
-  after     flows.engine.validation.validate_touched, the step after a live refresh: BigQuery's
-            checksum, and Postgres' proof that each loaded week is untouched since its load
-            (tuple headers only), reusing the load's fingerprint
+  validate  flows.engine.validation.source_match.validate_table (`refresh validate-data`): both
+            checksums at once, summed into weekly periods, compared (no period differs here)
+  after     flows.engine.validation.after_refresh.validate_touched, the step after a live
+            refresh: BigQuery's checksum, and Postgres' proof that each loaded week is untouched
+            since its load (tuple headers only), reusing the load's fingerprint
   after+plan  the same step after a daily run (lookback over every week, every week restated
             in the source, so change detection fingerprints each week and the run reloads
             them all): BigQuery's side is change detection's fingerprint of the run's plan,
@@ -117,13 +117,15 @@ def run(state: str) -> None:
     )
     import psycopg
 
+    from flows.control import fingerprints
     from flows.core.db import migrate
     from flows.core.settings import get_settings
     from flows.core.table_config import TableConfig
     from flows.demo.local_stack import local_stack
     from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-    from flows.engine import validation
+    from flows.engine import extract, fingerprinting, normal_form
     from flows.engine.bigquery import make_clients
+    from flows.engine.validation import after_refresh, source_match
 
     settings = get_settings()
     with local_stack(settings, throwaway=True) as stack:
@@ -165,37 +167,37 @@ def run(state: str) -> None:
             )
             # What reading every value costs: each row formatted as text once, no hashing.
             pg_read = best(meter, q(f"select sum(length(t::text)) from {raw}.{SQP_TABLE} t"), args.repeats)
-            cols = validation.columns_of(
-                validation.describe(clients, SQP_TABLE), clients.settings.uses_emulator
+            cols = normal_form.columns_of(
+                extract.describe(clients, SQP_TABLE), clients.settings.uses_emulator
             )
             cursor = cols[0]
-            days: dict[object, validation.Fingerprint] = {}
+            days: dict[object, fingerprints.Fingerprint] = {}
 
             def pg_checksums() -> None:
-                days.update(validation.fingerprint_pg(conn, raw, SQP_TABLE, cols, cursor, None))
+                days.update(fingerprinting.fingerprint_pg(conn, raw, SQP_TABLE, cols, cursor, None))
 
             pg_fp = best(meter, pg_checksums, args.repeats)
             bq_fp = best(
                 meter,
-                lambda: validation.fingerprint_bq(clients, SQP_TABLE, cols, cursor, None),
+                lambda: fingerprinting.fingerprint_bq(clients, SQP_TABLE, cols, cursor, None),
                 args.repeats,
             )
-            results: list[validation.PeriodResult] = []
+            results: list[source_match.PeriodResult] = []
 
             def run_validation() -> None:
-                results[:] = validation.validate_table(clients, conn, cfg, raw)
+                results[:] = source_match.validate_table(clients, conn, cfg, raw)
 
             validate = best(meter, run_validation, args.repeats)
-            after: list[validation.AfterRefresh] = []
+            after: list[after_refresh.AfterRefresh] = []
 
             def run_after() -> None:
-                after[:] = [validation.validate_touched(settings, clients, cfg, "success", outcome.run_id)]
+                after[:] = [after_refresh.validate_touched(settings, clients, cfg, "success", outcome.run_id)]
 
             after_s = best(meter, run_after, args.repeats)
-            loaded_periods = validation.LoadedBy(settings.control_schema, outcome.run_id, None)
+            loaded_periods = source_match.LoadedBy(settings.control_schema, outcome.run_id, None)
             pg_proof = best(
                 meter,
-                lambda: validation.unchanged_since_load(conn, loaded_periods, raw, SQP_TABLE, cursor),
+                lambda: source_match.unchanged_since_load(conn, loaded_periods, raw, SQP_TABLE, cursor),
                 args.repeats,
             )
             # A daily run whose window is every week, each week restated in the source (about
@@ -214,7 +216,7 @@ def run(state: str) -> None:
 
             def run_after_plan() -> None:
                 after[1:] = [
-                    validation.validate_touched(
+                    after_refresh.validate_touched(
                         settings, clients, daily, "success", daily_run, plan=daily_outcome.plan_fingerprints
                     )
                 ]

@@ -49,7 +49,7 @@ def validate_data(
         return
 
     from flows.engine.bigquery import make_clients
-    from flows.engine.validation import validate
+    from flows.engine.validation.source_match import validate
 
     settings = load_settings()
     first, last = parse_date(from_, "--from"), parse_date(to, "--to")
@@ -101,7 +101,7 @@ def validate_data(
 
 def _validate_summaries() -> None:
     from flows.core.db import connect
-    from flows.engine.validation import check_summaries, record_summary_checks
+    from flows.engine.validation.summary_checks import check_summaries, record_summary_checks
 
     settings = load_settings()
     with (

@@ -69,6 +69,29 @@ def emit_event(
     outbox.emit(conn, schema, event, {"table": table_name, **payload}, table_name=table_name, run_id=run_id)
 
 
+def record_per_relation(
+    conn: psycopg.Connection,
+    control_schema: str,
+    rows: list[DqRow],
+    check: str,
+    failed: dict[str, list[str]],
+    run_id: UUID | None,
+) -> None:
+    """The dq rows and one `validation.failed` per relation with failed periods, in one
+    transaction."""
+    with conn.transaction():
+        record(conn, control_schema, rows, run_id)
+        for name in sorted(failed):
+            emit_event(
+                conn,
+                control_schema,
+                VALIDATION_FAILED,
+                name,
+                {"check": check, "periods_failed": failed[name]},
+                run_id,
+            )
+
+
 @dataclass(frozen=True)
 class LatestValidation:
     checked_at: datetime

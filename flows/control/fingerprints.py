@@ -1,10 +1,13 @@
 """Slice fingerprints in the control schema (change detection, flows.engine.change_detection).
 
+A fingerprint is a row count and a checksum (flows.engine.fingerprinting computes them);
+`Fingerprint` and a run's `PlanFingerprints` are plain values that a table's outcome
+(flows.control.tables) carries from change detection to the validation after the refresh.
 `checkpoints.source_rows/source_checksum` hold the fingerprint of the rows a slice's load
 committed (written in the load's transaction); `source_as_of` the BigQuery time at which the
 source was last known to hold exactly those rows; `loaded_xid` the load's transaction (the
 validation after a refresh reuses the fingerprint of a slice whose rows all still carry it,
-flows.engine.validation.unchanged_since_load). Slices found unchanged get a
+flows.engine.validation.source_match.unchanged_since_load). Slices found unchanged get a
 `slice_refreshes` row with status `unchanged`, and the table's audit row the cost.
 """
 
@@ -20,6 +23,31 @@ from psycopg import sql
 from flows.control.checkpoints import END_PARAM, START_PARAM, bound
 
 _START = sql.Identifier("slice_start")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    rows: int
+    checksum: int
+
+    def __add__(self, other: Fingerprint) -> Fingerprint:
+        return Fingerprint(self.rows + other.rows, self.checksum + other.checksum)
+
+
+EMPTY = Fingerprint(0, 0)
+
+
+@dataclass(frozen=True)
+class PlanFingerprints:
+    """BigQuery's fingerprints that change detection took, before reading, of the slices a run
+    then read (flows.engine.change_detection.detect): by slice start (None: the whole table), each
+    the source's state at `as_of`. Kept on the table's outcome for the validation step, which
+    reuses them when its own `signature` (flows.engine.fingerprinting) is the same instead of
+    asking BigQuery again."""
+
+    signature: str
+    periods: dict[date | None, Fingerprint]
+    as_of: datetime | None
 
 
 @dataclass(frozen=True)

@@ -9,18 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg import sql
 
 from flows.control.checkpoints import END_PARAM, START_PARAM, bound
+from flows.control.fingerprints import PlanFingerprints
 from flows.core.planning import Window, to_ts
 from flows.core.table_config import Mode
-
-if TYPE_CHECKING:
-    from flows.engine.validation import PlanFingerprints
 
 
 class TableStatus(StrEnum):
@@ -76,7 +74,8 @@ class TableOutcome:
     # an earlier run, or its days unknown) counts as every day of its range.
     slice_days: dict[tuple[date, date], list[date]] = field(default_factory=dict)
     # BigQuery's fingerprints of the slices read, from change detection before the read: the
-    # validation step's BigQuery side for those periods (flows.engine.validation.validate_touched).
+    # validation step's BigQuery side for those periods
+    # (flows.engine.validation.after_refresh.validate_touched).
     plan_fingerprints: PlanFingerprints | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     finished_at: datetime | None = None

@@ -13,13 +13,16 @@ import json
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flows.core.errors import ConfigError
 from flows.core.identifiers import validate_pg_identifier, validate_table
+
+if TYPE_CHECKING:
+    from flows.core.settings import Settings
 
 
 class Mode(StrEnum):
@@ -115,6 +118,12 @@ class TableConfig(BaseModel):
         if self.write_strategy is WriteStrategy.SLICE_REPLACE and not self.cursor_column:
             raise ValueError("slice_replace needs a cursor_column (or use full_replace)")
         return self
+
+
+def target_schema(settings: Settings, cfg: TableConfig) -> str:
+    """The Postgres schema a table's refresh writes and its validation reads: a shadow table's
+    own schema beside raw, so the live raw table stays as it is until cutover."""
+    return f"{settings.raw_schema}_shadow" if cfg.mode is Mode.SHADOW else settings.raw_schema
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, Any]:

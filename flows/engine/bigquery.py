@@ -213,7 +213,7 @@ class BigQueryClients:
         syntax) and skips the execution; on BigQuery a LIMIT would not change the estimate.
         """
         if self.settings.uses_emulator:
-            # `query` is one this package built (flows.engine.extract, flows.engine.validation), not input.
+            # `query` is one this package built (flows.engine.extract, fingerprinting, validation), not input.
             query = "select * from (\n" + query.strip().rstrip(";") + "\n) limit 0"  # noqa: S608
         try:
             job = self.rest.query(

@@ -1,10 +1,10 @@
 """Change detection: fingerprint a table's slices in BigQuery before reading, skip the unchanged.
 
 For the slices a run plans, one BigQuery query returns per day its row count and checksum
-(flows.engine.validation.fingerprint_bq: the validation feature's normal form and summed row hashes;
+(flows.engine.fingerprinting.fingerprint_bq: the validation feature's normal form and summed row hashes;
 no row leaves BigQuery), summed per slice. Each checkpoint holds the fingerprint of the rows
 its load committed, computed by Postgres over the loaded rows in the load's own transaction
-(flows.engine.validation.fingerprint_pg), so it never claims a row the load did not contain, even if
+(flows.engine.fingerprinting.fingerprint_pg), so it never claims a row the load did not contain, even if
 the source changed between the fingerprint query and the read. Equal fingerprints: the slice
 is not read (`unchanged` in the slice audit); otherwise it is read and applied.
 
@@ -30,7 +30,7 @@ import psycopg
 from google.cloud import bigquery
 
 from flows.control import fingerprints
-from flows.control.fingerprints import Stored, UnchangedSlice
+from flows.control.fingerprints import EMPTY, Fingerprint, PlanFingerprints, Stored, UnchangedSlice
 from flows.core.db import relation_columns
 from flows.core.identifiers import bq_quote
 from flows.core.planning import Slice
@@ -38,20 +38,16 @@ from flows.core.settings import Settings
 from flows.core.table_config import ChangeDetection, SliceSize, TableConfig
 from flows.engine.bigquery import BigQueryClients, classify
 from flows.engine.extract import SourceTable
-from flows.engine.validation import (
-    EMPTY,
-    Col,
-    Fingerprint,
-    PlanFingerprints,
+from flows.engine.fingerprinting import (
     QueryStats,
     by_period,
-    columns_of,
     cursor_of,
     estimate_fingerprint_bytes,
     fingerprint_bq,
     fingerprint_pg,
     signature,
 )
+from flows.engine.normal_form import Col, columns_of
 
 
 class Change(StrEnum):
@@ -252,9 +248,10 @@ def detect(
 ) -> Detection:
     """Decide which of `slices` to read. Reads BigQuery and the checkpoints; writes nothing.
 
-    `validated_after`: the run validates what it loads (flows.engine.validation.validate_touched),
-    so the slices without a fingerprint to compare (new ones) are fingerprinted in the same
-    query too: the validation then reuses that figure instead of reading them again.
+    `validated_after`: the run validates what it loads
+    (flows.engine.validation.after_refresh.validate_touched), so the slices without a
+    fingerprint to compare (new ones) are fingerprinted in the same query too: the validation
+    then reuses that figure instead of reading them again.
     """
     cols = columns_of(source, clients.settings.uses_emulator)
     cursor, size = cursor_of(cfg, source, cols)

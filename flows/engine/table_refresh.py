@@ -23,9 +23,9 @@ from flows.core.errors import BadSourceValueError, RefreshError, TerminalError, 
 from flows.core.planning import Slice, plan_slices, plan_window, resumable
 from flows.core.redact import error_text
 from flows.core.settings import Settings
-from flows.core.table_config import Mode, TableConfig, WriteStrategy
+from flows.core.table_config import Mode, TableConfig, WriteStrategy, target_schema
 from flows.core.type_mapping import ColumnMapping, map_schema
-from flows.engine import change_detection, scale_out, validation
+from flows.engine import change_detection, scale_out
 from flows.engine.bigquery import BigQueryClients
 from flows.engine.extract import (
     ReadStats,
@@ -38,6 +38,7 @@ from flows.engine.extract import (
     rows_per_day,
 )
 from flows.engine.load import apply_slice, days_in_slice, ensure_raw_table
+from flows.engine.validation.after_refresh import validated_after_refresh
 from flows.notify import webhooks
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ class RefreshOptions:
     @property
     def explicit_range(self) -> bool:
         return self.start_date is not None or self.end_date is not None
-
-
-def target_schema(settings: Settings, cfg: TableConfig) -> str:
-    return f"{settings.raw_schema}_shadow" if cfg.mode is Mode.SHADOW else settings.raw_schema
 
 
 def checkpoint_key(settings: Settings, cfg: TableConfig) -> str:
@@ -242,7 +239,7 @@ def _refresh(
             cfg, full_refresh=options.full_refresh, explicit_range=options.explicit_range
         )
         # As a run would, also for --explain: a live table's new slices are fingerprinted too.
-        validated = validation.validated_after_refresh(cfg)
+        validated = validated_after_refresh(cfg)
         detection = change_detection.detect(
             settings, clients, conn, cfg, source, schema, key, slices, bypass, validated
         )

@@ -26,12 +26,13 @@ from flows.core.planning import RefreshSchedule, is_due, next_due
 from flows.core.redact import error_text
 from flows.core.settings import Settings
 from flows.core.table_config import Mode, TableConfig, load_file
-from flows.engine import transform, validation
+from flows.engine import transform
 from flows.engine.bigquery import BigQueryClients
 from flows.engine.extract import list_source_tables
 from flows.engine.periods import changed_days
 from flows.engine.table_refresh import RefreshOptions
-from flows.engine.validation import AfterRefresh
+from flows.engine.validation.after_refresh import AfterRefresh, validate_touched
+from flows.engine.validation.shadow_match import compare_shadow, record_shadow
 from flows.notify import webhooks
 
 DBT_SOURCE = "sqp"
@@ -321,7 +322,8 @@ class RunSummary:
     dry_run: bool = False
     flow_run_id: str | None = None
     duration_s: float = 0.0
-    # The after-refresh validation of each live table (flows.engine.validation.AfterRefresh.to_dict).
+    # The after-refresh validation of each live table
+    # (flows.engine.validation.after_refresh.AfterRefresh.to_dict).
     validation: list[dict[str, Any]] = field(default_factory=list)
     # The shadow build and its comparison with live (None: no shadow table loaded).
     shadow: dict[str, Any] | None = None
@@ -408,7 +410,7 @@ def validate_after_refresh(
     the periods its change detection fingerprinted, that fingerprint)."""
     by_name = {o.table_name: o for o in outcomes}
     return [
-        validation.validate_touched(
+        validate_touched(
             settings,
             clients,
             c,
@@ -460,9 +462,9 @@ def shadow_step(
             # Compared while the stand-ins exist: views over them (asin_performance) go with them.
             with transform.live_stand_ins(conn, settings, sources):
                 dbt = transform.run_dbt(settings, args)
-                results = validation.compare_shadow(conn, transform.SHADOW_SUFFIX)
+                results = compare_shadow(conn, transform.SHADOW_SUFFIX)
             dbt_audit.record_dbt(conn, settings.control_schema, dbt, run_id, None, began, datetime.now(UTC))
-            validation.record_shadow(conn, settings.control_schema, results, run_id)
+            record_shadow(conn, settings.control_schema, results, run_id)
         except psycopg.OperationalError:
             raise  # Postgres lost: the run's own handling applies
         except psycopg.Error as exc:

@@ -25,11 +25,11 @@ from psycopg.conninfo import make_conninfo
 from flows.control import registry
 from flows.core.db import migrate
 from flows.core.settings import Settings, get_settings
+from flows.core.table_config import target_schema
 from flows.core.type_mapping import pg_column_name
 from flows.demo.sample_data import SampleSpec, generate
-from flows.engine import validation
 from flows.engine.bigquery import BigQueryClients, make_clients
-from flows.engine.table_refresh import target_schema
+from flows.engine.validation import source_match
 
 REFRESH = str(Path(sys.executable).parent / "refresh")
 # Small but complete: every week type, NULLs, three tables (two sliced by week, one full).
@@ -107,12 +107,12 @@ def assert_exact(stack: FaultStack) -> dict[str, int]:
     checksums of every live table, and no key twice. Returns the periods checked per table."""
     clients = stack.clients()
     try:
-        results = validation.validate(stack.settings, clients)
+        results = source_match.validate(stack.settings, clients)
         with stack.pg() as conn:
             configs = {c.table_name: c for c in registry.load_all(conn, stack.settings.control_schema)}
             for table in results:
                 cfg = configs[table]
-                keys = [sql.Identifier(pg_column_name(k)) for k in validation.key_columns(cfg)]
+                keys = [sql.Identifier(pg_column_name(k)) for k in source_match.key_columns(cfg)]
                 dup = conn.execute(
                     sql.SQL(
                         "select count(*) from (select 1 from {} group by {} having count(*) > 1) d"

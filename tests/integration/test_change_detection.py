@@ -25,9 +25,10 @@ from flows.core.errors import SourceError
 from flows.core.settings import Settings, get_settings
 from flows.core.table_config import ChangeDetection, TableConfig
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-from flows.engine import change_detection, table_refresh, validation
+from flows.engine import change_detection, table_refresh
 from flows.engine.bigquery import BigQueryClients, make_clients
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.engine.validation import source_match
 from flows.orchestration import runbook
 from flows.orchestration.explain import explain, render
 from flows.orchestration.runbook import RunParams
@@ -92,7 +93,7 @@ class Env:
 
     def assert_raw_equals_source(self) -> None:
         with self.pg() as conn:
-            results = validation.validate_table(self.clients, conn, self.cfg(), "fp_raw")
+            results = source_match.validate_table(self.clients, conn, self.cfg(), "fp_raw")
         assert results and all(r.passed for r in results), [r.details() for r in results if not r.passed]
 
 

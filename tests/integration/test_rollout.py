@@ -10,12 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.control import registry, rollout
+from flows.control.fingerprints import Fingerprint
 from flows.core.db import migrate
 from flows.core.errors import ConfigError
 from flows.core.settings import Settings, get_settings
 from flows.core.table_config import Mode, TableConfig
-from flows.engine import validation
-from flows.engine.validation import Fingerprint, PeriodResult
+from flows.engine.validation import source_match
+from flows.engine.validation.source_match import PeriodResult
 
 CONTROL = "ro_control"
 TABLE = "ro_sqp"
@@ -46,7 +47,7 @@ def _validate(conn: psycopg.Connection, passed: bool, schema: str = "raw_shadow"
         ),
         PeriodResult(TABLE, date(2026, 11, 9), date(2026, 11, 16), Fingerprint(10, 1), other, schema, []),
     ]
-    validation.record_results(conn, CONTROL, registry.get(conn, CONTROL, TABLE), results)
+    source_match.record_results(conn, CONTROL, registry.get(conn, CONTROL, TABLE), results)
 
 
 def _mode(conn: psycopg.Connection) -> Mode:

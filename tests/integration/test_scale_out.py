@@ -41,7 +41,7 @@ from flows.core.type_mapping import ColumnMapping
 from flows.engine import scale_out
 from flows.engine.load import apply_slice, ensure_raw_table
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.engine.validation import validate_table
+from flows.engine.validation.source_match import validate_table
 from tests.integration.test_extraction_engine import (
     CONTROL,
     Engine,

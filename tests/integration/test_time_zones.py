@@ -21,10 +21,10 @@ from flows.core.db import connect, migrate
 from flows.core.settings import Settings, get_settings
 from flows.core.table_config import TableConfig
 from flows.demo.sample_data import PRODUCTS_TABLE, SampleSpec, products_insert_sql, products_schema
-from flows.engine import validation
 from flows.engine.bigquery import BigQueryClients
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.engine.transform import dbt_env
+from flows.engine.validation import after_refresh, source_match
 from tests.conftest import TEST_DB_TIME_ZONE
 from tests.integration.conftest import migrated_with_dataset
 from tests.integration.test_extraction_engine import locked_run
@@ -67,7 +67,7 @@ class Env:
         """A daily run's refresh of the table, then the validation the flow runs after it."""
         with locked_run(self.settings) as run_id:
             outcome = refresh_table(self.settings, self.clients, cfg, run_id, RefreshOptions())
-            after = validation.validate_touched(
+            after = after_refresh.validate_touched(
                 self.settings, self.clients, cfg, outcome.status, run_id, plan=outcome.plan_fingerprints
             )
         assert outcome.status == "success", outcome.error
@@ -87,7 +87,7 @@ class Env:
 
     def validate(self, cfg: TableConfig) -> None:
         with connect(self.settings, autocommit=True) as conn:
-            results = validation.validate_table(self.clients, conn, cfg, self.settings.raw_schema)
+            results = source_match.validate_table(self.clients, conn, cfg, self.settings.raw_schema)
         assert results and all(r.passed for r in results), [r.details() for r in results if not r.passed]
 
 

@@ -25,9 +25,9 @@ from flows.core.planning import align
 from flows.core.settings import Settings, get_settings
 from flows.core.table_config import SliceSize, TableConfig
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-from flows.engine import validation
 from flows.engine.bigquery import BigQueryClients, make_clients
 from flows.engine.table_refresh import RefreshOptions, refresh_table
+from flows.engine.validation import source_match
 from tests.integration.test_extraction_engine import locked_run
 
 S = bigquery.SchemaField
@@ -91,7 +91,7 @@ def sqp(env: Env) -> Env:
     return env
 
 
-def _failed(results: list[validation.PeriodResult]) -> list[validation.PeriodResult]:
+def _failed(results: list[source_match.PeriodResult]) -> list[source_match.PeriodResult]:
     return [r for r in results if not r.passed]
 
 
@@ -119,7 +119,7 @@ def _key(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_sqp_identical_then_each_difference_found_with_key_and_column(sqp: Env) -> None:
-    results = validation.validate(sqp.settings, sqp.clients, ["search_query_performance"])
+    results = source_match.validate(sqp.settings, sqp.clients, ["search_query_performance"])
     periods = results["search_query_performance"]
     assert len(periods) == SPEC.weeks
     assert sum(r.bigquery.rows for r in periods) == ROWS
@@ -165,7 +165,7 @@ def test_sqp_identical_then_each_difference_found_with_key_and_column(sqp: Env) 
             (null["ctid"],),
         )
 
-    periods = validation.validate(sqp.settings, sqp.clients, ["search_query_performance"])[
+    periods = source_match.validate(sqp.settings, sqp.clients, ["search_query_performance"])[
         "search_query_performance"
     ]
     failed = {r.period_start: r for r in _failed(periods)}
@@ -266,7 +266,7 @@ def test_identical_data_of_every_type_passes(env: Env) -> None:
         custom_params={"key_columns": ["id"]},
     )
     env.load(cfg)
-    periods = validation.validate(env.settings, env.clients, ["vd_types"])["vd_types"]
+    periods = source_match.validate(env.settings, env.clients, ["vd_types"])["vd_types"]
     assert [str(r.period_start) for r in periods] == ["2026-01-01", "2026-02-01", "2026-03-01"]
     assert [r.bigquery.rows for r in periods] == [2, 2, 2]
     assert not _failed(periods), [r.differences for r in _failed(periods)]
@@ -276,7 +276,7 @@ def test_identical_data_of_every_type_passes(env: Env) -> None:
         conn.execute("update vd_raw.vd_types set seen_at = seen_at + interval '1 microsecond' where id = 1")
         conn.execute("update vd_raw.vd_types set ratio = 0.30000000000000004::float8 + 5e-17 where id = 2")
         conn.execute("update vd_raw.vd_types set label = '' where id = 3")
-    periods = validation.validate(env.settings, env.clients, ["vd_types"])["vd_types"]
+    periods = source_match.validate(env.settings, env.clients, ["vd_types"])["vd_types"]
     (jan, feb) = _failed(periods)
     assert jan.differences is not None and feb.differences is not None
     assert sorted((d["key"]["id"], d["columns"]) for d in jan.differences.different) == [
@@ -311,12 +311,12 @@ def test_a_table_wider_than_a_postgres_call_validates_and_names_the_column(env: 
         custom_params={"key_columns": ["id"]},
     )
     env.load(cfg)
-    (whole,) = validation.validate(env.settings, env.clients, ["vd_wide"])["vd_wide"]
+    (whole,) = source_match.validate(env.settings, env.clients, ["vd_wide"])["vd_wide"]
     assert whole.passed and whole.bigquery.rows == 2
 
     with env.pg() as conn:
         conn.execute("update vd_raw.vd_wide set c118 = c118 + 1 where id = 2")
-    (whole,) = validation.validate(env.settings, env.clients, ["vd_wide"])["vd_wide"]
+    (whole,) = source_match.validate(env.settings, env.clients, ["vd_wide"])["vd_wide"]
     assert whole.differences is not None
     assert [(d["key"], d["columns"]) for d in whole.differences.different] == [({"id": "2"}, ["c118"])]
 
@@ -325,7 +325,7 @@ def test_unknown_table_and_unloaded_table_are_clear_errors(env: Env) -> None:
     from flows.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown table"):
-        validation.validate(env.settings, env.clients, ["nope"])
+        source_match.validate(env.settings, env.clients, ["nope"])
     with env.pg() as conn:
         registry.sync_from_file(
             conn,
@@ -333,7 +333,7 @@ def test_unknown_table_and_unloaded_table_are_clear_errors(env: Env) -> None:
             [TableConfig(table_name="vd_never", source_table="vd_types", write_strategy="full_replace")],
         )
     with pytest.raises(ConfigError, match="does not exist"):
-        validation.validate(env.settings, env.clients, ["vd_never"])
+        source_match.validate(env.settings, env.clients, ["vd_never"])
     with env.pg() as conn:
         conn.execute(sql.SQL("delete from vd_control.refresh_config where table_name = 'vd_never'"))
 

@@ -17,15 +17,16 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from flows.control import registry
+from flows.control import fingerprints, registry
 from flows.core.db import migrate
 from flows.core.planning import align
 from flows.core.settings import Settings, get_settings
 from flows.core.table_config import ChangeDetection, SliceSize, TableConfig
 from flows.demo.sample_data import SQP_TABLE, SampleSpec, generate
-from flows.engine import change_detection, validation
+from flows.engine import change_detection
 from flows.engine.bigquery import BigQueryClients, make_clients
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
+from flows.engine.validation import source_match
 from flows.orchestration import runbook
 from tests.integration.test_extraction_engine import locked_run
 
@@ -176,7 +177,7 @@ def test_a_difference_loaded_by_a_refresh_is_caught_in_that_run(env: Env) -> Non
     assert status == "warning"
     assert f"search_query_performance differs from BigQuery in {newest_week}" in message
     # validate-data (all periods) still finds the row changed outside the window.
-    whole = validation.validate(env.settings, env.clients, ["search_query_performance"])
+    whole = source_match.validate(env.settings, env.clients, ["search_query_performance"])
     assert {r.period_start for r in whole["search_query_performance"] if not r.passed} == {
         old_week,
         newest_week,
@@ -400,7 +401,7 @@ def test_a_plan_fingerprint_that_differs_from_postgres_is_reported(env: Env) -> 
         assert plan is not None and set(plan.periods) == {week}
         fp = plan.periods[week]
         outcome.plan_fingerprints = replace(
-            plan, periods={week: validation.Fingerprint(fp.rows, fp.checksum + 1)}
+            plan, periods={week: fingerprints.Fingerprint(fp.rows, fp.checksum + 1)}
         )
         (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
         assert check.failed == [str(week)] and check.periods_bigquery_from_plan == 1, check
@@ -464,7 +465,7 @@ def test_a_source_changed_between_the_plan_and_the_read_is_reported(
             details = _details(conn, run_id)[week]
         assert "the source changed after the plan's fingerprint" in details["note"]
         # A fresh validation compares with BigQuery now, which the read saw: they agree.
-        fresh = validation.validate(env.settings, env.clients, [cfg.table_name], week, week)
+        fresh = source_match.validate(env.settings, env.clients, [cfg.table_name], week, week)
         assert [r.passed for r in fresh[cfg.table_name]] == [True]
         # The next daily run finds the source equal to what was loaded: nothing to read.
         _, again = env.refresh(cfg, RefreshOptions())

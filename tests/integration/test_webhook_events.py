@@ -12,11 +12,12 @@ import psycopg
 import pytest
 
 from flows.control import registry, rollout
+from flows.control.fingerprints import Fingerprint
 from flows.core.db import migrate
 from flows.core.settings import Settings, get_settings
 from flows.core.table_config import Mode, TableConfig
-from flows.engine import validation
-from flows.engine.validation import Fingerprint, PeriodResult
+from flows.engine.validation import source_match, summary_checks
+from flows.engine.validation.source_match import PeriodResult
 from flows.notify import webhooks
 from tests.webhook_receiver import Receiver
 
@@ -71,8 +72,8 @@ def test_validation_and_rollout_events_reach_a_verifying_receiver(wv: Settings) 
         with psycopg.connect(wv.dsn(), autocommit=True) as conn:
             rollout.cutover(conn, CONTROL, TABLE, "raw_shadow", who="ana", reason="start shadow")
             cfg = registry.get(conn, CONTROL, TABLE)
-            validation.record_results(conn, CONTROL, cfg, _results(passed=True))  # no event
-            validation.record_results(conn, CONTROL, cfg, _results(passed=False))
+            source_match.record_results(conn, CONTROL, cfg, _results(passed=True))  # no event
+            source_match.record_results(conn, CONTROL, cfg, _results(passed=False))
             rollout.rollback(conn, CONTROL, TABLE, who="bob", reason="numbers look off")
         result = webhooks.dispatch(wv, deadline_s=20)
     assert result.to_dict() == {"attempted": 3, "succeeded": 3, "failed": 0, "exhausted": 0, "disabled": 0}
@@ -110,15 +111,17 @@ def test_summary_check_finding_a_difference_delivers_validation_failed(
             "update raw.search_query_performance set asin_purchase_count = asin_purchase_count + 1 "
             "where ctid = (select min(ctid) from raw.search_query_performance)"
         )
-        failed = [c for c in validation.check_summaries(conn, wv.raw_schema) if not c.passed]
+        failed = [c for c in summary_checks.check_summaries(conn, wv.raw_schema) if not c.passed]
         conn.rollback()
     assert failed
     with Receiver() as rx:
         ep = webhooks.add_endpoint(wv, rx.url, ["validation.failed"])
         rx.secrets = [ep.secret]
         with psycopg.connect(wv.dsn(), autocommit=True) as conn:
-            validation.record_summary_checks(conn, CONTROL, failed)
-        assert webhooks.dispatch(wv, deadline_s=20).succeeded == len(validation.SUMMARY_PERIODS)
+            summary_checks.record_summary_checks(conn, CONTROL, failed)
+        assert webhooks.dispatch(wv, deadline_s=20).succeeded == len(summary_checks.SUMMARY_PERIODS)
     assert all(r.verified_with == [ep.secret] for r in rx.received)
-    assert sorted(r.json["data"]["table"] for r in rx.received) == sorted(validation.SUMMARY_PERIODS.values())
+    assert sorted(r.json["data"]["table"] for r in rx.received) == sorted(
+        summary_checks.SUMMARY_PERIODS.values()
+    )
     assert {r.json["type"] for r in rx.received} == {"validation.failed"}

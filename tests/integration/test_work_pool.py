@@ -30,7 +30,7 @@ import yaml
 from flows.core.settings import PROJECT_ROOT, Settings, get_settings
 from flows.demo.sample_data import SampleSpec, generate
 from flows.engine.bigquery import make_clients
-from flows.engine.validation import validate
+from flows.engine.validation.source_match import validate
 from tests.prefect_server import prefect_server, stop, tail
 
 SPEC = SampleSpec(sqp_rows=200, weeks=6, asins=8, daily_rows=420)

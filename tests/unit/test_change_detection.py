@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 
-from flows.control.fingerprints import Stored
+from flows.control.fingerprints import EMPTY, Fingerprint, Stored
 from flows.core.planning import Slice, slices_between
 from flows.core.table_config import ChangeDetection, SliceSize, TableConfig
 from flows.engine.change_detection import (
@@ -17,7 +17,8 @@ from flows.engine.change_detection import (
     partitions_unchanged,
 )
 from flows.engine.extract import SourceColumn, SourceTable
-from flows.engine.validation import EMPTY, Fingerprint, columns_of, signature
+from flows.engine.fingerprinting import signature
+from flows.engine.normal_form import columns_of
 
 W = slices_between(date(2026, 3, 2), date(2026, 3, 29), SliceSize.WEEK)  # four ISO weeks
 AS_OF = datetime(2026, 3, 30, 6, tzinfo=UTC)

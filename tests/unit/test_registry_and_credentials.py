@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from flows.core.errors import ConfigError
-from flows.core.settings import PROJECT_ROOT
-from flows.core.table_config import TableConfig, load_file
+from flows.core.settings import PROJECT_ROOT, Settings
+from flows.core.table_config import TableConfig, load_file, target_schema
 from flows.engine.bigquery import load_service_account_info
 
 
@@ -65,3 +65,13 @@ def test_inline_credentials_with_literal_newlines() -> None:
 def test_bad_inline_credentials(raw: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_service_account_info(raw)
+
+
+@pytest.mark.parametrize(
+    ("mode", "schema"),
+    [("shadow", "sqp_raw_shadow"), ("live", "sqp_raw"), ("dry_run", "sqp_raw"), ("disabled", "sqp_raw")],
+)
+def test_target_schema_is_the_shadow_schema_for_a_shadow_table_only(mode: str, schema: str) -> None:
+    """A shadow table writes beside raw, so the live raw table is untouched until cutover."""
+    cfg = TableConfig(table_name="t", source_table="t", mode=mode, write_strategy="full_replace")
+    assert target_schema(Settings(raw_schema="sqp_raw"), cfg) == schema

@@ -7,7 +7,8 @@ from uuid import uuid4
 from flows.core.settings import get_settings
 from flows.engine.table_refresh import TableOutcome
 from flows.engine.transform import shadow_build_args
-from flows.engine.validation import AfterRefresh, compared_columns
+from flows.engine.validation.after_refresh import AfterRefresh
+from flows.engine.validation.shadow_match import compared_columns
 from flows.orchestration import runbook
 
 

@@ -1,4 +1,4 @@
-"""Pure parts of flows.engine.validation: period roll-up, pairing of differing rows, SQL building."""
+"""Pure parts of validation: period roll-up, pairing of differing rows, SQL building."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ from datetime import date
 
 import pytest
 
+from flows.control.fingerprints import Fingerprint
 from flows.core.errors import ConfigError
 from flows.core.table_config import SliceSize
 from flows.engine.extract import SourceColumn
-from flows.engine.validation import Col, Fingerprint, _pair, bq_row_hash, by_period, pg_row_hash
+from flows.engine.fingerprinting import by_period
+from flows.engine.normal_form import Col, bq_row_hash, pg_row_hash
+from flows.engine.validation.bisection import _pair
 
 
 def col(name: str, ftype: str = "STRING", mode: str = "NULLABLE") -> Col:

@@ -11,10 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from flows.control import registry
+from flows.control.fingerprints import Fingerprint
 from flows.core.settings import Settings
 from flows.core.table_config import Mode, TableConfig
-from flows.engine import validation
-from flows.engine.validation import Fingerprint, PeriodResult
+from flows.engine.validation import source_match
+from flows.engine.validation.source_match import PeriodResult
 from tests.integration.api.support import auth
 from tests.integration.api.test_api import problem
 
@@ -53,7 +54,7 @@ def _validate(settings: Settings, passed: bool) -> None:
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         cfg = registry.get(conn, settings.control_schema, TABLE)
         result = PeriodResult(TABLE, date(2026, 11, 2), None, Fingerprint(10, 1), other, "raw_shadow", [])
-        validation.record_results(conn, settings.control_schema, cfg, [result])
+        source_match.record_results(conn, settings.control_schema, cfg, [result])
 
 
 def _post(client: TestClient, token: str, action: str, body: dict[str, Any]) -> Any:
