@@ -19,7 +19,6 @@ from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from flows.api import launch
 from flows.api.auth import require
 from flows.api.problems import Problem
 from flows.api.responses import FastJSONResponse
@@ -37,7 +36,7 @@ from flows.core import planning
 from flows.core.errors import ConfigError
 from flows.core.settings import Settings
 from flows.core.table_config import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
-from flows.orchestration import runbook
+from flows.orchestration import launch, runbook
 
 router = APIRouter(prefix="/api/refresh")
 Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]
