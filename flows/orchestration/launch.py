@@ -12,7 +12,7 @@ from typing import Any
 from uuid import UUID
 
 from flows.core.settings import PROJECT_ROOT
-from flows.orchestration.runbook import RunParams
+from flows.orchestration.run_params import RunParams
 
 
 class DeploymentMissing(Exception):
