@@ -1,5 +1,6 @@
 """The /api/refresh endpoints: each parses its input, calls the plain functions the CLI and
-the flow call (flows.core.table_config, flows.orchestration.run_params and run_plan, flows.control), and formats."""
+the flow call (flows.core.table_config, flows.orchestration.run_params and run_plan,
+flows.control), and formats."""
 
 from __future__ import annotations
 

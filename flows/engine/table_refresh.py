@@ -379,8 +379,8 @@ def _predict_changes(
     run_id: UUID,
     outcome: TableOutcome,
 ) -> None:
-    """For --explain, what a run would hand dbt (flows.orchestration.dbt_selection.rebuild_vars), without loading:
-    the slices it would apply, each with the days its load would change, and the slices owed
+    """For --explain, what a run would hand dbt (flows.orchestration.dbt_selection.rebuild_vars),
+    without loading: the slices it would apply, each with the days its load would change, and the slices owed
     by earlier runs. A load deletes the slice's rows and inserts the source's, so it changes the
     days holding rows in the raw table or in BigQuery: the fingerprint query's days where it
     covered the slice, else one count per day of the others' span (as the dry run's plan)."""
