@@ -10,7 +10,6 @@ from flows.notify.destinations import DestinationRefused, Resolver, system_resol
 from flows.notify.webhook_events import EVENT_TYPES
 
 MAX_URL_CHARS = 2000
-
 MAX_DESCRIPTION_CHARS = 500
 
 

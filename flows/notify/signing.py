@@ -11,7 +11,6 @@ from typing import Any
 from standardwebhooks.webhooks import Webhook
 
 SECRET_BYTES = 32
-
 USER_AGENT = "sqp-refresh-webhooks/1"
 
 

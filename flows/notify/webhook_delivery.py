@@ -37,9 +37,7 @@ log = logging.getLogger(__name__)
 
 # Delays after the 1st, 2nd, ... failed attempt (the spec's schedule; the last one repeats).
 RETRY_DELAYS_S = (5, 5 * 60, 30 * 60, 2 * 3600, 5 * 3600, 10 * 3600)
-
 JITTER = 0.1
-
 MAX_RESPONSE_CHARS = 1024
 
 

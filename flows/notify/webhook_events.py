@@ -28,13 +28,11 @@ EVENT_TYPES = (
     "table.rollback",
     "delivery.exhausted",
 )
-
 RUN_EVENTS = {
     RunStatus.SUCCESS: "refresh.completed",
     RunStatus.WARNING: "refresh.warning",
     RunStatus.FAILED: "refresh.failed",
 }
-
 MAX_ERROR_CHARS = 500
 
 

@@ -14,7 +14,6 @@ from flows.control.tables import TableOutcome
 from flows.engine.periods import changed_days
 
 DBT_SOURCE = "sqp"
-
 CONTROL_SOURCE = "refresh_control"
 
 

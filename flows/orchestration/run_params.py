@@ -12,7 +12,6 @@ from flows.core.identifiers import validate_pg_identifier
 from flows.engine.table_refresh import RefreshOptions
 
 MAX_TRIGGER_LENGTH = 40
-
 SCHEDULE_TRIGGER = "schedule"
 
 
