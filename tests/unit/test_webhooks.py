@@ -40,6 +40,16 @@ def test_retry_after_seconds_and_http_date() -> None:
     assert webhook_delivery.retry_after_s(None, now) is None
 
 
+def test_long_text_in_a_payload_is_cut_saying_how_long_it_was() -> None:
+    """One helper shortens errors for events and for delivery attempts alike."""
+    limit = webhook_events.MAX_ERROR_CHARS
+    assert webhook_events.shorten(None) is None
+    assert webhook_events.shorten("x" * limit) == "x" * limit
+    cut = webhook_events.shorten("y" * (limit + 1))
+    assert cut is not None and len(cut) <= limit and cut.endswith(f"({limit + 1} chars)")
+    assert webhook_events.shorten("z" * 50, limit=30) == "z" * 10 + "... (50 chars)"
+
+
 def test_event_types_validated() -> None:
     assert endpoint_checks.validate_event_types(None) == list(webhook_events.EVENT_TYPES)
     assert endpoint_checks.validate_event_types(["refresh.failed,table.failed", "refresh.failed"]) == [
