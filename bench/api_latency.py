@@ -32,7 +32,7 @@ import psycopg
 from flows.control import tokens
 from flows.core.settings import get_settings
 from flows.demo.local_stack import EmbeddedPostgres, free_port
-from flows.orchestration import runbook
+from flows.orchestration import run_plan
 
 ENDPOINTS = {
     "status": "/api/refresh/status?hours=24",
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pg.start()
         settings = get_settings(pg_dsn=pg.dsn, state_dir=workdir)
-        runbook.prepare(settings)
+        run_plan.prepare(settings)
         t0 = time.monotonic()
         fill(pg.dsn, settings.control_schema, args.runs)
         print(f"history: {args.runs} runs filled in {time.monotonic() - t0:.1f}s")

@@ -44,7 +44,7 @@ from flows.core.settings import PROJECT_ROOT, get_settings
 from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
 from flows.engine.transform import dbt_env, invoke_dbt, read_run_results
-from flows.orchestration.runbook import DBT_SOURCE
+from flows.orchestration.dbt_selection import DBT_SOURCE
 
 MODEL_SCHEMAS = ("staging", "intermediate", "marts", "summaries")
 

@@ -46,7 +46,7 @@ from flows.core.settings import PROJECT_ROOT, get_settings
 from flows.demo.local_stack import EmbeddedPostgres, free_port
 from flows.demo.sample_data import DAILY_TABLE, PRODUCTS_TABLE, SQP_TABLE
 from flows.engine.transform import run_dbt
-from flows.orchestration.runbook import CONTROL_SOURCE, DBT_SOURCE
+from flows.orchestration.dbt_selection import CONTROL_SOURCE, DBT_SOURCE
 
 FLOW = "flow (one dbt task)"
 

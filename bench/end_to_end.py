@@ -9,7 +9,7 @@ first). Per stage, the flow's own functions are timed by wrappers installed in t
   plan     registry, due tables, source schema, cursor range, high-water mark, resume
   read     waiting for the next Arrow batch from the Storage Read API (emulator-bound here)
   load     apply_slice minus the read waits inside it: delete, CSV encoding, COPY, checkpoint
-  validate the validation after the refresh (runbook.validate_after_refresh: per-period row
+  validate the validation after the refresh (post_load_checks.validate_after_refresh: per-period row
            counts and checksums of what the run committed, in BigQuery and in Postgres)
   dbt      dbt build of what is downstream of the changed sources (in process)
   vacuum   flows.engine.maintenance.vacuum_after_run
@@ -163,10 +163,10 @@ def child(out: Path) -> None:
     started = time.perf_counter()
     from flows.engine import maintenance, table_refresh
     from flows.orchestration import daily_refresh as dr
-    from flows.orchestration import runbook
+    from flows.orchestration import post_load_checks, run_plan
 
     rec = Recorder()
-    runbook.plan_tables = rec.timed("plan", runbook.plan_tables)  # type: ignore[assignment]
+    run_plan.plan_tables = rec.timed("plan", run_plan.plan_tables)  # type: ignore[assignment]
     from flows.control import checkpoints
 
     for name in ("describe", "cursor_range"):
@@ -176,7 +176,7 @@ def child(out: Path) -> None:
     table_refresh.read_slice = rec.reading(table_refresh.read_slice)  # type: ignore[assignment]
     table_refresh.apply_slice = rec.loading(table_refresh.apply_slice)  # type: ignore[assignment]
     dr.run_dbt = rec.timed("dbt", dr.run_dbt)  # type: ignore[assignment]
-    runbook.validate_after_refresh = rec.timed("validate", runbook.validate_after_refresh)  # type: ignore[assignment]
+    post_load_checks.validate_after_refresh = rec.timed("validate", post_load_checks.validate_after_refresh)  # type: ignore[assignment]
     from prefect.server.api.server import SubprocessASGIServer
 
     SubprocessASGIServer.start = rec.timed("prefect", SubprocessASGIServer.start)  # type: ignore[method-assign]

@@ -46,7 +46,7 @@ from flows.demo.sample_data import (
 )
 from flows.engine.load import ensure_raw_table
 from flows.engine.transform import dbt_env, invoke_dbt, read_run_results
-from flows.orchestration.runbook import DBT_SOURCE
+from flows.orchestration.dbt_selection import DBT_SOURCE
 
 RAW_SCHEMA = "raw_bench"
 LAST_WEEK = date(2026, 11, 22)  # a Sunday, like the sample data's weeks

@@ -86,7 +86,7 @@ def run(state: str) -> None:
     from flows.engine.load import CHUNK_ROWS, encode_csv, ensure_raw_table
     from flows.engine.table_refresh import TableOutcome
     from flows.engine.transform import run_dbt
-    from flows.orchestration import runbook
+    from flows.orchestration import dbt_selection
 
     settings = get_settings()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}")
@@ -166,8 +166,8 @@ def run(state: str) -> None:
             line("extract", measured[w], rows, workers=w, cluster_start_s=f"{started:.1f}")
 
         # --- dbt, as the flow runs it (full refresh of everything downstream) -----------------
-        build = runbook.dbt_build_args(
-            list(outcomes.values()), True, runbook.dbt_sources(settings.dbt_project_dir)
+        build = dbt_selection.dbt_build_args(
+            list(outcomes.values()), True, dbt_selection.dbt_sources(settings.dbt_project_dir)
         )
         assert build is not None
         t0 = time.perf_counter()

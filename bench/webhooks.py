@@ -3,7 +3,7 @@
 1. N events (default 1,000) in the outbox, one endpoint, a receiver on 127.0.0.1 that
    verifies every signature with `standardwebhooks` and answers 200 at once: deliveries/s of
    one `dispatch` pass.
-2. The added wall time per refresh: a run row finished through `runbook.finish_run` (its
+2. The added wall time per refresh: a run row finished through `run_record.finish_run` (its
    event written with it) and the flow's `dispatch_after_run`, timed, when the receiver
    answers in 100 ms; then when it hangs (5 s) or is down. Target: < 1 s per run.
 
@@ -28,8 +28,8 @@ from flows.control.runs import start_run
 from flows.core.db import migrate
 from flows.core.settings import PROJECT_ROOT, Settings, get_settings
 from flows.demo.local_stack import EmbeddedPostgres, free_port
-from flows.notify import webhooks
-from flows.orchestration import runbook
+from flows.notify import endpoints, webhook_delivery
+from flows.orchestration import run_record
 
 sys.path.insert(0, str(PROJECT_ROOT))
 from tests.webhook_receiver import Receiver
@@ -43,13 +43,13 @@ def _clear_endpoints(settings: Settings) -> None:
 
 def throughput(settings: Settings, events: int) -> None:
     with Receiver() as rx:
-        ep = webhooks.add_endpoint(settings, rx.url, ["table.failed"])
+        ep = endpoints.add_endpoint(settings, rx.url, ["table.failed"])
         rx.secrets = [ep.secret]
         with psycopg.connect(settings.dsn(), autocommit=True) as conn:
             for i in range(events):
                 outbox.emit(conn, settings.control_schema, "table.failed", {"i": i, "error": "x" * 200})
         t0 = time.perf_counter()
-        result = webhooks.dispatch(settings, deadline_s=600)
+        result = webhook_delivery.dispatch(settings, deadline_s=600)
         wall = time.perf_counter() - t0
         verified = sum(1 for r in rx.received if r.verified_with)
     _clear_endpoints(settings)
@@ -64,18 +64,18 @@ def run_cost(settings: Settings, label: str, runs: int, delay_s: float | None) -
     with Receiver() as rx:
         rx.delay_s = delay_s or 0.0
         url = rx.url if delay_s is not None else f"http://127.0.0.1:{free_port()}/down"
-        ep = webhooks.add_endpoint(settings, url, ["refresh.completed"])
+        ep = endpoints.add_endpoint(settings, url, ["refresh.completed"])
         rx.secrets = [ep.secret]
         walls = []
         delivered = 0
         for _ in range(runs):
             with psycopg.connect(settings.dsn(), autocommit=True) as conn:
                 run = start_run(conn, settings.control_schema, flow_run_id=None, trigger="bench", params={})
-                runbook.finish_run(
-                    conn, settings, run, runbook.RunSummary(str(run.run_id), "success", "bench")
+                run_record.finish_run(
+                    conn, settings, run, runs.RunSummary(str(run.run_id), "success", "bench")
                 )
             t0 = time.perf_counter()
-            result = webhooks.dispatch_after_run(settings)
+            result = webhook_delivery.dispatch_after_run(settings)
             walls.append(time.perf_counter() - t0)
             delivered += result.succeeded if result else 0
         assert all(r.verified_with for r in rx.received)

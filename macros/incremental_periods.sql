@@ -138,7 +138,7 @@
 {#
     The var refresh_weeks: the ISO weeks (Monday starts) whose data this refresh changed, as a
     sorted list of python dates; none when unset. Given as a list or a JSON list of
-    'YYYY-MM-DD' strings (flows.orchestration.runbook.dbt_build_args); an empty list means no week changed.
+    'YYYY-MM-DD' strings (flows.orchestration.dbt_selection.dbt_build_args); an empty list means no week changed.
     It is templated into SQL, so anything else stops the run, as does setting it together
     with refresh_start_date (one says "these weeks", the other "everything from this day").
     The flow passes it as the environment variable SQP_REFRESH_WEEKS instead (the same JSON),

@@ -22,7 +22,7 @@ from flows.api.status_cache import StatusCache
 from flows.core.db import use_utc, use_utc_async
 from flows.core.errors import ConfigError
 from flows.core.settings import Settings, get_settings
-from flows.orchestration import runbook
+from flows.orchestration import run_plan
 
 log = logging.getLogger(__name__)
 # Bind addresses that are no host name a client would send.
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The same start as every CLI command that reads the registry: schema migrated, the
         # registry file synced in.
-        runbook.prepare(settings)
+        run_plan.prepare(settings)
         # Opened up front: a burst of requests does not wait for new connections.
         options: dict[str, Any] = {
             "min_size": settings.api_pool_size,

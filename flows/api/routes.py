@@ -1,5 +1,6 @@
 """The /api/refresh endpoints: each parses its input, calls the plain functions the CLI and
-the flow call (flows.core.table_config, flows.orchestration.runbook, flows.control), and formats."""
+the flow call (flows.core.table_config, flows.orchestration.run_params and run_plan,
+flows.control), and formats."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from flows.api import launch
 from flows.api.auth import require
 from flows.api.problems import Problem
 from flows.api.responses import FastJSONResponse
@@ -37,7 +37,7 @@ from flows.core import planning
 from flows.core.errors import ConfigError
 from flows.core.settings import Settings
 from flows.core.table_config import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
-from flows.orchestration import runbook
+from flows.orchestration import launch, run_params, run_plan
 
 router = APIRouter(prefix="/api/refresh")
 Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]
@@ -118,7 +118,7 @@ class TriggerRequest(BaseModel):
     end_date: date | None = Field(default=None, description="Reload up to this date, inclusive")
 
 
-def _request_hash(params: runbook.RunParams) -> str:
+def _request_hash(params: run_params.RunParams) -> str:
     return hashlib.sha256(json.dumps(params.to_json(), sort_keys=True).encode()).hexdigest()
 
 
@@ -172,7 +172,7 @@ def _busy(request: Request, conn: Any) -> dict[str, Any] | None:
 
 
 def _check_scope_and_size(
-    settings: Settings, token: TokenInfo, params: runbook.RunParams, chosen: list[TableConfig], today: date
+    settings: Settings, token: TokenInfo, params: run_params.RunParams, chosen: list[TableConfig], today: date
 ) -> None:
     """What a trigger token may not do: refresh a table an admin disabled (that needs admin),
     or ask for more slices than REFRESH_API_MAX_SLICES."""
@@ -227,7 +227,7 @@ def trigger(
     configured, else the flow in a background process. Everything is checked before anything
     starts."""
     assert token is not None  # only reads may be anonymous
-    params = runbook.validate_params(
+    params = run_params.validate_params(
         body.tables, body.start_date, body.end_date, False, body.dry_run, body.force, trigger="api"
     )
     schema = _schema(request)
@@ -247,7 +247,7 @@ def trigger(
                     )
                 return _accepted(seen, replayed=True)
         configs = registry.load_all(conn, schema)
-        chosen = runbook.select_tables(configs, params.tables, force=params.force, now=now)
+        chosen = run_plan.select_tables(configs, params.tables, force=params.force, now=now)
         _check_scope_and_size(state.settings, token, params, chosen, now.date())
         busy = _busy(request, conn)
         if busy is not None:

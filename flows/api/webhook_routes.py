@@ -1,6 +1,6 @@
 """/api/refresh/webhooks: endpoints, their deliveries, a test event and secret rotation, all
-with the `admin` scope. Thin: the same functions `refresh webhooks` calls (flows.notify.webhooks for
-changes, flows.control.outbox for reads). A secret appears only in the answers to create and
+with the `admin` scope. Thin: the same functions `refresh webhooks` calls (flows.notify.endpoints
+for changes, flows.control.outbox for reads). A secret appears only in the answers to create and
 rotate-secret."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flows.api.responses import FastJSONResponse
 from flows.api.routes import COMMON_ERRORS, PROBLEM, Admin, Page
 from flows.control import outbox
 from flows.control.tokens import TokenInfo
-from flows.notify import webhooks
+from flows.notify import endpoint_checks, endpoints, webhook_events
 
 router = APIRouter(prefix="/api/refresh/webhooks", tags=["webhooks"])
 
@@ -29,7 +29,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 EndpointId = Annotated[int, Path(ge=1, le=2**62, description="Endpoint id")]
 EventType = Annotated[str, Field(min_length=1, max_length=100)]
 DeliveryStatus = Literal["pending", "succeeded", "exhausted", "cancelled"]
-EVENTS_HELP = f"Event types to subscribe: {', '.join(webhooks.EVENT_TYPES)}"
+EVENTS_HELP = f"Event types to subscribe: {', '.join(webhook_events.EVENT_TYPES)}"
 
 
 def _who(token: TokenInfo | None) -> str:
@@ -43,15 +43,17 @@ def _problems() -> Iterator[None]:
         yield
     except outbox.EndpointNotFound as exc:
         raise Problem(404, str(exc)) from None
-    except webhooks.WebhookInputError as exc:
+    except endpoint_checks.WebhookInputError as exc:
         raise Problem(422, str(exc), errors=[{"field": exc.field, "problem": str(exc)}]) from None
 
 
 class EndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(max_length=webhooks.MAX_URL_CHARS, description="http(s) URL the events are POSTed to")
-    description: str = Field(default="", max_length=webhooks.MAX_DESCRIPTION_CHARS)
+    url: str = Field(
+        max_length=endpoint_checks.MAX_URL_CHARS, description="http(s) URL the events are POSTed to"
+    )
+    description: str = Field(default="", max_length=endpoint_checks.MAX_DESCRIPTION_CHARS)
     event_types: list[EventType] | None = Field(
         default=None, max_length=50, description=f"{EVENTS_HELP}; empty or absent = all"
     )
@@ -62,8 +64,8 @@ class EndpointChanges(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(default=None, max_length=webhooks.MAX_URL_CHARS)
-    description: str | None = Field(default=None, max_length=webhooks.MAX_DESCRIPTION_CHARS)
+    url: str | None = Field(default=None, max_length=endpoint_checks.MAX_URL_CHARS)
+    description: str | None = Field(default=None, max_length=endpoint_checks.MAX_DESCRIPTION_CHARS)
     event_types: list[EventType] | None = Field(
         default=None, min_length=1, max_length=50, description=EVENTS_HELP
     )
@@ -100,7 +102,7 @@ def create_endpoint(request: Request, token: Admin, body: EndpointCreate) -> JSO
     carries its signing secret, once: store it in the receiver."""
     settings = request.app.state.settings
     with _problems():
-        new = webhooks.add_endpoint(settings, body.url, body.event_types, body.description, who=_who(token))
+        new = endpoints.add_endpoint(settings, body.url, body.event_types, body.description, who=_who(token))
     with request.app.state.pool.connection() as conn:
         endpoint = outbox.get_endpoint(conn, settings.control_schema, new.id)
     return FastJSONResponse(
@@ -130,7 +132,7 @@ def update_endpoint(
             422, "nothing to change: send at least one field", errors=[{"field": "body", "problem": "empty"}]
         )
     with _problems():
-        endpoint = webhooks.update_endpoint(
+        endpoint = endpoints.update_endpoint(
             request.app.state.settings, endpoint_id, who=_who(token), **changes
         )
     return FastJSONResponse(endpoint)
@@ -192,7 +194,7 @@ def test_endpoint(request: Request, token: Admin, endpoint_id: EndpointId) -> Fa
     most the attempt timeout); a failed attempt is retried on the usual schedule."""
     settings = request.app.state.settings
     with _problems():
-        sent = webhooks.send_test(settings, endpoint_id, who=_who(token))
+        sent = endpoints.send_test(settings, endpoint_id, who=_who(token))
     with request.app.state.pool.connection() as conn:
         [row] = outbox.list_deliveries(conn, settings.control_schema, delivery_id=sent.delivery_id)
         tries = outbox.list_attempts(conn, settings.control_schema, sent.delivery_id)
@@ -208,7 +210,7 @@ def rotate_secret(
     settings = request.app.state.settings
     grace = body.grace_hours if body else None
     with _problems():
-        secret = webhooks.rotate_secret(settings, endpoint_id, grace, who=_who(token))
+        secret = endpoints.rotate_secret(settings, endpoint_id, grace, who=_who(token))
     with request.app.state.pool.connection() as conn:
         endpoint = outbox.get_endpoint(conn, settings.control_schema, endpoint_id)
     return FastJSONResponse({**endpoint, "secret": secret}, headers={"Cache-Control": "no-store"})

@@ -157,9 +157,9 @@ def embedded_stack(settings: Settings, with_stack: bool) -> contextlib.AbstractC
 
 def synced_registry(settings: Settings) -> Any:
     """The registry as it stands (the file synced in first, so file-only tables are there)."""
-    from flows.orchestration import runbook
+    from flows.orchestration import run_plan
 
-    return runbook.prepare(settings)
+    return run_plan.prepare(settings)
 
 
 def new_grid(*columns: str) -> Table:

@@ -178,6 +178,6 @@ def rollback(
 def _notify(settings: Settings) -> None:
     """Send the events just written (validation.failed, table.cutover, table.rollback) now rather
     than at the next run or housekeeping pass; bounded, never raises (the outbox keeps the rest)."""
-    from flows.notify.webhooks import dispatch_after_run
+    from flows.notify.webhook_delivery import dispatch_after_run
 
     dispatch_after_run(settings)

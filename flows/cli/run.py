@@ -380,11 +380,11 @@ def _explain(
     force: bool,
 ) -> None:
     from flows.engine.bigquery import make_clients
-    from flows.orchestration import runbook
+    from flows.orchestration import run_params
     from flows.orchestration.explain import explain, render
 
     with one_line_errors(settings=settings), embedded_stack(settings, with_stack):
-        params = runbook.validate_params(
+        params = run_params.validate_params(
             split_names(tables),
             parse_date(start_date, "--start-date"),
             parse_date(end_date, "--end-date"),

@@ -59,11 +59,11 @@ def add(
     description: Annotated[str, typer.Option("--description", "-d")] = "",
 ) -> None:
     """Register an endpoint; prints its signing secret ONCE (store it in the receiver)."""
-    from flows.notify import webhooks
+    from flows.notify import endpoints
 
     settings = _ready()
     with one_line_errors("see `refresh webhooks add --help`"):
-        new = webhooks.add_endpoint(settings, url, events, description, who=_who())
+        new = endpoints.add_endpoint(settings, url, events, description, who=_who())
     out.print(f"endpoint {new.id} added")
     out.print(f"signing secret (shown once, keep it in the receiver): {new.secret}")
 
@@ -104,11 +104,11 @@ def update(
     ] = None,
 ) -> None:
     """Change an endpoint's URL, events, description or enabled state (the secret stays)."""
-    from flows.notify import webhooks
+    from flows.notify import endpoints
 
     settings = _ready()
     with one_line_errors("see `refresh webhooks update --help`"):
-        webhooks.update_endpoint(
+        endpoints.update_endpoint(
             settings,
             endpoint_id,
             url=url,
@@ -142,11 +142,11 @@ def rotate_secret(
     ] = None,
 ) -> None:
     """New signing secret, printed ONCE; both are sent (two signatures) for the grace period."""
-    from flows.notify import webhooks
+    from flows.notify import endpoints
 
     settings = _ready()
     with one_line_errors(PG_HINT):
-        secret = webhooks.rotate_secret(settings, endpoint_id, grace_hours, who=_who())
+        secret = endpoints.rotate_secret(settings, endpoint_id, grace_hours, who=_who())
     out.print(f"endpoint {endpoint_id}: new signing secret (shown once): {secret}")
 
 
@@ -172,11 +172,11 @@ def _print_attempts(settings: Settings, delivery_id: int) -> None:
 @webhooks_app.command("test")
 def test(endpoint_id: Annotated[int, typer.Argument(help="Endpoint id (see `list`)")]) -> None:
     """Send a signed `webhook.test` event to one endpoint now and show the answer."""
-    from flows.notify import webhooks
+    from flows.notify import endpoints
 
     settings = _ready()
     with one_line_errors(PG_HINT):
-        sent = webhooks.send_test(settings, endpoint_id, who=_who())
+        sent = endpoints.send_test(settings, endpoint_id, who=_who())
         _print_attempts(settings, sent.delivery_id)
     if not sent.result.succeeded:
         fail(f"test delivery {sent.delivery_id} failed", "see the error above; the receiver must answer 2xx")
@@ -192,7 +192,7 @@ def replay(
 ) -> None:
     """Queue the events since a time again (same webhook-id, so receivers deduplicate) and send."""
     from flows.core.db import connect
-    from flows.notify import webhooks
+    from flows.notify import webhook_delivery
 
     settings = _ready()
     with one_line_errors(PG_HINT):
@@ -201,7 +201,7 @@ def replay(
             if endpoint_id is not None:
                 outbox.get_endpoint(conn, settings.control_schema, endpoint_id)
             queued = outbox.queue_replay(conn, settings.control_schema, when, endpoint_id)
-        result = webhooks.dispatch(settings, deadline_s=deadline_s, delivery_ids=queued)
+        result = webhook_delivery.dispatch(settings, deadline_s=deadline_s, delivery_ids=queued)
     out.print(
         f"{len(queued)} deliveries queued since {when:%Y-%m-%d %H:%M} UTC; sent now: {result.to_dict()}"
     )
@@ -257,9 +257,9 @@ def dispatch(
     deadline_s: Annotated[float, typer.Option(help="Seconds to keep sending and waiting for retries")] = 60,
 ) -> None:
     """Deliver what is due now (housekeeping does this hourly); waits for retries due before the deadline."""
-    from flows.notify import webhooks
+    from flows.notify import webhook_delivery
 
     settings = _ready()
     with one_line_errors(PG_HINT):
-        result = webhooks.dispatch(settings, deadline_s=deadline_s, wait=True)
+        result = webhook_delivery.dispatch(settings, deadline_s=deadline_s, wait=True)
     out.print(result.to_dict())

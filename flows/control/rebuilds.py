@@ -22,8 +22,8 @@ def slices_awaiting_dbt(
 ) -> list[tuple[date, date]]:
     """Dated slices of `table` applied in the last `within_days` days by other runs than
     `run_id` with no successful dbt build of a refresh run after them that selected the table
-    (the flow's selector `source:<dbt source>.<table>+`, see flows.orchestration.runbook.dbt_build_args) or
-    was a --full-refresh."""
+    (the flow's selector `source:<dbt source>.<table>+`, see
+    flows.orchestration.dbt_selection.dbt_build_args) or was a --full-refresh."""
     rows = _awaiting(conn, schema, table, run_id, within_days, whole_table=False)
     return [
         (start.astimezone(UTC).date(), end.astimezone(UTC).date()) for start, end in rows if start and end

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -262,6 +262,33 @@ def mark_abandoned(conn: psycopg.Connection, schema: str) -> int:
 class RunRecord:
     run_id: UUID
     started_at: datetime
+
+
+@dataclass
+class RunSummary:
+    """What a run did, as its Prefect artifact, its `refresh.*` event and the CLI show it."""
+
+    run_id: str
+    status: RunStatus
+    message: str
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    dbt_models_built: int = 0
+    dbt_nodes: int = 0
+    dbt_failed: list[str] = field(default_factory=list)
+    # Nodes dbt skipped because something upstream of them failed: stale in Postgres.
+    dbt_skipped: list[str] = field(default_factory=list)
+    first_error: str | None = None
+    dbt_invocation_id: str | None = None
+    dry_run: bool = False
+    flow_run_id: str | None = None
+    duration_s: float = 0.0
+    # The after-refresh validation of each live table (flows.engine.validation.AfterRefresh.to_dict).
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    # The shadow build and its comparison with live (None: no shadow table loaded).
+    shadow: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def start_run(

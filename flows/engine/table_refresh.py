@@ -39,7 +39,7 @@ from flows.engine.extract import (
 )
 from flows.engine.load import apply_slice, days_in_slice, ensure_raw_table
 from flows.engine.validation.after_refresh import validated_after_refresh
-from flows.notify import webhooks
+from flows.notify import webhook_events
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -150,7 +150,7 @@ def refresh_table(
             runs.check_lock(conn, run_id, f"before refreshing {cfg.table_name}")
             tables.write_table_audit(conn, settings.control_schema, outcome)
         _refresh(settings, clients, cfg, run_id, options, dry_run, conn, outcome, deadline)
-        # The next due time is set by the run (flows.orchestration.runbook.advance_due_times),
+        # The next due time is set by the run (flows.orchestration.run_plan.advance_due_times),
         # from its anchor.
         outcome.status = TableStatus.PLANNED if dry_run else TableStatus.SUCCESS
     except (RefreshError, psycopg.Error) as exc:
@@ -169,7 +169,7 @@ def refresh_table(
                 with conn.transaction():  # the table.failed event commits with its audit row
                     tables.write_table_audit(conn, settings.control_schema, outcome)
                     retries.add_table_retries(conn, settings.control_schema, run_id, cfg.table_name, count.n)
-                    webhooks.table_finished(conn, settings, outcome, failure)
+                    webhook_events.table_finished(conn, settings, outcome, failure)
             except psycopg.Error as exc:
                 log.error("%s: could not write the table audit row: %s", cfg.table_name, exc)
         conn.close()
@@ -376,8 +376,8 @@ def _predict_changes(
     run_id: UUID,
     outcome: TableOutcome,
 ) -> None:
-    """For --explain, what a run would hand dbt (flows.orchestration.runbook.rebuild_vars), without loading:
-    the slices it would apply, each with the days its load would change, and the slices owed
+    """For --explain, what a run would hand dbt (flows.orchestration.dbt_selection.rebuild_vars),
+    without loading: the slices it would apply, each with the days its load would change, and the slices owed
     by earlier runs. A load deletes the slice's rows and inserts the source's, so it changes the
     days holding rows in the raw table or in BigQuery: the fingerprint query's days where it
     covered the slice, else one count per day of the others' span (as the dry run's plan)."""

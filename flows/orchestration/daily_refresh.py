@@ -1,6 +1,7 @@
 """The Prefect flow: reads like the runbook (validate -> plan -> extract -> transform -> record).
 
-The work lives in plain functions (flows.orchestration.runbook, flows.engine.table_refresh,
+The work lives in plain functions (the steps in flows.orchestration: run_params, run_plan,
+run_record, dbt_selection, post_load_checks, run_summary, run_report; flows.engine.table_refresh,
 flows.engine.transform); this module only wires them into Prefect tasks so each table and the
 dbt stage show up in the UI.
 """
@@ -40,8 +41,16 @@ from flows.engine.bigquery import BigQueryClients, make_clients
 from flows.engine.extract import check_reachable
 from flows.engine.table_refresh import RefreshOptions, refresh_table
 from flows.engine.transform import run_dbt
-from flows.notify import webhooks
-from flows.orchestration import runbook
+from flows.notify import webhook_delivery
+from flows.orchestration import (
+    dbt_selection,
+    post_load_checks,
+    run_params,
+    run_plan,
+    run_record,
+    run_report,
+    run_summary,
+)
 
 # A table whose slices still fail transiently after refresh_table's own backoff (2, 4, 8 s)
 # is tried again later as a whole: its committed slices are kept and skipped. All of it within
@@ -147,7 +156,7 @@ def _check_lock(settings: Settings, run_id: UUID, doing: str) -> None:
         runs.check_lock(conn, run_id, doing)
 
 
-def _end_run(settings: Settings, run: runs.RunRecord, summary: runbook.RunSummary) -> runbook.RunSummary:
+def _end_run(settings: Settings, run: runs.RunRecord, summary: runs.RunSummary) -> runs.RunSummary:
     """Record the run's end; the summary as recorded. Never raises.
 
     Postgres may be restarting: retried with backoff for REFRESH_PG_RETRY_BUDGET_S. A run that
@@ -164,7 +173,7 @@ def _end_run(settings: Settings, run: runs.RunRecord, summary: runbook.RunSummar
                     if "lost the refresh lock" not in summary.message:
                         message = f"{exc} | {summary.message}"
                         summary = replace(summary, status=RunStatus.FAILED, message=message)
-                runbook.finish_run(conn, settings, run, summary)
+                run_record.finish_run(conn, settings, run, summary)
             return summary
         except psycopg.OperationalError as exc:
             if time.monotonic() + delay > deadline:
@@ -242,8 +251,8 @@ def transform(
     explicit_range: bool = False,
 ) -> DbtOutcome | None:
     """dbt build (models and their tests) of what is downstream of the changed sources."""
-    sources = runbook.dbt_sources(settings.dbt_project_dir)
-    args = runbook.dbt_build_args(outcomes, full_refresh, sources, explicit_range=explicit_range)
+    sources = dbt_selection.dbt_sources(settings.dbt_project_dir)
+    args = dbt_selection.dbt_build_args(outcomes, full_refresh, sources, explicit_range=explicit_range)
     if args is None:
         return None
     started = datetime.now(UTC)
@@ -292,26 +301,26 @@ def daily_refresh(
     logger = get_run_logger()
     t0 = time.monotonic()
     settings = get_settings()
-    params = runbook.validate_params(tables, start_date, end_date, full_refresh, dry_run, force, trigger)
-    anchor = runbook.run_anchor(_scheduled_start(), datetime.now(UTC))
+    params = run_params.validate_params(tables, start_date, end_date, full_refresh, dry_run, force, trigger)
+    anchor = run_plan.run_anchor(_scheduled_start(), datetime.now(UTC))
     clients = make_clients(settings)
     try:
         # BigQuery unreachable: fail within REFRESH_BQ_TIMEOUT_S, before any run row is written.
         check_reachable(clients)
-        chosen = runbook.plan_tables(settings, clients, params, now=anchor)
+        chosen = run_plan.plan_tables(settings, clients, params, now=anchor)
         logger.info("plan: %s", ", ".join(c.table_name for c in chosen) or "no table is due")
         # One refresh at a time: a second run fails here at once, having changed nothing.
         with _refresh_lock(settings, params.trigger) as lock_conn:
-            run = runbook.begin_run(lock_conn, settings, flow_run_id=_flow_run_id(), params=params)
+            run = run_record.begin_run(lock_conn, settings, flow_run_id=_flow_run_id(), params=params)
             outcomes: list[TableOutcome] = []
             try:
                 outcomes = extract(settings, clients, chosen, run.run_id, params.options)
-                checks = runbook.validate_after_refresh(
+                checks = post_load_checks.validate_after_refresh(
                     settings, clients, chosen, outcomes, run.run_id, params.dry_run
                 )
                 if not params.dry_run:
                     _check_lock(settings, run.run_id, "before dbt")
-                runbook.advance_due_times(
+                run_plan.advance_due_times(
                     lock_conn, settings, chosen, outcomes, anchor, scheduled=params.scheduled
                 )
                 dbt = (
@@ -328,9 +337,9 @@ def daily_refresh(
                 shadow = (
                     None
                     if params.dry_run
-                    else runbook.shadow_step(settings, outcomes, run.run_id, params.full_refresh)
+                    else post_load_checks.shadow_step(settings, outcomes, run.run_id, params.full_refresh)
                 )
-                summary = runbook.summarise(
+                summary = run_summary.summarise(
                     run.run_id,
                     outcomes,
                     dbt,
@@ -345,7 +354,7 @@ def daily_refresh(
                 _end_run(
                     settings,
                     run,
-                    runbook.RunSummary(str(run.run_id), RunStatus.FAILED, message, dry_run=params.dry_run),
+                    runs.RunSummary(str(run.run_id), RunStatus.FAILED, message, dry_run=params.dry_run),
                 )
                 if isinstance(exc, psycopg.OperationalError):
                     raise PostgresLostError(message) from exc
@@ -367,9 +376,9 @@ def daily_refresh(
     finally:
         clients.close()
         # Bounded (REFRESH_WEBHOOK_RUN_DEADLINE_S), never raises; housekeeping sends the rest.
-        webhooks.dispatch_after_run(settings)
+        webhook_delivery.dispatch_after_run(settings)
     create_markdown_artifact(
-        markdown=runbook.markdown_report(summary, settings),
+        markdown=run_report.markdown_report(summary, settings),
         key="refresh-report",
         description=f"refresh {summary.status}: {summary.message}"[:500],
     )

@@ -25,7 +25,7 @@ from flows.engine.bigquery import BigQueryClients
 from flows.engine.periods import days_periods
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.engine.transform import dbt_env, invoke_dbt, profiles_dir
-from flows.orchestration import runbook
+from flows.orchestration import dbt_selection, run_params, run_plan
 
 DBT_SOURCE = "sqp"
 
@@ -42,7 +42,7 @@ class Explanation:
     # refresh_start_date), "lookback" (no var: only tables replaced whole changed) or
     # "everything" (--full-refresh).
     periods_from: str | None = None
-    # The vars the run's `dbt build` would get that say what to rebuild (runbook.rebuild_vars).
+    # The vars the run's `dbt build` would get that say what to rebuild (dbt_selection.rebuild_vars).
     dbt_vars: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,13 +87,13 @@ def rebuild_periods(
 ) -> tuple[dict[str, list[str]], str, dict[str, Any]]:
     """The dbt periods the run would rebuild for the `changed` tables, what decides them (see
     Explanation.periods_from) and the run's vars, by the run's own rule
-    (flows.orchestration.runbook.rebuild_vars): the periods of the days its loads would change (the days
+    (flows.orchestration.dbt_selection.rebuild_vars): the periods of the days its loads would change (the days
     holding rows in the raw table or in BigQuery of each slice it reads) and of every day of
     the slices owed or without per-day figures; with a requested range, everything from its
     start; with --full-refresh, everything."""
     if options.full_refresh:
         return {}, "everything", {}
-    dbt_vars = runbook.rebuild_vars(changed, options.explicit_range)
+    dbt_vars = dbt_selection.rebuild_vars(changed, options.explicit_range)
     if "refresh_start_date" in dbt_vars:
         return {}, f"from {dbt_vars['refresh_start_date']}", dbt_vars
     if not dbt_vars:
@@ -118,7 +118,7 @@ def dbt_models(settings: Settings, select: str) -> list[str]:
 
 
 def explain(
-    settings: Settings, clients: BigQueryClients, params: runbook.RunParams, now: datetime
+    settings: Settings, clients: BigQueryClients, params: run_params.RunParams, now: datetime
 ) -> Explanation:
     """Plan, fingerprint and decide every table the run would refresh; write nothing.
 
@@ -127,15 +127,15 @@ def explain(
     """
     with connect(settings, autocommit=True) as conn:
         configs = registry.load_all(conn, settings.control_schema)
-    chosen = runbook.select_tables(configs, params.tables, force=params.force, now=now)
+    chosen = run_plan.select_tables(configs, params.tables, force=params.force, now=now)
     options = replace(params.options, dry_run=True, explain=True)
     out = Explanation()
-    sources = runbook.dbt_sources(settings.dbt_project_dir)
+    sources = dbt_selection.dbt_sources(settings.dbt_project_dir)
     changed = []
     for cfg in chosen:
         outcome = refresh_table(settings, clients, cfg, uuid4(), options)
         out.tables.append(outcome)
-        # As the run decides (runbook.dbt_build_args): slices to read or owed, or a whole table
+        # As the run decides (dbt_selection.dbt_build_args): slices to read or owed, or a whole table
         # to read or owed.
         if (
             outcome.status == TableStatus.PLANNED

@@ -22,7 +22,7 @@ from flows.core.db import connect, migrate
 from flows.core.errors import ConfigError
 from flows.core.settings import Settings, get_settings
 from flows.engine import maintenance, transform
-from flows.notify import webhooks
+from flows.notify import webhook_delivery, webhook_events
 
 DEFAULT_CHECKPOINT_RETENTION_DAYS = 90
 DEFAULT_AUDIT_RETENTION_DAYS = 365
@@ -39,7 +39,7 @@ def mark_abandoned_runs(settings: Settings) -> int:
     refresh.failed event commits with it."""
     with connect(settings) as conn, conn.transaction():
         n = runs.mark_abandoned(conn, settings.control_schema)
-        webhooks.runs_abandoned(conn, settings)
+        webhook_events.runs_abandoned(conn, settings)
         return n
 
 
@@ -130,7 +130,7 @@ class HousekeepingResult:
 def dispatch_webhooks(settings: Settings) -> dict[str, int]:
     """Deliver the webhook events left over (receiver down, run killed before dispatch) and the
     retries that fall due within REFRESH_WEBHOOK_HOUSEKEEPING_DEADLINE_S."""
-    return webhooks.dispatch(
+    return webhook_delivery.dispatch(
         settings, deadline_s=settings.webhook_housekeeping_deadline_s, wait=True
     ).to_dict()
 

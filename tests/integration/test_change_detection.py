@@ -29,9 +29,9 @@ from flows.engine import change_detection, table_refresh
 from flows.engine.bigquery import BigQueryClients, make_clients
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.engine.validation import source_match
-from flows.orchestration import runbook
+from flows.orchestration import dbt_selection
 from flows.orchestration.explain import explain, render
-from flows.orchestration.runbook import RunParams
+from flows.orchestration.run_params import RunParams
 from tests.integration.test_dry_run import snapshot
 from tests.integration.test_extraction_engine import locked_run
 
@@ -281,7 +281,7 @@ def test_explain_names_the_slices_and_writes_nothing(env: Env) -> None:
     # The run then hands dbt exactly the days and slices explained (here with the slices that
     # earlier tests applied without a dbt build: owed, every day of each).
     ran, _ = env.run()
-    assert ex.dbt_vars is not None and runbook.rebuild_vars([ran], False) == ex.dbt_vars
+    assert ex.dbt_vars is not None and dbt_selection.rebuild_vars([ran], False) == ex.dbt_vars
     assert sorted(ran.changed_slices) == sorted(outcome.changed_slices)
 
     # Detection off: no fingerprint query, every slice read; its days come from one count per

@@ -33,9 +33,9 @@ from flows.engine.bigquery import BigQueryClients
 from flows.engine.periods import periods_to_rebuild
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.engine.transform import run_dbt, target_dir
-from flows.orchestration import runbook
+from flows.orchestration import dbt_selection
 from flows.orchestration.explain import explain
-from flows.orchestration.runbook import RunParams
+from flows.orchestration.run_params import RunParams
 from tests.integration.conftest import SPEC
 from tests.integration.test_extraction_engine import locked_run
 
@@ -145,7 +145,7 @@ def test_slices_without_a_successful_dbt_build_are_rebuilt_by_the_next_run(
     assert first.changed_slices == [_slice(RESTATED)]
     [second] = _load(settings, clients, [SHRUNK])
     assert second.changed_slices == [_slice(SHRUNK), _slice(RESTATED)]
-    args = runbook.dbt_build_args([second], False, runbook.dbt_sources(settings.dbt_project_dir))
+    args = dbt_selection.dbt_build_args([second], False, dbt_selection.dbt_sources(settings.dbt_project_dir))
     # The owed slice counts as every day of its range; the one applied now as the day it holds.
     owed_days = [_slice(RESTATED)[0] + timedelta(days=i) for i in range(7)]
     assert args is not None and json.loads(args[4]) == {
@@ -162,7 +162,7 @@ def test_a_whole_table_changes_models_only_when_loaded_or_owed(
     """The catalog (full_replace) selects its models when this run loads it, or when a load of
     it still waits for a successful dbt build; found unchanged and owed nothing, it does not."""
     assert refreshed["status"] == "success", refreshed["message"]
-    sources = runbook.dbt_sources(settings.dbt_project_dir)
+    sources = dbt_selection.dbt_sources(settings.dbt_project_dir)
 
     def refresh_products(options: RefreshOptions) -> TableOutcome:
         with psycopg.connect(settings.dsn(), autocommit=True) as conn:
@@ -175,14 +175,14 @@ def test_a_whole_table_changes_models_only_when_loaded_or_owed(
     # The session's refresh built dbt after loading it: unchanged now, nothing to rebuild.
     quiet = refresh_products(RefreshOptions())
     assert quiet.slices_done == 0 and not quiet.replaced_whole
-    assert runbook.dbt_build_args([quiet], False, sources) is None
+    assert dbt_selection.dbt_build_args([quiet], False, sources) is None
     # Loaded again by a run that never builds dbt (here: none ran)...
     loaded = refresh_products(RefreshOptions(full_refresh=True))
     assert loaded.slices_done == 1 and loaded.replaced_whole
     # ...the next run finds it unchanged but owes its models a rebuild.
     owed = refresh_products(RefreshOptions())
     assert owed.slices_done == 0 and owed.replaced_whole
-    args = runbook.dbt_build_args([owed], False, sources)
+    args = dbt_selection.dbt_build_args([owed], False, sources)
     assert args is not None and args[2].startswith(f"source:sqp.{PRODUCTS_TABLE}+") and args[4] == "{}"
     # A successful build of its selection settles it.
     from flows.orchestration.daily_refresh import daily_refresh
@@ -219,7 +219,7 @@ def test_changed_weeks_rebuild_their_periods_only_and_equal_a_full_rebuild(
     slices = [s for o in outcomes for s in o.changed_slices]
     assert slices == [_slice(w) for w in (RESTATED, SHRUNK, NEW)]
 
-    args = runbook.dbt_build_args(outcomes, False, runbook.dbt_sources(settings.dbt_project_dir))
+    args = dbt_selection.dbt_build_args(outcomes, False, dbt_selection.dbt_sources(settings.dbt_project_dir))
     assert args is not None
     assert json.loads(args[4]) == {"refresh_days": [w.isoformat() for w in (RESTATED, SHRUNK, NEW)]}
     log = target_dir(settings).parent / "logs" / "dbt.log"
@@ -345,7 +345,7 @@ def _build_changed_days(
 ) -> dict[str, set[date]]:
     """The daily dbt build of one slice whose only changed day is `day`: its args carry exactly
     that day; returns the periods each model rebuilt."""
-    args = runbook.dbt_build_args([outcome], False, runbook.dbt_sources(settings.dbt_project_dir))
+    args = dbt_selection.dbt_build_args([outcome], False, dbt_selection.dbt_sources(settings.dbt_project_dir))
     assert args is not None and json.loads(args[4]) == {"refresh_days": [day.isoformat()]}
     dbt = run_dbt(settings, args)
     assert dbt.success, dbt.message

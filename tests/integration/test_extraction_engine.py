@@ -43,7 +43,7 @@ from flows.core.type_mapping import pg_column_name
 from flows.engine.bigquery import BigQueryClients
 from flows.engine.extract import ReadStats, read_rest, read_storage
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.orchestration import runbook
+from flows.orchestration import run_params, run_summary
 from tests.integration.conftest import migrated_with_dataset
 
 S = bigquery.SchemaField
@@ -409,7 +409,9 @@ with runs.refresh_lock(settings, wait_s=30) as conn:
 
 
 def _backfill_params(name: str, first: date, last: date) -> dict[str, Any]:
-    return runbook.validate_params([name], first, last, force=True, trigger="backfill", today=last).to_json()
+    return run_params.validate_params(
+        [name], first, last, force=True, trigger="backfill", today=last
+    ).to_json()
 
 
 def test_backfill_killed_twice_then_run_again_skips_what_its_attempts_committed(engine: Engine) -> None:
@@ -627,7 +629,7 @@ def test_drift_new_column_added_retyped_and_dropped_fail_only_their_table(engine
             (run_id, "xt_drift_retyped"),
         ).fetchone()
     assert err is not None and "'amount' changed type" in err[0]
-    status, _ = runbook.overall_status(list(outcomes.values()), None)
+    status, _ = run_summary.overall_status(list(outcomes.values()), None)
     assert status == "warning"
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import pytest
 
-from flows.notify import webhooks
+from flows.notify import endpoints
 from tests.integration.fault_support import (
     FaultStack,
     assert_exact,
@@ -125,7 +125,7 @@ def test_kill9_at_random_moments_of_the_run_then_a_normal_run_is_exact(
     t_all = time.monotonic()
     with Receiver() as rx:
         rx.delay_s = 0.3
-        webhooks.add_endpoint(ft.settings, rx.url, None, "fault trials")
+        endpoints.add_endpoint(ft.settings, rx.url, None, "fault trials")
         # The first load, timed per phase: the kill delays below are drawn within them.
         spans: dict[str, float] = {}
         known = _known_runs(ft)

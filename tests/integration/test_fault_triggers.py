@@ -160,8 +160,8 @@ def test_refusal_of_an_api_started_process_is_recorded_on_its_trigger(
     import socket
     import uuid
 
-    from flows.api import runner
     from flows.control import triggers
+    from flows.orchestration import detached_run
 
     schema = ft.settings.control_schema
     mine, other = uuid.uuid4(), uuid.uuid4()
@@ -181,7 +181,7 @@ def test_refusal_of_an_api_started_process_is_recorded_on_its_trigger(
                 token_id=None,
             )
     monkeypatch.setenv("REFRESH_PG_DSN", ft.env["REFRESH_PG_DSN"])
-    runner.record_refusal("another refresh is running (run 1234): this run did nothing")
+    detached_run.record_refusal("another refresh is running (run 1234): this run did nothing")
     with ft.pg() as conn:
         got, untouched = triggers.get(conn, schema, mine), triggers.get(conn, schema, other)
     assert got is not None and got.refused == "another refresh is running (run 1234): this run did nothing"

@@ -512,7 +512,7 @@ def test_abandoned_runs_are_marked_only_when_no_refresh_holds_the_lock(
 ) -> None:
     from flows.control.runs import refresh_lock
     from flows.orchestration.housekeeping import mark_abandoned_runs
-    from flows.orchestration.runbook import prepare
+    from flows.orchestration.run_plan import prepare
 
     prepare(orch)
     run_id = uuid4()

@@ -10,7 +10,7 @@ from flows.control import registry
 from flows.core.errors import ConfigError
 from flows.core.settings import get_settings
 from flows.engine.bigquery import BigQueryClients, make_clients
-from flows.orchestration import runbook
+from flows.orchestration import run_plan
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def isolated(monkeypatch: pytest.MonkeyPatch, stack: object) -> BigQueryClients:
 
 def test_new_source_table_is_registered_in_dry_run_once_with_an_event(isolated: BigQueryClients) -> None:
     settings = get_settings()
-    configs = runbook.register_new_tables(settings, isolated, runbook.prepare(settings))
+    configs = run_plan.register_new_tables(settings, isolated, run_plan.prepare(settings))
     new = {c.table_name: c for c in configs}["new_vendor_table"]
     assert (new.source_table, new.mode.value, new.write_strategy.value, new.origin) == (
         "New_Vendor_Table",
@@ -39,7 +39,7 @@ def test_new_source_table_is_registered_in_dry_run_once_with_an_event(isolated: 
         "auto",
     )
     # second run: nothing new
-    runbook.register_new_tables(settings, isolated, runbook.prepare(settings))
+    run_plan.register_new_tables(settings, isolated, run_plan.prepare(settings))
     with psycopg.connect(settings.dsn()) as conn:
         events = conn.execute(
             "select count(*) from reg_control.events where event = 'table.registered' and table_name = %s",
@@ -50,14 +50,14 @@ def test_new_source_table_is_registered_in_dry_run_once_with_an_event(isolated: 
 
 def test_user_edits_win_over_the_file_and_bad_edits_change_nothing(isolated: BigQueryClients) -> None:
     settings = get_settings()
-    runbook.prepare(settings)
+    run_plan.prepare(settings)
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         registry.update(conn, "reg_control", "products", {"priority": 55, "mode": "shadow"})
         with pytest.raises(ConfigError, match="priority"):
             registry.update(conn, "reg_control", "products", {"priority": 5000})
         with pytest.raises(ConfigError, match="cannot set"):
             registry.update(conn, "reg_control", "products", {"source_table": "x; drop"})
-    configs = {c.table_name: c for c in runbook.prepare(settings)}
+    configs = {c.table_name: c for c in run_plan.prepare(settings)}
     assert (configs["products"].priority, configs["products"].mode.value, configs["products"].origin) == (
         55,
         "shadow",

@@ -1,7 +1,7 @@
 """The schedule's cadence: which tables each run selects, and the due times it leaves behind.
 
-The real selection (flows.orchestration.runbook.prepare + select_tables / plan_tables) and the real due-time
-update (flows.orchestration.runbook.advance_due_times) run against the session's Postgres, each test in its
+The real selection (flows.orchestration.run_plan.prepare + select_tables / plan_tables) and the real due-time
+update (flows.orchestration.run_plan.advance_due_times) run against the session's Postgres, each test in its
 own control schema. Time is simulated: every run's anchor is passed in, nothing sleeps. A
 simulated run succeeds for every table it selects (what it loads is tested elsewhere).
 """
@@ -21,7 +21,7 @@ from flows.core.settings import Settings, get_settings
 from flows.demo.sample_data import SampleSpec, generate
 from flows.engine.bigquery import make_clients
 from flows.engine.table_refresh import TableOutcome
-from flows.orchestration import runbook
+from flows.orchestration import run_params, run_plan
 
 TABLES_FILE = """
 tables:
@@ -51,10 +51,10 @@ class Simulation:
     ) -> set[str]:
         """One run as the flow does it: registry synced, tables selected at the anchor, each
         chosen table refreshed successfully, due times advanced."""
-        configs = runbook.prepare(self.settings)
-        chosen = runbook.select_tables(configs, requested, force=force, now=anchor, scheduled=scheduled)
+        configs = run_plan.prepare(self.settings)
+        chosen = run_plan.select_tables(configs, requested, force=force, now=anchor, scheduled=scheduled)
         outcomes = [TableOutcome(c.table_name, "success", c.mode.value) for c in chosen]
-        runbook.advance_due_times(self.conn, self.settings, chosen, outcomes, anchor, scheduled=scheduled)
+        run_plan.advance_due_times(self.conn, self.settings, chosen, outcomes, anchor, scheduled=scheduled)
         return {c.table_name for c in chosen}
 
     def manual(self, rng: random.Random, start: datetime) -> None:
@@ -138,8 +138,8 @@ def test_a_fresh_install_refreshes_every_registered_table_on_its_first_run(
     try:
         generate(clients, SampleSpec(sqp_rows=50, weeks=2, asins=5, daily_rows=30))
         now = datetime.now(UTC)
-        params = runbook.validate_params(trigger="cli")
-        chosen = runbook.plan_tables(settings, clients, params, now=now)
+        params = run_params.validate_params(trigger="cli")
+        chosen = run_plan.plan_tables(settings, clients, params, now=now)
     finally:
         clients.close()
     file_tables = set(FREQUENCY_H)
@@ -177,4 +177,4 @@ def test_manual_runs_on_a_fresh_install_leave_each_table_due_at_its_next_schedul
 def test_a_bad_schedule_fails_before_a_run_changes_anything(stack: object, tmp_path: Path) -> None:
     settings = _settings(tmp_path, "sched_bad", schedule_cron="at two")
     with pytest.raises(ConfigError, match="REFRESH_SCHEDULE_CRON"):
-        runbook.plan_tables(settings, None, runbook.validate_params(), now=START)  # type: ignore[arg-type]
+        run_plan.plan_tables(settings, None, run_params.validate_params(), now=START)  # type: ignore[arg-type]

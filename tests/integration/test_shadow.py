@@ -15,7 +15,7 @@ from flows.core.settings import Settings
 from flows.core.table_config import Mode, TableConfig
 from flows.demo.sample_data import SQP_TABLE
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
-from flows.orchestration import runbook
+from flows.orchestration import post_load_checks, run_summary
 from tests.integration.test_extraction_engine import locked_run
 
 SHADOW_SCHEMAS = ("raw_shadow", "staging_shadow", "intermediate_shadow", "marts_shadow", "summaries_shadow")
@@ -58,7 +58,7 @@ def test_shadow_build_matches_live_then_a_difference_names_model_and_period(
     settings: Settings, clients: Any, shadow_cfg: TableConfig, pg: psycopg.Connection
 ) -> None:
     run_id, outcome = _load_shadow(settings, clients, shadow_cfg)
-    shadow = runbook.shadow_step(settings, [outcome], run_id, full_refresh=True)
+    shadow = post_load_checks.shadow_step(settings, [outcome], run_id, full_refresh=True)
     assert shadow is not None and shadow["dbt_success"], shadow
     assert shadow["differs"] == [] and shadow["periods_compared"] > 0
     present = {
@@ -87,7 +87,7 @@ def test_shadow_build_matches_live_then_a_difference_names_model_and_period(
         "where ctid = (select ctid from raw_shadow.search_query_performance where date = %s limit 1)",
         (newest,),
     )
-    shadow = runbook.shadow_step(settings, [outcome], run_id, full_refresh=True)
+    shadow = post_load_checks.shadow_step(settings, [outcome], run_id, full_refresh=True)
     assert shadow is not None
     week = newest.astimezone(UTC).date()
     assert f"weekly_summary {week}" in shadow["differs"], shadow["differs"]
@@ -102,11 +102,11 @@ def test_shadow_build_matches_live_then_a_difference_names_model_and_period(
         (run_id,),
     ).fetchall()
     assert ("weekly_summary",) in events
-    message = runbook.with_shadow("1 table(s) refreshed", shadow)
+    message = run_summary.with_shadow("1 table(s) refreshed", shadow)
     assert "shadow differs from live in " in message and "weekly_summary" in message
 
 
 def test_no_shadow_table_loaded_means_no_shadow_build(settings: Settings) -> None:
     live = TableOutcome("search_query_performance", "success", "live", slices_done=3)
     idle = TableOutcome("daily_search_terms", "success", "shadow", slices_done=0)
-    assert runbook.shadow_step(settings, [live, idle], None, full_refresh=False) is None  # type: ignore[arg-type]
+    assert post_load_checks.shadow_step(settings, [live, idle], None, full_refresh=False) is None  # type: ignore[arg-type]

@@ -27,7 +27,7 @@ from flows.engine import change_detection
 from flows.engine.bigquery import BigQueryClients, make_clients
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.engine.validation import source_match
-from flows.orchestration import runbook
+from flows.orchestration import post_load_checks, run_summary
 from tests.integration.test_extraction_engine import locked_run
 
 
@@ -117,7 +117,9 @@ def test_a_difference_loaded_by_a_refresh_is_caught_in_that_run(env: Env) -> Non
     # re-read (and so re-load through the tampering trigger) the lookback window.
     cfg = _cfg().model_copy(update={"change_detection": ChangeDetection.OFF})
     run_id, _ = env.refresh(cfg, RefreshOptions(full_refresh=True))
-    first = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [_ok(cfg)], run_id, False)
+    first = post_load_checks.validate_after_refresh(
+        env.settings, env.clients, [cfg], [_ok(cfg)], run_id, False
+    )
     assert first[0].failed == [] and first[0].periods >= 8 and first[0].error is None
     with env.pg() as conn:
         loaded = _dq(conn, "va_control", run_id)
@@ -153,7 +155,9 @@ def test_a_difference_loaded_by_a_refresh_is_caught_in_that_run(env: Env) -> Non
     finally:
         with env.pg() as conn:
             conn.execute("drop trigger tamper on va_raw.search_query_performance")
-    checks = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+    checks = post_load_checks.validate_after_refresh(
+        env.settings, env.clients, [cfg], [outcome], run_id, False
+    )
     newest_week = max(p for _, p, _ in loaded)
     assert checks[0].failed == [str(newest_week)], checks
     assert 0 < checks[0].periods < first[0].periods
@@ -173,7 +177,7 @@ def test_a_difference_loaded_by_a_refresh_is_caught_in_that_run(env: Env) -> Non
         ).fetchall()
         assert event == [("search_query_performance", event[0][1])]
         assert event[0][1]["periods_failed"] == [str(newest_week)]
-    status, message = runbook.with_validation("success", "1 table(s) refreshed", checks)
+    status, message = run_summary.with_validation("success", "1 table(s) refreshed", checks)
     assert status == "warning"
     assert f"search_query_performance differs from BigQuery in {newest_week}" in message
     # validate-data (all periods) still finds the row changed outside the window.
@@ -195,7 +199,9 @@ def test_untouched_slices_reuse_the_load_fingerprint_and_any_change_since_is_fou
     # Change detection on: each load stores Postgres' fingerprint of what it committed.
     cfg = _cfg()
     run_id, outcome = env.refresh(cfg, RefreshOptions(full_refresh=True))
-    (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+    (check,) = post_load_checks.validate_after_refresh(
+        env.settings, env.clients, [cfg], [outcome], run_id, False
+    )
     assert check.failed == [] and check.periods >= 8
     assert check.periods_from_load == check.periods  # no row was hashed in Postgres
     with env.pg() as conn:
@@ -222,7 +228,9 @@ def test_untouched_slices_reuse_the_load_fingerprint_and_any_change_since_is_fou
                     "order by date desc, asin, search_query limit 1"
                 )
             )
-        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+        (check,) = post_load_checks.validate_after_refresh(
+            env.settings, env.clients, [cfg], [outcome], run_id, False
+        )
         assert check.failed == [str(align(week[0], cfg.slice_size))], tamper
         assert check.periods_from_load == 0
         with env.pg() as conn:
@@ -244,7 +252,9 @@ def test_a_source_change_after_the_load_is_reported_from_a_fresh_checksum(env: E
     change = "`ASIN Click Count` = `ASIN Click Count` + {d} where `Date` = " + newest
     env.clients.rest.query(f"update {path} set {change.format(d=1)}").result()
     try:
-        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+        (check,) = post_load_checks.validate_after_refresh(
+            env.settings, env.clients, [cfg], [outcome], run_id, False
+        )
     finally:
         env.clients.rest.query(f"update {path} set {change.format(d=-1)}").result()
     assert len(check.failed) == 1 and check.periods_from_load == 0
@@ -264,15 +274,23 @@ def test_opted_out_unchanged_and_dry_run_tables_are_not_validated(env: Env) -> N
     with locked_run(env.settings) as run_id:
         pass
     cfg = _cfg()
-    (unchanged,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [_ok(cfg)], run_id, False)
+    (unchanged,) = post_load_checks.validate_after_refresh(
+        env.settings, env.clients, [cfg], [_ok(cfg)], run_id, False
+    )
     assert unchanged.skipped == "no slice committed (unchanged)"
     opted = _cfg(validate_after_refresh=False)
-    (off,) = runbook.validate_after_refresh(env.settings, env.clients, [opted], [_ok(opted)], run_id, False)
+    (off,) = post_load_checks.validate_after_refresh(
+        env.settings, env.clients, [opted], [_ok(opted)], run_id, False
+    )
     assert off.skipped == "custom_params.validate_after_refresh is false"
-    (dry,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [_ok(cfg)], run_id, True)
+    (dry,) = post_load_checks.validate_after_refresh(
+        env.settings, env.clients, [cfg], [_ok(cfg)], run_id, True
+    )
     assert dry.skipped is not None and "not live" in dry.skipped
     shadow = _cfg("shadow")
-    (sh,) = runbook.validate_after_refresh(env.settings, env.clients, [shadow], [_ok(shadow)], run_id, False)
+    (sh,) = post_load_checks.validate_after_refresh(
+        env.settings, env.clients, [shadow], [_ok(shadow)], run_id, False
+    )
     assert sh.skipped == "mode shadow: not live"
     with env.pg() as conn:
         assert _dq(conn, "va_control", run_id) == []
@@ -338,7 +356,7 @@ def test_a_daily_run_validates_with_the_plans_bigquery_fingerprints(
     try:
         run_id, outcome = env.refresh(cfg, RefreshOptions())
         with _checksum_queries(env, monkeypatch) as sent:
-            (check,) = runbook.validate_after_refresh(
+            (check,) = post_load_checks.validate_after_refresh(
                 env.settings, env.clients, [cfg], [outcome], run_id, False
             )
         assert sent == [] and check.bytes_processed == 0
@@ -355,7 +373,7 @@ def test_a_daily_run_validates_with_the_plans_bigquery_fingerprints(
         assert plan is not None
         outcome.plan_fingerprints = replace(plan, periods={newest: plan.periods[newest]})
         with _checksum_queries(env, monkeypatch) as sent:
-            (check,) = runbook.validate_after_refresh(
+            (check,) = post_load_checks.validate_after_refresh(
                 env.settings, env.clients, [cfg], [outcome], run_id, False
             )
         assert check.failed == [] and check.periods_bigquery_from_plan == 1, check
@@ -403,7 +421,9 @@ def test_a_plan_fingerprint_that_differs_from_postgres_is_reported(env: Env) -> 
         outcome.plan_fingerprints = replace(
             plan, periods={week: fingerprints.Fingerprint(fp.rows, fp.checksum + 1)}
         )
-        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+        (check,) = post_load_checks.validate_after_refresh(
+            env.settings, env.clients, [cfg], [outcome], run_id, False
+        )
         assert check.failed == [str(week)] and check.periods_bigquery_from_plan == 1, check
         with env.pg() as conn:
             details = _details(conn, run_id)[week]
@@ -428,7 +448,9 @@ def test_postgres_changed_after_the_load_differs_from_the_plans_fingerprint(env:
                 "where ctid = (select ctid from va_raw.search_query_performance "
                 "order by date desc, asin, search_query limit 1)"
             )
-        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+        (check,) = post_load_checks.validate_after_refresh(
+            env.settings, env.clients, [cfg], [outcome], run_id, False
+        )
         assert check.failed == [str(week)] and check.periods_from_load == 0, check
         assert check.periods_bigquery_from_plan == 1
         with env.pg() as conn:
@@ -458,7 +480,9 @@ def test_a_source_changed_between_the_plan_and_the_read_is_reported(
         with monkeypatch.context() as m:
             m.setattr(change_detection, "detect", detect_then_restate)
             run_id, outcome = env.refresh(cfg, RefreshOptions())
-        (check,) = runbook.validate_after_refresh(env.settings, env.clients, [cfg], [outcome], run_id, False)
+        (check,) = post_load_checks.validate_after_refresh(
+            env.settings, env.clients, [cfg], [outcome], run_id, False
+        )
         # Postgres holds what the read saw, not what BigQuery held at the fingerprint: a difference.
         assert check.failed == [str(week)] and check.periods_bigquery_from_plan == 1, check
         with env.pg() as conn:

@@ -18,7 +18,7 @@ from flows.core.settings import Settings, get_settings
 from flows.core.table_config import Mode, TableConfig
 from flows.engine.validation import source_match, summary_checks
 from flows.engine.validation.source_match import PeriodResult
-from flows.notify import webhooks
+from flows.notify import endpoints, webhook_delivery
 from tests.webhook_receiver import Receiver
 
 CONTROL = "wv_control"
@@ -67,7 +67,7 @@ def _results(passed: bool) -> list[PeriodResult]:
 
 def test_validation_and_rollout_events_reach_a_verifying_receiver(wv: Settings) -> None:
     with Receiver() as rx:
-        ep = webhooks.add_endpoint(wv, rx.url, SUBSCRIBED, "data quality")
+        ep = endpoints.add_endpoint(wv, rx.url, SUBSCRIBED, "data quality")
         rx.secrets = [ep.secret]
         with psycopg.connect(wv.dsn(), autocommit=True) as conn:
             rollout.cutover(conn, CONTROL, TABLE, "raw_shadow", who="ana", reason="start shadow")
@@ -75,7 +75,7 @@ def test_validation_and_rollout_events_reach_a_verifying_receiver(wv: Settings) 
             source_match.record_results(conn, CONTROL, cfg, _results(passed=True))  # no event
             source_match.record_results(conn, CONTROL, cfg, _results(passed=False))
             rollout.rollback(conn, CONTROL, TABLE, who="bob", reason="numbers look off")
-        result = webhooks.dispatch(wv, deadline_s=20)
+        result = webhook_delivery.dispatch(wv, deadline_s=20)
     assert result.to_dict() == {"attempted": 3, "succeeded": 3, "failed": 0, "exhausted": 0, "disabled": 0}
     assert all(r.verified_with == [ep.secret] for r in rx.received), "every delivery verifies"
     by_type = {r.json["type"]: r.json["data"] for r in rx.received}
@@ -115,11 +115,11 @@ def test_summary_check_finding_a_difference_delivers_validation_failed(
         conn.rollback()
     assert failed
     with Receiver() as rx:
-        ep = webhooks.add_endpoint(wv, rx.url, ["validation.failed"])
+        ep = endpoints.add_endpoint(wv, rx.url, ["validation.failed"])
         rx.secrets = [ep.secret]
         with psycopg.connect(wv.dsn(), autocommit=True) as conn:
             summary_checks.record_summary_checks(conn, CONTROL, failed)
-        assert webhooks.dispatch(wv, deadline_s=20).succeeded == len(summary_checks.SUMMARY_PERIODS)
+        assert webhook_delivery.dispatch(wv, deadline_s=20).succeeded == len(summary_checks.SUMMARY_PERIODS)
     assert all(r.verified_with == [ep.secret] for r in rx.received)
     assert sorted(r.json["data"]["table"] for r in rx.received) == sorted(
         summary_checks.SUMMARY_PERIODS.values()

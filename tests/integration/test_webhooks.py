@@ -31,9 +31,9 @@ from flows.core.db import migrate
 from flows.core.errors import ConfigError, SchemaDriftError
 from flows.core.settings import PROJECT_ROOT, Settings
 from flows.demo.local_stack import free_port
-from flows.notify import webhooks
+from flows.notify import endpoints, signing, webhook_delivery, webhook_events
 from flows.notify.secrets import open_secrets
-from flows.orchestration import runbook
+from flows.orchestration import run_record
 from tests.integration.conftest import SPEC, pg_scalar
 from tests.webhook_receiver import Receiver
 
@@ -54,12 +54,12 @@ def wh(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings
 def finish_a_run(
     settings: Settings, status: str = "success", tables: list[dict[str, Any]] | None = None
 ) -> UUID:
-    """A run row started and finished through runbook.finish_run (which writes the event)."""
+    """A run row started and finished through run_record.finish_run (which writes the event)."""
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         runs.mark_abandoned(conn, settings.control_schema)
         run = runs.start_run(conn, settings.control_schema, flow_run_id=None, trigger="test", params={})
-        summary = runbook.RunSummary(str(run.run_id), status, f"test run {status}", tables=tables or [])
-        runbook.finish_run(conn, settings, run, summary)
+        summary = runs.RunSummary(str(run.run_id), status, f"test run {status}", tables=tables or [])
+        run_record.finish_run(conn, settings, run, summary)
     return run.run_id
 
 
@@ -82,22 +82,22 @@ def attempts(pg: psycopg.Connection, delivery_id: int) -> list[tuple[Any, ...]]:
 
 def test_500_500_200_succeeds_on_third_attempt_with_one_id(wh: Settings, pg: psycopg.Connection) -> None:
     with Receiver(script=[500, 500, 200]) as rx:
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"], "retry test")
+        ep = endpoints.add_endpoint(wh, rx.url, ["refresh.completed"], "retry test")
         rx.secrets = [ep.secret]
         run_id = finish_a_run(wh)
         t = datetime.now(UTC)
-        assert webhooks.dispatch(wh, deadline_s=10, clock=lambda: t).failed == 1
+        assert webhook_delivery.dispatch(wh, deadline_s=10, clock=lambda: t).failed == 1
         [(delivery, status, n, nxt, _, event_id)] = delivery_rows(pg, ep.id)
         assert (status, n) == ("pending", 1)
         assert timedelta(seconds=4.4) <= nxt - t <= timedelta(seconds=5.6)  # 5 s with jitter
         # Not due yet: nothing is sent.
-        assert webhooks.dispatch(wh, deadline_s=10, clock=lambda: t).attempted == 0
+        assert webhook_delivery.dispatch(wh, deadline_s=10, clock=lambda: t).attempted == 0
         t += timedelta(seconds=6)
-        assert webhooks.dispatch(wh, deadline_s=10, clock=lambda: t).failed == 1
+        assert webhook_delivery.dispatch(wh, deadline_s=10, clock=lambda: t).failed == 1
         [(_, _, _, nxt, _, _)] = delivery_rows(pg, ep.id)
         assert timedelta(minutes=4.4) <= nxt - t <= timedelta(minutes=5.6)
         t = nxt + timedelta(seconds=1)
-        assert webhooks.dispatch(wh, deadline_s=10, clock=lambda: t).succeeded == 1
+        assert webhook_delivery.dispatch(wh, deadline_s=10, clock=lambda: t).succeeded == 1
     assert [(d[1], d[2]) for d in delivery_rows(pg, ep.id)] == [("succeeded", 3)]
     assert [(a[0], a[1], a[2]) for a in attempts(pg, delivery)] == [
         (1, False, 500),
@@ -117,7 +117,7 @@ KILLED_RUN = textwrap.dedent(
     """
     import sys, time
     import psycopg
-    from flows.orchestration import runbook
+    from flows.orchestration import run_record
     from flows.control import runs
     from flows.core.settings import get_settings
 
@@ -125,8 +125,8 @@ KILLED_RUN = textwrap.dedent(
     with psycopg.connect(s.dsn(), autocommit=True) as conn:
         runs.mark_abandoned(conn, s.control_schema)
         run = runs.start_run(conn, s.control_schema, flow_run_id=None, trigger="kill-test", params={})
-        summary = runbook.RunSummary(str(run.run_id), "failed", "every table failed: test")
-        runbook.finish_run(conn, s, run, summary)
+        summary = runs.RunSummary(str(run.run_id), "failed", "every table failed: test")
+        run_record.finish_run(conn, s, run, summary)
         print(run.run_id, flush=True)
         time.sleep(120)  # killed here: audit committed, dispatch never ran
     """
@@ -137,7 +137,7 @@ def test_run_killed_after_audit_commit_is_delivered_by_next_dispatch(
     wh: Settings, pg: psycopg.Connection
 ) -> None:
     with Receiver() as rx:
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.failed"])
+        ep = endpoints.add_endpoint(wh, rx.url, ["refresh.failed"])
         rx.secrets = [ep.secret]
         proc = subprocess.Popen(
             [sys.executable, "-c", KILLED_RUN], stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT
@@ -151,8 +151,8 @@ def test_run_killed_after_audit_commit_is_delivered_by_next_dispatch(
         assert proc.returncode == -signal.SIGKILL
         assert rx.received == []
         assert pg_scalar(pg, "select count(*) from refresh_control.events where run_id = %s", (run_id,)) == 1
-        assert webhooks.dispatch(wh, deadline_s=10).succeeded == 1
-        assert webhooks.dispatch(wh, deadline_s=10).attempted == 0
+        assert webhook_delivery.dispatch(wh, deadline_s=10).succeeded == 1
+        assert webhook_delivery.dispatch(wh, deadline_s=10).attempted == 0
     assert len(rx.received) == 1 and rx.received[0].verified_with == [ep.secret]
     assert rx.received[0].json["type"] == "refresh.failed"
     assert rx.received[0].json["data"]["run_id"] == run_id
@@ -163,8 +163,8 @@ def test_receiver_down_for_the_horizon_ends_in_delivery_exhausted(
 ) -> None:
     dead_url = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     with Receiver() as watcher:
-        dead = webhooks.add_endpoint(wh, dead_url, ["refresh.warning"])
-        ops = webhooks.add_endpoint(wh, watcher.url, ["delivery.exhausted"])
+        dead = endpoints.add_endpoint(wh, dead_url, ["refresh.warning"])
+        ops = endpoints.add_endpoint(wh, watcher.url, ["delivery.exhausted"])
         watcher.secrets = [ops.secret]
         finish_a_run(wh, "warning")
         start = t = datetime.now(UTC)
@@ -173,7 +173,7 @@ def test_receiver_down_for_the_horizon_ends_in_delivery_exhausted(
             if status != "pending":
                 break
             t = max(t, nxt)
-            webhooks.dispatch(wh, deadline_s=10, clock=lambda at=t: at)
+            webhook_delivery.dispatch(wh, deadline_s=10, clock=lambda at=t: at)
         assert status == "exhausted"
         tries = attempts(pg, delivery)
         # immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h: the next (10 h later) is past 24 h.
@@ -186,7 +186,7 @@ def test_receiver_down_for_the_horizon_ends_in_delivery_exhausted(
             (event_id,),
         ).fetchall()
         assert len(exhausted) == 1 and exhausted[0][0]["attempts"] == 7
-        webhooks.dispatch(wh, deadline_s=10, clock=lambda: t)
+        webhook_delivery.dispatch(wh, deadline_s=10, clock=lambda: t)
     [got] = watcher.received
     assert got.verified_with == [ops.secret] and got.json["type"] == "delivery.exhausted"
     assert got.json["data"]["event_id"] == event_id
@@ -195,13 +195,13 @@ def test_receiver_down_for_the_horizon_ends_in_delivery_exhausted(
 def test_slow_or_dead_receiver_never_slows_a_run(wh: Settings, pg: psycopg.Connection) -> None:
     with Receiver() as slow, Receiver() as fast:
         slow.delay_s = 5.0
-        s = webhooks.add_endpoint(wh, slow.url, ["refresh.completed"])
-        f = webhooks.add_endpoint(wh, fast.url, ["refresh.completed"])
-        webhooks.add_endpoint(wh, f"http://127.0.0.1:{free_port()}/dead", ["refresh.completed"])
+        s = endpoints.add_endpoint(wh, slow.url, ["refresh.completed"])
+        f = endpoints.add_endpoint(wh, fast.url, ["refresh.completed"])
+        endpoints.add_endpoint(wh, f"http://127.0.0.1:{free_port()}/dead", ["refresh.completed"])
         fast.secrets = [f.secret]
         finish_a_run(wh)
         t0 = time.monotonic()
-        result = webhooks.dispatch_after_run(wh)
+        result = webhook_delivery.dispatch_after_run(wh)
         elapsed = time.monotonic() - t0
         assert elapsed < 1.0, elapsed
         assert result is not None and result.attempted == 3 and result.succeeded == 1
@@ -212,13 +212,13 @@ def test_slow_or_dead_receiver_never_slows_a_run(wh: Settings, pg: psycopg.Conne
 
 def test_410_disables_the_endpoint(wh: Settings, pg: psycopg.Connection) -> None:
     with Receiver(default=410) as rx:
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])
+        ep = endpoints.add_endpoint(wh, rx.url, ["refresh.completed"])
         finish_a_run(wh)
         finish_a_run(wh)  # two in one batch: both cancelled, the endpoint disabled once
-        result = webhooks.dispatch(wh, deadline_s=10)
+        result = webhook_delivery.dispatch(wh, deadline_s=10)
         assert (result.attempted, result.disabled) == (2, 1)
         finish_a_run(wh)
-        assert webhooks.dispatch(wh, deadline_s=10).attempted == 0
+        assert webhook_delivery.dispatch(wh, deadline_s=10).attempted == 0
     assert len(rx.received) == 2
     enabled, reason = pg.execute(
         "select enabled, disabled_reason from refresh_control.webhook_endpoints where id = %s", (ep.id,)
@@ -229,15 +229,15 @@ def test_410_disables_the_endpoint(wh: Settings, pg: psycopg.Connection) -> None
 
 def test_rotation_sends_two_signatures_both_verifiable(wh: Settings) -> None:
     with Receiver() as rx:
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])
-        new = webhooks.rotate_secret(wh, ep.id)
+        ep = endpoints.add_endpoint(wh, rx.url, ["refresh.completed"])
+        new = endpoints.rotate_secret(wh, ep.id)
         rx.secrets = [ep.secret, new]
         finish_a_run(wh)
-        webhooks.dispatch(wh, deadline_s=10)
-        newest = webhooks.rotate_secret(wh, ep.id, grace_hours=0)
+        webhook_delivery.dispatch(wh, deadline_s=10)
+        newest = endpoints.rotate_secret(wh, ep.id, grace_hours=0)
         rx.secrets = [new, newest]
         finish_a_run(wh)
-        webhooks.dispatch(wh, deadline_s=10)
+        webhook_delivery.dispatch(wh, deadline_s=10)
     during, after = rx.received
     sigs = during.headers["webhook-signature"].split(" ")
     assert len(sigs) == 2 and all(s.startswith("v1,") for s in sigs)
@@ -261,7 +261,7 @@ def test_private_addresses_refused_by_default(
     wh: Settings, pg: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Receiver() as rx:
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])  # allowed while the setting is on
+        ep = endpoints.add_endpoint(wh, rx.url, ["refresh.completed"])  # allowed while the setting is on
         monkeypatch.delenv("REFRESH_WEBHOOK_ALLOW_PRIVATE")
         wh = wh.model_copy(update={"webhook_allow_private": False})
         before = pg_scalar(pg, "select count(*) from refresh_control.webhook_endpoints")
@@ -272,10 +272,10 @@ def test_private_addresses_refused_by_default(
             "http://169.254.169.254/",
         ):
             with pytest.raises(ConfigError, match="loopback, link-local or private"):
-                webhooks.add_endpoint(wh, url, None)
+                endpoints.add_endpoint(wh, url, None)
         assert pg_scalar(pg, "select count(*) from refresh_control.webhook_endpoints") == before
         finish_a_run(wh)
-        assert webhooks.dispatch(wh, deadline_s=10).failed == 1
+        assert webhook_delivery.dispatch(wh, deadline_s=10).failed == 1
     assert rx.received == [], "refused at delivery time too"
     [(delivery, *_)] = delivery_rows(pg, ep.id)
     assert "REFRESH_WEBHOOK_ALLOW_PRIVATE" in attempts(pg, delivery)[0][3]
@@ -284,15 +284,15 @@ def test_private_addresses_refused_by_default(
 def test_concurrent_dispatchers_never_send_the_same_attempt(wh: Settings, pg: psycopg.Connection) -> None:
     with Receiver() as rx:
         rx.delay_s = 0.02
-        ep = webhooks.add_endpoint(wh, rx.url, ["table.failed"])
+        ep = endpoints.add_endpoint(wh, rx.url, ["table.failed"])
         rx.secrets = [ep.secret]
         with psycopg.connect(wh.dsn(), autocommit=True) as conn:
             for i in range(60):
                 outbox.emit(conn, wh.control_schema, "table.failed", {"i": i}, table_name="t")
-        results: list[webhooks.DispatchResult] = []
+        results: list[webhook_delivery.DispatchResult] = []
 
         def go() -> None:
-            results.append(webhooks.dispatch(wh, deadline_s=30, batch_size=8))
+            results.append(webhook_delivery.dispatch(wh, deadline_s=30, batch_size=8))
 
         threads = [threading.Thread(target=go) for _ in range(3)]
         for th in threads:
@@ -327,15 +327,15 @@ def test_events_commit_with_their_audit_row_or_not_at_all(wh: Settings, pg: psyc
         )
         with pytest.raises(RuntimeError), conn.transaction():
             tables.write_table_audit(conn, wh.control_schema, rec)
-            webhooks.table_finished(conn, wh, rec, SchemaDriftError("x"))
+            webhook_events.table_finished(conn, wh, rec, SchemaDriftError("x"))
             raise RuntimeError("crash before commit")
         assert (
             pg_scalar(pg, "select count(*) from refresh_control.events where run_id = %s", (run.run_id,)) == 0
         )
         with conn.transaction():
             tables.write_table_audit(conn, wh.control_schema, rec)
-            webhooks.table_finished(conn, wh, rec, SchemaDriftError("x"))
-        runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "failed", "x"))
+            webhook_events.table_finished(conn, wh, rec, SchemaDriftError("x"))
+        run_record.finish_run(conn, wh, run, runs.RunSummary(str(run.run_id), "failed", "x"))
     events = pg.execute(
         "select event, payload from refresh_control.events where run_id = %s order by id", (run.run_id,)
     ).fetchall()
@@ -362,7 +362,7 @@ def test_payload_stays_under_20_kb(wh: Settings, pg: psycopg.Connection) -> None
     payload, created, event = pg.execute(
         "select payload, created_at, event from refresh_control.events where run_id = %s", (run_id,)
     ).fetchone()  # type: ignore[misc]
-    size = len(webhooks.body(event, created, payload).encode())
+    size = len(signing.body(event, created, payload).encode())
     assert size < 20_000, size
     assert payload["tables_omitted"] > 0 and all(len(t["error"]) <= 500 for t in payload["tables"])
 
@@ -447,7 +447,7 @@ def test_daily_refresh_delivers_refresh_completed_with_its_run_id(
         registry.sync_from_file(conn, wh.control_schema, [cfg])
     try:
         with Receiver() as rx:
-            ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed", "refresh.failed", "table.failed"])
+            ep = endpoints.add_endpoint(wh, rx.url, ["refresh.completed", "refresh.failed", "table.failed"])
             rx.secrets = [ep.secret]
             summary = daily_refresh(tables=[table], force=True, trigger="webhook-e2e")
             # Delivered by the flow's own bounded pass, before it returned: no dispatch here.
@@ -477,7 +477,7 @@ def test_housekeeping_sends_leftovers_and_waits_for_a_retry_due_soon(
     wh = wh.model_copy(update={"webhook_housekeeping_deadline_s": 15})
     with Receiver(script=[503]) as rx:
         rx.headers_out = {"Retry-After": "1"}
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])
+        ep = endpoints.add_endpoint(wh, rx.url, ["refresh.completed"])
         rx.secrets = [ep.secret]
         finish_a_run(wh)  # left in the outbox: no dispatch after this "run"
         t0 = time.monotonic()
@@ -494,12 +494,12 @@ def test_run_row_and_its_event_commit_together(wh: Settings, pg: psycopg.Connect
         run = runs.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
         # No event type for this status: the event insert fails after the run row's update.
         with pytest.raises(KeyError):
-            runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "abandoned", "x"))
+            run_record.finish_run(conn, wh, run, runs.RunSummary(str(run.run_id), "abandoned", "x"))
         status = pg_scalar(
             pg, "select status from refresh_control.refresh_runs where run_id = %s", (run.run_id,)
         )
         assert status == "running", "the run row rolled back with its event"
-        runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "success", "x"))
+        run_record.finish_run(conn, wh, run, runs.RunSummary(str(run.run_id), "success", "x"))
 
 
 def test_failed_table_writes_table_failed_with_its_audit_row(
@@ -509,7 +509,7 @@ def test_failed_table_writes_table_failed_with_its_audit_row(
     from flows.engine.table_refresh import RefreshOptions, refresh_table
 
     with Receiver() as rx:
-        ep = webhooks.add_endpoint(wh, rx.url, ["table.failed"])
+        ep = endpoints.add_endpoint(wh, rx.url, ["table.failed"])
         rx.secrets = [ep.secret]
         with psycopg.connect(wh.dsn(), autocommit=True) as conn:
             runs.mark_abandoned(conn, wh.control_schema)
@@ -517,8 +517,8 @@ def test_failed_table_writes_table_failed_with_its_audit_row(
         cfg = TableConfig(table_name="ghost", source_table="ghost", write_strategy=WriteStrategy.FULL_REPLACE)
         outcome = refresh_table(wh, clients, cfg, run.run_id, RefreshOptions())
         with psycopg.connect(wh.dsn(), autocommit=True) as conn:
-            runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "failed", "x"))
-        webhooks.dispatch(wh, deadline_s=10)
+            run_record.finish_run(conn, wh, run, runs.RunSummary(str(run.run_id), "failed", "x"))
+        webhook_delivery.dispatch(wh, deadline_s=10)
     assert outcome.status == "failed"
     [got] = rx.received
     assert got.verified_with == [ep.secret] and got.json["type"] == "table.failed"
@@ -529,9 +529,9 @@ def test_failed_table_writes_table_failed_with_its_audit_row(
 def test_redirect_is_a_failure_and_not_followed(wh: Settings, pg: psycopg.Connection) -> None:
     with Receiver(script=[302]) as rx, Receiver() as target:
         rx.headers_out = {"Location": target.url}
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])
+        ep = endpoints.add_endpoint(wh, rx.url, ["refresh.completed"])
         finish_a_run(wh)
-        assert webhooks.dispatch(wh, deadline_s=10).failed == 1
+        assert webhook_delivery.dispatch(wh, deadline_s=10).failed == 1
     assert target.received == [] and len(rx.received) == 1
     [(delivery, status, *_)] = delivery_rows(pg, ep.id)
     assert status == "pending" and attempts(pg, delivery)[0][1:3] == (False, 302)
@@ -557,13 +557,13 @@ def test_dry_run_sends_nothing(wh: Settings, pg: psycopg.Connection) -> None:
     with psycopg.connect(wh.dsn(), autocommit=True) as conn:
         runs.mark_abandoned(conn, wh.control_schema)
         run = runs.start_run(conn, wh.control_schema, flow_run_id=None, trigger="test", params={})
-        runbook.finish_run(conn, wh, run, runbook.RunSummary(str(run.run_id), "success", "x", dry_run=True))
+        run_record.finish_run(conn, wh, run, runs.RunSummary(str(run.run_id), "success", "x", dry_run=True))
     assert pg_scalar(pg, "select count(*) from refresh_control.events where run_id = %s", (run.run_id,)) == 0
 
 
 def test_cli_update_changes_an_endpoint_and_rejects_bad_input(wh: Settings, pg: psycopg.Connection) -> None:
     runner = CliRunner(env={"COLUMNS": "250"})
-    ep = webhooks.add_endpoint(wh, "http://127.0.0.1:9/hook", ["refresh.failed"], "old")
+    ep = endpoints.add_endpoint(wh, "http://127.0.0.1:9/hook", ["refresh.failed"], "old")
     row = "select url, event_types, description, enabled, disabled_reason from refresh_control.webhook_endpoints"
     before = pg.execute(f"{row} where id = %s", (ep.id,)).fetchone()
     for args, needle in (
@@ -610,9 +610,9 @@ def test_cli_prints_receiver_text_as_plain_text(wh: Settings, pg: psycopg.Connec
     runner = CliRunner(env={"COLUMNS": "250"})
     with Receiver(default=500) as rx:
         rx.body_out = hostile.encode()
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"], description=hostile)
+        ep = endpoints.add_endpoint(wh, rx.url, ["refresh.completed"], description=hostile)
         finish_a_run(wh)
-        webhooks.dispatch(wh, deadline_s=10)
+        webhook_delivery.dispatch(wh, deadline_s=10)
     [(delivery, *_)] = delivery_rows(pg, ep.id)
     pg.execute(
         "update refresh_control.webhook_deliveries set last_error = %s where id = %s", (hostile, delivery)
@@ -634,7 +634,7 @@ def _endpoint_at(settings: Settings, url: str, secret_enc: str | None = None) ->
             url=url,
             description="",
             event_types=["refresh.completed"],
-            secret_enc=secret_enc or open_secrets(settings, conn).encrypt(webhooks.new_secret()),
+            secret_enc=secret_enc or open_secrets(settings, conn).encrypt(signing.new_secret()),
             who="test",
         )
 
@@ -654,7 +654,7 @@ def test_delivery_goes_to_the_vetted_address_without_a_second_resolution(
         port = rx.server.server_address[1]
         ep = _endpoint_at(wh, f"http://hooks.rebind.invalid:{port}/hook")
         finish_a_run(wh)
-        result = webhooks.dispatch(wh, deadline_s=10, resolver=resolver)
+        result = webhook_delivery.dispatch(wh, deadline_s=10, resolver=resolver)
     assert result.succeeded == 1, (result, [attempts(pg, d) for d, *_ in delivery_rows(pg, ep)])
     assert asked == ["hooks.rebind.invalid"], "resolved once, by the guard"
     assert rx.received[0].headers["host"] == f"hooks.rebind.invalid:{port}"
@@ -666,7 +666,7 @@ def test_link_local_answer_refused_even_when_private_targets_are_allowed(
     with Receiver() as rx:
         ep = _endpoint_at(wh, f"http://metadata.rebind.invalid:{rx.server.server_address[1]}/hook")
         finish_a_run(wh)
-        result = webhooks.dispatch(wh, deadline_s=10, resolver=lambda host, port: ["169.254.169.254"])
+        result = webhook_delivery.dispatch(wh, deadline_s=10, resolver=lambda host, port: ["169.254.169.254"])
     assert wh.webhook_allow_private and result.failed == 1 and rx.received == []
     [(delivery, *_)] = delivery_rows(pg, ep)
     assert "169.254.169.254 (a cloud metadata service)" in attempts(pg, delivery)[0][3]
@@ -679,10 +679,10 @@ def test_a_receiver_dribbling_its_answer_is_cut_at_the_attempt_deadline(
     wh = wh.model_copy(update={"webhook_timeout_s": 2.0})
     with Receiver() as rx:
         rx.body_out, rx.dribble_s = b"x" * 30, 0.5
-        ep = webhooks.add_endpoint(wh, rx.url, ["refresh.completed"])
+        ep = endpoints.add_endpoint(wh, rx.url, ["refresh.completed"])
         finish_a_run(wh)
         started = time.monotonic()
-        result = webhooks.dispatch(wh, deadline_s=60)
+        result = webhook_delivery.dispatch(wh, deadline_s=60)
         took = time.monotonic() - started
     assert result.failed == 1 and took < 2.0 + 2.5, (result, took)
     [(delivery, *_)] = delivery_rows(pg, ep.id)
@@ -695,11 +695,11 @@ def test_passphrase_secrets_of_the_sha256_era_still_sign_and_are_re_encrypted(
     passphrase = "an operator's passphrase"
     wh = wh.model_copy(update={"secret_key": SecretStr(passphrase)})
     legacy = Fernet(base64.urlsafe_b64encode(hashlib.sha256(passphrase.encode()).digest()))
-    secret = webhooks.new_secret()
+    secret = signing.new_secret()
     with Receiver(secrets=[secret]) as rx:
         ep = _endpoint_at(wh, rx.url, secret_enc=legacy.encrypt(secret.encode()).decode())
         finish_a_run(wh)
-        assert webhooks.dispatch(wh, deadline_s=10).succeeded == 1
+        assert webhook_delivery.dispatch(wh, deadline_s=10).succeeded == 1
     assert rx.received[0].verified_with == [secret], "nothing lost: the old value still signs"
     stored = pg_scalar(pg, "select secret_enc from refresh_control.webhook_endpoints where id = %s", (ep,))
     assert stored.startswith("scrypt$") and open_secrets(wh, pg).decrypt(stored) == secret
@@ -716,7 +716,7 @@ def test_no_key_on_this_machine_is_one_clear_line_and_creates_none(
     key.rename(moved)
     try:
         with pytest.raises(ConfigError, match="no key for their secrets") as err:
-            webhooks.add_endpoint(wh, "http://127.0.0.1:9/other", None)
+            endpoints.add_endpoint(wh, "http://127.0.0.1:9/other", None)
         assert "\n" not in str(err.value) and "REFRESH_SECRET_KEY" in str(err.value)
         res = CliRunner().invoke(app, ["webhooks", "rotate-secret", str(ep)])
         assert res.exit_code == 1 and "no key for their secrets" in res.output, res.output

@@ -65,10 +65,10 @@ def test_the_log_is_read_from_where_the_run_started_and_again_after_rotation(tmp
 
 def test_a_run_that_needed_no_dbt_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     from flows.cli.run import _print_summary
+    from flows.control import runs
     from flows.core.settings import Settings
-    from flows.orchestration import runbook
 
-    quiet = runbook.RunSummary("r1", runbook.RunStatus.SUCCESS, "3 table(s) refreshed").to_dict()
+    quiet = runs.RunSummary("r1", runs.RunStatus.SUCCESS, "3 table(s) refreshed").to_dict()
     _print_summary(quiet, Settings(), 1.0)
     assert "dbt: not run: nothing it models changed and no rebuild was owed" in capsys.readouterr().out
     built = {**quiet, "dbt_invocation_id": "inv", "dbt_models_built": 18, "dbt_nodes": 154}
@@ -82,11 +82,11 @@ def test_a_resumed_table_says_how_many_slices_it_did_not_read_again(
     from flows.cli.run import _print_summary
     from flows.control.tables import TableOutcome, TableStatus
     from flows.core.settings import Settings
-    from flows.orchestration import runbook
+    from flows.orchestration import run_summary
 
     resumed = TableOutcome("sqp", TableStatus.SUCCESS, "live", slices_done=34, slices_skipped=18)
     fresh = TableOutcome("products", TableStatus.SUCCESS, "live", slices_done=1)
-    summary = runbook.summarise(uuid4(), [resumed, fresh], None, False)
+    summary = run_summary.summarise(uuid4(), [resumed, fresh], None, False)
     _print_summary(summary.to_dict(), Settings(), 1.0)
     printed = capsys.readouterr().out
     assert "sqp: resumed: 18 slice(s) an interrupted attempt committed were not read again" in printed

@@ -9,21 +9,21 @@ from flows.engine.table_refresh import TableOutcome
 from flows.engine.transform import shadow_build_args
 from flows.engine.validation.after_refresh import AfterRefresh
 from flows.engine.validation.shadow_match import compared_columns
-from flows.orchestration import runbook
+from flows.orchestration import run_report, run_summary
 
 
 def test_a_difference_makes_a_successful_run_a_warning_naming_table_and_period() -> None:
     ok = AfterRefresh("products", periods=1)
     bad = AfterRefresh("sqp", periods=3, failed=["2026-11-16"])
-    assert runbook.with_validation("success", "2 table(s) refreshed", [ok]) == (
+    assert run_summary.with_validation("success", "2 table(s) refreshed", [ok]) == (
         "success",
         "2 table(s) refreshed",
     )
-    status, message = runbook.with_validation("success", "2 table(s) refreshed", [ok, bad])
+    status, message = run_summary.with_validation("success", "2 table(s) refreshed", [ok, bad])
     assert status == "warning" and "sqp differs from BigQuery in 2026-11-16" in message
-    assert runbook.with_validation("failed", "x", [bad])[0] == "failed"
+    assert run_summary.with_validation("failed", "x", [bad])[0] == "failed"
     down = AfterRefresh("sqp", error="BigQuery unreachable")
-    assert runbook.with_validation("success", "x", [down])[0] == "warning"
+    assert run_summary.with_validation("success", "x", [down])[0] == "warning"
 
 
 def test_summary_and_report_carry_validation_and_shadow() -> None:
@@ -36,11 +36,11 @@ def test_summary_and_report_carry_validation_and_shadow() -> None:
         "differs": ["weekly_summary 2026-11-16"],
     }
     outcomes = [TableOutcome("sqp", "success", "live", slices_done=2)]
-    summary = runbook.summarise(uuid4(), outcomes, None, False, validation=checks, shadow=shadow)
+    summary = run_summary.summarise(uuid4(), outcomes, None, False, validation=checks, shadow=shadow)
     assert summary.status == "warning"
     assert "shadow differs from live in weekly_summary 2026-11-16" in summary.message
     assert summary.to_dict()["validation"][0]["bytes_processed"] == 10
-    report = runbook.markdown_report(summary, get_settings())
+    report = run_report.markdown_report(summary, get_settings())
     assert "**sqp**: 2 period(s), differ: 2026-11-16 (1.5s, 10 B)" in report
     assert "9 model period(s) compared with live, differ: weekly_summary 2026-11-16" in report
 
@@ -72,10 +72,10 @@ def test_a_shadow_problem_is_named_but_never_fails_the_run() -> None:
         "differs": [],
         "error": "relation does not exist",
     }
-    assert runbook.with_shadow("1 table(s) refreshed", broken) == (
+    assert run_summary.with_shadow("1 table(s) refreshed", broken) == (
         "1 table(s) refreshed | shadow comparison could not run: relation does not exist"
     )
-    summary = runbook.summarise(
+    summary = run_summary.summarise(
         uuid4(), [TableOutcome("sqp", "success", "shadow")], None, False, shadow=broken
     )
     assert summary.status == "success"

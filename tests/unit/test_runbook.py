@@ -16,7 +16,7 @@ from flows.core.planning import Window
 from flows.core.settings import PROJECT_ROOT, get_settings
 from flows.core.table_config import TableConfig
 from flows.engine.table_refresh import TableOutcome
-from flows.orchestration import runbook
+from flows.orchestration import dbt_selection, run_params, run_plan, run_report, run_summary
 
 TODAY = date(2026, 11, 28)
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
@@ -35,12 +35,12 @@ def outcome(name: str, status: str = "success", mode: str = "live", **kw: Any) -
 
 
 def test_params_are_normalised() -> None:
-    p = runbook.validate_params([" products ", "sqp", "products", ""], today=TODAY)
+    p = run_params.validate_params([" products ", "sqp", "products", ""], today=TODAY)
     assert p.tables == ["products", "sqp"]
-    assert runbook.validate_params([], today=TODAY).tables is None
+    assert run_params.validate_params([], today=TODAY).tables is None
     assert p.to_json()["tables"] == ["products", "sqp"]
     assert (
-        runbook.validate_params(start_date=date(2026, 1, 1), today=TODAY).to_json()["start_date"]
+        run_params.validate_params(start_date=date(2026, 1, 1), today=TODAY).to_json()["start_date"]
         == "2026-01-01"
     )
 
@@ -57,12 +57,12 @@ def test_params_are_normalised() -> None:
 )
 def test_bad_params_say_what_to_change(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match="invalid run parameters") as err:
-        runbook.validate_params(**kwargs, today=TODAY)
+        run_params.validate_params(**kwargs, today=TODAY)
     assert message in str(err.value)
 
 
 def test_tomorrow_is_allowed_for_callers_east_of_utc() -> None:
-    assert runbook.validate_params(end_date=TODAY + timedelta(days=1), today=TODAY).end_date
+    assert run_params.validate_params(end_date=TODAY + timedelta(days=1), today=TODAY).end_date
 
 
 # --- choosing tables ----------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_tomorrow_is_allowed_for_callers_east_of_utc() -> None:
 
 def test_unknown_tables_are_named_with_the_registered_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown table\(s\) nope; registered: a, b"):
-        runbook.select_tables([cfg("a"), cfg("b")], ["a", "nope"], force=False, now=NOW)
+        run_plan.select_tables([cfg("a"), cfg("b")], ["a", "nope"], force=False, now=NOW)
 
 
 def test_due_tables_by_priority_and_disabled_ones_only_with_force() -> None:
@@ -80,29 +80,31 @@ def test_due_tables_by_priority_and_disabled_ones_only_with_force() -> None:
         cfg("later", next_refresh_at=NOW + timedelta(hours=3)),
         cfg("off", enabled=False),
     ]
-    assert [c.table_name for c in runbook.select_tables(configs, None, force=False, now=NOW)] == [
+    assert [c.table_name for c in run_plan.select_tables(configs, None, force=False, now=NOW)] == [
         "high",
         "low",
     ]
-    assert [c.table_name for c in runbook.select_tables(configs, None, force=True, now=NOW)] == [
+    assert [c.table_name for c in run_plan.select_tables(configs, None, force=True, now=NOW)] == [
         "high",
         "later",
         "low",
     ]
     # named tables run whether due or not; a disabled one needs force
-    assert [c.table_name for c in runbook.select_tables(configs, ["later"], force=False, now=NOW)] == [
+    assert [c.table_name for c in run_plan.select_tables(configs, ["later"], force=False, now=NOW)] == [
         "later"
     ]
     with pytest.raises(ConfigError, match="disabled"):
-        runbook.select_tables(configs, ["off"], force=False, now=NOW)
-    assert runbook.select_tables(configs, ["off"], force=True, now=NOW)[0].table_name == "off"
+        run_plan.select_tables(configs, ["off"], force=False, now=NOW)
+    assert run_plan.select_tables(configs, ["off"], force=True, now=NOW)[0].table_name == "off"
 
 
 # --- dbt ------------------------------------------------------------------------------------------
 
 
 def test_dbt_sources_are_read_from_the_project() -> None:
-    assert {"search_query_performance", "products", "daily_search_terms"} <= runbook.dbt_sources(PROJECT_ROOT)
+    assert {"search_query_performance", "products", "daily_search_terms"} <= dbt_selection.dbt_sources(
+        PROJECT_ROOT
+    )
 
 
 def test_dbt_builds_downstream_of_changed_live_sources_only() -> None:
@@ -117,21 +119,23 @@ def test_dbt_builds_downstream_of_changed_live_sources_only() -> None:
         outcome("not_modelled"),
         outcome("broken", status="failed", error="boom"),
     ]
-    args = runbook.dbt_build_args(outcomes, False, sources)
+    args = dbt_selection.dbt_build_args(outcomes, False, sources)
     assert args is not None
     assert args[:3] == ["build", "--select", "source:sqp.sqp+ source:sqp.products+ source:refresh_control+"]
     # a slice without known days counts as every day of its range
     assert args[3:] == ["--vars", json.dumps({"refresh_days": [f"2026-11-{d}" for d in range(16, 23)]})]
-    full = runbook.dbt_build_args(outcomes, True, sources)
+    full = dbt_selection.dbt_build_args(outcomes, True, sources)
     assert full is not None and full[-1] == "--full-refresh" and full[4] == "{}"
     assert (
-        runbook.dbt_build_args([outcome("not_modelled"), outcome("sqp", status="planned")], False, sources)
+        dbt_selection.dbt_build_args(
+            [outcome("not_modelled"), outcome("sqp", status="planned")], False, sources
+        )
         is None
     )
-    assert runbook.dbt_build_args([outcome("quiet", window=window)], False, sources) is None
-    assert runbook.dbt_build_args([outcome("catalog")], False, sources) is None
+    assert dbt_selection.dbt_build_args([outcome("quiet", window=window)], False, sources) is None
+    assert dbt_selection.dbt_build_args([outcome("catalog")], False, sources) is None
     # Only a whole table changed: no var (each model's lookback from its newest period).
-    only_whole = runbook.dbt_build_args([outcome("products", replaced_whole=True)], False, sources)
+    only_whole = dbt_selection.dbt_build_args([outcome("products", replaced_whole=True)], False, sources)
     assert only_whole is not None and only_whole[2:5] == [
         "source:sqp.products+ source:refresh_control+",
         "--vars",
@@ -153,14 +157,16 @@ def test_dbt_rebuilds_the_changed_weeks_or_from_a_requested_start() -> None:
             changed_slices=[(date(2026, 11, 16), date(2026, 11, 23))],
         ),
     ]
-    args = runbook.dbt_build_args(outcomes, False, sources)
+    args = dbt_selection.dbt_build_args(outcomes, False, sources)
     assert args is not None and json.loads(args[4]) == {
         "refresh_days": [f"2026-09-{d:02d}" for d in range(7, 14)] + [f"2026-11-{d}" for d in range(16, 23)]
     }
-    backfill = runbook.dbt_build_args(outcomes, False, sources, explicit_range=True)
+    backfill = dbt_selection.dbt_build_args(outcomes, False, sources, explicit_range=True)
     assert backfill is not None and json.loads(backfill[4]) == {"refresh_start_date": "2026-09-07"}
     # only a full_replace table changed: the models' own lookback
-    only_products = runbook.dbt_build_args([outcome("products", replaced_whole=True)], False, {"products"})
+    only_products = dbt_selection.dbt_build_args(
+        [outcome("products", replaced_whole=True)], False, {"products"}
+    )
     assert only_products is not None and only_products[4] == "{}"
 
 
@@ -178,14 +184,14 @@ def test_a_daily_run_rebuilds_the_days_its_slices_changed() -> None:
     other = outcome(
         "daily", window=window, changed_slices=[crossing], slice_days={crossing: [date(2026, 12, 1)]}
     )
-    vars_ = runbook.rebuild_vars([sqp, other], explicit_range=False)
+    vars_ = dbt_selection.rebuild_vars([sqp, other], explicit_range=False)
     assert vars_ == {"refresh_days": [f"2026-11-0{d}" for d in range(2, 9)] + ["2026-12-01", "2026-12-06"]}
     # the owed slice gone: only the changed days, none from the quiet slice
     sqp.changed_slices = [crossing, unchanged]
-    assert runbook.rebuild_vars([sqp], explicit_range=False) == {"refresh_days": ["2026-12-06"]}
+    assert dbt_selection.rebuild_vars([sqp], explicit_range=False) == {"refresh_days": ["2026-12-06"]}
     sqp.changed_slices = [unchanged]
-    assert runbook.rebuild_vars([sqp], explicit_range=False) == {"refresh_days": []}
-    assert runbook.rebuild_vars([sqp], explicit_range=True) == {"refresh_start_date": "2026-11-02"}
+    assert dbt_selection.rebuild_vars([sqp], explicit_range=False) == {"refresh_days": []}
+    assert dbt_selection.rebuild_vars([sqp], explicit_range=True) == {"refresh_start_date": "2026-11-02"}
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -197,14 +203,14 @@ def dbt(success: bool, invocation_id: str | None = "inv") -> DbtOutcome:
 
 def test_run_status_says_why() -> None:
     ok, bad = outcome("a"), outcome("b", status="failed", error="not found")
-    assert runbook.overall_status([ok], dbt(True)) == ("success", "1 table(s) refreshed")
-    assert runbook.overall_status([], None) == ("success", "no table was due")
-    status, message = runbook.overall_status([ok, bad], dbt(True))
+    assert run_summary.overall_status([ok], dbt(True)) == ("success", "1 table(s) refreshed")
+    assert run_summary.overall_status([], None) == ("success", "no table was due")
+    status, message = run_summary.overall_status([ok, bad], dbt(True))
     assert status == "warning" and message == "1 of 2 table(s) refreshed; b: not found"
-    assert runbook.overall_status([bad], None)[0] == "failed"
-    assert runbook.overall_status([ok], dbt(False))[0] == "warning"
-    assert runbook.overall_status([ok], dbt(False, invocation_id=None))[0] == "failed"
-    assert runbook.overall_status([outcome("a", status="planned")], None)[1].startswith("dry run")
+    assert run_summary.overall_status([bad], None)[0] == "failed"
+    assert run_summary.overall_status([ok], dbt(False))[0] == "warning"
+    assert run_summary.overall_status([ok], dbt(False, invocation_id=None))[0] == "failed"
+    assert run_summary.overall_status([outcome("a", status="planned")], None)[1].startswith("dry run")
 
 
 def test_markdown_report_shows_tables_slices_rows_durations_status_and_docs() -> None:
@@ -220,7 +226,7 @@ def test_markdown_report_shows_tables_slices_rows_durations_status_and_docs() ->
         ),
         outcome("broken", status="failed", error="broken: not found: check the table name"),
     ]
-    summary = runbook.summarise(
+    summary = run_summary.summarise(
         "00000000-0000-0000-0000-000000000001",  # type: ignore[arg-type]
         outcomes,
         dbt(True),
@@ -228,7 +234,7 @@ def test_markdown_report_shows_tables_slices_rows_durations_status_and_docs() ->
         flow_run_id="00000000-0000-0000-0000-000000000002",  # type: ignore[arg-type]
         duration_s=12.5,
     )
-    report = runbook.markdown_report(summary, settings)
+    report = run_report.markdown_report(summary, settings)
     assert report.startswith("# Refresh WARNING")
     assert "| sqp | success | live | 2026-09-07..2026-11-22 | 12 | 0 | 4000 | 4000 | 0 | 3.46 |" in report
     assert "- **broken**: broken: not found: check the table name" in report
@@ -270,14 +276,14 @@ def failed_build() -> DbtOutcome:
 
 
 def test_a_dbt_failure_names_the_failed_and_skipped_nodes_and_the_first_error() -> None:
-    status, message = runbook.overall_status([outcome("sqp")], failed_build())
+    status, message = run_summary.overall_status([outcome("sqp")], failed_build())
     assert status == "warning"
     assert "1 failed (funnel_non_increasing_int_funnel)" in message
     assert "2 skipped, stale until the next build (asin_performance, monthly_summary)" in message
     assert message.endswith(
         "first error: funnel_non_increasing_int_funnel: Got 3 results, configured to fail if != 0"
     )
-    summary = runbook.summarise(
+    summary = run_summary.summarise(
         "00000000-0000-0000-0000-000000000001",  # type: ignore[arg-type]
         [outcome("sqp")],
         failed_build(),
@@ -289,7 +295,7 @@ def test_a_dbt_failure_names_the_failed_and_skipped_nodes_and_the_first_error() 
     assert summary.first_error == (
         "funnel_non_increasing_int_funnel: Got 3 results, configured to fail if != 0"
     )
-    report = runbook.markdown_report(summary, get_settings())
+    report = run_report.markdown_report(summary, get_settings())
     assert "1 failed, 2 skipped" in report
     assert "Failed: `test.sqp.funnel_non_increasing_int_funnel.abc`" in report
     assert "`model.sqp.asin_performance`, `model.sqp.monthly_summary`" in report
@@ -299,26 +305,26 @@ def test_a_dbt_failure_names_the_failed_and_skipped_nodes_and_the_first_error() 
 def test_long_lists_of_skipped_nodes_are_cut_in_the_message_only() -> None:
     many = [node(f"model.sqp.m{i:03}", "skipped") for i in range(30)]
     dbt_run = DbtOutcome("inv", False, "build", [], [node("model.sqp.root", "error", "boom"), *many])
-    summary = runbook.summarise("00000000-0000-0000-0000-000000000001", [], dbt_run, False)  # type: ignore[arg-type]
+    summary = run_summary.summarise("00000000-0000-0000-0000-000000000001", [], dbt_run, False)  # type: ignore[arg-type]
     assert "and 20 more" in summary.message and len(summary.dbt_skipped) == 30
     assert summary.first_error == "root: boom"
 
 
 def test_the_first_error_of_a_run_without_dbt_is_a_tables() -> None:
     bad = outcome("b", status="failed", error="b: not found\nmore detail")
-    assert runbook.first_error([outcome("a"), bad], None) == "b: b: not found"
-    assert runbook.first_error([outcome("a")], dbt(True)) is None
+    assert run_summary.first_error([outcome("a"), bad], None) == "b: b: not found"
+    assert run_summary.first_error([outcome("a")], dbt(True)) is None
 
 
 def test_dry_run_report_lists_the_plan() -> None:
     plan = [{"slice": f"s{i}", "estimated_rows": 10 * i, "estimated_bytes": i} for i in range(20)]
-    summary = runbook.summarise(
+    summary = run_summary.summarise(
         "00000000-0000-0000-0000-000000000001",  # type: ignore[arg-type]
         [outcome("sqp", status="planned", plan=plan)],
         None,
         True,
     )
-    report = runbook.markdown_report(summary, get_settings())
+    report = run_report.markdown_report(summary, get_settings())
     assert "(dry run)" in report and "s1 10 rows ~1 B" in report and "and 8 more" in report
 
 

@@ -18,36 +18,46 @@ from standardwebhooks.webhooks import Webhook
 
 from flows.control import outbox
 from flows.core.errors import ConfigError
-from flows.notify import destinations, webhooks
+from flows.notify import destinations, endpoint_checks, signing, webhook_delivery, webhook_events
 from flows.notify import secrets as secrets_at_rest
 
 
 def test_retry_schedule_follows_the_spec_with_bounded_jitter() -> None:
-    exact = [webhooks.retry_delay_s(n, rng=lambda a, b: 1.0) for n in range(1, 9)]
+    exact = [webhook_delivery.retry_delay_s(n, rng=lambda a, b: 1.0) for n in range(1, 9)]
     assert exact == [5, 300, 1800, 7200, 18000, 36000, 36000, 36000]
-    low = webhooks.retry_delay_s(1, rng=lambda a, b: a)
-    high = webhooks.retry_delay_s(1, rng=lambda a, b: b)
+    low = webhook_delivery.retry_delay_s(1, rng=lambda a, b: a)
+    high = webhook_delivery.retry_delay_s(1, rng=lambda a, b: b)
     assert low == pytest.approx(4.5) and high == pytest.approx(5.5)
-    assert len({webhooks.retry_delay_s(3) for _ in range(20)}) > 1, "jitter spreads retries"
+    assert len({webhook_delivery.retry_delay_s(3) for _ in range(20)}) > 1, "jitter spreads retries"
 
 
 def test_retry_after_seconds_and_http_date() -> None:
     now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
-    assert webhooks.retry_after_s("120", now) == 120
-    assert webhooks.retry_after_s("Sun, 29 Nov 2026 12:10:00 GMT", now) == 600
-    assert webhooks.retry_after_s("Sun, 29 Nov 2026 11:00:00 GMT", now) == 0
-    assert webhooks.retry_after_s("soon", now) is None
-    assert webhooks.retry_after_s(None, now) is None
+    assert webhook_delivery.retry_after_s("120", now) == 120
+    assert webhook_delivery.retry_after_s("Sun, 29 Nov 2026 12:10:00 GMT", now) == 600
+    assert webhook_delivery.retry_after_s("Sun, 29 Nov 2026 11:00:00 GMT", now) == 0
+    assert webhook_delivery.retry_after_s("soon", now) is None
+    assert webhook_delivery.retry_after_s(None, now) is None
+
+
+def test_long_text_in_a_payload_is_cut_saying_how_long_it_was() -> None:
+    """One helper shortens errors for events and for delivery attempts alike."""
+    limit = webhook_events.MAX_ERROR_CHARS
+    assert webhook_events.shorten(None) is None
+    assert webhook_events.shorten("x" * limit) == "x" * limit
+    cut = webhook_events.shorten("y" * (limit + 1))
+    assert cut is not None and len(cut) <= limit and cut.endswith(f"({limit + 1} chars)")
+    assert webhook_events.shorten("z" * 50, limit=30) == "z" * 10 + "... (50 chars)"
 
 
 def test_event_types_validated() -> None:
-    assert webhooks.validate_event_types(None) == list(webhooks.EVENT_TYPES)
-    assert webhooks.validate_event_types(["refresh.failed,table.failed", "refresh.failed"]) == [
+    assert endpoint_checks.validate_event_types(None) == list(webhook_events.EVENT_TYPES)
+    assert endpoint_checks.validate_event_types(["refresh.failed,table.failed", "refresh.failed"]) == [
         "refresh.failed",
         "table.failed",
     ]
     with pytest.raises(ConfigError, match=r"unknown event type\(s\) refresh.done"):
-        webhooks.validate_event_types(["refresh.done"])
+        endpoint_checks.validate_event_types(["refresh.done"])
 
 
 @pytest.mark.parametrize(
@@ -67,40 +77,38 @@ def test_event_types_validated() -> None:
 )
 def test_bad_urls_refused(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        webhooks.validate_url(url, allow_private=False)
+        endpoint_checks.validate_url(url, allow_private=False)
 
 
 def test_private_allowed_when_the_operator_says_so() -> None:
     assert (
-        webhooks.validate_url(" http://127.0.0.1:8000/hook ", allow_private=True)
+        endpoint_checks.validate_url(" http://127.0.0.1:8000/hook ", allow_private=True)
         == "http://127.0.0.1:8000/hook"
     )
-    assert webhooks.validate_url("https://8.8.8.8/hook", allow_private=False) == "https://8.8.8.8/hook"
+    assert endpoint_checks.validate_url("https://8.8.8.8/hook", allow_private=False) == "https://8.8.8.8/hook"
 
 
 def test_secret_format() -> None:
-    s = webhooks.new_secret()
+    s = signing.new_secret()
     assert s.startswith("whsec_") and len(base64.b64decode(s[6:])) >= 24
-    assert s != webhooks.new_secret()
+    assert s != signing.new_secret()
 
 
 def test_signatures_verify_with_standardwebhooks_for_each_secret() -> None:
-    old, new = webhooks.new_secret(), webhooks.new_secret()
-    payload = webhooks.body("refresh.completed", datetime(2026, 11, 29, tzinfo=UTC), {"run_id": "r"})
-    headers = webhooks.sign_headers("msg_1", payload, [new, old], datetime.now(UTC))
+    old, new = signing.new_secret(), signing.new_secret()
+    payload = signing.body("refresh.completed", datetime(2026, 11, 29, tzinfo=UTC), {"run_id": "r"})
+    headers = signing.sign_headers("msg_1", payload, [new, old], datetime.now(UTC))
     assert headers["webhook-signature"].count("v1,") == 2
     assert Webhook(new).verify(payload, headers)["data"] == {"run_id": "r"}
     assert Webhook(old).verify(payload, headers)["type"] == "refresh.completed"
     with pytest.raises(Exception, match="No matching signature"):
-        Webhook(webhooks.new_secret()).verify(payload, headers)
+        Webhook(signing.new_secret()).verify(payload, headers)
 
 
 def test_body_is_deterministic() -> None:
     at = datetime(2026, 11, 29, 3, 4, 5, tzinfo=UTC) + timedelta(microseconds=7)
-    assert webhooks.body("t", at, {"a": 1}) == webhooks.body("t", at, {"a": 1})
-    assert webhooks.body("t", at, {"a": 1}).startswith(
-        '{"type":"t","timestamp":"2026-11-29T03:04:05.000007Z"'
-    )
+    assert signing.body("t", at, {"a": 1}) == signing.body("t", at, {"a": 1})
+    assert signing.body("t", at, {"a": 1}).startswith('{"type":"t","timestamp":"2026-11-29T03:04:05.000007Z"')
 
 
 def test_fit_drops_tables_to_stay_under_the_limit() -> None:
@@ -175,8 +183,8 @@ def test_one_bad_address_refuses_the_host_and_the_name_is_resolved_once() -> Non
         with pytest.raises(ConfigError, match=r"169\.254\.169\.254 \(a cloud metadata service\)"):
             destinations.vet(url, allow_private, resolver(["93.184.215.14", "169.254.169.254"]))
     with pytest.raises(ConfigError, match=r"10\.0\.0\.7 .*REFRESH_WEBHOOK_ALLOW_PRIVATE"):
-        webhooks.check_destination(url, False, resolver(["10.0.0.7"]))
-    assert webhooks.check_destination(url, True, resolver(["10.0.0.7"])) == "10.0.0.7"
+        endpoint_checks.check_destination(url, False, resolver(["10.0.0.7"]))
+    assert endpoint_checks.check_destination(url, True, resolver(["10.0.0.7"])) == "10.0.0.7"
 
     def broken(host: str, port: int) -> list[str]:
         raise socket.gaierror(-2, "Name or service not known")
@@ -199,7 +207,7 @@ def test_one_bad_address_refuses_the_host_and_the_name_is_resolved_once() -> Non
 def test_urls_refused_by_address_class(url: str, allow_private: bool) -> None:
     """Literal addresses: getaddrinfo answers without asking DNS."""
     with pytest.raises(ConfigError, match="refused"):
-        webhooks.validate_url(url, allow_private=allow_private)
+        endpoint_checks.validate_url(url, allow_private=allow_private)
 
 
 def _race_for_the_key(path: Path, creators: int = 8) -> tuple[list[bytes], list[bytes]]:

@@ -368,11 +368,11 @@ def test_an_idempotency_key_finds_only_its_own_tokens_trigger(
     client: TestClient, api_tokens: dict[str, str], settings: Settings
 ) -> None:
     from flows.api.routes import _request_hash
-    from flows.orchestration import runbook
+    from flows.orchestration import run_params
 
     schema = settings.control_schema
     body = {"tables": ["products"], "force": True, "dry_run": True}
-    params = runbook.validate_params(["products"], None, None, False, True, True, trigger="api")
+    params = run_params.validate_params(["products"], None, None, False, True, True, trigger="api")
     mine = uuid.uuid4()
     with psycopg.connect(settings.dsn(), autocommit=True) as conn:
         triggers.record(

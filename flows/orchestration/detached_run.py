@@ -1,4 +1,4 @@
-"""`python -m flows.api.runner '<json parameters>'`: one daily refresh started by the API
+"""`python -m flows.orchestration.detached_run '<json parameters>'`: one daily refresh started by the API
 without a Prefect server (the process the API starts in the background)."""
 
 from __future__ import annotations

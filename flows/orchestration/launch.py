@@ -1,5 +1,5 @@
 """Starting a refresh for the API: a flow run of the deployment when a Prefect API is
-configured, else the flow in a detached background process (flows.api.runner)."""
+configured, else the flow in a detached background process (flows.orchestration.detached_run)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 from uuid import UUID
 
 from flows.core.settings import PROJECT_ROOT
-from flows.orchestration.runbook import RunParams
+from flows.orchestration.run_params import RunParams
 
 
 class DeploymentMissing(Exception):
@@ -67,7 +67,7 @@ def start_process(params: RunParams, log_dir: Path) -> subprocess.Popen[bytes]:
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "api-runs.log", "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "flows.api.runner", json.dumps(flow_parameters(params))],
+            [sys.executable, "-m", "flows.orchestration.detached_run", json.dumps(flow_parameters(params))],
             cwd=PROJECT_ROOT,
             env=os.environ.copy(),
             stdin=subprocess.DEVNULL,
