@@ -43,10 +43,11 @@ test-faults: $(STAMP)  ## the fault-injection harness; FAULT_TRIALS=25 kill -9 t
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/pytest -m "not integration"
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, format, mypy, the import contracts, sqlfluff
 	$(BIN)/ruff check flows tests bench scripts
 	$(BIN)/ruff format --check flows tests bench scripts
 	$(BIN)/mypy flows
+	$(BIN)/lint-imports  # layers and no import cycles ([tool.importlinter] in pyproject.toml)
 	$(BIN)/python scripts/lint_sql.py models macros tests/dbt
 
 check-dbt: $(STAMP)  ## the models compile for BigQuery (emulator) and every node is documented
