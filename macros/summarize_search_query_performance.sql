@@ -12,9 +12,9 @@
 
 {#
     The body of weekly/monthly/quarterly/yearly_summary: search_query_performance rolled up
-    to one row per (period_start, search_query, asin), with the metric definitions of
-    SPEC.md: counts are sums of the weekly ASIN counts (and of the query totals), ratios come
-    from the period's sums, active_weeks counts the weeks with impressions.
+    to one row per (period_start, search_query, asin), with the measures of summary_measures
+    (macros/summary_measures.sql): counts are sums of the weekly ASIN counts (and of the query
+    totals), ratios come from the period's sums, active_weeks counts the weeks with impressions.
     A week belongs to the period of its week_start. Incremental runs read only the weeks of
     the periods being rebuilt, always whole periods, so every replaced period is complete.
 
@@ -38,16 +38,7 @@
 
 {#- Each longer period sums the next finer summary: months nest in quarters, quarters in years. -#}
 {%- set finer_summary = {'month': 'weekly_summary', 'quarter': 'monthly_summary', 'year': 'quarterly_summary'} -%}
-{%- set counts = [
-    ('asin_impression_count', 'impressions'),
-    ('asin_click_count', 'clicks'),
-    ('asin_cart_add_count', 'cart_adds'),
-    ('asin_purchase_count', 'purchases'),
-    ('total_query_impression_count', 'total_query_impressions'),
-    ('total_click_count', 'total_query_clicks'),
-    ('total_cart_add_count', 'total_query_cart_adds'),
-    ('total_purchase_count', 'total_query_purchases'),
-] -%}
+{%- set measures = summary_measures() -%}
 
 with
 
@@ -61,7 +52,7 @@ period_sums as (
         search_query_key,
         search_query,
         asin,
-        {%- for weekly, summed in counts %}
+        {%- for summed, weekly in measures.counts %}
         {{ sum_of_one(weekly) }} as {{ summed }},
         {%- endfor %}
         cast(case when asin_impression_count > 0 then 1 else 0 end as {{ dbt.type_bigint() }}) as active_weeks,
@@ -82,10 +73,9 @@ finer_periods as (
         search_query_key,
         search_query,
         asin,
-        {%- for _, summed in counts %}
+        {%- for summed in measures.summed %}
         {{ summed }},
         {%- endfor %}
-        active_weeks,
         last_week_start
     from {{ ref(finer_summary[period]) }}
     {%- if is_incremental() %}
@@ -112,7 +102,7 @@ period_sums as (
         search_query_key,
         search_query,
         asin,
-        {%- for _, summed in counts %}
+        {%- for summed, _ in measures.counts %}
         sum({{ summed }}) as {{ summed }},
         {%- endfor %}
         cast(sum(active_weeks) as {{ dbt.type_bigint() }}) as active_weeks,
@@ -140,28 +130,15 @@ final as (
         search_query,
         asin,
 
-        ---------- ASIN funnel counts
-        impressions,
-        clicks,
-        cart_adds,
-        purchases,
+        ---------- counts: the ASIN funnel, then the query totals (summary_measures)
+        {%- for summed, _ in measures.counts %}
+        {{ summed }},
+        {%- endfor %}
 
-        ---------- query totals
-        total_query_impressions,
-        total_query_clicks,
-        total_query_cart_adds,
-        total_query_purchases,
-
-        ---------- rates
-        {{ safe_ratio('clicks', 'impressions') }} as ctr,
-        {{ safe_ratio('cart_adds', 'clicks') }} as cart_add_rate,
-        {{ safe_ratio('purchases', 'clicks') }} as cvr,
-
-        ---------- shares of the query totals
-        {{ safe_ratio('impressions', 'total_query_impressions') }} as impression_share,
-        {{ safe_ratio('clicks', 'total_query_clicks') }} as click_share,
-        {{ safe_ratio('cart_adds', 'total_query_cart_adds') }} as cart_add_share,
-        {{ safe_ratio('purchases', 'total_query_purchases') }} as purchase_share,
+        ---------- rates, then the shares of the query totals, from the sums
+        {%- for name, numerator, denominator in measures.ratios %}
+        {{ safe_ratio(numerator, denominator) }} as {{ name }},
+        {%- endfor %}
 
         ---------- weeks
         active_weeks,

@@ -14,11 +14,7 @@
 #}
 {% macro summary_rollup_mismatches(period, summary_relation, finer_relation) %}
 
-{%- set compared_columns = [
-    'impressions', 'clicks', 'cart_adds', 'purchases',
-    'total_query_impressions', 'total_query_clicks', 'total_query_cart_adds',
-    'total_query_purchases', 'active_weeks',
-] -%}
+{%- set compared_columns = summary_measures().summed -%}
 {%- set window_condition = refresh_window_predicate({'grain': 'week', 'period': period}, 'period_start') if execute else none -%}
 {%- set in_window -%}
     {%- if window_condition is not none %}

@@ -4,7 +4,7 @@ A daily run passes dbt the days its applied slices changed (var `refresh_days`: 
 of the cursor values each slice deleted or inserted, flows.engine.load.SliceResult.days; every day of
 the range of a slice whose days are unknown); each incremental model and summary then replaces
 those days (weekly and daily data: a row's period column is its cursor day) or the months,
-quarters and years containing them (macros/incremental_periods.sql, refresh_ranges: the same
+quarters and years containing them (macros/incremental/rebuilt_periods.sql, refresh_ranges: the same
 rule as here). So a week across a month end whose rows all lie in December rebuilds December
 only. `refresh run --explain` predicts the same days without loading (flows.engine.table_refresh,
 _predict_changes). The var `refresh_weeks` (ISO weeks, Monday starts; by hand and benches)

@@ -73,7 +73,7 @@ def with_project_vars(settings: Settings, args: list[str]) -> list[str]:
 # than --vars: dbt re-parses the whole project whenever its vars change ("Unable to do partial
 # parsing because config vars ... have changed"), and every daily run changes days. The macros
 # refresh_days() and refresh_weeks() read the var first, then these, and only while executing,
-# so dbt never records them as parse inputs (macros/incremental_periods.sql).
+# so dbt never records them as parse inputs (macros/incremental/refresh_vars.sql).
 REFRESH_WEEKS_ENV = "SQP_REFRESH_WEEKS"
 REFRESH_DAYS_ENV = "SQP_REFRESH_DAYS"
 _RUN_VARS_VIA_ENV = {"refresh_weeks": REFRESH_WEEKS_ENV, "refresh_days": REFRESH_DAYS_ENV}

@@ -1,9 +1,20 @@
+{#
+    Rows per loaded period (slice) of each table, against the average of the periods before it.
+    A period whose rows drop by more than var('volume_drop_threshold') of that average is
+    flagged: a week of source data that came in short.
+#}
 {{ config(materialized='view', schema='monitoring', enabled=target.type == 'postgres') }}
 
--- Rows per loaded period (slice) of each table, against the average of the periods before it.
--- A period whose rows drop by more than var('volume_drop_threshold') of that average is
--- flagged: a week of source data that came in short.
-with periods as (
+with
+
+checkpoints as (
+
+    select * from {{ source('refresh_control', 'checkpoints') }}
+
+),
+
+periods as (
+
     select
         table_name,
         -- a whole-table (full_replace) load is stored as -infinity..infinity: no period
@@ -14,21 +25,28 @@ with periods as (
             partition by table_name order by slice_start
             rows between {{ var('volume_baseline_periods', 4) }} preceding and 1 preceding
         ) as previous_avg_rows
-    from {{ source('refresh_control', 'checkpoints') }}
+    from checkpoints
+
+),
+
+final as (
+
+    select
+        table_name,
+        period_start,
+        period_end,
+        rows_loaded,
+        previous_avg_rows,
+        case
+            when previous_avg_rows > 0 then round(rows_loaded / previous_avg_rows - 1, 4)
+        end as change_vs_previous,
+        coalesce(
+            previous_avg_rows > 0
+            and rows_loaded < (1 - {{ var('volume_drop_threshold', 0.5) }}) * previous_avg_rows,
+            false
+        ) as volume_drop
+    from periods
+
 )
 
-select
-    table_name,
-    period_start,
-    period_end,
-    rows_loaded,
-    previous_avg_rows,
-    case
-        when previous_avg_rows > 0 then round(rows_loaded / previous_avg_rows - 1, 4)
-    end as change_vs_previous,
-    coalesce(
-        previous_avg_rows > 0
-        and rows_loaded < (1 - {{ var('volume_drop_threshold', 0.5) }}) * previous_avg_rows,
-        false
-    ) as volume_drop
-from periods
+select * from final

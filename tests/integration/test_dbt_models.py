@@ -33,7 +33,7 @@ from flows.core.db import migrate
 from flows.core.settings import Settings
 from flows.demo.sample_data import SQP_TABLE
 from flows.engine.bigquery import BigQueryClients
-from flows.engine.transform import run_dbt, target_dir
+from flows.engine.transform import invoke_plain_dbt, run_dbt, target_dir
 from tests.integration.conftest import SPEC, pg_scalar
 
 SUMMARY_TABLES = {
@@ -200,6 +200,41 @@ def test_summaries_equal_an_independent_computation(
 ) -> None:
     assert refreshed["status"] == "success", refreshed["message"]
     assert_summaries_match_source(pg, clients)
+
+
+def summary_measures(settings: Settings) -> dict[str, Any]:
+    """The summaries' one measure list (macros/summary_measures.sql), as dbt renders it."""
+    res = invoke_plain_dbt(settings, ["compile", "--inline", "{{ tojson(summary_measures()) }}"], {})
+    assert res.success, res.exception
+    return json.loads(res.result.results[0].node.compiled_code)  # type: ignore[no-any-return]
+
+
+def test_every_summary_exposes_exactly_the_measures_of_the_one_list(
+    refreshed: dict[str, Any], pg: psycopg.Connection, settings: Settings
+) -> None:
+    measures = summary_measures(settings)
+    counts = [name for name, _ in measures["counts"]]
+    ratios = {name: (numerator, denominator) for name, numerator, denominator in measures["ratios"]}
+    assert measures["summed"] == [*counts, "active_weeks"]
+    # the list says what SPEC.md says, as this module's independent computation reads it
+    assert counts == list(SUMMED) and ratios == RATIOS
+    keys = ["period_start", "period_end", "search_query_key", "search_query", "asin"]
+    lineage = ["active_weeks", "last_week_start", "_dbt_invocation_id"]
+    for relation in SUMMARY_TABLES.values():
+        schema, table = relation.split(".")
+        columns = pg.execute(
+            "select column_name from information_schema.columns "
+            "where table_schema = %s and table_name = %s order by ordinal_position",
+            (schema, table),
+        ).fetchall()
+        assert [c[0] for c in columns] == [*keys, *counts, *ratios, *lineage], relation
+        for name, (numerator, denominator) in ratios.items():
+            wrong = pg_scalar(
+                pg,
+                f"select count(*) from {relation} where {name} is distinct from "
+                f"case when {denominator} <> 0 then round({numerator}::numeric / {denominator}, 6) end",
+            )
+            assert wrong == 0, f"{relation}.{name} is not {numerator} / {denominator}"
 
 
 # --------------------------------------------------------------------------------------

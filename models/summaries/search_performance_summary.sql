@@ -1,8 +1,13 @@
 {#
     Per SQP week, ASIN and search query: the ASIN's funnel counts and the rates derived from
-    them. Incremental like search_query_performance, which it reads.
+    them. Incremental like search_query_performance, which it reads. A summary, so its file
+    lives with the summaries; built in the marts schema (marts.search_performance_summary),
+    where the API exposure, the benches and analysts read it.
 #}
-{{ config(**period_incremental_config('week_start', ['week_start', 'asin', 'search_query_key'])) }}
+{{ config(
+    schema='marts',
+    **period_incremental_config('week_start', ['week_start', 'asin', 'search_query_key'])
+) }}
 
 with
 
