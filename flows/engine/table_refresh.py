@@ -19,7 +19,7 @@ import psycopg
 from flows.control import checkpoints, rebuilds, retries, runs, tables
 from flows.control.tables import SliceStatus, TableOutcome, TableStatus
 from flows.core.db import connect, relation_columns
-from flows.core.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
+from flows.core.errors import BadSourceValueError, RefreshError, TerminalError, TransientError, one_line
 from flows.core.planning import Slice, plan_slices, plan_window, resumable
 from flows.core.redact import error_text
 from flows.core.settings import Settings
@@ -70,13 +70,6 @@ def target_schema(settings: Settings, cfg: TableConfig) -> str:
 
 def checkpoint_key(settings: Settings, cfg: TableConfig) -> str:
     return cfg.table_name if cfg.mode is not Mode.SHADOW else f"shadow:{cfg.table_name}"
-
-
-def one_line(exc: BaseException) -> str:
-    """An error in one line. A Postgres error's text adds CONTEXT lines that quote the row a
-    COPY was at: only its primary message, so no row data reaches an audit row or a log."""
-    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
-    return str(primary or (str(exc).strip().splitlines() or [type(exc).__name__])[0])
 
 
 def with_retries(

@@ -31,7 +31,7 @@ from flows.control.dbt_audit import DbtOutcome, record_dbt
 from flows.control.runs import RunStatus, refresh_lock
 from flows.control.tables import TableOutcome, TableStatus
 from flows.core.db import connect
-from flows.core.errors import LockLostError, PostgresLostError, RefreshError, TransientError
+from flows.core.errors import LockLostError, PostgresLostError, RefreshError, TransientError, one_line
 from flows.core.redact import redact
 from flows.core.settings import Settings, get_settings
 from flows.core.table_config import TableConfig
@@ -99,16 +99,12 @@ def refresh_table_task(
     return outcome
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def _failure_message(exc: BaseException, outcomes: list[TableOutcome]) -> str:
     """One line: what stopped the run, then each failed table's own error (table and slice)."""
     if isinstance(exc, psycopg.OperationalError):
-        head = f"lost Postgres ({_first_line(exc)}): start it again, then run again (the run resumes)"
+        head = f"lost Postgres ({one_line(exc)}): start it again, then run again (the run resumes)"
     elif isinstance(exc, RefreshError):
-        head = _first_line(exc)
+        head = one_line(exc)
     else:
         head = f"run crashed: {exc!r}"
     failed = [f"{o.table_name}: {o.error}" for o in outcomes if o.status == TableStatus.FAILED and o.error]
@@ -173,7 +169,7 @@ def _end_run(settings: Settings, run: runs.RunRecord, summary: runbook.RunSummar
                     "as running (lock lost) until the next run marks it abandoned",
                     run.run_id,
                     settings.pg_retry_budget_s,
-                    _first_line(exc),
+                    one_line(exc),
                 )
                 return summary
             time.sleep(delay)
@@ -361,7 +357,7 @@ def daily_refresh(
     except psycopg.OperationalError as exc:
         # Before the run row exists (planning) or while taking the lock: nothing was written.
         raise PostgresLostError(
-            f"cannot reach Postgres ({redact(_first_line(exc))}): this run did nothing; start Postgres "
+            f"cannot reach Postgres ({redact(one_line(exc))}): this run did nothing; start Postgres "
             "or fix REFRESH_PG_DSN, then run again"
         ) from exc
     finally:
