@@ -8,18 +8,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import TypeVar
 from uuid import UUID
 
 import psycopg
 
 from flows.control import checkpoints, rebuilds, retries, runs, tables
 from flows.control.tables import SliceStatus, TableOutcome, TableStatus
+from flows.core import retry
 from flows.core.db import connect, relation_columns
-from flows.core.errors import BadSourceValueError, RefreshError, TerminalError, TransientError, one_line
+from flows.core.errors import BadSourceValueError, RefreshError, TerminalError, one_line
 from flows.core.planning import Slice, plan_slices, plan_window, resumable
 from flows.core.redact import error_text
 from flows.core.settings import Settings
@@ -41,7 +40,6 @@ from flows.engine.load import apply_slice, days_in_slice, ensure_raw_table
 from flows.notify import webhooks
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Checkpoints older than this are not used to resume an interrupted attempt (of a daily run; a
 # repeated backfill resumes its earlier attempts whatever their age: checkpoints.committed_by_same_backfill).
@@ -72,49 +70,6 @@ def checkpoint_key(settings: Settings, cfg: TableConfig) -> str:
     return cfg.table_name if cfg.mode is not Mode.SHADOW else f"shadow:{cfg.table_name}"
 
 
-def with_retries(
-    fn: Callable[[], T],
-    what: str,
-    attempts: int = 4,
-    base_delay_s: float = 2.0,
-    on_retry: Callable[[BaseException], None] | None = None,
-    deadline: float | None = None,
-) -> T:
-    """Run fn, retrying transient failures with exponential backoff (2, 4, 8 s ...).
-
-    No retry starts after `deadline` (time.monotonic()): the table's retry budget.
-    """
-    started = time.monotonic()
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except (
-            TransientError,
-            psycopg.OperationalError,
-            psycopg.errors.SerializationFailure,
-            psycopg.errors.DeadlockDetected,
-        ) as exc:
-            delay = base_delay_s * 2 ** (attempt - 1)
-            if attempt == attempts or (deadline is not None and time.monotonic() + delay > deadline):
-                raise TransientError(
-                    f"{what}: still failing after {attempt} attempt(s) in "
-                    f"{time.monotonic() - started:.0f}s: {one_line(exc)}"
-                ) from exc
-            log.warning(
-                "%s: transient failure (%s), retry %d/%d in %.0fs",
-                what,
-                one_line(exc),
-                attempt,
-                attempts - 1,
-                delay,
-            )
-            retries.bump(exc)
-            if on_retry is not None:
-                on_retry(exc)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
 def refresh_table(
     settings: Settings,
     clients: BigQueryClients,
@@ -139,7 +94,7 @@ def refresh_table(
     )
     started = time.monotonic()
     failure: BaseException | None = None
-    count = retries.start_counting()
+    count = retry.start_counting()
     conn = connect(settings, autocommit=True)
     try:
         if not dry_run:
@@ -153,7 +108,7 @@ def refresh_table(
         failure = exc
         outcome.status = TableStatus.FAILED
         outcome.error = error_text(exc)
-        outcome.retryable = isinstance(exc, TransientError | psycopg.OperationalError)
+        outcome.retryable = retry.is_transient(exc)
         log.error("%s: refresh failed: %s", cfg.table_name, exc)
     finally:
         outcome.finished_at = datetime.now(UTC)
@@ -426,7 +381,7 @@ class _SliceLoader:
         """Every attempt of the slice, retried until `deadline` (time.monotonic())."""
         self.started_at = datetime.now(UTC)
         what = f"{self.cfg.table_name} slice {self.piece.label}"
-        return with_retries(self.attempt, what, deadline=deadline)
+        return retry.call(self.attempt, what, retry.SLICE, deadline=deadline)
 
     def attempt(self) -> tuple[int, int, ReadStats, list[date] | None]:
         """One attempt: rows inserted, rows deleted, the read's stats and the days it changed
