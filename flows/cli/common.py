@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows.core.errors import ConfigError, RefreshError
+from flows.core.errors import ConfigError, RefreshError, one_line
 from flows.core.redact import redact
 from flows.core.settings import Settings, get_settings
 
@@ -102,11 +102,6 @@ def fail(message: str, hint: str | None = None) -> NoReturn:
     raise typer.Exit(1)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _postgres(settings: Settings | None = None) -> str:
     """Which Postgres, as the user would fix it."""
     if settings is not None and settings.uses_embedded_postgres:
@@ -127,9 +122,9 @@ def one_line_errors(hint: str | None = None, settings: Settings | None = None) -
     except RefreshError as exc:
         fail(str(exc), hint)
     except psycopg.OperationalError as exc:
-        fail(f"cannot connect to Postgres ({_postgres(settings)}): {_first_line(exc)}", PG_HINT)
+        fail(f"cannot connect to Postgres ({_postgres(settings)}): {one_line(exc)}", PG_HINT)
     except psycopg.Error as exc:
-        fail(f"Postgres refused the request ({_postgres(settings)}): {_first_line(exc)}", hint)
+        fail(f"Postgres refused the request ({_postgres(settings)}): {one_line(exc)}", hint)
 
 
 def parse_date(value: str | None, option: str) -> date | None:

@@ -1,16 +1,10 @@
 """Retries in the audit: how many attempts a slice took, how many retries a table refresh made.
 
-`start_counting()` opens a counter for the table being refreshed in this thread (a context
-variable: each task thread has its own); `bump()` adds one retry to it: called by the slice
-retry loop and as `on_error` of the BigQuery client's request retries, which run in the
-thread that makes the call. A slice run on a Dask worker counts in the worker and hands its
-count back with its result (`add`).
+The retries themselves and their count while a table refreshes are flows.core.retry.
 """
 
 from __future__ import annotations
 
-import contextvars
-from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
@@ -18,31 +12,6 @@ import psycopg
 from psycopg import sql
 
 from flows.control.checkpoints import START_PARAM
-
-
-@dataclass
-class RetryCount:
-    n: int = 0
-
-
-_current: contextvars.ContextVar[RetryCount | None] = contextvars.ContextVar("retry_count", default=None)
-
-
-def start_counting() -> RetryCount:
-    count = RetryCount()
-    _current.set(count)
-    return count
-
-
-def bump(_exc: BaseException | None = None) -> None:
-    add(1)
-
-
-def add(n: int) -> None:
-    """Adds `n` retries made elsewhere (a slice's on a Dask worker, flows.engine.scale_out)."""
-    count = _current.get()
-    if count is not None:
-        count.n += n
 
 
 def set_slice_attempts(

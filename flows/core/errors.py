@@ -41,3 +41,17 @@ class PostgresLostError(RefreshError):
 
 class BadSourceValueError(TerminalError):
     """A source value Postgres cannot store (a NUL character in a string)."""
+
+
+def one_line(error: BaseException | str | None) -> str:
+    """An error (or an error's text) in one line: its first non-blank line, stripped; "" for no
+    text, an exception's type name when it has none.
+
+    A Postgres error's text adds DETAIL and CONTEXT lines that may quote the row a COPY was at:
+    only its primary message is kept, so no row data reaches an audit row or a log. Secrets are
+    the caller's concern (flows.core.redact).
+    """
+    if isinstance(error, BaseException):
+        primary = getattr(getattr(error, "diag", None), "message_primary", None)
+        return one_line(primary or str(error)) or type(error).__name__
+    return next((line.strip() for line in (error or "").splitlines() if line.strip()), "")

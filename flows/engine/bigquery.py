@@ -16,6 +16,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import bigquery
 
 from flows.core.errors import ConfigError, SourceError, TransientError
+from flows.core.retry import bump
 from flows.core.settings import Settings
 
 _TRANSIENT = (
@@ -177,26 +178,22 @@ class BigQueryClients:
         within REFRESH_BQ_TIMEOUT_S (the library default retries for 600 s)."""
         from google.api_core.retry import Retry
 
-        from flows.control import retries
-
         t = self.settings.bq_timeout_s
         base = bigquery.DEFAULT_RETRY
         assert isinstance(base, Retry)
         # The library's predicate (which errors it retries), plus a count of each retry for the
         # table's audit row; Retry has no public way to add on_error to a copy.
-        retry = Retry(predicate=base._predicate, timeout=t, on_error=retries.bump)
+        retry = Retry(predicate=base._predicate, timeout=t, on_error=bump)
         return {"retry": retry, "timeout": t}
 
     def storage_retry(self) -> Any:
         """Retry of Storage Read calls (session creation, stream reconnects), bounded likewise."""
         from google.api_core import retry as gretry
 
-        from flows.control import retries
-
         return gretry.Retry(
             predicate=gretry.if_exception_type(gexc.ServiceUnavailable, gexc.DeadlineExceeded),
             timeout=self.settings.bq_timeout_s,
-            on_error=retries.bump,
+            on_error=bump,
         )
 
     def query_config(self, **kwargs: Any) -> bigquery.QueryJobConfig:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
-from flows.control import retries
+from flows.core import retry
 from flows.core.errors import ConfigError, TransientError
 from flows.core.settings import Settings, get_settings
 from flows.engine.bigquery import BigQueryClients, make_clients
@@ -150,7 +150,7 @@ def _own_secrets(settings: Settings) -> Settings:
 @dataclass(frozen=True)
 class _Done:
     """A slice's end on a worker: its result or its error, with the attempts it took and the
-    retries it made. The retry counter (flows.control.retries) lives in the table's thread of
+    retries it made. The retry counter (flows.core.retry) lives in the table's thread of
     the flow process, out of the worker's reach, so the worker counts its own and hands them
     back; `_result` adds them there."""
 
@@ -164,7 +164,7 @@ def _run_on_worker(job: SliceJob, deadline_epoch: float) -> _Done:
     """Runs in the Dask worker: secrets and clients from this process, the deadline in its clock."""
     settings = _own_secrets(job.settings)
     job = replace(job, settings=settings, clients=worker_clients(settings))  # type: ignore[type-var]
-    count = retries.start_counting()
+    count = retry.start_counting()
     try:
         value = job.run(time.monotonic() + (deadline_epoch - time.time()))
     except Exception as exc:
@@ -239,7 +239,7 @@ def _result(future: Any, job: SliceJob) -> Any:
     except (KilledWorker, FutureCancelledError, CommClosedError) as exc:
         raise TransientError(f"the Dask worker of the slice was lost ({type(exc).__name__}: {exc})") from exc
     job.attempts = done.attempts
-    retries.add(done.retries)
+    retry.add(done.retries)
     if done.error is not None:
         raise done.error
     return done.value

@@ -1,6 +1,9 @@
-"""Refreshing one table: plan its slices, read each from BigQuery, apply it atomically.
+"""Refreshing one table: plan its slices, then estimate them (a dry run) or load them.
 
-Plain functions, called by the Prefect flow and directly by tests.
+Plain functions, called by the Prefect flow and directly by tests. `refresh_table` runs the
+steps over one `TableRefresh`: `plan_table` (the source's schema, the window, the slices to
+read), then `estimate_table` (a dry run, or --explain) or `load_table` (each slice read and
+applied atomically by flows.engine.slice_loader).
 """
 
 from __future__ import annotations
@@ -8,18 +11,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import TypeVar
 from uuid import UUID
 
 import psycopg
 
 from flows.control import checkpoints, rebuilds, retries, runs, tables
-from flows.control.tables import SliceStatus, TableOutcome, TableStatus
+from flows.control.tables import TableOutcome, TableStatus
+from flows.core import retry
 from flows.core.db import connect, relation_columns
-from flows.core.errors import BadSourceValueError, RefreshError, TerminalError, TransientError
+from flows.core.errors import BadSourceValueError, RefreshError, TerminalError, one_line
 from flows.core.planning import Slice, plan_slices, plan_window, resumable
 from flows.core.redact import error_text
 from flows.core.settings import Settings
@@ -28,21 +30,19 @@ from flows.core.type_mapping import ColumnMapping, map_schema
 from flows.engine import change_detection, scale_out
 from flows.engine.bigquery import BigQueryClients
 from flows.engine.extract import (
-    ReadStats,
     SourceColumn,
     cursor_range,
     describe,
     estimate_bytes,
-    read_slice,
     row_restriction,
     rows_per_day,
 )
-from flows.engine.load import apply_slice, days_in_slice, ensure_raw_table
+from flows.engine.load import days_in_slice, ensure_raw_table
+from flows.engine.slice_loader import SliceLoader, record_failed_slice
 from flows.engine.validation.after_refresh import validated_after_refresh
 from flows.notify import webhook_events
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Checkpoints older than this are not used to resume an interrupted attempt (of a daily run; a
 # repeated backfill resumes its earlier attempts whatever their age: checkpoints.committed_by_same_backfill).
@@ -69,54 +69,48 @@ def checkpoint_key(settings: Settings, cfg: TableConfig) -> str:
     return cfg.table_name if cfg.mode is not Mode.SHADOW else f"shadow:{cfg.table_name}"
 
 
-def one_line(exc: BaseException) -> str:
-    """An error in one line. A Postgres error's text adds CONTEXT lines that quote the row a
-    COPY was at: only its primary message, so no row data reaches an audit row or a log."""
-    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
-    return str(primary or (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+@dataclass
+class TableRefresh:
+    """One table's refresh: what every step reads, and the outcome the steps fill in."""
+
+    settings: Settings
+    clients: BigQueryClients
+    cfg: TableConfig
+    run_id: UUID
+    options: RefreshOptions
+    conn: psycopg.Connection  # autocommit, of this table's thread
+    outcome: TableOutcome
+    # time.monotonic() after which no retry of the table starts
+    deadline: float
+
+    @property
+    def dry_run(self) -> bool:
+        return self.options.dry_run or self.cfg.mode is Mode.DRY_RUN
+
+    @property
+    def control(self) -> str:
+        return self.settings.control_schema
+
+    @property
+    def schema(self) -> str:
+        return target_schema(self.settings, self.cfg)
+
+    @property
+    def key(self) -> str:
+        return checkpoint_key(self.settings, self.cfg)
 
 
-def with_retries(
-    fn: Callable[[], T],
-    what: str,
-    attempts: int = 4,
-    base_delay_s: float = 2.0,
-    on_retry: Callable[[BaseException], None] | None = None,
-    deadline: float | None = None,
-) -> T:
-    """Run fn, retrying transient failures with exponential backoff (2, 4, 8 s ...).
+@dataclass
+class TablePlan:
+    """What `plan_table` decided: the source's columns as mapped, its cursor, the slices to read."""
 
-    No retry starts after `deadline` (time.monotonic()): the table's retry budget.
-    """
-    started = time.monotonic()
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except (
-            TransientError,
-            psycopg.OperationalError,
-            psycopg.errors.SerializationFailure,
-            psycopg.errors.DeadlockDetected,
-        ) as exc:
-            delay = base_delay_s * 2 ** (attempt - 1)
-            if attempt == attempts or (deadline is not None and time.monotonic() + delay > deadline):
-                raise TransientError(
-                    f"{what}: still failing after {attempt} attempt(s) in "
-                    f"{time.monotonic() - started:.0f}s: {one_line(exc)}"
-                ) from exc
-            log.warning(
-                "%s: transient failure (%s), retry %d/%d in %.0fs",
-                what,
-                one_line(exc),
-                attempt,
-                attempts - 1,
-                delay,
-            )
-            retries.bump(exc)
-            if on_retry is not None:
-                on_retry(exc)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    columns: list[ColumnMapping]
+    cursor_src: SourceColumn | None
+    cursor: ColumnMapping | None
+    slices: list[Slice]
+    # The change detection's decisions (None in a dry run without --explain), taken at detected_at.
+    detection: change_detection.Detection | None
+    detected_at: datetime
 
 
 def refresh_table(
@@ -132,8 +126,6 @@ def refresh_table(
     failures are retried until `options.deadline` (time.monotonic(); default:
     REFRESH_TABLE_RETRY_BUDGET_S from now); then the table fails.
     """
-    deadline = options.deadline or time.monotonic() + settings.table_retry_budget_s
-    dry_run = options.dry_run or cfg.mode is Mode.DRY_RUN
     outcome = TableOutcome(
         cfg.table_name,
         TableStatus.RUNNING,
@@ -143,13 +135,28 @@ def refresh_table(
     )
     started = time.monotonic()
     failure: BaseException | None = None
-    count = retries.start_counting()
+    count = retry.start_counting()
     conn = connect(settings, autocommit=True)
+    ctx = TableRefresh(
+        settings,
+        clients,
+        cfg,
+        run_id,
+        options,
+        conn,
+        outcome,
+        deadline=options.deadline or time.monotonic() + settings.table_retry_budget_s,
+    )
+    dry_run = ctx.dry_run
     try:
         if not dry_run:
             runs.check_lock(conn, run_id, f"before refreshing {cfg.table_name}")
             tables.write_table_audit(conn, settings.control_schema, outcome)
-        _refresh(settings, clients, cfg, run_id, options, dry_run, conn, outcome, deadline)
+        planned = plan_table(ctx)
+        if dry_run:
+            estimate_table(ctx, planned)
+        else:
+            load_table(ctx, planned)
         # The next due time is set by the run (flows.orchestration.run_plan.advance_due_times),
         # from its anchor.
         outcome.status = TableStatus.PLANNED if dry_run else TableStatus.SUCCESS
@@ -157,7 +164,7 @@ def refresh_table(
         failure = exc
         outcome.status = TableStatus.FAILED
         outcome.error = error_text(exc)
-        outcome.retryable = isinstance(exc, TransientError | psycopg.OperationalError)
+        outcome.retryable = retry.is_transient(exc)
         log.error("%s: refresh failed: %s", cfg.table_name, exc)
     finally:
         outcome.finished_at = datetime.now(UTC)
@@ -176,35 +183,27 @@ def refresh_table(
     return outcome
 
 
-def _refresh(
-    settings: Settings,
-    clients: BigQueryClients,
-    cfg: TableConfig,
-    run_id: UUID,
-    options: RefreshOptions,
-    dry_run: bool,
-    conn: psycopg.Connection,
-    outcome: TableOutcome,
-    deadline: float,
-) -> None:
-    source = describe(clients, cfg.source_table)
+def plan_table(ctx: TableRefresh) -> TablePlan:
+    """The source's schema and the slices to read: the window (from the cursor's range and the
+    table's checkpoints), less what an interrupted attempt committed, less what the change
+    detection finds unchanged (not in a dry run without --explain)."""
+    cfg, options, outcome = ctx.cfg, ctx.options, ctx.outcome
+    source = describe(ctx.clients, cfg.source_table)
     columns = map_schema(
         [(c.name, c.field_type, c.mode, c.precision, c.scale) for c in source.columns],
         cfg.table_name,
     )
-    schema = target_schema(settings, cfg)
-    key = checkpoint_key(settings, cfg)
-    cursor_src = cursor_map = None
+    cursor_src = cursor = None
     window = None
     if cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
         assert cfg.cursor_column is not None
         cursor_src = source.column(cfg.cursor_column)
-        cursor_map = next(c for c in columns if c.source_name == cursor_src.name)
-        lo, hi = cursor_range(clients, cfg, cursor_src)
+        cursor = next(c for c in columns if c.source_name == cursor_src.name)
+        lo, hi = cursor_range(ctx.clients, cfg, cursor_src)
         high_water = (
             None
             if options.full_refresh
-            else checkpoints.high_water(conn, settings.control_schema, key, cfg.table_name)
+            else checkpoints.high_water(ctx.conn, ctx.control, ctx.key, cfg.table_name)
         )
         try:
             window = plan_window(
@@ -213,13 +212,13 @@ def _refresh(
         except ValueError as exc:
             raise TerminalError(f"{cfg.table_name}: {exc}") from exc
     slices = plan_slices(cfg, window)
-    if not (options.full_refresh or dry_run):
+    if not (options.full_refresh or ctx.dry_run):
         # Resume an interrupted attempt: a backfill only one of the same tables and range.
         committed = (
-            checkpoints.committed_by_same_backfill(conn, settings.control_schema, key, cfg.table_name, run_id)
+            checkpoints.committed_by_same_backfill(ctx.conn, ctx.control, ctx.key, cfg.table_name, ctx.run_id)
             if options.explicit_range
             else checkpoints.committed_since_last_success(
-                conn, settings.control_schema, key, cfg.table_name, RESUME_MAX_AGE_HOURS
+                ctx.conn, ctx.control, ctx.key, cfg.table_name, RESUME_MAX_AGE_HOURS
             )
         )
         slices, skipped = resumable(slices, committed)
@@ -234,80 +233,88 @@ def _refresh(
     outcome.slices_planned = len(slices)
     detection = None
     detected_at = datetime.now(UTC)
-    if not dry_run or options.explain:
+    if not ctx.dry_run or options.explain:
         bypass = change_detection.bypass_reason(
             cfg, full_refresh=options.full_refresh, explicit_range=options.explicit_range
         )
         # As a run would, also for --explain: a live table's new slices are fingerprinted too.
         validated = validated_after_refresh(cfg)
         detection = change_detection.detect(
-            settings, clients, conn, cfg, source, schema, key, slices, bypass, validated
+            ctx.settings, ctx.clients, ctx.conn, cfg, source, ctx.schema, ctx.key, slices, bypass, validated
         )
         slices = detection.to_read
         outcome.plan_fingerprints = detection.plan_fingerprints()
+    return TablePlan(columns, cursor_src, cursor, slices, detection, detected_at)
 
-    if dry_run and detection is not None:
-        outcome.plan = [d.to_dict() for d in detection.decisions]
-        if options.explain:
-            _predict_changes(
-                settings, clients, conn, cfg, schema, cursor_map, cursor_src, detection, run_id, outcome
-            )
-        return
-    if dry_run:
-        span = Slice(slices[0].start, slices[-1].end) if cursor_src and slices else None
-        per_day = rows_per_day(clients, cfg, cursor_src, span) if slices else {}
-        for s in slices:
-            where = row_restriction(cursor_src, s) if cursor_src else ""
-            rows = sum(
-                n
-                for d, n in per_day.items()
-                if s.start is None or s.end is None or (d is not None and s.start <= d < s.end)
-            )
-            outcome.plan.append(
-                {
-                    "slice": s.label,
-                    "estimated_rows": rows,
-                    "estimated_bytes": estimate_bytes(clients, cfg, where),
-                }
-            )
-        return
 
-    with conn.transaction():
-        ensure_raw_table(conn, schema, cfg.table_name, columns, cursor_map.name if cursor_map else None)
+def estimate_table(ctx: TableRefresh, planned: TablePlan) -> None:
+    """A dry run's plan: each slice's estimated rows and BigQuery bytes; with --explain, the
+    change detection's decisions and what the run would change (`_predict_changes`)."""
+    outcome, slices, cursor_src = ctx.outcome, planned.slices, planned.cursor_src
+    if planned.detection is not None:
+        outcome.plan = [d.to_dict() for d in planned.detection.decisions]
+        _predict_changes(ctx, planned, planned.detection)
+        return
+    span = Slice(slices[0].start, slices[-1].end) if cursor_src and slices else None
+    per_day = rows_per_day(ctx.clients, ctx.cfg, cursor_src, span) if slices else {}
+    for s in slices:
+        where = row_restriction(cursor_src, s) if cursor_src else ""
+        rows = sum(
+            n
+            for d, n in per_day.items()
+            if s.start is None or s.end is None or (d is not None and s.start <= d < s.end)
+        )
+        outcome.plan.append(
+            {
+                "slice": s.label,
+                "estimated_rows": rows,
+                "estimated_bytes": estimate_bytes(ctx.clients, ctx.cfg, where),
+            }
+        )
+
+
+def load_table(ctx: TableRefresh, planned: TablePlan) -> None:
+    """Every planned slice read and applied (each in its own transaction), counted in the
+    outcome; then the slices earlier runs still owe dbt. A slice with bad data fails the table
+    after the others loaded; any other failure for good stops it."""
+    cfg, conn, outcome = ctx.cfg, ctx.conn, ctx.outcome
+    detection = planned.detection
     assert detection is not None
+    with conn.transaction():
+        ensure_raw_table(
+            conn, ctx.schema, cfg.table_name, planned.columns, planned.cursor.name if planned.cursor else None
+        )
     change_detection.record(
-        conn, settings.control_schema, run_id, cfg.table_name, key, detection, detected_at
+        conn, ctx.control, ctx.run_id, cfg.table_name, ctx.key, detection, planned.detected_at
     )
 
     bad_slices: list[str] = []
     loaders = [
-        _SliceLoader(
-            settings,
-            clients,
+        SliceLoader(
+            ctx.settings,
+            ctx.clients,
             cfg,
-            run_id,
-            schema,
-            key,
-            columns,
-            cursor_map,
-            cursor_src,
+            ctx.run_id,
+            ctx.schema,
+            ctx.key,
+            planned.columns,
+            planned.cursor,
+            planned.cursor_src,
             p,
             datetime.now(UTC),
             detection,
         )
-        for p in slices
+        for p in planned.slices
     ]
     # In order in this thread, or on Dask workers (flows.engine.scale_out) in completion order.
-    with contextlib.closing(scale_out.run_slices(loaders, deadline)) as results:
+    with contextlib.closing(scale_out.run_slices(loaders, ctx.deadline)) as results:
         for loader, result in results:
             piece = loader.piece
             try:
                 inserted, deleted, stats, days = result()
             except BadSourceValueError as exc:
                 # Only this slice's data is bad: the other slices still load, the table ends failed.
-                _record_failed_slice(
-                    settings, run_id, cfg.table_name, piece, loader.started_at, exc, loader.attempts
-                )
+                _record_failed(ctx, loader, exc)
                 log.error("%s", exc)
                 bad_slices.append(str(exc))
                 continue
@@ -317,14 +324,10 @@ def _refresh(
                     f"{cfg.table_name} slice {piece.label}: Postgres refused the slice, which was rolled "
                     f"back: {one_line(exc)}"
                 )
-                _record_failed_slice(
-                    settings, run_id, cfg.table_name, piece, loader.started_at, refused, loader.attempts
-                )
+                _record_failed(ctx, loader, refused)
                 raise refused from exc
             except RefreshError as exc:
-                _record_failed_slice(
-                    settings, run_id, cfg.table_name, piece, loader.started_at, exc, loader.attempts
-                )
+                _record_failed(ctx, loader, exc)
                 raise
             outcome.slices_done += 1
             if piece.start is None:
@@ -337,50 +340,46 @@ def _refresh(
             outcome.bytes_read += stats.bytes
             outcome.rows_inserted += inserted
             outcome.rows_deleted += deleted
-            runs.heartbeat(conn, settings.control_schema, run_id)
-    _add_owed_slices(settings, conn, cfg, run_id, outcome)
+            runs.heartbeat(conn, ctx.control, ctx.run_id)
+    _add_owed_slices(ctx)
     if bad_slices:
         raise BadSourceValueError(
             f"{len(bad_slices)} slice(s) not loaded, the others were: " + " | ".join(bad_slices)
         )
 
 
-def _add_owed_slices(
-    settings: Settings, conn: psycopg.Connection, cfg: TableConfig, run_id: UUID, outcome: TableOutcome
-) -> None:
+def _record_failed(ctx: TableRefresh, loader: SliceLoader, exc: BaseException) -> None:
+    record_failed_slice(
+        ctx.settings, ctx.run_id, ctx.cfg.table_name, loader.piece, loader.started_at, exc, loader.attempts
+    )
+
+
+def _add_owed_slices(ctx: TableRefresh) -> None:
     """Slices an earlier run applied without a successful dbt build after it (it failed, or the
     run died: also the slices a resumed attempt skips) are rebuilt by this run's dbt too; so is
     a whole table loaded so."""
+    cfg, outcome = ctx.cfg, ctx.outcome
     if cfg.mode is not Mode.LIVE:
         return
     if cfg.write_strategy is WriteStrategy.SLICE_REPLACE:
         owed = rebuilds.slices_awaiting_dbt(
-            conn, settings.control_schema, cfg.table_name, run_id, cfg.lookback_days
+            ctx.conn, ctx.control, cfg.table_name, ctx.run_id, cfg.lookback_days
         )
         outcome.changed_slices.extend(s for s in owed if s not in outcome.changed_slices)
     elif not outcome.replaced_whole:
         outcome.replaced_whole = rebuilds.whole_table_awaiting_dbt(
-            conn, settings.control_schema, cfg.table_name, run_id, cfg.lookback_days
+            ctx.conn, ctx.control, cfg.table_name, ctx.run_id, cfg.lookback_days
         )
 
 
-def _predict_changes(
-    settings: Settings,
-    clients: BigQueryClients,
-    conn: psycopg.Connection,
-    cfg: TableConfig,
-    schema: str,
-    cursor: ColumnMapping | None,
-    cursor_src: SourceColumn | None,
-    detection: change_detection.Detection,
-    run_id: UUID,
-    outcome: TableOutcome,
-) -> None:
+def _predict_changes(ctx: TableRefresh, planned: TablePlan, detection: change_detection.Detection) -> None:
     """For --explain, what a run would hand dbt (flows.orchestration.dbt_selection.rebuild_vars),
     without loading: the slices it would apply, each with the days its load would change, and the slices owed
     by earlier runs. A load deletes the slice's rows and inserts the source's, so it changes the
     days holding rows in the raw table or in BigQuery: the fingerprint query's days where it
     covered the slice, else one count per day of the others' span (as the dry run's plan)."""
+    cfg, conn, outcome = ctx.cfg, ctx.conn, ctx.outcome
+    cursor, cursor_src = planned.cursor, planned.cursor_src
     outcome.replaced_whole = any(d.read and d.piece.start is None for d in detection.decisions)
     read = [d.piece for d in detection.decisions if d.read and d.piece.start is not None]
     outcome.changed_slices.extend(_dated(p) for p in read)
@@ -388,8 +387,8 @@ def _predict_changes(
         unknown = [p for p in read if p.start not in detection.source_days]
         counted: dict[date | None, int] = {}
         if unknown:
-            counted = rows_per_day(clients, cfg, cursor_src, Slice(unknown[0].start, unknown[-1].end))
-        raw_exists = bool(relation_columns(conn, schema, cfg.table_name))
+            counted = rows_per_day(ctx.clients, cfg, cursor_src, Slice(unknown[0].start, unknown[-1].end))
+        raw_exists = bool(relation_columns(conn, ctx.schema, cfg.table_name))
         for piece in read:
             assert piece.start is not None and piece.end is not None
             source = detection.source_days.get(piece.start)
@@ -397,148 +396,12 @@ def _predict_changes(
                 source = [
                     d for d, n in counted.items() if d is not None and piece.start <= d < piece.end and n
                 ]
-            raw = days_in_slice(conn, schema, cfg.table_name, cursor, piece) if raw_exists else set()
+            raw = days_in_slice(conn, ctx.schema, cfg.table_name, cursor, piece) if raw_exists else set()
             if raw is not None:
                 outcome.slice_days[_dated(piece)] = sorted(raw.union(source))
-    _add_owed_slices(settings, conn, cfg, run_id, outcome)
+    _add_owed_slices(ctx)
 
 
 def _dated(piece: Slice) -> tuple[date, date]:
     assert piece.start is not None and piece.end is not None
     return piece.start, piece.end
-
-
-@dataclass
-class _SliceLoader:
-    """One slice: read from BigQuery and apply atomically; `attempt` is safe to retry."""
-
-    settings: Settings
-    clients: BigQueryClients | None  # None on its way to a Dask worker (flows.engine.scale_out)
-    cfg: TableConfig
-    run_id: UUID
-    schema: str
-    key: str
-    columns: list[ColumnMapping]
-    cursor: ColumnMapping | None
-    cursor_src: SourceColumn | None
-    piece: Slice
-    started_at: datetime
-    detection: change_detection.Detection | None = None
-    attempts: int = 0
-
-    def run(self, deadline: float) -> tuple[int, int, ReadStats, list[date] | None]:
-        """Every attempt of the slice, retried until `deadline` (time.monotonic())."""
-        self.started_at = datetime.now(UTC)
-        what = f"{self.cfg.table_name} slice {self.piece.label}"
-        return with_retries(self.attempt, what, deadline=deadline)
-
-    def attempt(self) -> tuple[int, int, ReadStats, list[date] | None]:
-        """One attempt: rows inserted, rows deleted, the read's stats and the days it changed
-        (SliceResult.days)."""
-        assert self.clients is not None
-        self.attempts += 1
-        stats = ReadStats()
-        where = row_restriction(self.cursor_src, self.piece) if self.cursor_src else ""
-
-        def record(c: psycopg.Connection, inserted: int, deleted: int) -> None:
-            if self.detection is not None:
-                change_detection.store_loaded(
-                    c,
-                    self.settings.control_schema,
-                    self.schema,
-                    self.cfg.table_name,
-                    self.key,
-                    self.detection,
-                    self.piece,
-                )
-            # Last before the commit: the fence (see runs.check_lock).
-            runs.check_lock(
-                c, self.run_id, f"before committing {self.cfg.table_name} slice {self.piece.label}"
-            )
-            tables.write_slice_audit(
-                c,
-                self.settings.control_schema,
-                run_id=self.run_id,
-                table=self.cfg.table_name,
-                slice_start=self.piece.start_ts,
-                slice_end=self.piece.end_ts,
-                status=SliceStatus.SUCCESS,
-                rows_read=stats.rows,
-                rows_inserted=inserted,
-                rows_deleted=deleted,
-                bytes_read=stats.bytes,
-                started_at=self.started_at,
-            )
-            if self.detection is not None:
-                change_detection.note_read(
-                    c,
-                    self.settings.control_schema,
-                    self.run_id,
-                    self.cfg.table_name,
-                    self.detection,
-                    self.piece,
-                )
-            if self.attempts > 1:
-                retries.set_slice_attempts(
-                    c,
-                    self.settings.control_schema,
-                    self.run_id,
-                    self.cfg.table_name,
-                    self.piece.start_ts,
-                    self.attempts,
-                )
-
-        # A fresh connection per attempt: a retry after a dropped connection starts clean.
-        with connect(self.settings) as conn:
-            # A safety net: a transaction left waiting (a client bug, a hung source) is ended by
-            # the server instead of holding the slice's deleted rows.
-            timeout_ms = int((self.settings.bq_stall_timeout_s + 30) * 1000)
-            conn.execute(
-                "select set_config('idle_in_transaction_session_timeout', %s, false)", (str(timeout_ms),)
-            )
-            conn.commit()
-            res = apply_slice(
-                conn,
-                schema=self.schema,
-                table=self.cfg.table_name,
-                control_schema=self.settings.control_schema,
-                columns=self.columns,
-                cursor=self.cursor,
-                piece=self.piece,
-                batches=read_slice(self.clients, self.cfg, where, stats),
-                run_id=self.run_id,
-                in_transaction=record,
-                checkpoint_key=self.key,
-            )
-        return res.rows_inserted, res.rows_deleted, stats, res.days
-
-
-def _record_failed_slice(
-    settings: Settings,
-    run_id: UUID,
-    table: str,
-    piece: Slice,
-    started: datetime,
-    exc: BaseException,
-    attempts: int,
-) -> None:
-    try:
-        with connect(settings, autocommit=True) as c, c.transaction():
-            tables.write_slice_audit(
-                c,
-                settings.control_schema,
-                run_id=run_id,
-                table=table,
-                slice_start=piece.start_ts,
-                slice_end=piece.end_ts,
-                status=SliceStatus.FAILED,
-                rows_read=0,
-                rows_inserted=0,
-                rows_deleted=0,
-                bytes_read=0,
-                started_at=started,
-                error=error_text(exc),
-            )
-            retries.set_slice_attempts(c, settings.control_schema, run_id, table, piece.start_ts, attempts)
-    except psycopg.Error as err:
-        log.error("%s: could not record the failed slice: %s", table, err)

@@ -31,8 +31,9 @@ from flows.control import runs
 from flows.control.dbt_audit import DbtOutcome, record_dbt
 from flows.control.runs import RunStatus, refresh_lock
 from flows.control.tables import TableOutcome, TableStatus
+from flows.core import retry
 from flows.core.db import connect
-from flows.core.errors import LockLostError, PostgresLostError, RefreshError, TransientError
+from flows.core.errors import LockLostError, PostgresLostError, RefreshError, TransientError, one_line
 from flows.core.redact import redact
 from flows.core.settings import Settings, get_settings
 from flows.core.table_config import TableConfig
@@ -52,15 +53,12 @@ from flows.orchestration import (
     run_summary,
 )
 
-# A table whose slices still fail transiently after refresh_table's own backoff (2, 4, 8 s)
-# is tried again later as a whole: its committed slices are kept and skipped. All of it within
-# the table's retry budget (REFRESH_TABLE_RETRY_BUDGET_S, counted from its first attempt): no
-# attempt starts after it, so a table ends at most one attempt (bounded by the BigQuery
-# deadlines) after its budget, see docs/design.md.
-TABLE_RETRY_DELAYS_S: list[float] = [30, 120]
 log = logging.getLogger(__name__)
-# (run_id, table) -> the table's retry deadline, set by its first attempt in this process.
-_deadlines: dict[tuple[UUID, str], float] = {}
+# A table whose slices still fail transiently after their own retries is tried again later as
+# a whole (retry.TABLE): its committed slices are kept and skipped. All of it within the table's
+# retry budget, so a table ends at most one attempt (bounded by the BigQuery deadlines) after
+# its budget, see docs/design.md.
+_budgets = retry.TableBudgets()
 # The refresh lock that the command line took before starting Prefect (a run refused as busy
 # then starts nothing and exits at once); the flow run in that process adopts it.
 _caller_lock: psycopg.Connection | None = None
@@ -85,39 +83,28 @@ def _retry_transient_only(_task: Any, _run: Any, state: State[Any]) -> bool:
     name="refresh-table",
     task_run_name="refresh {cfg.table_name}",
     cache_policy=NO_CACHE,
-    retries=len(TABLE_RETRY_DELAYS_S),
-    retry_delay_seconds=TABLE_RETRY_DELAYS_S,
+    retries=retry.TABLE.retries,
+    retry_delay_seconds=retry.TABLE.delays(),
     retry_condition_fn=_retry_transient_only,
 )
 def refresh_table_task(
     settings: Settings, clients: BigQueryClients, cfg: TableConfig, run_id: UUID, options: RefreshOptions
 ) -> TableOutcome:
     """One table; permanent failures come back in the outcome at once, transient ones retry."""
-    attempt = task_run.run_count
-    deadline = _deadlines.setdefault(
-        (run_id, cfg.table_name), time.monotonic() + settings.table_retry_budget_s
-    )
+    deadline = _budgets.deadline(run_id, cfg.table_name, settings.table_retry_budget_s)
     outcome = refresh_table(settings, clients, cfg, run_id, replace(options, deadline=deadline))
-    if (
-        outcome.retryable
-        and attempt <= len(TABLE_RETRY_DELAYS_S)
-        and time.monotonic() + TABLE_RETRY_DELAYS_S[attempt - 1] < deadline
-    ):
+    if outcome.retryable and retry.TABLE.may_retry(task_run.run_count, deadline):
         raise TransientError(f"{cfg.table_name}: {outcome.error}")
-    _deadlines.pop((run_id, cfg.table_name), None)
+    _budgets.done(run_id, cfg.table_name)
     return outcome
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _failure_message(exc: BaseException, outcomes: list[TableOutcome]) -> str:
     """One line: what stopped the run, then each failed table's own error (table and slice)."""
     if isinstance(exc, psycopg.OperationalError):
-        head = f"lost Postgres ({_first_line(exc)}): start it again, then run again (the run resumes)"
+        head = f"lost Postgres ({one_line(exc)}): start it again, then run again (the run resumes)"
     elif isinstance(exc, RefreshError):
-        head = _first_line(exc)
+        head = one_line(exc)
     else:
         head = f"run crashed: {exc!r}"
     failed = [f"{o.table_name}: {o.error}" for o in outcomes if o.status == TableStatus.FAILED and o.error]
@@ -159,34 +146,37 @@ def _check_lock(settings: Settings, run_id: UUID, doing: str) -> None:
 def _end_run(settings: Settings, run: runs.RunRecord, summary: runs.RunSummary) -> runs.RunSummary:
     """Record the run's end; the summary as recorded. Never raises.
 
-    Postgres may be restarting: retried with backoff for REFRESH_PG_RETRY_BUDGET_S. A run that
-    lost the refresh lock meanwhile ends `failed`, whatever it did.
+    Postgres may be restarting: retried (retry.RUN_END) for REFRESH_PG_RETRY_BUDGET_S. A run
+    that lost the refresh lock meanwhile ends `failed`, whatever it did.
     """
-    deadline = time.monotonic() + settings.pg_retry_budget_s
-    delay = 1.0
-    while True:
-        try:
-            with connect(settings, autocommit=True) as conn:
-                try:
-                    runs.check_lock(conn, run.run_id, "before recording the run's end")
-                except LockLostError as exc:
-                    if "lost the refresh lock" not in summary.message:
-                        message = f"{exc} | {summary.message}"
-                        summary = replace(summary, status=RunStatus.FAILED, message=message)
-                run_record.finish_run(conn, settings, run, summary)
-            return summary
-        except psycopg.OperationalError as exc:
-            if time.monotonic() + delay > deadline:
-                log.error(
-                    "run %s: could not record its end, Postgres unreachable for %.0fs (%s); it shows "
-                    "as running (lock lost) until the next run marks it abandoned",
-                    run.run_id,
-                    settings.pg_retry_budget_s,
-                    _first_line(exc),
-                )
-                return summary
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+
+    def record() -> None:
+        nonlocal summary
+        with connect(settings, autocommit=True) as conn:
+            try:
+                runs.check_lock(conn, run.run_id, "before recording the run's end")
+            except LockLostError as exc:
+                if "lost the refresh lock" not in summary.message:
+                    message = f"{exc} | {summary.message}"
+                    summary = replace(summary, status=RunStatus.FAILED, message=message)
+            run_record.finish_run(conn, settings, run, summary)
+
+    try:
+        retry.call(
+            record,
+            f"run {run.run_id}: recording its end",
+            retry.RUN_END,
+            deadline=time.monotonic() + settings.pg_retry_budget_s,
+        )
+    except TransientError as exc:
+        log.error(
+            "run %s: could not record its end, Postgres unreachable for %.0fs (%s); it shows "
+            "as running (lock lost) until the next run marks it abandoned",
+            run.run_id,
+            settings.pg_retry_budget_s,
+            one_line(exc.__cause__ or exc),
+        )
+    return summary
 
 
 @task(name="dbt", task_run_name="dbt {command}", cache_policy=NO_CACHE)
@@ -370,7 +360,7 @@ def daily_refresh(
     except psycopg.OperationalError as exc:
         # Before the run row exists (planning) or while taking the lock: nothing was written.
         raise PostgresLostError(
-            f"cannot reach Postgres ({redact(_first_line(exc))}): this run did nothing; start Postgres "
+            f"cannot reach Postgres ({redact(one_line(exc))}): this run did nothing; start Postgres "
             "or fix REFRESH_PG_DSN, then run again"
         ) from exc
     finally:

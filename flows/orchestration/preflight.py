@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from flows.core.errors import ConfigError, RefreshError
+from flows.core.errors import ConfigError, RefreshError, one_line
 from flows.core.settings import Settings
 
 CURSOR_TYPES = ("DATE", "DATETIME", "TIMESTAMP")
@@ -42,7 +42,7 @@ def check_configuration(settings: Settings, pg_hint: str) -> Iterator[Check]:
                 configs = config_rows.load_all(conn, settings.control_schema) or configs
         yield Check("Postgres", True, "connected")
     except Exception as exc:
-        yield Check("Postgres", False, f"{str(exc).strip().splitlines()[0]} ({pg_hint})")
+        yield Check("Postgres", False, f"{one_line(exc)} ({pg_hint})")
     try:
         clients = make_clients(settings)
         try:

@@ -9,6 +9,7 @@ from uuid import UUID
 from flows.control.dbt_audit import DbtOutcome, NodeRun, NodeStatus
 from flows.control.runs import RunStatus, RunSummary
 from flows.control.tables import TableOutcome, TableStatus
+from flows.core.errors import one_line
 from flows.engine.validation.after_refresh import AfterRefresh
 
 # At most this many node names in a run's message (the summary and the audit keep them all).
@@ -21,11 +22,6 @@ def _names(nodes: list[NodeRun]) -> str:
     return ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
 
-def _first_line(text: str | None) -> str | None:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[0] if lines else None
-
-
 def skipped_nodes(dbt: DbtOutcome) -> list[NodeRun]:
     return [n for n in dbt.nodes if n["status"] == NodeStatus.SKIPPED]
 
@@ -34,12 +30,12 @@ def first_error(outcomes: list[TableOutcome], dbt: DbtOutcome | None) -> str | N
     """The first line of the first failed dbt node's error, else dbt's own, else a table's."""
     if dbt is not None and not dbt.success:
         for n in dbt.failed_nodes:
-            if line := _first_line(n["message"]):
+            if line := one_line(n["message"]):
                 return f"{n['name']}: {line}"
-        if line := _first_line(dbt.message):
+        if line := one_line(dbt.message):
             return line
     for o in outcomes:
-        if o.status == TableStatus.FAILED and (line := _first_line(o.error)):
+        if o.status == TableStatus.FAILED and (line := one_line(o.error)):
             return f"{o.table_name}: {line}"
     return None
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
@@ -981,3 +981,44 @@ def test_days_a_slice_changed_come_from_the_rows_it_deleted_and_inserted(engine:
         apply(old)
         assert apply(new) == want, source_type
         assert apply(new, whole=True) is None
+
+
+# --------------------------------------------------------------------------------------
+# The refresh's steps, each a plain function over one context
+# --------------------------------------------------------------------------------------
+
+
+def test_steps_plan_then_estimate_a_dry_run_without_writing(engine: Engine) -> None:
+    from flows.control.tables import TableStatus
+    from flows.engine.table_refresh import TableRefresh, estimate_table, plan_table
+
+    e = engine
+    e.create_source(
+        "steps",
+        [S("Id", "INT64"), S("Day", "DATE")],
+        "insert into {t} (`Id`, `Day`) select n, date_add(date '2026-03-01', interval mod(n, 3) day) "
+        "from unnest(generate_array(0, 29)) as n",
+    )
+    cfg = table_cfg("xt_steps_events", "steps", cursor_column="Day", slice_size="day")
+    with e.pg() as conn:
+        ctx = TableRefresh(
+            e.settings,
+            e.clients,
+            cfg,
+            uuid4(),
+            RefreshOptions(dry_run=True),
+            conn,
+            TableOutcome(cfg.table_name, TableStatus.RUNNING, cfg.mode.value),
+            deadline=time.monotonic() + 60,
+        )
+        planned = plan_table(ctx)
+        # a first load: the source's whole range, one slice a day, no change detection in a dry run
+        assert [str(s.start) for s in planned.slices] == ["2026-03-01", "2026-03-02", "2026-03-03"]
+        assert planned.detection is None and planned.cursor is not None
+        assert ctx.outcome.slices_planned == 3 and ctx.outcome.plan == []
+        estimate_table(ctx, planned)
+        assert [(p["slice"], p["estimated_rows"]) for p in ctx.outcome.plan] == [
+            (s.label, 10) for s in planned.slices
+        ]
+        raw = conn.execute("select to_regnamespace(%s)", (e.raw,)).fetchone()
+    assert raw == (None,)  # the plan and the estimate wrote nothing

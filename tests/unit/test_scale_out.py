@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from flows.control import retries
+from flows.core import retry
 from flows.core.errors import ConfigError
 from flows.core.settings import Settings
 from flows.engine import scale_out
@@ -84,7 +84,7 @@ class _Finished:
 def test_a_workers_attempts_and_retries_reach_the_job_and_the_tables_count() -> None:
     """The retry counter is the table thread's: a worker's retries come back with its result,
     and with its error."""
-    count = retries.start_counting()
+    count = retry.start_counting()
     ok, bad = Job(Settings(), None, "ok"), Job(Settings(), None, "bad")
     assert scale_out._result(_Finished(scale_out._Done("rows", None, 3, 5)), ok) == "rows"
     assert (ok.attempts, count.n) == (3, 5)
