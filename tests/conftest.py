@@ -84,6 +84,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: slow_rank(str(item.fspath)))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Each xdist worker starts a stack of its own; an external database would be shared by all.
+    workers = getattr(config.option, "numprocesses", None)
+    if os.environ.get("SQP_TEST_PG_DSN") and workers not in (None, 0, 1):
+        raise pytest.UsageError(
+            "SQP_TEST_PG_DSN is one database for the whole session: run the tests in one process "
+            "(`make test TEST_WORKERS=0`, or pytest without -n)"
+        )
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     # A process that started no stack (xdist's controller, a unit-test run) leaves no empty dir.
     with contextlib.suppress(OSError):

@@ -1,8 +1,11 @@
-"""The installed environment as `make install` leaves it."""
+"""The environment the tests run in: as `make install` leaves it, and how `make test` runs."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,3 +19,17 @@ def test_installed_packages_are_compiled_to_bytecode(module: str) -> None:
     assert spec is not None and spec.origin is not None
     cached = Path(importlib.util.cache_from_source(spec.origin))
     assert cached.is_file(), f"{module} has no bytecode at {cached}: install with --compile-bytecode"
+
+
+def test_an_external_test_database_refuses_parallel_workers() -> None:
+    env = {**os.environ, "SQP_TEST_PG_DSN": "postgresql://nobody@127.0.0.1:9/none"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "tests/unit/test_identifiers.py"],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "SQP_TEST_PG_DSN is one database for the whole session" in done.stderr
