@@ -28,8 +28,9 @@ def test_installed_packages_are_compiled_to_bytecode(module: str) -> None:
 
 def test_an_external_test_database_refuses_parallel_workers() -> None:
     env = {**os.environ, "SQP_TEST_PG_DSN": "postgresql://nobody@127.0.0.1:9/none"}
+    args = ["-n", "2", "-p", "no:cacheprovider", "tests/unit/test_identifiers.py"]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "tests/unit/test_identifiers.py"],
+        [sys.executable, "-m", "pytest", *args],
         env=env,
         cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
