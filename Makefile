@@ -48,7 +48,7 @@ test: $(STAMP) browser  ## the whole suite against real Postgres, the emulator, 
 # at a rate, COPY refused, Postgres restarted, triggers together, FAULT_TRIALS kill -9 trials.
 FAULT_TRIALS ?= 25
 test-faults: $(STAMP)  ## the fault-injection harness; FAULT_TRIALS=25 kill -9 trials by default
-	@start=$$(date +%s); FAULT_TRIALS=$(FAULT_TRIALS) $(BIN)/pytest $(PYTEST_WORKERS) -m faults -rP; rc=$$?; \
+	@start=$$(date +%s); FAULT_TRIALS=$(FAULT_TRIALS) $(BIN)/pytest -m faults -rP; rc=$$?; \
 		echo "make test-faults: $$(( $$(date +%s) - start )) s wall time"; exit $$rc
 
 test-fast: $(STAMP)  ## unit tests only
