@@ -39,3 +39,12 @@ def test_an_external_test_database_refuses_parallel_workers() -> None:
     )
     assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout[-2000:] + done.stderr[-2000:]
     assert "SQP_TEST_PG_DSN is one database for the whole session" in done.stderr
+
+
+def test_the_slow_modules_dealt_first_exist_and_go_first() -> None:
+    from tests.conftest import SLOW_MODULES, slow_rank
+
+    tests_dir = Path(__file__).resolve().parents[1]
+    assert [m for m in SLOW_MODULES if not (tests_dir / m).is_file()] == []
+    ranks = [slow_rank(str(tests_dir / m)) for m in SLOW_MODULES]
+    assert ranks == sorted(ranks) and ranks[-1] < slow_rank(str(tests_dir / "unit" / "test_install.py"))
