@@ -12,6 +12,7 @@ may depend on the server's zone, so every integration test runs where that would
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -50,10 +51,53 @@ if os.environ.get("SQP_TEST_PG_DSN"):
     os.environ["REFRESH_PG_DSN"] = os.environ["SQP_TEST_PG_DSN"]
 
 
+# The slowest modules, slowest first (`--durations`). `make test` deals whole modules to its
+# workers in collection order (`--dist loadfile --no-loadscope-reorder`): these go out first,
+# so no worker is left with a long module at the end while the other is idle.
+SLOW_MODULES = (
+    "integration/test_dbt_stage_exit.py",
+    "integration/test_concurrent_starts.py",
+    "integration/api/test_api.py",
+    "integration/test_faults.py",
+    "integration/test_orchestration.py",
+    "integration/test_extraction_engine.py",
+    "integration/test_cli_first_run.py",
+    "integration/api/test_trigger_deployment.py",
+    "integration/test_work_pool.py",
+    "integration/api/test_api_fuzz.py",
+)
+
+
+def slow_rank(path: str) -> int:
+    """Where a test file goes in the run: the slow modules first, in SLOW_MODULES's order."""
+    for rank, module in enumerate(SLOW_MODULES):
+        if path.endswith("/tests/" + module):
+            return rank
+    return len(SLOW_MODULES)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+    # sort is stable: the tests of a module, and the other modules, keep their order.
+    items.sort(key=lambda item: slow_rank(str(item.fspath)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Each xdist worker starts a stack of its own; an external database would be shared by all.
+    workers = getattr(config.option, "numprocesses", None)
+    if os.environ.get("SQP_TEST_PG_DSN") and workers not in (None, 0, 1):
+        raise pytest.UsageError(
+            "SQP_TEST_PG_DSN is one database for the whole session: run the tests in one process "
+            "(`make test TEST_WORKERS=0`, or pytest without -n)"
+        )
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # A process that started no stack (xdist's controller, a unit-test run) leaves no empty dir.
+    with contextlib.suppress(OSError):
+        STATE_DIR.rmdir()
 
 
 @pytest.fixture(scope="session")
