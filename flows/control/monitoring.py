@@ -19,6 +19,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from flows.control import checkpoints, history, registry
+from flows.core.db import qualified
 from flows.core.table_config import Mode
 
 
@@ -86,10 +87,6 @@ def health(tables: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[He
     return Health.HEALTHY, []
 
 
-def _t(schema: str, name: str) -> sql.Composable:
-    return sql.Identifier(schema, name)
-
-
 def _rows(
     conn: psycopg.Connection, query: sql.Composed, params: tuple[Any, ...] = ()
 ) -> list[dict[str, Any]]:
@@ -109,7 +106,7 @@ def runs_since(
             "extract(epoch from finished_at - started_at)::float8 as duration_s, tables_planned, "
             "tables_failed, rows_inserted, message from {r} where started_at >= %s "
             "order by started_at desc limit %s"
-        ).format(r=_t(schema, "refresh_runs")),
+        ).format(r=qualified(schema, "refresh_runs")),
         (since, limit),
     )
 
@@ -152,7 +149,7 @@ def run_detail(conn: psycopg.Connection, schema: str, run_id: UUID) -> dict[str,
             "tables_planned, tables_succeeded, tables_failed, rows_read, rows_inserted, "
             "dbt_invocation_id, message from {r} where run_id = %s or flow_run_id = %s "
             "order by started_at desc limit 1"
-        ).format(r=_t(schema, "refresh_runs")),
+        ).format(r=qualified(schema, "refresh_runs")),
         (run_id, run_id),
     )
     if not runs:
@@ -167,7 +164,7 @@ def run_detail(conn: psycopg.Connection, schema: str, run_id: UUID) -> dict[str,
             "rows_per_second::float8 as rows_per_second, started_at, finished_at, "
             "extract(epoch from finished_at - started_at)::float8 as duration_s, error "
             "from {t} where run_id = %s order by started_at, table_name"
-        ).format(t=_t(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (rid,),
     )
     run["slices"] = _rows(
@@ -179,7 +176,7 @@ def run_detail(conn: psycopg.Connection, schema: str, run_id: UUID) -> dict[str,
         ).format(
             start=checkpoints.bound(sql.Identifier("slice_start")),
             end=checkpoints.bound(sql.Identifier("slice_end")),
-            s=_t(schema, "slice_refreshes"),
+            s=qualified(schema, "slice_refreshes"),
         ),
         (rid,),
     )
@@ -190,7 +187,7 @@ def run_detail(conn: psycopg.Connection, schema: str, run_id: UUID) -> dict[str,
             "n.started_at, n.finished_at, n.execution_time_s, n.rows_affected, n.failures, n.message "
             "from {n} n join {i} i using (invocation_id) where i.run_id = %s "
             "order by n.started_at nulls last, n.unique_id"
-        ).format(n=_t(schema, "dbt_node_runs"), i=_t(schema, "dbt_invocations")),
+        ).format(n=qualified(schema, "dbt_node_runs"), i=qualified(schema, "dbt_invocations")),
         (rid,),
     )
     return run
@@ -211,7 +208,7 @@ def metrics(conn: psycopg.Connection, schema: str, since: datetime) -> dict[str,
             "as p50_duration_s, "
             "percentile_cont(0.95) within group (order by extract(epoch from finished_at - started_at)) "
             "as p95_duration_s from {r} where started_at >= %s and status <> 'running'"
-        ).format(r=_t(schema, "refresh_runs")),
+        ).format(r=qualified(schema, "refresh_runs")),
         (since,),
     )[0]
     runs["success_rate"] = round(runs["succeeded"] / runs["runs"], 4) if runs["runs"] else None
@@ -230,7 +227,7 @@ def metrics(conn: psycopg.Connection, schema: str, since: datetime) -> dict[str,
             "filter (where status = 'success'), 0), 1)::float8 as rows_per_second "
             "from {t} where started_at >= %s and status in ('success', 'failed') "
             "group by table_name order by table_name"
-        ).format(t=_t(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (since,),
     )
     models = _rows(
@@ -245,7 +242,7 @@ def metrics(conn: psycopg.Connection, schema: str, since: datetime) -> dict[str,
             "round((sum(n.rows_affected) / nullif(sum(n.execution_time_s), 0))::numeric, 1)::float8 "
             "as rows_per_second from {n} n join {i} i using (invocation_id) "
             "where i.started_at >= %s and n.resource_type = 'model' group by n.name order by n.name"
-        ).format(n=_t(schema, "dbt_node_runs"), i=_t(schema, "dbt_invocations")),
+        ).format(n=qualified(schema, "dbt_node_runs"), i=qualified(schema, "dbt_invocations")),
         (since,),
     )
     return {"runs": runs, "tables": tables, "dbt_models": models}
@@ -262,7 +259,7 @@ def duration_trends(
             "extract(epoch from finished_at - started_at)::float8 as duration_s, "
             "rows_per_second::float8 as rows_per_second from {t} "
             "where started_at >= %s and status = 'success' order by started_at"
-        ).format(t=_t(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (since,),
     )
     models = _rows(
@@ -272,7 +269,7 @@ def duration_trends(
             "n.execution_time_s as duration_s from {n} n join {i} i using (invocation_id) "
             "where i.started_at >= %s and n.resource_type = 'model' and n.status = 'success' "
             "order by 2"
-        ).format(n=_t(schema, "dbt_node_runs"), i=_t(schema, "dbt_invocations")),
+        ).format(n=qualified(schema, "dbt_node_runs"), i=qualified(schema, "dbt_invocations")),
         (since,),
     )
     return {"tables": tables, "dbt_models": models}
@@ -295,10 +292,10 @@ def failures(conn: psycopg.Connection, schema: str, since: datetime, limit: int 
             " where i.started_at >= %s and n.status in ('error', 'fail')"
             ") f order by started_at desc limit %s"
         ).format(
-            r=_t(schema, "refresh_runs"),
-            t=_t(schema, "table_refreshes"),
-            n=_t(schema, "dbt_node_runs"),
-            i=_t(schema, "dbt_invocations"),
+            r=qualified(schema, "refresh_runs"),
+            t=qualified(schema, "table_refreshes"),
+            n=qualified(schema, "dbt_node_runs"),
+            i=qualified(schema, "dbt_invocations"),
         ),
         (since, since, since, limit),
     )
@@ -316,7 +313,7 @@ def last_successes(conn: psycopg.Connection, schema: str, tables: list[str]) -> 
         sql.SQL(
             "select n.name, (select max(finished_at) from {t} t where t.table_name = n.name "
             "and t.status = 'success') from unnest(%s::text[]) as n(name)"
-        ).format(t=_t(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (tables,),
     ).fetchall()
     return [LastSuccess(r[0], r[1]) for r in rows]

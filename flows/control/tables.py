@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from flows.control.checkpoints import END_PARAM, START_PARAM, bound
+from flows.core.db import qualified
 from flows.core.planning import Window, to_ts
 from flows.core.table_config import Mode
 
@@ -116,7 +117,7 @@ def write_table_audit(conn: psycopg.Connection, schema: str, a: TableOutcome) ->
             "rows_inserted = excluded.rows_inserted, rows_deleted = excluded.rows_deleted, "
             "bytes_read = excluded.bytes_read, rows_per_second = excluded.rows_per_second, "
             "finished_at = excluded.finished_at, error = excluded.error"
-        ).format(t=sql.Identifier(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (
             a.run_id,
             a.table_name,
@@ -161,7 +162,7 @@ def write_slice_audit(
             "insert into {s} (run_id, table_name, slice_start, slice_end, status, rows_read, "
             "rows_inserted, rows_deleted, bytes_read, started_at, error) values "
             "(%s, %s, {start}, {end}, %s, %s, %s, %s, %s, %s, %s)"
-        ).format(s=sql.Identifier(schema, "slice_refreshes"), start=START_PARAM, end=END_PARAM),
+        ).format(s=qualified(schema, "slice_refreshes"), start=START_PARAM, end=END_PARAM),
         (
             run_id,
             table,
@@ -190,7 +191,7 @@ def touched_slices(
         ).format(
             start=bound(sql.Identifier("slice_start")),
             end=bound(sql.Identifier("slice_end")),
-            s=sql.Identifier(schema, "slice_refreshes"),
+            s=qualified(schema, "slice_refreshes"),
         ),
         (run_id, table),
     ).fetchall()
