@@ -19,6 +19,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from flows.control import checkpoints, history, registry
+from flows.control.runs import RunStatus
+from flows.control.tables import TableStatus
 from flows.core.db import qualified
 from flows.core.table_config import Mode
 
@@ -36,7 +38,7 @@ class Health(StrEnum):
     FAILING = "failing"
 
 
-BAD_RUN_STATUSES = ("failed", "abandoned")
+BAD_RUN_STATUSES = (RunStatus.FAILED, RunStatus.ABANDONED)
 
 
 def freshness(last_success: datetime | None, frequency_hours: int, now: datetime) -> Freshness:
@@ -71,13 +73,13 @@ def health(tables: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[He
             failing.append(f"{name} is {t['freshness']}")
         elif t["freshness"] == Freshness.AGING:
             degraded.append(f"{name} is aging")
-        if t["last_status"] == "failed":
+        if t["last_status"] == TableStatus.FAILED:
             degraded.append(f"{name}: latest refresh failed")
-    finished = [r for r in runs if r["status"] != "running"]
+    finished = [r for r in runs if r["status"] != RunStatus.RUNNING]
     if finished and finished[0]["status"] in BAD_RUN_STATUSES:
         failing.append(f"latest run {finished[0]['run_id']} {finished[0]['status']}")
-    bad = [r for r in finished[1:] if r["status"] in (*BAD_RUN_STATUSES, "warning")]
-    bad += [r for r in finished[:1] if r["status"] == "warning"]
+    bad = [r for r in finished[1:] if r["status"] in (*BAD_RUN_STATUSES, RunStatus.WARNING)]
+    bad += [r for r in finished[:1] if r["status"] == RunStatus.WARNING]
     if bad:
         degraded.append(f"{len(bad)} run(s) in the window failed or ended with a warning")
     if failing:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import psycopg
@@ -18,7 +19,15 @@ from flows.core.db import qualified
 from flows.core.errors import ConfigError
 
 MAX_DATA_BYTES = 19_000  # the whole body ({type, timestamp, data}) stays under 20 KB
-DELIVERY_STATUSES = ("pending", "succeeded", "exhausted", "cancelled")  # deliveries.status (0002)
+
+
+class DeliveryStatus(StrEnum):
+    """`webhook_deliveries.status`."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    EXHAUSTED = "exhausted"
+    CANCELLED = "cancelled"
 
 
 class EndpointNotFound(ConfigError):
@@ -312,7 +321,7 @@ def update_delivery(
     schema: str,
     delivery_id: int,
     *,
-    status: str,
+    status: DeliveryStatus,
     attempts: int,
     next_attempt_at: datetime | None,
     status_code: int | None,
@@ -380,7 +389,7 @@ def list_deliveries(
     schema: str,
     *,
     endpoint_id: int | None = None,
-    status: str | None = None,
+    status: DeliveryStatus | None = None,
     limit: int = 20,
     offset: int = 0,
     delivery_id: int | None = None,
@@ -399,7 +408,11 @@ def list_deliveries(
 
 
 def count_deliveries(
-    conn: psycopg.Connection, schema: str, *, endpoint_id: int | None = None, status: str | None = None
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    endpoint_id: int | None = None,
+    status: DeliveryStatus | None = None,
 ) -> int:
     cond, params = _delivery_filter(endpoint_id, status)
     row = conn.execute(
@@ -412,7 +425,7 @@ def count_deliveries(
 
 
 def _delivery_filter(
-    endpoint_id: int | None, status: str | None, delivery_id: int | None = None
+    endpoint_id: int | None, status: DeliveryStatus | None, delivery_id: int | None = None
 ) -> tuple[sql.Composable, list[Any]]:
     where: list[sql.Composable] = []
     params: list[Any] = []
@@ -427,18 +440,6 @@ def _delivery_filter(
         params.append(status)
     cond = sql.SQL(" where ") + sql.SQL(" and ").join(where) if where else sql.SQL("")
     return cond, params
-
-
-def list_attempts(conn: psycopg.Connection, schema: str, delivery_id: int) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            sql.SQL(
-                "select attempt, attempted_at, success, status_code, latency_ms, response_body, error "
-                "from {a} where delivery_id = %s order by attempt, id"
-            ).format(a=qualified(schema, "webhook_attempts")),
-            (delivery_id,),
-        )
-        return cur.fetchall()
 
 
 def attempts_of(
@@ -457,3 +458,27 @@ def attempts_of(
         for row in cur.fetchall():
             out[row.pop("delivery_id")].append(row)
     return out
+
+
+def deliveries_with_attempts(
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    endpoint_id: int | None = None,
+    status: DeliveryStatus | None = None,
+    limit: int = 20,
+    offset: int = 0,
+    delivery_id: int | None = None,
+) -> list[dict[str, Any]]:
+    """list_deliveries, each delivery with its attempts in order as `attempt_log`."""
+    rows = list_deliveries(
+        conn,
+        schema,
+        endpoint_id=endpoint_id,
+        status=status,
+        limit=limit,
+        offset=offset,
+        delivery_id=delivery_id,
+    )
+    tries = attempts_of(conn, schema, [r["id"] for r in rows])
+    return [{**r, "attempt_log": tries[r["id"]]} for r in rows]

@@ -11,6 +11,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from flows.control.tables import TableStatus
 from flows.core.db import qualified
 
 
@@ -30,7 +31,7 @@ class TableProgress:
 
     @property
     def running(self) -> bool:
-        return self.status == "running"
+        return self.status == TableStatus.RUNNING
 
 
 @dataclass(frozen=True)

@@ -956,7 +956,7 @@ def validated_after_refresh(cfg: TableConfig) -> bool:
 def _skip_reason(cfg: TableConfig, status: str, dry_run: bool) -> str | None:
     if dry_run or cfg.mode is not Mode.LIVE:
         return f"mode {'dry_run' if dry_run else cfg.mode.value}: not live"
-    if status != "success":
+    if status != tables.TableStatus.SUCCESS:
         return f"refresh {status}"
     if cfg.custom_params.get(AFTER_REFRESH_PARAM, True) is False:
         return f"custom_params.{AFTER_REFRESH_PARAM} is false"

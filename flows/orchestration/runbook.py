@@ -554,7 +554,7 @@ def summarise(
 def finish_run(
     conn: psycopg.Connection, settings: Settings, run: runs.RunRecord, summary: RunSummary
 ) -> None:
-    ok = sum(1 for t in summary.tables if t["status"] in ("success", "planned"))
+    ok = sum(1 for t in summary.tables if t["status"] in (TableStatus.SUCCESS, TableStatus.PLANNED))
     # The webhook event commits with the run row or not at all (transactional outbox).
     with conn.transaction():
         runs.finish_run(
