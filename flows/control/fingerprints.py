@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from flows.control.checkpoints import END_PARAM, START_PARAM, bound
+from flows.control.tables import SliceStatus
 from flows.core.db import qualified
 
 _START = sql.Identifier("slice_start")
@@ -140,9 +141,12 @@ def record_unchanged(
         cur.executemany(
             sql.SQL(
                 "insert into {} (run_id, table_name, slice_start, slice_end, status, change_reason, "
-                "started_at) values (%s, %s, {start}, {end}, 'unchanged', %s, %s)"
+                "started_at) values (%s, %s, {start}, {end}, %s, %s, %s)"
             ).format(qualified(schema, "slice_refreshes"), start=START_PARAM, end=END_PARAM),
-            [(run_id, table, s.slice_start, s.slice_end, s.reason, started_at) for s in slices],
+            [
+                (run_id, table, s.slice_start, s.slice_end, SliceStatus.UNCHANGED, s.reason, started_at)
+                for s in slices
+            ],
         )
 
 

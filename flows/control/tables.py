@@ -30,7 +30,6 @@ class TableStatus(StrEnum):
     RUNNING = "running"
     SUCCESS = "success"
     FAILED = "failed"
-    UNCHANGED = "unchanged"  # fingerprint equal to its checkpoint's: not read (flows.engine.change_detection)
     SKIPPED = "skipped"
     PLANNED = "planned"
 
@@ -40,6 +39,7 @@ class SliceStatus(StrEnum):
 
     SUCCESS = "success"
     FAILED = "failed"
+    UNCHANGED = "unchanged"  # fingerprint equal to its checkpoint's: not read (flows.engine.change_detection)
 
 
 @dataclass
