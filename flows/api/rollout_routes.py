@@ -57,7 +57,7 @@ def cutover(request: Request, token: Admin, table: TablePath, body: CutoverReque
                 conn,
                 _schema(request),
                 table,
-                validated_schema=f"{settings.raw_schema}_shadow",
+                validated_schema=settings.shadow_schema,
                 who=f"api:{token.name}" if token else "api",
                 reason=body.reason,
                 force=body.force,

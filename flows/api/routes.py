@@ -1,16 +1,11 @@
 """The /api/refresh endpoints: each parses its input, calls the plain functions the CLI and
-the flow call (flows.core.table_config, flows.orchestration.run_params and run_plan,
-flows.control), and formats."""
+the flow call (flows.core.table_config, flows.orchestration, flows.control), and formats."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import socket
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -31,13 +26,12 @@ from flows.control.history import (
     history_after_async,
     read_history_async,
 )
-from flows.control.runs import lock_holder, refresh_running
+from flows.control.runs import refresh_running
 from flows.control.tokens import Scope, TokenInfo
-from flows.core import planning
 from flows.core.errors import ConfigError
-from flows.core.settings import Settings
-from flows.core.table_config import ChangeDetection, Mode, SliceSize, TableConfig, WriteStrategy
-from flows.orchestration import launch, run_params, run_plan
+from flows.core.table_config import ChangeDetection, SliceSize, TableConfig, WriteStrategy
+from flows.orchestration import run_params
+from flows.orchestration import trigger as trigger_service
 
 router = APIRouter(prefix="/api/refresh")
 Reader = Annotated[TokenInfo | None, Depends(require(Scope.READ))]
@@ -45,8 +39,6 @@ Triggerer = Annotated[TokenInfo | None, Depends(require(Scope.TRIGGER))]
 Admin = Annotated[TokenInfo | None, Depends(require(Scope.ADMIN))]
 
 DEFAULT_STATUS_HOURS = 24
-# A table refreshed successfully this recently is not refreshed again without `force`.
-MIN_INTERVAL = timedelta(hours=1)
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an unknown or revoked one", **PROBLEM},
@@ -118,10 +110,6 @@ class TriggerRequest(BaseModel):
     end_date: date | None = Field(default=None, description="Reload up to this date, inclusive")
 
 
-def _request_hash(params: run_params.RunParams) -> str:
-    return hashlib.sha256(json.dumps(params.to_json(), sort_keys=True).encode()).hexdigest()
-
-
 def _trigger_body(t: triggers.Trigger, replayed: bool) -> dict[str, Any]:
     return {
         "trigger_id": t.trigger_id,
@@ -149,53 +137,25 @@ def _accepted(t: triggers.Trigger, replayed: bool) -> JSONResponse:
     )
 
 
-def _busy(request: Request, conn: Any) -> dict[str, Any] | None:
-    """The refresh in progress (the lock is held, or a process this API started is still
-    starting or running), or None."""
-    schema = _schema(request)
-    children = request.app.state.children
-    alive = [tid for tid, proc in children.items() if proc.poll() is None]
-    for tid in [tid for tid in children if tid not in alive]:
-        children.pop(tid)
-    holder = lock_holder(conn, schema)
-    if holder is not None:
-        # the run, or (its run row not written yet) the trigger and process starting it
-        return {**holder.to_json(), "detail": holder.describe()}
-    if not alive:
-        return None
-    pending = triggers.get(conn, schema, alive[0])
-    return {
-        "run_id": pending.run_id if pending else None,
-        "trigger_id": alive[0],
-        "detail": f"trigger {alive[0]} starting",
-    }
-
-
-def _check_scope_and_size(
-    settings: Settings, token: TokenInfo, params: run_params.RunParams, chosen: list[TableConfig], today: date
-) -> None:
-    """What a trigger token may not do: refresh a table an admin disabled (that needs admin),
-    or ask for more slices than REFRESH_API_MAX_SLICES."""
-    disabled = [c.table_name for c in chosen if not c.enabled or c.mode is Mode.DISABLED]
-    if disabled and not token.allows(Scope.ADMIN):
-        raise Problem(
-            403,
-            f"table(s) {', '.join(disabled)} are disabled: refreshing a disabled table needs a token "
-            f"with scope 'admin' (token {token.name!r} has {', '.join(s.value for s in token.scopes)})",
+def _refusal(exc: trigger_service.TriggerRefused) -> Problem:
+    """A refused trigger as the problem the API answers with."""
+    detail = str(exc)
+    if isinstance(exc, trigger_service.KeyReused):
+        return Problem(
+            422, detail, errors=[{"field": "Idempotency-Key", "problem": "reused with a different body"}]
         )
-    if params.start_date is None:
-        return
-    end = params.end_date or today
-    counts = {c.table_name: planning.requested_slices(c, params.start_date, end) for c in chosen}
-    if sum(counts.values()) > settings.api_max_slices:
-        per_table = ", ".join(f"{name} {n}" for name, n in counts.items())
-        raise Problem(
-            422,
-            f"{params.start_date} to {end} is {sum(counts.values())} slices ({per_table}), more than "
-            f"REFRESH_API_MAX_SLICES ({settings.api_max_slices}) one trigger may start: move start_date "
-            "later, name fewer tables, or run the backfill with `refresh run`",
-            errors=[{"field": "start_date", "problem": f"more than {settings.api_max_slices} slices"}],
+    if isinstance(exc, trigger_service.NeedsAdmin):
+        return Problem(403, detail)
+    if isinstance(exc, trigger_service.TooManySlices):
+        return Problem(
+            422, detail, errors=[{"field": "start_date", "problem": f"more than {exc.limit} slices"}]
         )
+    if isinstance(exc, trigger_service.RefreshBusy):
+        return Problem(409, detail, **jsonable_encoder(exc.running))
+    if isinstance(exc, trigger_service.TooSoon):
+        wait = exc.retry_after_s
+        return Problem(429, detail, headers={"Retry-After": str(wait)}, retry_after_s=wait)
+    return Problem(503, detail)
 
 
 @router.post(
@@ -230,81 +190,17 @@ def trigger(
     params = run_params.validate_params(
         body.tables, body.start_date, body.end_date, False, body.dry_run, body.force, trigger="api"
     )
-    schema = _schema(request)
     state = request.app.state
-    now = _now()
-    request_hash = _request_hash(params)
-    with state.pool.connection() as conn, conn.transaction():
-        triggers.lock(conn)
-        if idempotency_key is not None:
-            seen = triggers.by_key(conn, schema, token.token_id, idempotency_key)
-            if seen is not None:
-                if seen.request_sha256 != request_hash:
-                    raise Problem(
-                        422,
-                        "this Idempotency-Key was used for a different request: use a new key",
-                        errors=[{"field": "Idempotency-Key", "problem": "reused with a different body"}],
-                    )
-                return _accepted(seen, replayed=True)
-        configs = registry.load_all(conn, schema)
-        chosen = run_plan.select_tables(configs, params.tables, force=params.force, now=now)
-        _check_scope_and_size(state.settings, token, params, chosen, now.date())
-        busy = _busy(request, conn)
-        if busy is not None:
-            raise Problem(
-                409,
-                f"a refresh is running ({busy.pop('detail')}): try again when it ends",
-                **jsonable_encoder(busy),
+    try:
+        with state.pool.connection() as conn:
+            done = trigger_service.trigger_refresh(
+                conn, state.settings, token, params, idempotency_key, state.children, _now()
             )
-        if not (params.force and token.allows(Scope.ADMIN)):
-            names = params.tables or [
-                c.table_name for c in configs if c.enabled and c.mode is not Mode.DISABLED
-            ]
-            last = monitoring.last_successes(conn, schema, names)
-            if last and all(s.finished_at and now - s.finished_at < MIN_INTERVAL for s in last):
-                oldest = min(s.finished_at for s in last if s.finished_at)
-                wait = max(1, math.ceil((oldest + MIN_INTERVAL - now).total_seconds()))
-                raise Problem(
-                    429,
-                    f"every table asked for was refreshed less than an hour ago ({', '.join(names)}): "
-                    f"retry in {wait}s, or set force with an admin token",
-                    headers={"Retry-After": str(wait)},
-                    retry_after_s=wait,
-                )
-        trigger_id = uuid4()
-        flow_run_id: UUID | None = None
-        pid: int | None = None
-        if launch.prefect_configured():
-            prefect_key = idempotency_key
-            if prefect_key is not None and triggers.key_used(conn, schema, prefect_key):
-                # Prefect's keys are per deployment: another token's run must not come back here.
-                prefect_key = f"{prefect_key}:{token.token_id}"
-            try:
-                flow_run_id = launch.start_flow_run(state.settings.api_deployment, params, prefect_key)
-            except launch.DeploymentMissing as exc:
-                raise Problem(503, str(exc)) from None
-            via = "prefect"
-        else:
-            proc = launch.start_process(params, state.settings.state_dir / "logs")
-            state.children[trigger_id] = proc
-            pid, via = proc.pid, "process"
-        triggers.record(
-            conn,
-            schema,
-            trigger_id=trigger_id,
-            idempotency_key=idempotency_key,
-            request_sha256=request_hash,
-            params=launch.flow_parameters(params),
-            via=via,
-            flow_run_id=flow_run_id,
-            pid=pid,
-            hostname=socket.gethostname(),
-            token_id=token.token_id,
-        )
-        recorded = triggers.get(conn, schema, trigger_id)
-    state.status_cache.clear()
-    assert recorded is not None
-    return _accepted(recorded, replayed=False)
+    except trigger_service.TriggerRefused as exc:
+        raise _refusal(exc) from None
+    if not done.replayed:
+        state.status_cache.clear()
+    return _accepted(done.trigger, done.replayed)
 
 
 @router.get(

@@ -1,13 +1,13 @@
 """/api/refresh/webhooks: endpoints, their deliveries, a test event and secret rotation, all
-with the `admin` scope. Thin: the same functions `refresh webhooks` calls (flows.notify.endpoints
-for changes, flows.control.outbox for reads). A secret appears only in the answers to create and
+with the `admin` scope. Thin: the same functions `refresh webhooks` calls (flows.notify.webhooks for
+changes, flows.control.outbox for reads). A secret appears only in the answers to create and
 rotate-secret."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,7 +28,6 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 }
 EndpointId = Annotated[int, Path(ge=1, le=2**62, description="Endpoint id")]
 EventType = Annotated[str, Field(min_length=1, max_length=100)]
-DeliveryStatus = Literal["pending", "succeeded", "exhausted", "cancelled"]
 EVENTS_HELP = f"Event types to subscribe: {', '.join(webhook_events.EVENT_TYPES)}"
 
 
@@ -152,7 +151,7 @@ def deliveries(
     _: Admin,
     endpoint_id: EndpointId,
     status: Annotated[
-        Literal["pending", "succeeded", "exhausted", "cancelled"] | None,
+        outbox.DeliveryStatus | None,
         Query(description="Only this status"),
     ] = None,
     page: Page = 1,
@@ -164,7 +163,7 @@ def deliveries(
     with _problems(), request.app.state.pool.connection() as conn:
         outbox.get_endpoint(conn, schema, endpoint_id)
         total = outbox.count_deliveries(conn, schema, endpoint_id=endpoint_id, status=status)
-        rows = outbox.list_deliveries(
+        rows = outbox.deliveries_with_attempts(
             conn,
             schema,
             endpoint_id=endpoint_id,
@@ -172,14 +171,13 @@ def deliveries(
             limit=page_size,
             offset=(page - 1) * page_size,
         )
-        tries = outbox.attempts_of(conn, schema, [r["id"] for r in rows])
     return FastJSONResponse(
         {
             "page": page,
             "page_size": page_size,
             "total": total,
             "pages": max(1, -(-total // page_size)),
-            "items": [{**r, "attempt_log": tries[r["id"]]} for r in rows],
+            "items": rows,
         }
     )
 
@@ -196,9 +194,8 @@ def test_endpoint(request: Request, token: Admin, endpoint_id: EndpointId) -> Fa
     with _problems():
         sent = endpoints.send_test(settings, endpoint_id, who=_who(token))
     with request.app.state.pool.connection() as conn:
-        [row] = outbox.list_deliveries(conn, settings.control_schema, delivery_id=sent.delivery_id)
-        tries = outbox.list_attempts(conn, settings.control_schema, sent.delivery_id)
-    return FastJSONResponse({**row, "delivered": sent.result.succeeded > 0, "attempt_log": tries})
+        [row] = outbox.deliveries_with_attempts(conn, settings.control_schema, delivery_id=sent.delivery_id)
+    return FastJSONResponse({**row, "delivered": sent.result.succeeded > 0})
 
 
 @router.post("/{endpoint_id}/rotate-secret", response_model=None, responses=NOT_FOUND)

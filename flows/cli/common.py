@@ -72,9 +72,11 @@ def load_settings(prefect_log_level: str = "WARNING") -> Settings:
 
 def exit_for(summary: dict[str, Any]) -> None:
     """A warning must not look like a success to a script, cron or CI: exit code 2."""
-    if summary["status"] == "warning":
+    from flows.control.runs import RunStatus
+
+    if summary["status"] == RunStatus.WARNING:
         raise typer.Exit(EXIT_WARNING)
-    if summary["status"] != "success":
+    if summary["status"] != RunStatus.SUCCESS:
         raise typer.Exit(1)
 
 

@@ -140,7 +140,7 @@ def cutover(
                 conn,
                 settings.control_schema,
                 table,
-                validated_schema=f"{settings.raw_schema}_shadow",
+                validated_schema=settings.shadow_schema,
                 who=by or getpass.getuser(),
                 reason=reason,
                 force=force,

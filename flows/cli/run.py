@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -35,91 +33,6 @@ from flows.core.errors import RefreshError
 from flows.core.settings import Settings
 
 
-def _start_ephemeral_prefect(settings: Settings) -> None:
-    """Without PREFECT_API_URL each command starts Prefect's ephemeral server on the SQLite
-    database under the state directory; started together they race creating its tables and
-    block types (UNIQUE-constraint tracebacks, start-up timeouts). One at a time."""
-    import fcntl
-
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
-
-    if get_current_settings().api.url:
-        return
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    with (settings.state_dir / "prefect-start.lock").open("ab") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        SubprocessASGIServer().start()  # the client reuses this one (a per-process singleton)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# dbt's node lines: "12 of 131 START sql view model staging.stg_x .... [RUN]" when a node starts,
-# "12 of 131 OK created sql view model ..." (PASS, WARN, FAIL, ERROR, SKIP, NO-OP) when it ends.
-_DBT_NODE = re.compile(r"\b(\d+) of (\d+) (START|OK|PASS|WARN|FAIL|ERROR|SKIP|NO-OP)\b ?(.*?)(?: \.{2,}.*)?$")
-
-
-@dataclass
-class DbtLogProgress:
-    """dbt's progress as its log file tells it, line by line: nodes done of the total, and the
-    nodes running now. A new invocation ("Running with dbt=") starts the count again."""
-
-    total: int = 0
-    done: set[int] = field(default_factory=set)
-    running: dict[int, str] = field(default_factory=dict)
-
-    def feed(self, lines: Iterable[str]) -> None:
-        for raw in lines:
-            line = _ANSI.sub("", raw).rstrip()
-            if "Running with dbt=" in line:
-                self.total, self.done, self.running = 0, set(), {}
-                continue
-            m = _DBT_NODE.search(line)
-            if m is None:
-                continue
-            index, self.total, event, rest = int(m[1]), int(m[2]), m[3], m[4].split()
-            if event == "START":
-                if index not in self.done:
-                    self.running[index] = rest[-1].rsplit(".", 1)[-1] if rest else f"node {index}"
-            else:
-                self.done.add(index)
-                self.running.pop(index, None)
-
-    def describe(self, max_names: int = 2) -> str:
-        names = [self.running[i] for i in sorted(self.running)]
-        shown = ", ".join(names[:max_names]) + (
-            f" +{len(names) - max_names}" if len(names) > max_names else ""
-        )
-        return f"{len(self.done)}/{self.total} nodes" + (f", running {shown}" if shown else "")
-
-
-class _DbtLogTail:
-    """Reads what dbt appended to its log file since the run started (dbt writes it under the
-    state directory, flows.engine.transform.run_dbt); a log dbt rotated is read from its start."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = path.stat().st_size if path.exists() else 0
-        self.partial = ""
-        self.progress = DbtLogProgress()
-
-    def poll(self) -> DbtLogProgress:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return self.progress
-        if size < self.offset:
-            self.offset, self.partial = 0, ""
-        if size > self.offset:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                chunk = f.read(size - self.offset)
-            self.offset = size
-            lines = (self.partial + chunk.decode("utf-8", "replace")).split("\n")
-            self.partial = lines.pop()
-            self.progress.feed(lines)
-        return self.progress
-
-
 class _RunProgress:
     """Live progress of the refresh running now, read every half second: one line per table
     with its slices and rows so far (from the audit tables), then the dbt build's nodes done of
@@ -127,10 +40,10 @@ class _RunProgress:
     """
 
     def __init__(self, settings: Settings) -> None:
-        from flows.engine.transform import target_dir
+        from flows.orchestration.dbt_progress import DbtLogTail, dbt_log_path
 
         self.settings = settings
-        self.dbt_log = _DbtLogTail(target_dir(settings).parent / "logs" / "dbt.log")
+        self.dbt_log = DbtLogTail(dbt_log_path(settings))
         console = Console(stderr=True)
         self.progress = Progress(
             SpinnerColumn(),
@@ -209,7 +122,9 @@ class _RunProgress:
 
 
 def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) -> None:
-    color = {"success": "green", "warning": "yellow"}.get(str(summary["status"]), "red")
+    from flows.control.runs import RunStatus
+
+    color = {RunStatus.SUCCESS: "green", RunStatus.WARNING: "yellow"}.get(summary["status"], "red")
     out.print(f"[{color}]refresh {summary['status']}[/]: {plain(summary['message'])} ({elapsed:.1f}s)")
     table = new_grid("table", "status", "mode", "slices", "read", "inserted", "deleted", "seconds")
     for t in summary["tables"]:
@@ -240,7 +155,11 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
                 f"  plan {t['table']} {p['slice']}: {p.get('estimated_rows', '?')} rows, "
                 f"~{p['estimated_bytes']} bytes"
             )
-    if summary["dbt_invocation_id"] is None and not summary["dry_run"] and summary["status"] == "success":
+    if (
+        summary["dbt_invocation_id"] is None
+        and not summary["dry_run"]
+        and summary["status"] == RunStatus.SUCCESS
+    ):
         out.print("dbt: not run: nothing it models changed and no rebuild was owed")
     else:
         out.print(
@@ -285,6 +204,14 @@ def _quiet_console() -> None:
             handler.addFilter(_ReportedByUs())
 
 
+@contextmanager
+def _display(settings: Settings) -> Iterator[None]:
+    """Prefect's console quieted and the live progress shown while the flow runs."""
+    _quiet_console()
+    with _RunProgress(settings):
+        yield
+
+
 def run_refresh(
     settings: Settings,
     with_stack: bool,
@@ -308,18 +235,9 @@ def run_refresh(
         one_line_errors("see `refresh status`, `refresh history` and the Prefect logs", settings),
         embedded_stack(settings, with_stack),
     ):
-        from flows.control.runs import refresh_lock
+        from flows.orchestration.foreground import refresh_here
 
-        # The refresh lock before Prefect: Postgres unreachable, or another refresh running, is
-        # one line now; the refused command has started nothing (no Prefect server, no flow
-        # run, not even Prefect's import) and exits at once. The flow run adopts this lock.
-        with refresh_lock(settings, trigger=trigger) as lock_conn:
-            from flows.orchestration.daily_refresh import daily_refresh, lock_taken_by_caller
-
-            _start_ephemeral_prefect(settings)
-            _quiet_console()
-            with lock_taken_by_caller(lock_conn), _RunProgress(settings):
-                summary: dict[str, Any] = daily_refresh(**params, trigger=trigger)  # type: ignore[assignment]
+        summary = refresh_here(settings, params, trigger=trigger, display=lambda: _display(settings))
     _print_summary(summary, settings, time.monotonic() - t0)
     return summary
 

@@ -23,7 +23,11 @@ from flows.cli.common import (
 
 
 def _print_run(r: dict[str, Any]) -> None:
-    color = {"success": "green", "warning": "yellow", "running": "cyan"}.get(r["status"], "red")
+    from flows.control.runs import RunStatus
+
+    color = {RunStatus.SUCCESS: "green", RunStatus.WARNING: "yellow", RunStatus.RUNNING: "cyan"}.get(
+        r["status"], "red"
+    )
     took = seconds(r["duration_s"])
     out.print(
         f"{ts(r['started_at'])}  [{color}]{r['status']:<9}[/] {r['trigger']:<9} {took:>8}  "
@@ -35,7 +39,11 @@ def _print_run(r: dict[str, Any]) -> None:
 
 
 def _print_table_refresh(r: dict[str, Any]) -> None:
-    color = {"success": "green", "planned": "cyan", "running": "cyan"}.get(r["status"], "red")
+    from flows.control.statuses import TableStatus
+
+    color = {TableStatus.SUCCESS: "green", TableStatus.PLANNED: "cyan", TableStatus.RUNNING: "cyan"}.get(
+        r["status"], "red"
+    )
     took = seconds(r["duration_s"])
     out.print(
         f"{ts(r['started_at'])}  [{color}]{r['status']:<8}[/] {r['mode']:<8} {took:>8}  "

@@ -154,7 +154,7 @@ def _print_attempts(settings: Settings, delivery_id: int) -> None:
     from flows.core.db import connect
 
     with connect(settings) as conn:
-        rows = outbox.list_attempts(conn, settings.control_schema, delivery_id)
+        rows = outbox.attempts_of(conn, settings.control_schema, [delivery_id])[delivery_id]
     grid = new_grid("attempt", "at", "ok", "status", "ms", "error", "response")
     for a in rows:
         grid.add_row(
@@ -220,15 +220,19 @@ def deliveries(
     settings = _ready()
     from flows.core.db import connect
 
-    if status is not None and status not in outbox.DELIVERY_STATUSES:
-        fail(f"unknown status {status!r}", f"use one of {', '.join(outbox.DELIVERY_STATUSES)}")
+    if status is not None and status not in set(outbox.DeliveryStatus):
+        fail(f"unknown status {status!r}", f"use one of {', '.join(outbox.DeliveryStatus)}")
     with one_line_errors(PG_HINT):
         if delivery_id is not None:
             _print_attempts(settings, delivery_id)
             return
         with connect(settings) as conn:
             rows = outbox.list_deliveries(
-                conn, settings.control_schema, endpoint_id=endpoint_id, status=status, limit=limit
+                conn,
+                settings.control_schema,
+                endpoint_id=endpoint_id,
+                status=None if status is None else outbox.DeliveryStatus(status),
+                limit=limit,
             )
     grid = new_grid(
         "id", "endpoint", "event", "webhook-id", "status", "attempts", "last", "next", "last error"
@@ -247,7 +251,7 @@ def _delivery_cells(r: dict[str, Any]) -> list[str]:
         r["status"],
         str(r["attempts"]),
         f"{ts(r['last_attempt_at'])} {r['last_status_code'] or ''}".strip(),
-        ts(r["next_attempt_at"]) if r["status"] == "pending" else "-",
+        ts(r["next_attempt_at"]) if r["status"] == outbox.DeliveryStatus.PENDING else "-",
         plain(r["last_error"] or ""),
     ]
 

@@ -16,10 +16,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-
-def _t(schema: str) -> sql.Composable:
-    return sql.Identifier(schema, "checkpoints")
-
+from flows.core.db import qualified
 
 # A slice bound as a query parameter: a datetime, or None for the whole table's.
 START_PARAM = sql.SQL("coalesce(%s::timestamptz, '-infinity')")
@@ -52,7 +49,7 @@ def record(
             "values (%s, {start}, {end}, %s, %s) on conflict (table_name, slice_start) do update set "
             "slice_end = excluded.slice_end, run_id = excluded.run_id, "
             "rows_loaded = excluded.rows_loaded, committed_at = now()"
-        ).format(cp=_t(schema), start=START_PARAM, end=END_PARAM),
+        ).format(cp=qualified(schema, "checkpoints"), start=START_PARAM, end=END_PARAM),
         (key, slice_start, slice_end, run_id, rows_loaded),
     )
 
@@ -70,9 +67,9 @@ def high_water(conn: psycopg.Connection, schema: str, key: str, table: str) -> d
             "and exists (select 1 from {tr} t where t.run_id = c.run_id and t.table_name = %s "
             "and t.status = 'success')"
         ).format(
-            cp=_t(schema),
+            cp=qualified(schema, "checkpoints"),
             dated=dated(sql.Identifier("c", "slice_start")),
-            tr=sql.Identifier(schema, "table_refreshes"),
+            tr=qualified(schema, "table_refreshes"),
         ),
         (key, table),
     ).fetchone()
@@ -91,9 +88,9 @@ def committed_since_last_success(
             "and c.committed_at > coalesce((select max(finished_at) from {tr} "
             "  where table_name = %s and status = 'success'), '-infinity')"
         ).format(
-            cp=_t(schema),
+            cp=qualified(schema, "checkpoints"),
             dated=dated(sql.Identifier("c", "slice_start")),
-            tr=sql.Identifier(schema, "table_refreshes"),
+            tr=qualified(schema, "table_refreshes"),
         ),
         (key, max_age_hours, table),
     ).fetchall()
@@ -108,7 +105,7 @@ def committed_by_same_backfill(
     same tables and date range (their recorded params; not dry runs), started before it and
     after the last of them in which the table succeeded. No age limit: the range was asked for
     again explicitly, and a year-long backfill must not start over because it died overnight."""
-    runs = sql.Identifier(schema, "refresh_runs")
+    runs = qualified(schema, "refresh_runs")
     rows = conn.execute(
         sql.SQL(
             "with cur as (select params, started_at from {r} where run_id = %(run)s), "
@@ -127,8 +124,8 @@ def committed_by_same_backfill(
             "where c.table_name = %(key)s and a.started_at > done.at and {dated}"
         ).format(
             r=runs,
-            tr=sql.Identifier(schema, "table_refreshes"),
-            cp=_t(schema),
+            tr=qualified(schema, "table_refreshes"),
+            cp=qualified(schema, "checkpoints"),
             dated=dated(sql.Identifier("c", "slice_start")),
         ),
         {"run": run_id, "table": table, "key": key},
@@ -149,7 +146,7 @@ def expire(conn: psycopg.Connection, schema: str, retention_days: int) -> int:
             "and (c.table_name, c.slice_start) not in ("
             "  select distinct on (table_name, {dated}) table_name, slice_start "
             "  from {cp} order by table_name, {dated}, slice_end desc, committed_at desc)"
-        ).format(cp=_t(schema), dated=dated(sql.Identifier("slice_start"))),
+        ).format(cp=qualified(schema, "checkpoints"), dated=dated(sql.Identifier("slice_start"))),
         (retention_days,),
     )
     return cur.rowcount

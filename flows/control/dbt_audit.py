@@ -15,6 +15,8 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
+from flows.core.db import qualified
+
 
 class NodeStatus(StrEnum):
     """`dbt_node_runs.status`: dbt's result statuses (models, seeds and snapshots; tests)."""
@@ -114,7 +116,7 @@ def record_dbt(
                 "started_at, finished_at, nodes_total, nodes_failed, message) values "
                 "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) on conflict (invocation_id) do nothing "
                 "returning invocation_id"
-            ).format(t=sql.Identifier(schema, "dbt_invocations")),
+            ).format(t=qualified(schema, "dbt_invocations")),
             (
                 outcome.invocation_id,
                 run_id,
@@ -132,7 +134,7 @@ def record_dbt(
         if cur.fetchone() is None:
             return
         copy_sql = sql.SQL("copy {t} (invocation_id, {cols}) from stdin").format(
-            t=sql.Identifier(schema, "dbt_node_runs"),
+            t=qualified(schema, "dbt_node_runs"),
             cols=sql.SQL(", ").join(map(sql.Identifier, NODE_RUN_COLUMNS)),
         )
         with cur.copy(copy_sql) as copy:

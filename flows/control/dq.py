@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from flows.control import outbox
+from flows.core.db import qualified
 
 VALIDATION_FAILED = "validation.failed"
 
@@ -39,7 +40,7 @@ def record(conn: psycopg.Connection, schema: str, rows: list[DqRow], run_id: UUI
             sql.SQL(
                 "insert into {} (run_id, table_name, check_name, period_start, status, expected, "
                 "observed, details) values (%s, %s, %s, %s, %s, %s, %s, %s)"
-            ).format(sql.Identifier(schema, "dq_results")),
+            ).format(qualified(schema, "dq_results")),
             [
                 (
                     run_id,
@@ -114,7 +115,7 @@ def latest(
             "min(details->>'schema') from {t} where table_name = %s and check_name = %s "
             "and checked_at = (select max(checked_at) from {t} where table_name = %s and check_name = %s) "
             "group by checked_at"
-        ).format(t=sql.Identifier(schema, "dq_results")),
+        ).format(t=qualified(schema, "dq_results")),
         (table_name, check_name, table_name, check_name),
     ).fetchone()
     if row is None:

@@ -21,6 +21,8 @@ import psycopg
 from psycopg import sql
 
 from flows.control.checkpoints import END_PARAM, START_PARAM, bound
+from flows.control.statuses import SliceStatus
+from flows.core.db import qualified
 
 _START = sql.Identifier("slice_start")
 
@@ -68,7 +70,7 @@ def stored(conn: psycopg.Connection, schema: str, key: str) -> dict[date | None,
     rows = conn.execute(
         sql.SQL(
             "select {start}, source_rows, source_checksum, source_as_of from {cp} where table_name = %s"
-        ).format(start=bound(_START), cp=sql.Identifier(schema, "checkpoints")),
+        ).format(start=bound(_START), cp=qualified(schema, "checkpoints")),
         (key,),
     ).fetchall()
     return {
@@ -93,7 +95,7 @@ def store(
             "update {} set source_rows = %s, source_checksum = %s, source_as_of = %s, "
             "loaded_xid = case when %s::bigint is null then null else pg_current_xact_id() end "
             "where table_name = %s and slice_start = {start}"
-        ).format(sql.Identifier(schema, "checkpoints"), start=START_PARAM),
+        ).format(qualified(schema, "checkpoints"), start=START_PARAM),
         (rows, checksum, as_of, rows, key, slice_start),
     )
 
@@ -109,7 +111,7 @@ def confirm(
         sql.SQL(
             "update {} set source_as_of = greatest(source_as_of, %s) where table_name = %s "
             "and slice_start in (select coalesce(s, '-infinity') from unnest(%s::timestamptz[]) s)"
-        ).format(sql.Identifier(schema, "checkpoints")),
+        ).format(qualified(schema, "checkpoints")),
         (as_of, key, slice_starts),
     )
 
@@ -135,7 +137,7 @@ def loaded_by(conn: psycopg.Connection, schema: str, key: str, run_id: UUID) -> 
         ).format(
             start=bound(_START),
             end=bound(sql.Identifier("slice_end")),
-            cp=sql.Identifier(schema, "checkpoints"),
+            cp=qualified(schema, "checkpoints"),
         ),
         (key, run_id),
     ).fetchall()
@@ -167,9 +169,12 @@ def record_unchanged(
         cur.executemany(
             sql.SQL(
                 "insert into {} (run_id, table_name, slice_start, slice_end, status, change_reason, "
-                "started_at) values (%s, %s, {start}, {end}, 'unchanged', %s, %s)"
-            ).format(sql.Identifier(schema, "slice_refreshes"), start=START_PARAM, end=END_PARAM),
-            [(run_id, table, s.slice_start, s.slice_end, s.reason, started_at) for s in slices],
+                "started_at) values (%s, %s, {start}, {end}, %s, %s, %s)"
+            ).format(qualified(schema, "slice_refreshes"), start=START_PARAM, end=END_PARAM),
+            [
+                (run_id, table, s.slice_start, s.slice_end, SliceStatus.UNCHANGED, s.reason, started_at)
+                for s in slices
+            ],
         )
 
 
@@ -180,7 +185,7 @@ def note_reason(
         sql.SQL(
             "update {} set change_reason = %s where run_id = %s and table_name = %s "
             "and slice_start = {start} and status = 'success'"
-        ).format(sql.Identifier(schema, "slice_refreshes"), start=START_PARAM),
+        ).format(qualified(schema, "slice_refreshes"), start=START_PARAM),
         (reason, run_id, table, slice_start),
     )
 
@@ -193,6 +198,6 @@ def record_cost(
         sql.SQL(
             "update {} set fingerprint_bytes = %s, slices_unchanged = %s "
             "where run_id = %s and table_name = %s"
-        ).format(sql.Identifier(schema, "table_refreshes")),
+        ).format(qualified(schema, "table_refreshes")),
         (fingerprint_bytes, unchanged, run_id, table),
     )

@@ -14,14 +14,10 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from flows.control.runs import RunStatus, lock_held_for
-from flows.control.tables import TableStatus
+from flows.control.statuses import TableStatus
+from flows.core.db import qualified
 from flows.core.errors import ConfigError
 from flows.core.identifiers import validate_pg_identifier
-
-
-def _t(schema: str, name: str) -> sql.Composable:
-    return sql.Identifier(schema, name)
-
 
 MAX_PAGE_SIZE = 100
 
@@ -103,7 +99,7 @@ def _history_source(
             "t.finished_at, extract(epoch from t.finished_at - t.started_at) as duration_s, "
             "t.slices_done, t.rows_read, t.rows_inserted, t.rows_deleted, t.error as message "
             "from {t} t"
-        ).format(t=_t(schema, "table_refreshes"))
+        ).format(t=qualified(schema, "table_refreshes"))
         prefix = sql.SQL("t.")
     else:
         source = sql.SQL(
@@ -112,7 +108,7 @@ def _history_source(
             "else r.status end as status, r.trigger, r.started_at, r.finished_at, "
             "extract(epoch from r.finished_at - r.started_at) as duration_s, r.tables_planned, "
             "r.tables_failed, r.rows_read, r.rows_inserted, r.message from {r} r"
-        ).format(r=_t(schema, "refresh_runs"), held=lock_held_for(sql.SQL("r.run_id")))
+        ).format(r=qualified(schema, "refresh_runs"), held=lock_held_for(sql.SQL("r.run_id")))
         prefix = sql.SQL("r.")
     where: list[sql.Composable] = []
     params: list[Any] = []
@@ -145,7 +141,7 @@ def _page_query(schema: str, q: HistoryQuery, filtered: sql.Composed) -> sql.Com
         # The run's flow_run_id joined after paging: an offset skips index entries, not joins.
         query = (
             sql.SQL("select p.*, r.flow_run_id from ({}) p left join {} r using (run_id)").format(
-                query, _t(schema, "refresh_runs")
+                query, qualified(schema, "refresh_runs")
             )
             + newest_first
         )
@@ -233,6 +229,6 @@ def table_status(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]:
                 "  where t.table_name = c.table_name and t.status = 'success' "
                 "  order by finished_at desc limit 1) s on true "
                 "order by c.priority desc, c.table_name"
-            ).format(c=_t(schema, "refresh_config"), t=_t(schema, "table_refreshes"))
+            ).format(c=qualified(schema, "refresh_config"), t=qualified(schema, "table_refreshes"))
         )
         return cur.fetchall()

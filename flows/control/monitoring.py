@@ -19,6 +19,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from flows.control import checkpoints, history, registry
+from flows.control.runs import RunStatus
+from flows.control.statuses import TableStatus
+from flows.core.db import qualified
 from flows.core.table_config import Mode
 
 
@@ -35,7 +38,7 @@ class Health(StrEnum):
     FAILING = "failing"
 
 
-BAD_RUN_STATUSES = ("failed", "abandoned")
+BAD_RUN_STATUSES = (RunStatus.FAILED, RunStatus.ABANDONED)
 
 
 def freshness(last_success: datetime | None, frequency_hours: int, now: datetime) -> Freshness:
@@ -70,13 +73,13 @@ def health(tables: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[He
             failing.append(f"{name} is {t['freshness']}")
         elif t["freshness"] == Freshness.AGING:
             degraded.append(f"{name} is aging")
-        if t["last_status"] == "failed":
+        if t["last_status"] == TableStatus.FAILED:
             degraded.append(f"{name}: latest refresh failed")
-    finished = [r for r in runs if r["status"] != "running"]
+    finished = [r for r in runs if r["status"] != RunStatus.RUNNING]
     if finished and finished[0]["status"] in BAD_RUN_STATUSES:
         failing.append(f"latest run {finished[0]['run_id']} {finished[0]['status']}")
-    bad = [r for r in finished[1:] if r["status"] in (*BAD_RUN_STATUSES, "warning")]
-    bad += [r for r in finished[:1] if r["status"] == "warning"]
+    bad = [r for r in finished[1:] if r["status"] in (*BAD_RUN_STATUSES, RunStatus.WARNING)]
+    bad += [r for r in finished[:1] if r["status"] == RunStatus.WARNING]
     if bad:
         degraded.append(f"{len(bad)} run(s) in the window failed or ended with a warning")
     if failing:
@@ -84,10 +87,6 @@ def health(tables: list[dict[str, Any]], runs: list[dict[str, Any]]) -> tuple[He
     if degraded:
         return Health.DEGRADED, degraded
     return Health.HEALTHY, []
-
-
-def _t(schema: str, name: str) -> sql.Composable:
-    return sql.Identifier(schema, name)
 
 
 def _rows(
@@ -109,7 +108,7 @@ def runs_since(
             "extract(epoch from finished_at - started_at)::float8 as duration_s, tables_planned, "
             "tables_failed, rows_inserted, message from {r} where started_at >= %s "
             "order by started_at desc limit %s"
-        ).format(r=_t(schema, "refresh_runs")),
+        ).format(r=qualified(schema, "refresh_runs")),
         (since, limit),
     )
 
@@ -152,7 +151,7 @@ def run_detail(conn: psycopg.Connection, schema: str, run_id: UUID) -> dict[str,
             "tables_planned, tables_succeeded, tables_failed, rows_read, rows_inserted, "
             "dbt_invocation_id, message from {r} where run_id = %s or flow_run_id = %s "
             "order by started_at desc limit 1"
-        ).format(r=_t(schema, "refresh_runs")),
+        ).format(r=qualified(schema, "refresh_runs")),
         (run_id, run_id),
     )
     if not runs:
@@ -167,7 +166,7 @@ def run_detail(conn: psycopg.Connection, schema: str, run_id: UUID) -> dict[str,
             "rows_per_second::float8 as rows_per_second, started_at, finished_at, "
             "extract(epoch from finished_at - started_at)::float8 as duration_s, error "
             "from {t} where run_id = %s order by started_at, table_name"
-        ).format(t=_t(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (rid,),
     )
     run["slices"] = _rows(
@@ -179,7 +178,7 @@ def run_detail(conn: psycopg.Connection, schema: str, run_id: UUID) -> dict[str,
         ).format(
             start=checkpoints.bound(sql.Identifier("slice_start")),
             end=checkpoints.bound(sql.Identifier("slice_end")),
-            s=_t(schema, "slice_refreshes"),
+            s=qualified(schema, "slice_refreshes"),
         ),
         (rid,),
     )
@@ -190,7 +189,7 @@ def run_detail(conn: psycopg.Connection, schema: str, run_id: UUID) -> dict[str,
             "n.started_at, n.finished_at, n.execution_time_s, n.rows_affected, n.failures, n.message "
             "from {n} n join {i} i using (invocation_id) where i.run_id = %s "
             "order by n.started_at nulls last, n.unique_id"
-        ).format(n=_t(schema, "dbt_node_runs"), i=_t(schema, "dbt_invocations")),
+        ).format(n=qualified(schema, "dbt_node_runs"), i=qualified(schema, "dbt_invocations")),
         (rid,),
     )
     return run
@@ -211,7 +210,7 @@ def metrics(conn: psycopg.Connection, schema: str, since: datetime) -> dict[str,
             "as p50_duration_s, "
             "percentile_cont(0.95) within group (order by extract(epoch from finished_at - started_at)) "
             "as p95_duration_s from {r} where started_at >= %s and status <> 'running'"
-        ).format(r=_t(schema, "refresh_runs")),
+        ).format(r=qualified(schema, "refresh_runs")),
         (since,),
     )[0]
     runs["success_rate"] = round(runs["succeeded"] / runs["runs"], 4) if runs["runs"] else None
@@ -230,7 +229,7 @@ def metrics(conn: psycopg.Connection, schema: str, since: datetime) -> dict[str,
             "filter (where status = 'success'), 0), 1)::float8 as rows_per_second "
             "from {t} where started_at >= %s and status in ('success', 'failed') "
             "group by table_name order by table_name"
-        ).format(t=_t(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (since,),
     )
     models = _rows(
@@ -245,7 +244,7 @@ def metrics(conn: psycopg.Connection, schema: str, since: datetime) -> dict[str,
             "round((sum(n.rows_affected) / nullif(sum(n.execution_time_s), 0))::numeric, 1)::float8 "
             "as rows_per_second from {n} n join {i} i using (invocation_id) "
             "where i.started_at >= %s and n.resource_type = 'model' group by n.name order by n.name"
-        ).format(n=_t(schema, "dbt_node_runs"), i=_t(schema, "dbt_invocations")),
+        ).format(n=qualified(schema, "dbt_node_runs"), i=qualified(schema, "dbt_invocations")),
         (since,),
     )
     return {"runs": runs, "tables": tables, "dbt_models": models}
@@ -262,7 +261,7 @@ def duration_trends(
             "extract(epoch from finished_at - started_at)::float8 as duration_s, "
             "rows_per_second::float8 as rows_per_second from {t} "
             "where started_at >= %s and status = 'success' order by started_at"
-        ).format(t=_t(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (since,),
     )
     models = _rows(
@@ -272,7 +271,7 @@ def duration_trends(
             "n.execution_time_s as duration_s from {n} n join {i} i using (invocation_id) "
             "where i.started_at >= %s and n.resource_type = 'model' and n.status = 'success' "
             "order by 2"
-        ).format(n=_t(schema, "dbt_node_runs"), i=_t(schema, "dbt_invocations")),
+        ).format(n=qualified(schema, "dbt_node_runs"), i=qualified(schema, "dbt_invocations")),
         (since,),
     )
     return {"tables": tables, "dbt_models": models}
@@ -295,10 +294,10 @@ def failures(conn: psycopg.Connection, schema: str, since: datetime, limit: int 
             " where i.started_at >= %s and n.status in ('error', 'fail')"
             ") f order by started_at desc limit %s"
         ).format(
-            r=_t(schema, "refresh_runs"),
-            t=_t(schema, "table_refreshes"),
-            n=_t(schema, "dbt_node_runs"),
-            i=_t(schema, "dbt_invocations"),
+            r=qualified(schema, "refresh_runs"),
+            t=qualified(schema, "table_refreshes"),
+            n=qualified(schema, "dbt_node_runs"),
+            i=qualified(schema, "dbt_invocations"),
         ),
         (since, since, since, limit),
     )
@@ -316,7 +315,7 @@ def last_successes(conn: psycopg.Connection, schema: str, tables: list[str]) -> 
         sql.SQL(
             "select n.name, (select max(finished_at) from {t} t where t.table_name = n.name "
             "and t.status = 'success') from unnest(%s::text[]) as n(name)"
-        ).format(t=_t(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (tables,),
     ).fetchall()
     return [LastSuccess(r[0], r[1]) for r in rows]

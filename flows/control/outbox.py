@@ -8,24 +8,30 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from flows.core.db import qualified
 from flows.core.errors import ConfigError
 
 MAX_DATA_BYTES = 19_000  # the whole body ({type, timestamp, data}) stays under 20 KB
-DELIVERY_STATUSES = ("pending", "succeeded", "exhausted", "cancelled")  # deliveries.status (0002)
+
+
+class DeliveryStatus(StrEnum):
+    """`webhook_deliveries.status`."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    EXHAUSTED = "exhausted"
+    CANCELLED = "cancelled"
 
 
 class EndpointNotFound(ConfigError):
     """No (or a removed) endpoint with that id."""
-
-
-def _t(schema: str, name: str) -> sql.Composable:
-    return sql.Identifier(schema, name)
 
 
 def fit(data: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +75,9 @@ def emit(
             "  where w.enabled and w.removed_at is null and %s = any(w.event_types)) "
             "select event_id from e"
         ).format(
-            ev=_t(schema, "events"), d=_t(schema, "webhook_deliveries"), w=_t(schema, "webhook_endpoints")
+            ev=qualified(schema, "events"),
+            d=qualified(schema, "webhook_deliveries"),
+            w=qualified(schema, "webhook_endpoints"),
         ),
         (event_type, table_name, run_id, json.dumps(data, default=str), event_type),
     ).fetchone()
@@ -84,7 +92,7 @@ def abandoned_now(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]]
             sql.SQL(
                 "select run_id, flow_run_id, message, started_at from {r} "
                 "where status = 'abandoned' and finished_at = now()"
-            ).format(r=_t(schema, "refresh_runs"))
+            ).format(r=qualified(schema, "refresh_runs"))
         )
         return cur.fetchall()
 
@@ -109,7 +117,7 @@ def create_endpoint(
         sql.SQL(
             "insert into {w} (url, description, event_types, secret_enc, created_by, updated_by) "
             "values (%s, %s, %s, %s, %s, %s) returning id"
-        ).format(w=_t(schema, "webhook_endpoints")),
+        ).format(w=qualified(schema, "webhook_endpoints")),
         (url, description, event_types, secret_enc, who, who),
     ).fetchone()
     assert row is not None
@@ -120,7 +128,7 @@ def list_endpoints(conn: psycopg.Connection, schema: str) -> list[dict[str, Any]
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             sql.SQL("select {c} from {w} where removed_at is null order by id").format(
-                c=ENDPOINT_COLUMNS, w=_t(schema, "webhook_endpoints")
+                c=ENDPOINT_COLUMNS, w=qualified(schema, "webhook_endpoints")
             )
         )
         return cur.fetchall()
@@ -130,7 +138,7 @@ def get_endpoint(conn: psycopg.Connection, schema: str, endpoint_id: int) -> dic
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             sql.SQL("select {c} from {w} where id = %s and removed_at is null").format(
-                c=ENDPOINT_COLUMNS, w=_t(schema, "webhook_endpoints")
+                c=ENDPOINT_COLUMNS, w=qualified(schema, "webhook_endpoints")
             ),
             (endpoint_id,),
         )
@@ -161,7 +169,7 @@ def update_endpoint(
             "event_types = coalesce(%s, event_types), enabled = coalesce(%s, enabled), "
             "disabled_reason = case when %s::boolean is null then disabled_reason else %s end, "
             "updated_at = now(), updated_by = %s where id = %s"
-        ).format(w=_t(schema, "webhook_endpoints")),
+        ).format(w=qualified(schema, "webhook_endpoints")),
         (url, description, event_types, enabled, enabled, reason, who, endpoint_id),
     )
     if enabled is False:
@@ -174,7 +182,7 @@ def _cancel_pending(conn: psycopg.Connection, schema: str, endpoint_id: int, why
         sql.SQL(
             "update {d} set status = 'cancelled', last_error = %s "
             "where endpoint_id = %s and status = 'pending'"
-        ).format(d=_t(schema, "webhook_deliveries")),
+        ).format(d=qualified(schema, "webhook_deliveries")),
         (why, endpoint_id),
     )
 
@@ -186,7 +194,7 @@ def remove_endpoint(conn: psycopg.Connection, schema: str, endpoint_id: int, who
         sql.SQL(
             "update {w} set removed_at = now(), enabled = false, updated_at = now(), updated_by = %s "
             "where id = %s"
-        ).format(w=_t(schema, "webhook_endpoints")),
+        ).format(w=qualified(schema, "webhook_endpoints")),
         (who, endpoint_id),
     )
     _cancel_pending(conn, schema, endpoint_id, "endpoint removed")
@@ -197,7 +205,7 @@ def disable_endpoint(conn: psycopg.Connection, schema: str, endpoint_id: int, re
         sql.SQL(
             "update {w} set enabled = false, disabled_reason = %s, updated_at = now(), "
             "updated_by = 'dispatcher' where id = %s"
-        ).format(w=_t(schema, "webhook_endpoints")),
+        ).format(w=qualified(schema, "webhook_endpoints")),
         (reason, endpoint_id),
     )
     _cancel_pending(conn, schema, endpoint_id, reason)
@@ -219,7 +227,7 @@ def rotate_secret(
             "update {w} set previous_secret_enc = secret_enc, secret_enc = %s, "
             "previous_secret_expires_at = now() + make_interval(secs => %s), "
             "updated_at = now(), updated_by = %s where id = %s"
-        ).format(w=_t(schema, "webhook_endpoints")),
+        ).format(w=qualified(schema, "webhook_endpoints")),
         (new_secret_enc, grace_hours * 3600, who, endpoint_id),
     )
 
@@ -232,7 +240,7 @@ def stored_secrets(conn: psycopg.Connection, schema: str) -> list[tuple[int, str
     rows = conn.execute(
         sql.SQL(
             "select id, secret_enc, previous_secret_enc from {w} where removed_at is null order by id"
-        ).format(w=_t(schema, "webhook_endpoints"))
+        ).format(w=qualified(schema, "webhook_endpoints"))
     ).fetchall()
     return [
         (r[0], col, value) for r in rows for col, value in zip(SECRET_COLUMNS, r[1:], strict=True) if value
@@ -248,7 +256,7 @@ def replace_stored_secret(
         raise ValueError(f"not a secret column: {column}")
     conn.execute(
         sql.SQL("update {w} set {c} = %s where id = %s and {c} = %s").format(
-            w=_t(schema, "webhook_endpoints"), c=sql.Identifier(column)
+            w=qualified(schema, "webhook_endpoints"), c=sql.Identifier(column)
         ),
         (new, endpoint_id, old),
     )
@@ -277,9 +285,9 @@ def claim_due(
                 "where d.status = 'pending' and d.next_attempt_at <= %s and w.enabled{only} "
                 "order by d.next_attempt_at, d.id limit %s for update of d skip locked"
             ).format(
-                d=_t(schema, "webhook_deliveries"),
-                e=_t(schema, "events"),
-                w=_t(schema, "webhook_endpoints"),
+                d=qualified(schema, "webhook_deliveries"),
+                e=qualified(schema, "events"),
+                w=qualified(schema, "webhook_endpoints"),
                 only=only,
             ),
             [now, *params],
@@ -303,7 +311,7 @@ def record_attempt(
         sql.SQL(
             "insert into {a} (delivery_id, attempt, success, status_code, latency_ms, response_body, error) "
             "values (%s, %s, %s, %s, %s, %s, %s)"
-        ).format(a=_t(schema, "webhook_attempts")),
+        ).format(a=qualified(schema, "webhook_attempts")),
         (delivery_id, attempt, success, status_code, latency_ms, response_body, error),
     )
 
@@ -313,7 +321,7 @@ def update_delivery(
     schema: str,
     delivery_id: int,
     *,
-    status: str,
+    status: DeliveryStatus,
     attempts: int,
     next_attempt_at: datetime | None,
     status_code: int | None,
@@ -323,7 +331,7 @@ def update_delivery(
         sql.SQL(
             "update {d} set status = %s, attempts = %s, next_attempt_at = coalesce(%s, next_attempt_at), "
             "last_attempt_at = now(), last_status_code = %s, last_error = %s where id = %s"
-        ).format(d=_t(schema, "webhook_deliveries")),
+        ).format(d=qualified(schema, "webhook_deliveries")),
         (status, attempts, next_attempt_at, status_code, error, delivery_id),
     )
 
@@ -333,7 +341,7 @@ def next_due(conn: psycopg.Connection, schema: str) -> datetime | None:
         sql.SQL(
             "select min(d.next_attempt_at) from {d} d join {w} w on w.id = d.endpoint_id "
             "where d.status = 'pending' and w.enabled"
-        ).format(d=_t(schema, "webhook_deliveries"), w=_t(schema, "webhook_endpoints"))
+        ).format(d=qualified(schema, "webhook_deliveries"), w=qualified(schema, "webhook_endpoints"))
     ).fetchone()
     return row[0] if row else None
 
@@ -352,9 +360,9 @@ def queue_replay(
             "on conflict (event_id, endpoint_id) do update set status = 'pending', attempts = 0, "
             "retry_from = now(), next_attempt_at = now(), last_error = null returning id"
         ).format(
-            d=_t(schema, "webhook_deliveries"),
-            e=_t(schema, "events"),
-            w=_t(schema, "webhook_endpoints"),
+            d=qualified(schema, "webhook_deliveries"),
+            e=qualified(schema, "events"),
+            w=qualified(schema, "webhook_endpoints"),
             only=only,
         ),
         [since, *([endpoint_id] if endpoint_id is not None else [])],
@@ -369,7 +377,7 @@ def queue_test(conn: psycopg.Connection, schema: str, endpoint_id: int, data: di
         sql.SQL(
             "with e as (insert into {e} (event, payload) values ('webhook.test', %s) returning id) "
             "insert into {d} (event_id, endpoint_id) select e.id, %s from e returning id"
-        ).format(e=_t(schema, "events"), d=_t(schema, "webhook_deliveries")),
+        ).format(e=qualified(schema, "events"), d=qualified(schema, "webhook_deliveries")),
         (json.dumps(data), endpoint_id),
     ).fetchone()
     assert row is not None
@@ -381,7 +389,7 @@ def list_deliveries(
     schema: str,
     *,
     endpoint_id: int | None = None,
-    status: str | None = None,
+    status: DeliveryStatus | None = None,
     limit: int = 20,
     offset: int = 0,
     delivery_id: int | None = None,
@@ -393,25 +401,31 @@ def list_deliveries(
                 "select d.id, d.endpoint_id, e.event_id, e.event, d.status, d.attempts, d.created_at, "
                 "d.last_attempt_at, d.next_attempt_at, d.last_status_code, d.last_error "
                 "from {d} d join {e} e on e.id = d.event_id{cond} order by d.id desc limit %s offset %s"
-            ).format(d=_t(schema, "webhook_deliveries"), e=_t(schema, "events"), cond=cond),
+            ).format(d=qualified(schema, "webhook_deliveries"), e=qualified(schema, "events"), cond=cond),
             [*params, limit, offset],
         )
         return cur.fetchall()
 
 
 def count_deliveries(
-    conn: psycopg.Connection, schema: str, *, endpoint_id: int | None = None, status: str | None = None
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    endpoint_id: int | None = None,
+    status: DeliveryStatus | None = None,
 ) -> int:
     cond, params = _delivery_filter(endpoint_id, status)
     row = conn.execute(
-        sql.SQL("select count(*) from {d} d{cond}").format(d=_t(schema, "webhook_deliveries"), cond=cond),
+        sql.SQL("select count(*) from {d} d{cond}").format(
+            d=qualified(schema, "webhook_deliveries"), cond=cond
+        ),
         params,
     ).fetchone()
     return int(row[0]) if row else 0
 
 
 def _delivery_filter(
-    endpoint_id: int | None, status: str | None, delivery_id: int | None = None
+    endpoint_id: int | None, status: DeliveryStatus | None, delivery_id: int | None = None
 ) -> tuple[sql.Composable, list[Any]]:
     where: list[sql.Composable] = []
     params: list[Any] = []
@@ -428,18 +442,6 @@ def _delivery_filter(
     return cond, params
 
 
-def list_attempts(conn: psycopg.Connection, schema: str, delivery_id: int) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            sql.SQL(
-                "select attempt, attempted_at, success, status_code, latency_ms, response_body, error "
-                "from {a} where delivery_id = %s order by attempt, id"
-            ).format(a=_t(schema, "webhook_attempts")),
-            (delivery_id,),
-        )
-        return cur.fetchall()
-
-
 def attempts_of(
     conn: psycopg.Connection, schema: str, delivery_ids: list[int]
 ) -> dict[int, list[dict[str, Any]]]:
@@ -450,9 +452,33 @@ def attempts_of(
             sql.SQL(
                 "select delivery_id, attempt, attempted_at, success, status_code, latency_ms, "
                 "response_body, error from {a} where delivery_id = any(%s) order by delivery_id, attempt, id"
-            ).format(a=_t(schema, "webhook_attempts")),
+            ).format(a=qualified(schema, "webhook_attempts")),
             (delivery_ids,),
         )
         for row in cur.fetchall():
             out[row.pop("delivery_id")].append(row)
     return out
+
+
+def deliveries_with_attempts(
+    conn: psycopg.Connection,
+    schema: str,
+    *,
+    endpoint_id: int | None = None,
+    status: DeliveryStatus | None = None,
+    limit: int = 20,
+    offset: int = 0,
+    delivery_id: int | None = None,
+) -> list[dict[str, Any]]:
+    """list_deliveries, each delivery with its attempts in order as `attempt_log`."""
+    rows = list_deliveries(
+        conn,
+        schema,
+        endpoint_id=endpoint_id,
+        status=status,
+        limit=limit,
+        offset=offset,
+        delivery_id=delivery_id,
+    )
+    tries = attempts_of(conn, schema, [r["id"] for r in rows])
+    return [{**r, "attempt_log": tries[r["id"]]} for r in rows]

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from flows.control import checkpoints
+from flows.core.db import qualified
 
 
 def slices_awaiting_dbt(
@@ -59,9 +60,9 @@ def _awaiting(
         ).format(
             start=checkpoints.bound(sql.Identifier("s", "slice_start")),
             end=checkpoints.bound(sql.Identifier("s", "slice_end")),
-            sr=sql.Identifier(schema, "slice_refreshes"),
-            inv=sql.Identifier(schema, "dbt_invocations"),
-            runs=sql.Identifier(schema, "refresh_runs"),
+            sr=qualified(schema, "slice_refreshes"),
+            inv=qualified(schema, "dbt_invocations"),
+            runs=qualified(schema, "refresh_runs"),
             kind=kind,
         ),
         (table, run_id, within_days, selector),

@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from pydantic import ValidationError
 
 from flows.control import outbox
+from flows.core.db import qualified
 from flows.core.errors import ConfigError
 from flows.core.table_config import (
     EDITABLE_FIELDS,
@@ -27,10 +28,6 @@ from flows.core.table_config import (
 )
 
 
-def _table(schema: str) -> sql.Composable:
-    return sql.Identifier(schema, "refresh_config")
-
-
 def sync_from_file(conn: psycopg.Connection, schema: str, configs: list[TableConfig]) -> None:
     """Insert new rows; update rows the file still owns. User-edited rows are left alone."""
     cols = [c for c in EDITABLE_FIELDS if c != "next_refresh_at"]
@@ -39,14 +36,15 @@ def sync_from_file(conn: psycopg.Connection, schema: str, configs: list[TableCon
         "insert into {t} ({cols}) values ({vals}) on conflict (table_name) do update set "
         "{updates}, updated_at = now() where {t}.origin = 'file' and ({old}) is distinct from ({new})"
     ).format(
-        t=_table(schema),
+        t=qualified(schema, "refresh_config"),
         cols=sql.SQL(", ").join(map(sql.Identifier, insert_cols)),
         vals=sql.SQL(", ").join(sql.Placeholder() * len(insert_cols)),
         updates=sql.SQL(", ").join(
             sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in ["source_table", *cols]
         ),
         old=sql.SQL(", ").join(
-            sql.SQL("{t}.{c}").format(t=_table(schema), c=sql.Identifier(c)) for c in ["source_table", *cols]
+            sql.SQL("{t}.{c}").format(t=qualified(schema, "refresh_config"), c=sql.Identifier(c))
+            for c in ["source_table", *cols]
         ),
         new=sql.SQL(", ").join(
             sql.SQL("excluded.{c}").format(c=sql.Identifier(c)) for c in ["source_table", *cols]
@@ -68,7 +66,7 @@ def load_all(conn: psycopg.Connection, schema: str) -> list[TableConfig]:
                 "select table_name, source_table, enabled, mode, priority, refresh_frequency_hours,"
                 " next_refresh_at, cursor_column, slice_size, lookback_days, write_strategy,"
                 " custom_params, change_detection, origin from {t} order by priority desc, table_name"
-            ).format(t=_table(schema))
+            ).format(t=qualified(schema, "refresh_config"))
         )
         return [TableConfig(**row) for row in cur.fetchall()]
 
@@ -101,7 +99,7 @@ def update(
             "update {t} set {sets}, origin = 'user', updated_at = now(), updated_by = %s "
             "where table_name = %s"
         ).format(
-            t=_table(schema),
+            t=qualified(schema, "refresh_config"),
             sets=sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in cols),
         ),
         [*(json.dumps(data[c]) if c == "custom_params" else data[c] for c in cols), who, table_name],
@@ -112,7 +110,9 @@ def update(
 def set_next_refresh(conn: psycopg.Connection, schema: str, table_name: str, when: datetime) -> None:
     """The table's next due time (set after each successful refresh; not a user edit)."""
     conn.execute(
-        sql.SQL("update {t} set next_refresh_at = %s where table_name = %s").format(t=_table(schema)),
+        sql.SQL("update {t} set next_refresh_at = %s where table_name = %s").format(
+            t=qualified(schema, "refresh_config")
+        ),
         (when, table_name),
     )
 

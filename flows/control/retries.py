@@ -12,6 +12,7 @@ import psycopg
 from psycopg import sql
 
 from flows.control.checkpoints import START_PARAM
+from flows.core.db import qualified
 
 
 def set_slice_attempts(
@@ -27,7 +28,7 @@ def set_slice_attempts(
         sql.SQL(
             "update {s} set attempts = %s where id = (select max(id) from {s} where run_id = %s "
             "and table_name = %s and slice_start = {start})"
-        ).format(s=sql.Identifier(schema, "slice_refreshes"), start=START_PARAM),
+        ).format(s=qualified(schema, "slice_refreshes"), start=START_PARAM),
         (attempts, run_id, table, slice_start),
     )
 
@@ -36,7 +37,7 @@ def add_table_retries(conn: psycopg.Connection, schema: str, run_id: UUID, table
     """Added, not set: a table tried again as a whole (a Prefect task retry) keeps its count."""
     conn.execute(
         sql.SQL("update {t} set retries = retries + %s where run_id = %s and table_name = %s").format(
-            t=sql.Identifier(schema, "table_refreshes")
+            t=qualified(schema, "table_refreshes")
         ),
         (retries, run_id, table),
     )

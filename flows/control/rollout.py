@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 
 from flows.control import dq, registry
+from flows.core.db import qualified
 from flows.core.errors import ConfigError
 from flows.core.table_config import Mode
 
@@ -44,13 +45,12 @@ class ModeChange:
     changed_at: datetime
 
 
-def _t(schema: str) -> sql.Composable:
-    return sql.Identifier(schema, "mode_changes")
-
-
 def _last_change_at(conn: psycopg.Connection, schema: str, table: str) -> datetime | None:
     row = conn.execute(
-        sql.SQL("select max(changed_at) from {} where table_name = %s").format(_t(schema)), (table,)
+        sql.SQL("select max(changed_at) from {} where table_name = %s").format(
+            qualified(schema, "mode_changes")
+        ),
+        (table,),
     ).fetchone()
     return row[0] if row else None
 
@@ -73,7 +73,7 @@ def _insert(
             "insert into {} (table_name, action, from_mode, to_mode, forced, validation_checked_at, "
             "validation_passed, undoes, changed_by, reason) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             "returning id, changed_at"
-        ).format(_t(schema)),
+        ).format(qualified(schema, "mode_changes")),
         (
             table,
             action,
@@ -174,7 +174,7 @@ def rollback(conn: psycopg.Connection, schema: str, table: str, who: str, reason
                 "select id, from_mode, to_mode from {t} c where table_name = %s and action = 'cutover' "
                 "and not exists (select 1 from {t} r where r.undoes = c.id) "
                 "order by id desc limit 1 for update"
-            ).format(t=_t(schema)),
+            ).format(t=qualified(schema, "mode_changes")),
             (table,),
         ).fetchone()
         if row is None:
@@ -199,7 +199,7 @@ def history(
         sql.SQL(
             "select id, table_name, action, from_mode, to_mode, forced, changed_by, reason, changed_at "
             "from {t} {where} order by id desc limit %s"
-        ).format(t=_t(schema), where=where),
+        ).format(t=qualified(schema, "mode_changes"), where=where),
         ([table] if table else []) + [limit],
     ).fetchall()
     return [ModeChange(*r) for r in rows]

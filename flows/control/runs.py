@@ -22,7 +22,7 @@ from uuid import UUID, uuid4
 import psycopg
 from psycopg import sql
 
-from flows.core.db import FENCE_LOCK_KEY, REFRESH_LOCK_KEY, connect
+from flows.core.db import FENCE_LOCK_KEY, REFRESH_LOCK_KEY, connect, qualified
 from flows.core.errors import LockLostError, TerminalError
 from flows.core.settings import Settings
 
@@ -35,10 +35,6 @@ class RunStatus(StrEnum):
     WARNING = "warning"
     FAILED = "failed"
     ABANDONED = "abandoned"
-
-
-def _t(schema: str, name: str) -> sql.Composable:
-    return sql.Identifier(schema, name)
 
 
 class RefreshBusyError(TerminalError):
@@ -143,7 +139,9 @@ def lock_holder(conn: psycopg.Connection, schema: str) -> LockHolder | None:
             "left join {r} r on a.application_name = {prefix} || r.run_id::text "
             "where {lock} and l.pid <> pg_backend_pid()"
         ).format(
-            r=_t(schema, "refresh_runs"), prefix=sql.Literal(LOCK_SESSION_PREFIX), lock=_refresh_lock_row()
+            r=qualified(schema, "refresh_runs"),
+            prefix=sql.Literal(LOCK_SESSION_PREFIX),
+            lock=_refresh_lock_row(),
         )
     ).fetchone()
     if row is None:
@@ -246,14 +244,14 @@ def mark_abandoned(conn: psycopg.Connection, schema: str) -> int:
             "message = coalesce(message || '; ', '') || 'process ended without finishing (pid ' || "
             "coalesce(pid::text, '?') || ' on ' || coalesce(hostname, '?') || ')' "
             "where status = 'running' and not {held}"
-        ).format(r=_t(schema, "refresh_runs"), held=_lock_held_elsewhere())
+        ).format(r=qualified(schema, "refresh_runs"), held=_lock_held_elsewhere())
     )
     conn.execute(
         sql.SQL(
             "update {t} set status = 'failed', finished_at = now(), "
             "error = coalesce(error, 'run abandoned') where status = 'running' "
             "and run_id in (select run_id from {r} where status = 'abandoned')"
-        ).format(t=_t(schema, "table_refreshes"), r=_t(schema, "refresh_runs"))
+        ).format(t=qualified(schema, "table_refreshes"), r=qualified(schema, "refresh_runs"))
     )
     return cur.rowcount
 
@@ -301,7 +299,7 @@ def start_run(
         sql.SQL(
             "insert into {r} (run_id, flow_run_id, status, trigger, params, pid, hostname) "
             "values (%s, %s, 'running', %s, %s, %s, %s) returning started_at"
-        ).format(r=_t(schema, "refresh_runs")),
+        ).format(r=qualified(schema, "refresh_runs")),
         (run_id, flow_run_id, trigger, json.dumps(params, default=str), os.getpid(), socket.gethostname()),
     ).fetchone()
     assert row is not None
@@ -310,7 +308,9 @@ def start_run(
 
 def heartbeat(conn: psycopg.Connection, schema: str, run_id: UUID) -> None:
     conn.execute(
-        sql.SQL("update {r} set heartbeat_at = now() where run_id = %s").format(r=_t(schema, "refresh_runs")),
+        sql.SQL("update {r} set heartbeat_at = now() where run_id = %s").format(
+            r=qualified(schema, "refresh_runs")
+        ),
         (run_id,),
     )
 
@@ -334,7 +334,7 @@ def finish_run(
             "update {r} set status = %s, finished_at = now(), heartbeat_at = now(), message = %s, "
             "tables_planned = %s, tables_succeeded = %s, tables_failed = %s, rows_read = %s, "
             "rows_inserted = %s, dbt_invocation_id = %s where run_id = %s"
-        ).format(r=_t(schema, "refresh_runs")),
+        ).format(r=qualified(schema, "refresh_runs")),
         (
             status,
             message,
@@ -352,7 +352,7 @@ def finish_run(
 def set_plan(conn: psycopg.Connection, schema: str, run_id: UUID, plan: list[dict[str, Any]]) -> None:
     """A dry run keeps what it would have done (per table, per slice) on its run row."""
     conn.execute(
-        sql.SQL("update {} set plan = %s where run_id = %s").format(_t(schema, "refresh_runs")),
+        sql.SQL("update {} set plan = %s where run_id = %s").format(qualified(schema, "refresh_runs")),
         (json.dumps(plan, default=str), run_id),
     )
 
@@ -366,7 +366,7 @@ def prune(conn: psycopg.Connection, schema: str, retention_days: int) -> dict[st
     """
 
     def t(name: str) -> sql.Composable:
-        return _t(schema, name)
+        return qualified(schema, name)
 
     deleted: dict[str, int] = {}
     with conn.transaction():

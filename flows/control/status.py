@@ -11,15 +11,14 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-
-def _t(schema: str, name: str) -> sql.Composable:
-    return sql.Identifier(schema, name)
+from flows.control.statuses import TableStatus
+from flows.core.db import qualified
 
 
 def has_table(conn: psycopg.Connection, schema: str, table: str) -> bool:
     """True once the control schema holds `table` (a database no refresh or migration has
     touched yet has none)."""
-    row = conn.execute("select to_regclass(%s)", (sql.Identifier(schema, table).as_string(conn),)).fetchone()
+    row = conn.execute("select to_regclass(%s)", (qualified(schema, table).as_string(conn),)).fetchone()
     return row is not None and row[0] is not None
 
 
@@ -32,7 +31,7 @@ class TableProgress:
 
     @property
     def running(self) -> bool:
-        return self.status == "running"
+        return self.status == TableStatus.RUNNING
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ def run_progress(conn: psycopg.Connection, schema: str, since: datetime) -> RunP
         sql.SQL(
             "select run_id from {} where status = 'running' and started_at >= %s "
             "order by started_at desc limit 1"
-        ).format(_t(schema, "refresh_runs")),
+        ).format(qualified(schema, "refresh_runs")),
         (since,),
     ).fetchone()
     if run is None:
@@ -58,7 +57,7 @@ def run_progress(conn: psycopg.Connection, schema: str, since: datetime) -> RunP
             "select t.table_name, t.status, count(s.id), coalesce(sum(s.rows_inserted), 0) "
             "from {t} t left join {s} s on s.run_id = t.run_id and s.table_name = t.table_name "
             "where t.run_id = %s group by t.table_name, t.status order by t.table_name"
-        ).format(t=_t(schema, "table_refreshes"), s=_t(schema, "slice_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes"), s=qualified(schema, "slice_refreshes")),
         (run[0],),
     ).fetchall()
     return RunProgress(

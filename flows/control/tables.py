@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
@@ -17,26 +16,10 @@ from psycopg import sql
 
 from flows.control.checkpoints import END_PARAM, START_PARAM, bound
 from flows.control.fingerprints import PlanFingerprints
+from flows.control.statuses import SliceStatus, TableStatus
+from flows.core.db import qualified
 from flows.core.planning import Window, to_ts
 from flows.core.table_config import Mode
-
-
-class TableStatus(StrEnum):
-    """`table_refreshes.status`: planned is a dry run's, skipped a table left out of a run."""
-
-    RUNNING = "running"
-    SUCCESS = "success"
-    FAILED = "failed"
-    UNCHANGED = "unchanged"  # fingerprint equal to its checkpoint's: not read (flows.engine.change_detection)
-    SKIPPED = "skipped"
-    PLANNED = "planned"
-
-
-class SliceStatus(StrEnum):
-    """`slice_refreshes.status`."""
-
-    SUCCESS = "success"
-    FAILED = "failed"
 
 
 @dataclass
@@ -115,7 +98,7 @@ def write_table_audit(conn: psycopg.Connection, schema: str, a: TableOutcome) ->
             "rows_inserted = excluded.rows_inserted, rows_deleted = excluded.rows_deleted, "
             "bytes_read = excluded.bytes_read, rows_per_second = excluded.rows_per_second, "
             "finished_at = excluded.finished_at, error = excluded.error"
-        ).format(t=sql.Identifier(schema, "table_refreshes")),
+        ).format(t=qualified(schema, "table_refreshes")),
         (
             a.run_id,
             a.table_name,
@@ -160,7 +143,7 @@ def write_slice_audit(
             "insert into {s} (run_id, table_name, slice_start, slice_end, status, rows_read, "
             "rows_inserted, rows_deleted, bytes_read, started_at, error) values "
             "(%s, %s, {start}, {end}, %s, %s, %s, %s, %s, %s, %s)"
-        ).format(s=sql.Identifier(schema, "slice_refreshes"), start=START_PARAM, end=END_PARAM),
+        ).format(s=qualified(schema, "slice_refreshes"), start=START_PARAM, end=END_PARAM),
         (
             run_id,
             table,
@@ -189,7 +172,7 @@ def touched_slices(
         ).format(
             start=bound(sql.Identifier("slice_start")),
             end=bound(sql.Identifier("slice_end")),
-            s=sql.Identifier(schema, "slice_refreshes"),
+            s=qualified(schema, "slice_refreshes"),
         ),
         (run_id, table),
     ).fetchall()

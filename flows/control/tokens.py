@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from flows.core.db import qualified
 from flows.core.errors import ConfigError
 
 PREFIX = "sqpr"
@@ -53,10 +54,6 @@ class TokenInfo:
 
     def allows(self, scope: Scope) -> bool:
         return any(scope in IMPLIES[s] for s in self.scopes)
-
-
-def _t(schema: str) -> sql.Composable:
-    return sql.Identifier(schema, "api_tokens")
 
 
 def _digest(secret: str) -> bytes:
@@ -95,7 +92,7 @@ def create(
             sql.SQL(
                 "insert into {t} (token_id, name, scopes, secret_sha256, created_by, expires_at) "
                 "values (%s, %s, %s, %s, %s, %s) returning created_at"
-            ).format(t=_t(schema)),
+            ).format(t=qualified(schema, "api_tokens")),
             (token_id, name, [s.value for s in parsed], _digest(secret), who, expires_at),
         ).fetchone()
     except psycopg.errors.UniqueViolation as exc:
@@ -118,11 +115,13 @@ def _verify_query(schema: str) -> sql.Composed:
     return sql.SQL(
         "select name, scopes, secret_sha256, created_at, expires_at, last_used_at, now() from {t} "
         "where token_id = %s and revoked_at is null and (expires_at is null or expires_at > now())"
-    ).format(t=_t(schema))
+    ).format(t=qualified(schema, "api_tokens"))
 
 
 def _touch_query(schema: str) -> sql.Composed:
-    return sql.SQL("update {t} set last_used_at = now() where token_id = %s").format(t=_t(schema))
+    return sql.SQL("update {t} set last_used_at = now() where token_id = %s").format(
+        t=qualified(schema, "api_tokens")
+    )
 
 
 def _verified(row: tuple[Any, ...] | None, token_id: str, secret: str) -> tuple[TokenInfo | None, bool]:
@@ -170,7 +169,7 @@ def revoke(conn: psycopg.Connection, schema: str, name_or_id: str) -> TokenInfo:
         sql.SQL(
             "update {t} set revoked_at = now() where revoked_at is null and (token_id = %s or name = %s) "
             "returning {c}"
-        ).format(t=_t(schema), c=COLUMNS),
+        ).format(t=qualified(schema, "api_tokens"), c=COLUMNS),
         (name_or_id, name_or_id),
     ).fetchone()
     if row is None:
@@ -182,7 +181,7 @@ def list_tokens(conn: psycopg.Connection, schema: str, include_revoked: bool = F
     """Tokens not revoked (expired ones too: their expiry says so), or all of them."""
     rows = conn.execute(
         sql.SQL("select {c} from {t} where %s or revoked_at is null order by created_at").format(
-            c=COLUMNS, t=_t(schema)
+            c=COLUMNS, t=qualified(schema, "api_tokens")
         ),
         (include_revoked,),
     ).fetchall()

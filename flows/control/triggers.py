@@ -14,7 +14,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from flows.core.db import REFRESH_LOCK_KEY
+from flows.core.db import REFRESH_LOCK_KEY, qualified
 
 # Serialises trigger requests (check, start, record) across API workers; next to the
 # refresh lock's key (flows/core/db.py).
@@ -37,10 +37,6 @@ class Trigger:
     refused: str | None = None
 
 
-def _t(schema: str) -> sql.Composable:
-    return sql.Identifier(schema, "api_triggers")
-
-
 def lock(conn: psycopg.Connection) -> None:
     """Held until the caller's transaction ends."""
     conn.execute("select pg_advisory_xact_lock(%s)", (TRIGGER_LOCK_KEY,))
@@ -60,7 +56,10 @@ _SELECT = sql.SQL(
 
 def _one(conn: psycopg.Connection, schema: str, where: sql.Composable, *values: Any) -> Trigger | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(_SELECT.format(a=_t(schema), r=sql.Identifier(schema, "refresh_runs")) + where, values)
+        cur.execute(
+            _SELECT.format(a=qualified(schema, "api_triggers"), r=qualified(schema, "refresh_runs")) + where,
+            values,
+        )
         row = cur.fetchone()
     return None if row is None else Trigger(**row)
 
@@ -73,7 +72,10 @@ def by_key(conn: psycopg.Connection, schema: str, token_id: str, key: str) -> Tr
 def key_used(conn: psycopg.Connection, schema: str, key: str) -> bool:
     """Whether any token has sent this Idempotency-Key."""
     row = conn.execute(
-        sql.SQL("select exists (select 1 from {a} where idempotency_key = %s)").format(a=_t(schema)), (key,)
+        sql.SQL("select exists (select 1 from {a} where idempotency_key = %s)").format(
+            a=qualified(schema, "api_triggers")
+        ),
+        (key,),
     ).fetchone()
     return bool(row and row[0])
 
@@ -85,7 +87,9 @@ def get(conn: psycopg.Connection, schema: str, trigger_id: UUID) -> Trigger | No
 def prune(conn: psycopg.Connection, schema: str, retention_days: int) -> int:
     """Delete triggers older than `retention_days`; returns how many."""
     return conn.execute(
-        sql.SQL("delete from {a} where created_at < now() - make_interval(days => %s)").format(a=_t(schema)),
+        sql.SQL("delete from {a} where created_at < now() - make_interval(days => %s)").format(
+            a=qualified(schema, "api_triggers")
+        ),
         (retention_days,),
     ).rowcount
 
@@ -108,7 +112,7 @@ def record(
         sql.SQL(
             "insert into {a} (trigger_id, idempotency_key, request_sha256, params, via, flow_run_id, pid, "
             "hostname, token_id) values (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-        ).format(a=_t(schema)),
+        ).format(a=qualified(schema, "api_triggers")),
         (
             trigger_id,
             idempotency_key,
@@ -130,7 +134,7 @@ def refuse_process(conn: psycopg.Connection, schema: str, pid: int, hostname: st
         sql.SQL(
             "update {a} set refused = %s where trigger_id = (select trigger_id from {a} where via = "
             "'process' and pid = %s and hostname = %s and refused is null order by created_at desc limit 1)"
-        ).format(a=_t(schema)),
+        ).format(a=qualified(schema, "api_triggers")),
         (reason, pid, hostname),
     )
     return cur.rowcount

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
+from flows.core.identifiers import validate_pg_identifier
 from flows.core.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).parent.parent / "control" / "migrations"
@@ -83,8 +85,14 @@ def migrate(settings: Settings, revision: str = "head") -> None:
         engine.dispose()
 
 
-def ident(*parts: str) -> sql.Composable:
-    return sql.Identifier(*parts)
+@lru_cache(maxsize=256)
+def qualified(schema: str, name: str) -> sql.Identifier:
+    """`"schema"."name"`: a table of the control schema (or any schema-qualified relation),
+    both parts validated as Postgres identifiers and quoted. The one way control code names
+    a table."""
+    validate_pg_identifier(schema, "schema name")
+    validate_pg_identifier(name, "table name")
+    return sql.Identifier(schema, name)
 
 
 def relation_columns(conn: psycopg.Connection, schema: str, table: str) -> dict[str, str]:

@@ -187,6 +187,11 @@ class Settings(BaseSettings):
         return v
 
     @property
+    def shadow_schema(self) -> str:
+        """Where shadow-mode tables load, and what a cutover to live validates."""
+        return f"{self.raw_schema}_shadow"
+
+    @property
     def uses_embedded_postgres(self) -> bool:
         return self.pg_dsn is None
 

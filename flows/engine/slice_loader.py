@@ -14,7 +14,7 @@ from uuid import UUID
 import psycopg
 
 from flows.control import retries, runs, tables
-from flows.control.tables import SliceStatus
+from flows.control.statuses import SliceStatus
 from flows.core import retry
 from flows.core.db import connect
 from flows.core.planning import Slice

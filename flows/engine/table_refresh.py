@@ -18,7 +18,8 @@ from uuid import UUID
 import psycopg
 
 from flows.control import checkpoints, rebuilds, retries, runs, tables
-from flows.control.tables import TableOutcome, TableStatus
+from flows.control.statuses import TableStatus
+from flows.control.tables import TableOutcome
 from flows.core import retry
 from flows.core.db import connect, relation_columns
 from flows.core.errors import BadSourceValueError, RefreshError, TerminalError, one_line

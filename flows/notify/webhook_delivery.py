@@ -168,7 +168,9 @@ def _settle(
     common = {"attempts": attempt, "status_code": res.status_code, "error": res.error}
     if res.success:
         result.succeeded += 1
-        outbox.update_delivery(conn, schema, row["id"], status="succeeded", next_attempt_at=None, **common)
+        outbox.update_delivery(
+            conn, schema, row["id"], status=outbox.DeliveryStatus.SUCCEEDED, next_attempt_at=None, **common
+        )
         return
     result.failed += 1
     if res.status_code == 410 and row["endpoint_id"] not in disabled:
@@ -178,17 +180,23 @@ def _settle(
             conn, schema, row["endpoint_id"], f"receiver answered 410 Gone on {now:%Y-%m-%d %H:%M} UTC"
         )
     if row["endpoint_id"] in disabled:  # also the batch's other deliveries to it
-        outbox.update_delivery(conn, schema, row["id"], status="cancelled", next_attempt_at=None, **common)
+        outbox.update_delivery(
+            conn, schema, row["id"], status=outbox.DeliveryStatus.CANCELLED, next_attempt_at=None, **common
+        )
         return
     delay = retry_delay_s(attempt)
     if res.retry_after_s is not None:
         delay = max(delay, res.retry_after_s)
     nxt = now + timedelta(seconds=delay)
     if nxt <= row["retry_from"] + timedelta(hours=settings.webhook_horizon_hours):
-        outbox.update_delivery(conn, schema, row["id"], status="pending", next_attempt_at=nxt, **common)
+        outbox.update_delivery(
+            conn, schema, row["id"], status=outbox.DeliveryStatus.PENDING, next_attempt_at=nxt, **common
+        )
         return
     result.exhausted += 1
-    outbox.update_delivery(conn, schema, row["id"], status="exhausted", next_attempt_at=None, **common)
+    outbox.update_delivery(
+        conn, schema, row["id"], status=outbox.DeliveryStatus.EXHAUSTED, next_attempt_at=None, **common
+    )
     if row["event"] not in ("delivery.exhausted", "webhook.test"):
         outbox.emit(
             conn,

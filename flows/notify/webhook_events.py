@@ -10,6 +10,7 @@ import psycopg
 
 from flows.control import outbox
 from flows.control.runs import RunStatus, RunSummary
+from flows.control.statuses import TableStatus
 from flows.core.errors import SchemaDriftError
 from flows.core.settings import Settings
 
@@ -98,7 +99,7 @@ def runs_abandoned(conn: psycopg.Connection, settings: Settings) -> int:
         data = {
             "run_id": str(r["run_id"]),
             "flow_run_id": flow_run_id,
-            "status": "abandoned",
+            "status": RunStatus.ABANDONED,
             "message": shorten(r["message"], 2000),
             "started_at": r["started_at"].isoformat(),
             "links": links(flow_run_id, settings),
@@ -111,7 +112,7 @@ def table_finished(
     conn: psycopg.Connection, settings: Settings, rec: TableOutcome, failure: BaseException | None
 ) -> None:
     """table.failed (and schema.drift when drift stopped it); call in the audit row's transaction."""
-    if rec.status != "failed":
+    if rec.status != TableStatus.FAILED:
         return
     data = {
         "run_id": str(rec.run_id),

@@ -30,7 +30,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.control import runs
 from flows.control.dbt_audit import DbtOutcome, record_dbt
 from flows.control.runs import RunStatus, refresh_lock
-from flows.control.tables import TableOutcome, TableStatus
+from flows.control.statuses import TableStatus
+from flows.control.tables import TableOutcome
 from flows.core import retry
 from flows.core.db import connect
 from flows.core.errors import LockLostError, PostgresLostError, RefreshError, TransientError, one_line

@@ -17,11 +17,12 @@ from typing import Any
 from uuid import uuid4
 
 from flows.control import registry
-from flows.control.tables import TableStatus
+from flows.control.statuses import TableStatus
 from flows.core.db import connect
 from flows.core.settings import Settings
 from flows.core.table_config import Mode
 from flows.engine.bigquery import BigQueryClients
+from flows.engine.change_detection import Change
 from flows.engine.periods import days_periods
 from flows.engine.table_refresh import RefreshOptions, TableOutcome, refresh_table
 from flows.engine.transform import dbt_env, invoke_dbt, profiles_dir
@@ -70,7 +71,7 @@ def read_slices(outcome: TableOutcome) -> list[tuple[date, date]]:
     """The (start, end) of each slice the table's run would read (not the whole-table ones)."""
     out = []
     for s in outcome.plan:
-        if s["change"] != "unchanged" and s["slice"] != "full":
+        if s["change"] != Change.UNCHANGED and s["slice"] != "full":
             first, end = s["slice"].split("..")
             out.append((date.fromisoformat(first), date.fromisoformat(end)))
     return out
@@ -170,7 +171,7 @@ def render(ex: Explanation) -> list[str]:
         lines.append(f"{o.table_name} [{o.mode}]{window}")
         if o.error:
             lines.append(f"  cannot explain: {o.error}")
-        if o.status == "planned" and not o.plan:
+        if o.status == TableStatus.PLANNED and not o.plan:
             lines.append("  nothing to read")
         for s in o.plan:
             lines.append(f"  {s['slice']:<24} {s['change']:<9} {s['reason']}")

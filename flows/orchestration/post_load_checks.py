@@ -10,7 +10,8 @@ from uuid import UUID
 import psycopg
 
 from flows.control import dbt_audit
-from flows.control.tables import TableOutcome, TableStatus
+from flows.control.statuses import TableStatus
+from flows.control.tables import TableOutcome
 from flows.core.db import connect
 from flows.core.redact import error_text
 from flows.core.settings import Settings

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 import psycopg
 
 from flows.control import registry
-from flows.control.tables import TableOutcome, TableStatus
+from flows.control.statuses import TableStatus
+from flows.control.tables import TableOutcome
 from flows.core.db import connect, migrate
 from flows.core.errors import ConfigError
 from flows.core.planning import RefreshSchedule, is_due, next_due

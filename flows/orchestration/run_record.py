@@ -9,6 +9,7 @@ import psycopg
 
 from flows.control import runs
 from flows.control.runs import RunSummary
+from flows.control.statuses import TableStatus
 from flows.core.settings import Settings
 from flows.notify import webhook_events
 from flows.orchestration.run_params import RunParams
@@ -36,7 +37,7 @@ def begin_run(
 def finish_run(
     conn: psycopg.Connection, settings: Settings, run: runs.RunRecord, summary: RunSummary
 ) -> None:
-    ok = sum(1 for t in summary.tables if t["status"] in ("success", "planned"))
+    ok = sum(1 for t in summary.tables if t["status"] in (TableStatus.SUCCESS, TableStatus.PLANNED))
     # The webhook event commits with the run row or not at all (transactional outbox).
     with conn.transaction():
         runs.finish_run(

@@ -8,7 +8,8 @@ from uuid import UUID
 
 from flows.control.dbt_audit import DbtOutcome, NodeRun, NodeStatus
 from flows.control.runs import RunStatus, RunSummary
-from flows.control.tables import TableOutcome, TableStatus
+from flows.control.statuses import TableStatus
+from flows.control.tables import TableOutcome
 from flows.core.errors import one_line
 from flows.engine.validation.after_refresh import AfterRefresh
 

@@ -3,16 +3,20 @@ and `refresh run`'s live progress (each table's slices and rows of the run going
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
 import psycopg
 import pytest
 from psycopg import sql
 
 from flows.control import runs, tables
+from flows.control.outbox import DeliveryStatus
 from flows.control.status import RunProgress, TableProgress, has_table, run_progress
-from flows.control.tables import TableOutcome, TableStatus
+from flows.control.statuses import SliceStatus, TableStatus
+from flows.control.tables import TableOutcome
 from flows.core.db import migrate
 from flows.core.settings import Settings, get_settings
 
@@ -95,3 +99,33 @@ def test_run_progress_counts_each_tables_slices_and_rows_of_the_running_run(sett
                 dbt_invocation_id=None,
             )
         assert run_progress(conn, CONTROL, since) is None
+
+
+@pytest.mark.parametrize(
+    ("table", "enum"),
+    [
+        ("refresh_runs", runs.RunStatus),
+        ("table_refreshes", TableStatus),
+        ("slice_refreshes", SliceStatus),
+        ("webhook_deliveries", DeliveryStatus),
+    ],
+)
+def test_each_status_enum_is_exactly_what_its_column_accepts(
+    settings: Settings, table: str, enum: type[StrEnum]
+) -> None:
+    """One enum per kind of status: the values the code compares and writes are the ones the
+    migrated schema's check constraint allows, no more, no fewer."""
+    migrate(settings)
+    with psycopg.connect(settings.dsn(), autocommit=True) as conn:
+        defs = [
+            d
+            for (d,) in conn.execute(
+                "select pg_get_constraintdef(c.oid) from pg_constraint c "
+                "join pg_class t on t.oid = c.conrelid join pg_namespace n on n.oid = t.relnamespace "
+                "where n.nspname = %s and t.relname = %s and c.contype = 'c' "
+                "and pg_get_constraintdef(c.oid) like '%%(status%%'",
+                (CONTROL, table),
+            ).fetchall()
+        ]
+    assert len(defs) == 1, defs
+    assert set(re.findall(r"'([^']+)'::text", defs[0])) == {s.value for s in enum}

@@ -989,7 +989,7 @@ def test_days_a_slice_changed_come_from_the_rows_it_deleted_and_inserted(engine:
 
 
 def test_steps_plan_then_estimate_a_dry_run_without_writing(engine: Engine) -> None:
-    from flows.control.tables import TableStatus
+    from flows.control.statuses import TableStatus
     from flows.engine.table_refresh import TableRefresh, estimate_table, plan_table
 
     e = engine

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.control import outbox, runs, tables
-from flows.control.tables import TableOutcome, TableStatus
+from flows.control.statuses import TableStatus
+from flows.control.tables import TableOutcome
 from flows.core.db import migrate
 from flows.core.errors import ConfigError, SchemaDriftError
 from flows.core.settings import PROJECT_ROOT, Settings

@@ -7,7 +7,7 @@ from uuid import uuid4
 
 import pytest
 
-from flows.cli.run import DbtLogProgress, _DbtLogTail
+from flows.orchestration.dbt_progress import DbtLogProgress, DbtLogTail
 
 ESC = "\x1b"
 LOG = [
@@ -51,7 +51,7 @@ def test_many_running_nodes_are_counted_not_listed() -> None:
 def test_the_log_is_read_from_where_the_run_started_and_again_after_rotation(tmp_path: Path) -> None:
     log = tmp_path / "dbt.log"
     log.write_text("1 of 2 START test old ... [RUN]\n1 of 2 PASS old ... [PASS]\n")
-    tail = _DbtLogTail(log)  # a previous invocation's lines are not this run's
+    tail = DbtLogTail(log)  # a previous invocation's lines are not this run's
     assert tail.poll().total == 0
     with log.open("a") as f:
         f.write(LOG[0] + "\n" + LOG[1] + "\n" + LOG[2][:40])  # dbt is mid-way through a line
@@ -80,7 +80,8 @@ def test_a_resumed_table_says_how_many_slices_it_did_not_read_again(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from flows.cli.run import _print_summary
-    from flows.control.tables import TableOutcome, TableStatus
+    from flows.control.statuses import TableStatus
+    from flows.control.tables import TableOutcome
     from flows.core.settings import Settings
     from flows.orchestration import run_summary
 

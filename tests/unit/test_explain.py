@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import date
 
-from flows.control.tables import TableOutcome, TableStatus
+from flows.control.statuses import TableStatus
+from flows.control.tables import TableOutcome
 from flows.engine.table_refresh import RefreshOptions
 from flows.orchestration.explain import Explanation, day_ranges, owed_slices, rebuild_periods, render
 

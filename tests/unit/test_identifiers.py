@@ -1,5 +1,7 @@
 import pytest
+from psycopg import sql
 
+from flows.core.db import qualified
 from flows.core.errors import ConfigError
 from flows.core.identifiers import (
     bq_quote,
@@ -39,3 +41,14 @@ def test_pg_identifier() -> None:
     for bad in ["Raw", "a-b", 'x"; drop', "a" * 64]:
         with pytest.raises(ConfigError):
             validate_pg_identifier(bad)
+
+
+def test_qualified_names_a_control_table_quoted() -> None:
+    assert qualified("refresh_control", "refresh_runs") == sql.Identifier("refresh_control", "refresh_runs")
+    assert qualified("refresh_control", "refresh_runs").as_string() == '"refresh_control"."refresh_runs"'
+
+
+@pytest.mark.parametrize(("schema", "name"), [('ctl"; drop', "refresh_runs"), ("ctl", "Runs"), ("", "x")])
+def test_qualified_refuses_a_name_that_is_no_identifier(schema: str, name: str) -> None:
+    with pytest.raises(ConfigError, match=r"invalid (schema|table) name"):
+        qualified(schema, name)

@@ -15,6 +15,7 @@ import psycopg
 
 from flows.control import tables
 from flows.control.fingerprints import PlanFingerprints
+from flows.control.statuses import TableStatus
 from flows.core.db import connect
 from flows.core.errors import ConfigError, RefreshError
 from flows.core.redact import error_text
@@ -66,7 +67,7 @@ def validated_after_refresh(cfg: TableConfig) -> bool:
 def _skip_reason(cfg: TableConfig, status: str, dry_run: bool) -> str | None:
     if dry_run or cfg.mode is not Mode.LIVE:
         return f"mode {'dry_run' if dry_run else cfg.mode.value}: not live"
-    if status != "success":
+    if status != TableStatus.SUCCESS:
         return f"refresh {status}"
     if cfg.custom_params.get(AFTER_REFRESH_PARAM, True) is False:
         return f"custom_params.{AFTER_REFRESH_PARAM} is false"

@@ -367,8 +367,8 @@ def test_tokens_expire_and_record_their_last_use(client: TestClient, settings: S
 def test_an_idempotency_key_finds_only_its_own_tokens_trigger(
     client: TestClient, api_tokens: dict[str, str], settings: Settings
 ) -> None:
-    from flows.api.routes import _request_hash
     from flows.orchestration import run_params
+    from flows.orchestration.trigger import request_hash
 
     schema = settings.control_schema
     body = {"tables": ["products"], "force": True, "dry_run": True}
@@ -380,7 +380,7 @@ def test_an_idempotency_key_finds_only_its_own_tokens_trigger(
             schema,
             trigger_id=mine,
             idempotency_key="shared-key",
-            request_sha256=_request_hash(params),
+            request_sha256=request_hash(params),
             params={},
             via="process",
             flow_run_id=None,
