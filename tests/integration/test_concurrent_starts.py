@@ -36,6 +36,7 @@ def own_stack_env(state_dir: Path) -> dict[str, str]:
         "REFRESH_LOCAL_PG_PORT": str(free_port()),
         "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
         "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
+        "REFRESH_LOCAL_PREFECT_PORT": str(free_port()),
         "PREFECT_HOME": str(state_dir / "prefect"),
         "COLUMNS": "200",
     }
