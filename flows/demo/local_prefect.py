@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,14 +34,21 @@ class PrefectServerUnavailable(StackError):
 
 
 def configured_prefect_api() -> str | None:
-    """The Prefect API the user configured (the environment, else Prefect's profile or
-    prefect.toml), None without one. Prefect is imported only when the environment has none."""
+    """The Prefect API the user configured: PREFECT_API_URL in the environment, else in the
+    active profile of Prefect's profiles file; None without one. Read without importing Prefect:
+    a command refused before its flow starts must exit without Prefect's import and exit hooks."""
     url = os.environ.get("PREFECT_API_URL")
     if url:
         return url
-    from prefect.settings import get_current_settings
-
-    return get_current_settings().api.url or None
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    value = profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
+    return str(value) if value else None
 
 
 def use_prefect_api(url: str | None) -> None:
