@@ -24,7 +24,6 @@ install: $(STAMP)
 
 run: $(STAMP)  ## the daily refresh, end to end, on embedded Postgres + the BigQuery emulator
 	$(BIN)/refresh demo
-	@echo "dashboard and API: \`make api\` (or \`REFRESH_API_ANONYMOUS_READ=true $(BIN)/refresh api\`), then open http://127.0.0.1:8000/"
 
 api: $(STAMP)  ## the API and dashboard on 127.0.0.1:8000, reads without a token (local demo)
 	REFRESH_API_ANONYMOUS_READ=true $(BIN)/refresh api --host 127.0.0.1

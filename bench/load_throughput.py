@@ -288,13 +288,17 @@ def load_dlt(settings: Settings, table: pa.Table, workdir: Path) -> Timing:
 
 
 def _dlt_credentials(dsn: str) -> str:
-    # dlt insists on a password; the embedded server trusts local connections and ignores it.
+    # dlt takes a URL with the password in it: the embedded server's is in its passfile
+    # (host:port:database:user:password), which dlt's psycopg2 does not read from a URL.
     from urllib.parse import quote
 
     from psycopg.conninfo import conninfo_to_dict
 
     c = conninfo_to_dict(dsn)
-    password = quote(str(c.get("password") or "unused"), safe="")
+    secret = c.get("password")
+    if not secret and c.get("passfile"):
+        secret = Path(str(c["passfile"])).read_text().splitlines()[0].rsplit(":", 1)[1]
+    password = quote(str(secret or "unused"), safe="")
     return f"postgresql://{c.get('user', 'postgres')}:{password}@{c['host']}:{c['port']}/{c['dbname']}"
 
 

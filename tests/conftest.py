@@ -36,6 +36,7 @@ os.environ.update(
         "REFRESH_LOCAL_PG_PORT": str(free_port()),
         "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
         "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
+        "REFRESH_LOCAL_PREFECT_PORT": str(free_port()),
         "PREFECT_HOME": str(STATE_DIR / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",

@@ -45,22 +45,21 @@ def serve(
 ) -> None:
     """Serve the deployments (daily refresh on its cron, hourly housekeeping) from this machine.
 
-    Needs a Prefect server (PREFECT_API_URL). Manual runs: the Prefect UI, Deployments ->
-    daily-refresh/daily -> Run -> Custom run.
+    Reports to the configured Prefect API (PREFECT_API_URL), else to the embedded stack's Prefect
+    server. Manual runs: the Prefect UI, Deployments -> daily-refresh/daily -> Run -> Custom run.
     """
     settings = load_settings(prefect_log_level="INFO")
-    from prefect.settings import get_current_settings
-
-    if not get_current_settings().api.url:
-        fail(
-            "no Prefect server configured, so nothing would see the schedule or the UI",
-            "start one (`prefect server start`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`",
-        )
+    from flows.demo.local_prefect import configured_prefect_api
     from flows.orchestration.deployments import build_deployments, serve_deployments
 
     with one_line_errors("see docs/deployment.md"):
         build_deployments(settings)  # the schedule is checked before anything starts
         with embedded_stack(settings, with_stack):
+            if configured_prefect_api() is None:
+                fail(
+                    "no Prefect server, so nothing would see the schedule or the UI",
+                    "drop --no-stack (the stack starts one), or set PREFECT_API_URL to a Prefect server",
+                )
             serve_deployments(settings, limit=limit)
 
 

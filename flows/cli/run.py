@@ -179,7 +179,17 @@ def _print_summary(summary: dict[str, Any], settings: Settings, elapsed: float) 
         out.print("              (`refresh stack up` keeps the embedded Postgres running to connect)")
     out.print("  history:    refresh history, refresh status")
     out.print("  dbt docs:   refresh docs   (serves lineage from BigQuery sources to summaries)")
-    out.print("  Prefect UI: prefect server start, then `refresh serve` for scheduled and manual runs")
+    out.print(
+        "  dashboard:  `make api` (local reads without a token) or `refresh api`, then "
+        f"http://{settings.api_host}:{settings.api_port}/"
+    )
+    from flows.demo.local_prefect import flow_run_url, prefect_ui
+
+    ui, stacks = prefect_ui(settings)
+    if stacks:
+        out.print("  Prefect:    `refresh stack up` keeps its Prefect server running to open this run")
+    if summary.get("flow_run_id"):
+        out.print(f"  Prefect UI: {flow_run_url(ui, summary['flow_run_id'])}")
 
 
 class _ReportedByUs(logging.Filter):

@@ -10,20 +10,26 @@ import typer
 from flows.cli.common import load_settings, one_line_errors, out
 from flows.core.redact import redact
 
-stack_app = typer.Typer(help="The embedded local stack (Postgres + BigQuery emulator).", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The embedded local stack (Postgres, BigQuery emulator, Prefect server).", no_args_is_help=True
+)
 
 
 @stack_app.command("up")
 def stack_up() -> None:
-    """Start the embedded Postgres and BigQuery emulator and leave them running."""
+    """Start the embedded Postgres, BigQuery emulator and Prefect server and leave them running."""
     from flows.demo.local_stack import LocalStack
 
     settings = load_settings()
     stack = LocalStack(settings, keep_running=True)
     with one_line_errors():
         stack.start()
+    if stack.prefect_fallback:
+        typer.echo(f"warning: {stack.prefect_fallback}", err=True)
     out.print(json.dumps(stack.status()))
     out.print(f"Postgres: {redact(settings.dsn())}  BigQuery REST: {settings.rest_endpoint}")
+    if stack.prefect is not None and stack.prefect_fallback is None:
+        out.print(f"Prefect UI: {stack.prefect.ui_url}  (API {stack.prefect.api_url})")
 
 
 @stack_app.command("down")

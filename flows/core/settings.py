@@ -31,6 +31,11 @@ def embedded_dsn(port: int, passfile: Path) -> str:
     return f"postgresql://postgres@127.0.0.1:{port}/postgres?passfile={quote(str(passfile), safe='/')}"
 
 
+def local_prefect_api_url(port: int) -> str:
+    """The API of the stack's Prefect server on `port` (its UI is at the root)."""
+    return f"http://127.0.0.1:{port}/api"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="REFRESH_", env_file=".env", extra="ignore", frozen=True)
 
@@ -75,6 +80,10 @@ class Settings(BaseSettings):
     local_pg_port: int = Field(default=54329, ge=1, le=65535)
     local_bq_rest_port: int = Field(default=9050, ge=1, le=65535)
     local_bq_grpc_port: int = Field(default=9060, ge=1, le=65535)
+    # The stack's Prefect server (UI and API), used when no PREFECT_API_URL is configured.
+    local_prefect_port: int = Field(default=4200, ge=1, le=65535)
+    # Its first start migrates its SQLite database: slower than the other parts on a busy machine.
+    local_prefect_startup_timeout_s: float = Field(default=180.0, gt=0)
     local_startup_timeout_s: float = Field(default=60.0, gt=0)
 
     # --- Registry, dbt, orchestration -----------------------------------------------------
@@ -206,6 +215,10 @@ class Settings(BaseSettings):
     @cached_property
     def project(self) -> str:
         return self.bq_project or EMULATOR_PROJECT
+
+    @property
+    def local_prefect_api(self) -> str:
+        return local_prefect_api_url(self.local_prefect_port)
 
     @property
     def pg_data_dir(self) -> Path:

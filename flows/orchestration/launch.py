@@ -19,10 +19,14 @@ class DeploymentMissing(Exception):
     """The configured Prefect API does not know the deployment a trigger starts."""
 
 
-def prefect_configured() -> bool:
+def prefect_configured(local_prefect_api: str) -> bool:
+    """A Prefect API that serves the deployment: one the user configured. The embedded stack's
+    server (`local_prefect_api`) shows the runs, but a trigger starts its run as a process there,
+    as without a Prefect API (that process reports to it)."""
     from prefect.settings import get_current_settings
 
-    return bool(get_current_settings().api.url)
+    url = get_current_settings().api.url
+    return bool(url) and url != local_prefect_api
 
 
 def flow_parameters(params: RunParams) -> dict[str, Any]:

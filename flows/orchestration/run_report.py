@@ -14,6 +14,7 @@ MAX_PLAN_LINES = 12
 def markdown_report(summary: RunSummary, settings: Settings) -> str:
     """The run's Prefect artifact: status and why, per table, dbt, and where to look next."""
     docs = Path(settings.dbt_project_dir) / "target" / "index.html"
+    dashboard = settings.dashboard_url or f"http://{settings.api_host}:{settings.api_port}/"
     lines = [
         f"# Refresh {summary.status.upper()}{' (dry run)' if summary.dry_run else ''}",
         "",
@@ -97,6 +98,7 @@ def markdown_report(summary: RunSummary, settings: Settings) -> str:
         f"Run `{summary.run_id}`, flow run `{summary.flow_run_id or '-'}`: `refresh history` lists it; "
         f"its rows in `{settings.control_schema}` (table_refreshes, slice_refreshes, dbt_invocations) "
         "carry the run id.",
+        f"Dashboard: [{dashboard}]({dashboard}) (`refresh api` serves it).",
         f"Generated {datetime.now(UTC).isoformat(timespec='seconds')}.",
     ]
     return "\n".join(lines)

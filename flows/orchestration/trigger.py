@@ -179,7 +179,7 @@ def trigger_refresh(
         trigger_id = uuid4()
         flow_run_id: UUID | None = None
         pid: int | None = None
-        if launch.prefect_configured():
+        if launch.prefect_configured(settings.local_prefect_api):
             prefect_key = idempotency_key
             if prefect_key is not None and triggers.key_used(conn, schema, prefect_key):
                 # Prefect's keys are per deployment: another token's run must not come back here.

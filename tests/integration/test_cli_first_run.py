@@ -25,6 +25,7 @@ def test_refresh_demo_in_a_bare_environment_prints_no_warnings_and_a_readable_ta
         "REFRESH_LOCAL_PG_PORT": str(free_port()),
         "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),
         "REFRESH_LOCAL_BQ_GRPC_PORT": str(free_port()),
+        "REFRESH_LOCAL_PREFECT_PORT": str(free_port()),
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     refresh = Path(sys.executable).parent / "refresh"

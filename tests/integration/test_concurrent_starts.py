@@ -27,11 +27,11 @@ REFRESH = str(Path(sys.executable).parent / "refresh")
 
 def own_stack_env(state_dir: Path) -> dict[str, str]:
     """The environment of commands on a stack of their own under `state_dir`, as on a user's
-    machine: free ports, their own Prefect home and no Prefect server of the test session (the
-    winner starts Prefect's ephemeral server, as a first run does)."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    machine: free ports and their own Prefect home. They report to the test session's Prefect
+    server (a configured PREFECT_API_URL wins), so their stack is Postgres and the emulator; the
+    stack's own Prefect server is tested in test_local_prefect.py and test_cli_first_run.py."""
     return {
-        **env,
+        **os.environ,
         "REFRESH_STATE_DIR": str(state_dir),
         "REFRESH_LOCAL_PG_PORT": str(free_port()),
         "REFRESH_LOCAL_BQ_REST_PORT": str(free_port()),

@@ -397,3 +397,18 @@ def test_config_assignments_are_parsed() -> None:
 def test_history_filters_are_checked(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         HistoryQuery(**kwargs)
+
+
+def test_markdown_report_links_back_to_the_dashboard() -> None:
+    summary = run_summary.summarise(
+        "00000000-0000-0000-0000-000000000001",  # type: ignore[arg-type]
+        [outcome("sqp")],
+        dbt(True),
+        False,
+        duration_s=1.0,
+    )
+    served = get_settings(api_host="127.0.0.9", api_port=8123)
+    assert "[http://127.0.0.9:8123/](http://127.0.0.9:8123/)" in run_report.markdown_report(summary, served)
+    public = get_settings(dashboard_url="https://refresh.example.org/")
+    report = run_report.markdown_report(summary, public)
+    assert "[https://refresh.example.org/](https://refresh.example.org/)" in report
