@@ -163,13 +163,14 @@ def deliveries(
     with _problems(), request.app.state.pool.connection() as conn:
         outbox.get_endpoint(conn, schema, endpoint_id)
         total = outbox.count_deliveries(conn, schema, endpoint_id=endpoint_id, status=status)
-        rows = outbox.deliveries_with_attempts(
+        rows = outbox.list_deliveries(
             conn,
             schema,
             endpoint_id=endpoint_id,
             status=status,
             limit=page_size,
             offset=(page - 1) * page_size,
+            with_attempts=True,
         )
     return FastJSONResponse(
         {
@@ -194,7 +195,9 @@ def test_endpoint(request: Request, token: Admin, endpoint_id: EndpointId) -> Fa
     with _problems():
         sent = endpoints.send_test(settings, endpoint_id, who=_who(token))
     with request.app.state.pool.connection() as conn:
-        [row] = outbox.deliveries_with_attempts(conn, settings.control_schema, delivery_id=sent.delivery_id)
+        [row] = outbox.list_deliveries(
+            conn, settings.control_schema, delivery_id=sent.delivery_id, with_attempts=True
+        )
     return FastJSONResponse({**row, "delivered": sent.result.succeeded > 0})
 
 

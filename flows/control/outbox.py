@@ -393,7 +393,9 @@ def list_deliveries(
     limit: int = 20,
     offset: int = 0,
     delivery_id: int | None = None,
+    with_attempts: bool = False,
 ) -> list[dict[str, Any]]:
+    """Deliveries, newest first; `with_attempts`: each with its attempts in order as `attempt_log`."""
     cond, params = _delivery_filter(endpoint_id, status, delivery_id)
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
@@ -404,7 +406,11 @@ def list_deliveries(
             ).format(d=qualified(schema, "webhook_deliveries"), e=qualified(schema, "events"), cond=cond),
             [*params, limit, offset],
         )
-        return cur.fetchall()
+        rows = cur.fetchall()
+    if not with_attempts:
+        return rows
+    tries = attempts_of(conn, schema, [r["id"] for r in rows])
+    return [{**r, "attempt_log": tries[r["id"]]} for r in rows]
 
 
 def count_deliveries(
@@ -458,27 +464,3 @@ def attempts_of(
         for row in cur.fetchall():
             out[row.pop("delivery_id")].append(row)
     return out
-
-
-def deliveries_with_attempts(
-    conn: psycopg.Connection,
-    schema: str,
-    *,
-    endpoint_id: int | None = None,
-    status: DeliveryStatus | None = None,
-    limit: int = 20,
-    offset: int = 0,
-    delivery_id: int | None = None,
-) -> list[dict[str, Any]]:
-    """list_deliveries, each delivery with its attempts in order as `attempt_log`."""
-    rows = list_deliveries(
-        conn,
-        schema,
-        endpoint_id=endpoint_id,
-        status=status,
-        limit=limit,
-        offset=offset,
-        delivery_id=delivery_id,
-    )
-    tries = attempts_of(conn, schema, [r["id"] for r in rows])
-    return [{**r, "attempt_log": tries[r["id"]]} for r in rows]
